@@ -1,0 +1,86 @@
+//! `socp-server`: parse the command line, load the identity and database, bind, and run the
+//! event loop until SIGINT/SIGTERM (a second signal exits at once).
+
+use socp::config::{self, Command};
+use socp::net::Net;
+use socp::server::{Limits, Server};
+use socp::store::Store;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let env = |name: &str| std::env::var(name).ok();
+    let cfg = match config::parse_server_args(std::env::args_os().skip(1), &env) {
+        Ok(Command::Help) => {
+            print!("{}", config::SERVER_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("socp-server {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::PrintPubkey(cfg)) => {
+            return match open(&cfg) {
+                Ok((_, key, _)) => {
+                    println!("{}", key.public_key().encoded());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            };
+        }
+        Ok(Command::Run(cfg)) => cfg,
+        Err(e) => {
+            eprintln!("socp-server: {e}\nTry 'socp-server --help'.");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &str) -> ExitCode {
+    eprintln!("socp-server: {e}");
+    ExitCode::FAILURE
+}
+
+fn open(cfg: &config::Config) -> Result<(String, socp::crypto::PrivateKey, Store), String> {
+    let store = Store::open(&cfg.db).map_err(|e| format!("database {}: {e}", cfg.db.display()))?;
+    let (id, key) = socp::identity::load_or_create(&cfg.key, cfg.server_id.as_deref(), &store)?;
+    Ok((id, key, store))
+}
+
+fn run(cfg: config::Config) -> Result<(), String> {
+    let (id, key, store) = open(&cfg)?;
+    let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", cfg.host, cfg.port))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let signals = install_signal_handlers().map_err(|e| format!("signal handlers: {e}"))?;
+    log::info!(
+        "server {id} listening on ws://{addr} (database {})",
+        cfg.db.display()
+    );
+    // One line on stdout for scripts and tests (the port may have been chosen by the system).
+    println!("socp-server listening on ws://{addr} server_id={id}");
+    let core = Server::new(id, key, Limits::from(&cfg), store);
+    let net = Net::new(&cfg, listener, Some(signals), core).map_err(|e| e.to_string())?;
+    net.run().map_err(|e| format!("event loop: {e}"))
+}
+
+/// SIGINT/SIGTERM write a byte to a self-pipe the event loop watches; a second signal, while the
+/// graceful shutdown runs, exits at once with status 130.
+fn install_signal_handlers() -> std::io::Result<std::os::unix::net::UnixStream> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let (read, write) = std::os::unix::net::UnixStream::pair()?;
+    let first_seen = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // Order matters: the exit check runs before the flag is set by this same signal.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&first_seen))?;
+        signal_hook::flag::register(signal, Arc::clone(&first_seen))?;
+        signal_hook::low_level::pipe::register(signal, write.try_clone()?)?;
+    }
+    Ok(read)
+}

@@ -1,0 +1,729 @@
+//! The line client's protocol logic, without I/O: a [`Session`] turns typed commands into
+//! frames and incoming frames into [`Event`]s to print. `src/bin/socp.rs` wires it to a
+//! WebSocket and stdin.
+//!
+//! What it checks (PROTOCOL.md §3.4, §3.5, §5.2): the server's key from `AUTH_CHALLENGE` is
+//! pinned per server URL (a change is warned about); every frame from the server must carry a
+//! valid `sig` by that key; every message's `content_sig` is checked against the key the
+//! directory gave for the sender, and anything that fails is shown as not authentic.
+//!
+//! Long texts: one RSA-OAEP block carries at most 446 bytes, so a longer `/tell` or `/all` text
+//! is split at character boundaries into several messages, each delivered and shown on its own.
+
+use crate::crypto::{self, PrivateKey, PublicKey};
+use crate::wire::{self, Envelope, SignedPayload, types};
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The user's identity as kept in the key file: `{user_id, display_name, private_key}`.
+pub struct Identity {
+    pub user_id: String,
+    pub display_name: String,
+    pub key: PrivateKey,
+}
+
+impl Identity {
+    /// Loads the key file at `path`, or creates it (new UUID, new RSA-4096 key, mode 0600).
+    pub fn load_or_create(path: &Path, display_name: &str) -> Result<Identity, String> {
+        let shown = path.display();
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let v: Value =
+                    serde_json::from_str(&text).map_err(|_| format!("{shown}: not valid JSON"))?;
+                let field = |name: &str| {
+                    v.get(name)
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| format!("{shown}: missing {name}"))
+                };
+                let user_id = field("user_id")?.to_string();
+                if !crate::ids::is_valid_id(&user_id) {
+                    return Err(format!("{shown}: malformed user_id"));
+                }
+                let key = PrivateKey::from_pem(field("private_key")?)
+                    .map_err(|e| format!("{shown}: {e}"))?;
+                let display_name = field("display_name").unwrap_or(display_name).to_string();
+                Ok(Identity {
+                    user_id,
+                    display_name,
+                    key,
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let identity = Identity {
+                    user_id: crate::ids::new_uuid(),
+                    display_name: display_name.to_string(),
+                    key: PrivateKey::generate().map_err(|e| e.to_string())?,
+                };
+                identity
+                    .save(path)
+                    .map_err(|e| format!("cannot write {shown}: {e}"))?;
+                Ok(identity)
+            }
+            Err(e) => Err(format!("{shown}: {e}")),
+        }
+    }
+
+    /// Writes the key file (mode 0600; the directory is created 0700 if missing).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        let body = json!({
+            "user_id": self.user_id,
+            "display_name": self.display_name,
+            "private_key": self.key.to_pem(),
+        });
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        file.write_all(format!("{body:#}\n").as_bytes())?;
+        file.sync_all()
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// Server keys pinned per URL (trust on first use), kept in a small JSON file.
+#[derive(Debug, Default)]
+pub struct Pins {
+    path: Option<std::path::PathBuf>,
+    pins: BTreeMap<String, String>,
+}
+
+impl Pins {
+    /// Loads pins from `path` (a missing file is empty).
+    pub fn load(path: &Path) -> Pins {
+        let pins = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        Pins {
+            path: Some(path.to_path_buf()),
+            pins,
+        }
+    }
+
+    /// Checks `key` against the pin for `url`; pins it when there is none. Returns the old pin
+    /// when it differs (the caller warns; the pin is not replaced silently).
+    pub fn check(&mut self, url: &str, key: &str) -> Option<String> {
+        match self.pins.get(url) {
+            Some(old) if old == key => None,
+            Some(old) => Some(old.clone()),
+            None => {
+                self.pins.insert(url.to_string(), key.to_string());
+                if let Some(path) = &self.path {
+                    let text = serde_json::to_string_pretty(&self.pins).unwrap_or_default();
+                    if let Err(e) = std::fs::write(path, text) {
+                        log::warn!("cannot save server pin to {}: {e}", path.display());
+                    }
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A user in the client's view of the directory.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub server_id: String,
+    pub name: Option<String>,
+    pub key: Arc<PublicKey>,
+}
+
+/// Something to show the person (or the script).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Connected {
+        user_id: String,
+        name: String,
+        server_id: String,
+        online: usize,
+    },
+    Online {
+        user_id: String,
+        name: String,
+        server_id: String,
+    },
+    Offline {
+        user_id: String,
+        name: String,
+    },
+    Message {
+        public: bool,
+        from: String,
+        name: String,
+        text: String,
+        ts: i64,
+        /// `None` when authentic; otherwise why it is not.
+        problem: Option<String>,
+    },
+    List {
+        users: Vec<(String, String, String)>, // (user_id, name, server_id)
+    },
+    ServerError {
+        code: String,
+        detail: String,
+    },
+    Warning(String),
+    Closed,
+}
+
+impl Event {
+    /// One human-readable line.
+    pub fn human(&self, me: &str) -> String {
+        match self {
+            Event::Connected {
+                user_id,
+                name,
+                server_id,
+                online,
+            } => {
+                format!("* connected as {name} ({user_id}) to server {server_id}; {online} online")
+            }
+            Event::Online {
+                user_id,
+                name,
+                server_id,
+            } => format!("* {name} is online ({user_id} on {server_id})"),
+            Event::Offline { user_id, name } => format!("* {name} went offline ({user_id})"),
+            Event::Message {
+                public,
+                name,
+                text,
+                problem,
+                ..
+            } => {
+                let tag = if *public { "all" } else { "dm" };
+                match problem {
+                    None => format!("[{tag}] {name}: {text}"),
+                    Some(why) => format!("[{tag}] {name} (NOT AUTHENTIC: {why}): {text}"),
+                }
+            }
+            Event::List { users } => {
+                let mut out = format!("* {} online:", users.len());
+                for (id, name, server) in users {
+                    let you = if id == me { " (you)" } else { "" };
+                    out.push_str(&format!("\n  {name} {id} on {server}{you}"));
+                }
+                out
+            }
+            Event::ServerError { code, detail } => format!("! {code}: {detail}"),
+            Event::Warning(w) => format!("! warning: {w}"),
+            Event::Closed => "* disconnected".to_string(),
+        }
+    }
+
+    /// One JSON object (for `--json`).
+    pub fn json(&self) -> Value {
+        match self {
+            Event::Connected {
+                user_id,
+                name,
+                server_id,
+                online,
+            } => json!({"event": "connected", "user_id": user_id, "name": name,
+                        "server_id": server_id, "online": online}),
+            Event::Online {
+                user_id,
+                name,
+                server_id,
+            } => {
+                json!({"event": "online", "user_id": user_id, "name": name, "server_id": server_id})
+            }
+            Event::Offline { user_id, name } => {
+                json!({"event": "offline", "user_id": user_id, "name": name})
+            }
+            Event::Message {
+                public,
+                from,
+                name,
+                text,
+                ts,
+                problem,
+            } => json!({"event": if *public {"all"} else {"dm"}, "from": from, "name": name,
+                        "text": text, "ts": ts, "authentic": problem.is_none(),
+                        "problem": problem}),
+            Event::List { users } => json!({"event": "list", "users": users.iter()
+                .map(|(id, name, server)| json!({"user_id": id, "name": name, "server_id": server}))
+                .collect::<Vec<_>>()}),
+            Event::ServerError { code, detail } => {
+                json!({"event": "error", "code": code, "detail": detail})
+            }
+            Event::Warning(w) => json!({"event": "warning", "detail": w}),
+            Event::Closed => json!({"event": "closed"}),
+        }
+    }
+}
+
+/// What a typed line asks for.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// Frames to send (possibly none) and events to show.
+    Continue,
+    Quit,
+}
+
+/// The client's protocol state. Feed it lines and frames; collect frames to send and events.
+pub struct Session {
+    pub me: Identity,
+    url: String,
+    pins: Pins,
+    server: Option<(String, Arc<PublicKey>)>,
+    authenticated: bool,
+    directory: BTreeMap<String, Peer>,
+    lists_requested: u32,
+    /// Frames to send, in order.
+    pub outbox: Vec<String>,
+    /// Events to show, in order.
+    pub events: Vec<Event>,
+}
+
+const HELP: &str = "\
+commands:
+  /list                  who is online, and where
+  /tell <name|id> <text> a private message
+  /all <text>            a message to everyone online
+  /help                  this help
+  /quit                  leave";
+
+impl Session {
+    pub fn new(me: Identity, url: &str, pins: Pins) -> Session {
+        Session {
+            me,
+            url: url.to_string(),
+            pins,
+            server: None,
+            authenticated: false,
+            directory: BTreeMap::new(),
+            lists_requested: 0,
+            outbox: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    pub fn authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    pub fn help() -> &'static str {
+        HELP
+    }
+
+    /// The opening frame (§5.2 step 1).
+    pub fn hello(&mut self, now_ms: i64) {
+        let pubkey = self.me.key.public_key().encoded().to_string();
+        let payload = json!({
+            "client": concat!("socp/", env!("CARGO_PKG_VERSION")),
+            "pubkey": pubkey,
+            "enc_pubkey": pubkey,
+            "meta": {"display_name": self.me.display_name},
+        });
+        self.push_frame(types::USER_HELLO, "", now_ms, &payload, false);
+    }
+
+    fn push_frame(&mut self, kind: &str, to: &str, ts: i64, payload: &Value, sign: bool) {
+        let signed = if sign {
+            SignedPayload::sign(payload, &self.me.key)
+        } else {
+            SignedPayload::unsigned(payload)
+        }
+        .expect("client payloads hold no floats");
+        let from = self.me.user_id.clone();
+        self.outbox
+            .push(wire::encode_frame(kind, &from, to, ts, &signed));
+    }
+
+    /// Handles one typed line. Lines before the hello completes must be queued by the caller.
+    pub fn command(&mut self, line: &str, now_ms: i64) -> Outcome {
+        let line = line.trim_end_matches(['\r', '\n']);
+        let (cmd, rest) = match line.split_once(' ') {
+            Some((c, r)) => (c, r.trim_start()),
+            None => (line, ""),
+        };
+        match cmd {
+            "" => {}
+            "/quit" => {
+                let server = self.server_id();
+                self.push_frame(types::CTRL_CLOSE, &server, now_ms, &json!({}), false);
+                return Outcome::Quit;
+            }
+            "/help" => self.warn_plain(HELP),
+            "/list" => {
+                self.lists_requested += 1;
+                let server = self.server_id();
+                self.push_frame(types::LIST_REQUEST, &server, now_ms, &json!({}), false);
+            }
+            "/tell" => match rest.split_once(' ') {
+                Some((who, text)) if !text.is_empty() => match self.resolve(who) {
+                    Ok(id) => self.send_text(&id, text, now_ms, false),
+                    Err(e) => self.events.push(Event::Warning(e)),
+                },
+                _ => self.warn("usage: /tell <name|id> <text>"),
+            },
+            "/all" => {
+                if rest.is_empty() {
+                    self.warn("usage: /all <text>");
+                } else {
+                    let members: Vec<String> = self
+                        .directory
+                        .keys()
+                        .filter(|id| **id != self.me.user_id)
+                        .cloned()
+                        .collect();
+                    if members.is_empty() {
+                        self.warn("no other member of the public channel is online");
+                    }
+                    for id in members {
+                        self.send_text(&id, rest, now_ms, true);
+                    }
+                }
+            }
+            other if other.starts_with('/') => {
+                self.warn(&format!("unknown command {other}; try /help"))
+            }
+            _ => self.warn("to send a message, use /tell <name> <text> or /all <text>"),
+        }
+        Outcome::Continue
+    }
+
+    fn warn(&mut self, text: &str) {
+        self.events.push(Event::Warning(text.to_string()));
+    }
+
+    fn warn_plain(&mut self, text: &str) {
+        self.events.push(Event::Warning(text.to_string()));
+    }
+
+    fn server_id(&self) -> String {
+        self.server
+            .as_ref()
+            .map(|s| s.0.clone())
+            .unwrap_or_default()
+    }
+
+    /// A name or id to a user id (§2: refuse an ambiguous name, listing the candidates).
+    pub fn resolve(&self, who: &str) -> Result<String, String> {
+        if self.directory.contains_key(who) {
+            return Ok(who.to_string());
+        }
+        let matches: Vec<&String> = self
+            .directory
+            .iter()
+            .filter(|(_, p)| p.name.as_deref() == Some(who))
+            .map(|(id, _)| id)
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(format!("no user {who} is online")),
+            many => Err(format!(
+                "{who} is ambiguous; use one of the ids: {}",
+                many.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+
+    /// Encrypts `text` for `to` (split into 446-byte pieces) and queues the frames.
+    fn send_text(&mut self, to: &str, text: &str, now_ms: i64, public: bool) {
+        let Some(peer) = self.directory.get(to).cloned() else {
+            return self.warn(&format!("no user {to} is online"));
+        };
+        for (i, piece) in split_utf8(text, crypto::MAX_PLAINTEXT)
+            .into_iter()
+            .enumerate()
+        {
+            // Distinct ts per piece keeps each frame distinct for duplicate suppression (§6).
+            let ts = now_ms + i as i64;
+            let ciphertext = match peer.key.encrypt(piece.as_bytes()) {
+                Ok(ct) => crate::b64::encode(&ct),
+                Err(e) => return self.warn(&format!("cannot encrypt for {to}: {e}")),
+            };
+            let sig_to = if public { None } else { Some(to) };
+            let content_sig =
+                crypto::make_content_sig(&self.me.key, &ciphertext, &self.me.user_id, sig_to, ts);
+            let payload = json!({
+                "ciphertext": ciphertext,
+                "sender_pub": self.me.key.public_key().encoded(),
+                "content_sig": content_sig,
+            });
+            let kind = if public {
+                types::MSG_PUBLIC_CHANNEL
+            } else {
+                types::MSG_DIRECT
+            };
+            self.push_frame(kind, to, ts, &payload, false);
+        }
+    }
+
+    /// Handles one frame from the server.
+    pub fn on_frame(&mut self, text: &str, now_ms: i64) {
+        let env = match Envelope::parse(text) {
+            Ok(env) => env,
+            Err(e) => return self.warn(&format!("unreadable frame from the server: {e}")),
+        };
+        if env.kind == types::AUTH_CHALLENGE {
+            return self.on_challenge(&env, now_ms);
+        }
+        let Some((_, server_key)) = &self.server else {
+            return self.warn(&format!("{} before AUTH_CHALLENGE; ignored", env.kind));
+        };
+        match wire::verify_payload_sig(server_key, &env.payload, &env.sig) {
+            Ok(true) => {}
+            _ => {
+                return self.warn(&format!(
+                    "{} from {} has a bad server signature; ignored",
+                    env.kind, env.from
+                ));
+            }
+        }
+        match env.kind.as_str() {
+            types::USER_HELLO_ACK => {
+                self.authenticated = true;
+            }
+            types::LIST_RESPONSE => self.on_list(&env),
+            types::PUBLIC_CHANNEL_SNAPSHOT => {}
+            types::USER_ADVERTISE => self.on_advertise(&env.payload),
+            types::USER_REMOVE => {
+                let f = env.fields();
+                if let (Ok(id), Ok(server)) = (f.str("user_id"), f.str("server_id"))
+                    && self
+                        .directory
+                        .get(id)
+                        .is_some_and(|p| p.server_id == server)
+                {
+                    let peer = self.directory.remove(id).expect("checked");
+                    self.events.push(Event::Offline {
+                        user_id: id.to_string(),
+                        name: peer.name.unwrap_or_else(|| id.to_string()),
+                    });
+                }
+            }
+            types::USER_DELIVER => self.on_message(&env, false),
+            types::MSG_PUBLIC_CHANNEL => self.on_message(&env, true),
+            types::ERROR => {
+                let f = env.fields();
+                self.events.push(Event::ServerError {
+                    code: f.str("code").unwrap_or("ERROR").to_string(),
+                    detail: f.str("detail").unwrap_or("").to_string(),
+                });
+            }
+            types::ACK | types::HEARTBEAT => {}
+            other => self.warn(&format!("ignoring unexpected {other} from the server")),
+        }
+    }
+
+    fn on_challenge(&mut self, env: &Envelope, now_ms: i64) {
+        let f = env.fields();
+        let (Ok(nonce), Ok(server_id), Ok(server_pub)) =
+            (f.str("nonce"), f.str("server_id"), f.str("server_pubkey"))
+        else {
+            return self.warn("malformed AUTH_CHALLENGE");
+        };
+        let key = match PublicKey::parse(server_pub) {
+            Ok(k) => Arc::new(k),
+            Err(e) => return self.warn(&format!("server key rejected: {e}")),
+        };
+        if !matches!(
+            wire::verify_payload_sig(&key, &env.payload, &env.sig),
+            Ok(true)
+        ) {
+            return self.warn("AUTH_CHALLENGE signature does not verify; not answering");
+        }
+        if let Some(old) = self.pins.check(&self.url, key.encoded()) {
+            self.warn(&format!(
+                "the key of server {} CHANGED since last time (was {}..., now {}...). \
+                 If the operator did not rotate it, someone may be impersonating the server. \
+                 To accept the new key, remove its entry from the pins file.",
+                self.url,
+                &old.chars().take(24).collect::<String>(),
+                &key.encoded()[..24]
+            ));
+        }
+        let server_id = server_id.to_string();
+        let payload = json!({"nonce": nonce, "server_id": server_id, "user_id": self.me.user_id});
+        self.server = Some((server_id.clone(), key));
+        self.push_frame(types::AUTH_RESPONSE, &server_id, now_ms, &payload, true);
+    }
+
+    fn on_list(&mut self, env: &Envelope) {
+        let Some(Value::Array(users)) = env.payload.get("users") else {
+            return self.warn("LIST_RESPONSE without users");
+        };
+        self.directory.clear();
+        for user in users {
+            if let Some(map) = user.as_object() {
+                self.learn(map);
+            }
+        }
+        if self.lists_requested > 0 {
+            self.lists_requested -= 1;
+            let users = self
+                .directory
+                .iter()
+                .map(|(id, p)| (id.clone(), self.name_of(id), p.server_id.clone()))
+                .collect();
+            self.events.push(Event::List { users });
+        } else {
+            // The snapshot that follows the hello (§7).
+            self.events.push(Event::Connected {
+                user_id: self.me.user_id.clone(),
+                name: self.me.display_name.clone(),
+                server_id: self.server_id(),
+                online: self.directory.len(),
+            });
+        }
+    }
+
+    fn on_advertise(&mut self, payload: &Map<String, Value>) {
+        if let Some(id) = self.learn(payload)
+            && id != self.me.user_id
+        {
+            let server_id = self.directory[&id].server_id.clone();
+            self.events.push(Event::Online {
+                name: self.name_of(&id),
+                user_id: id,
+                server_id,
+            });
+        }
+    }
+
+    /// Records a directory entry `{user_id, server_id, pubkey, meta}`; `pubkey` may also sit in
+    /// `meta` (§7 *Accept*). Returns the user id when the entry was valid.
+    fn learn(&mut self, entry: &Map<String, Value>) -> Option<String> {
+        let f = wire::Fields(entry);
+        let id = f.id("user_id").ok()?;
+        let server_id = f.str("server_id").ok()?;
+        let meta = entry.get("meta").and_then(Value::as_object);
+        let key_text = f
+            .str("pubkey")
+            .ok()
+            .or_else(|| meta.and_then(|m| m.get("pubkey")).and_then(Value::as_str))?;
+        let key = match PublicKey::parse(key_text) {
+            Ok(k) => Arc::new(k),
+            Err(e) => {
+                self.warn(&format!("ignoring user {id}: {e}"));
+                return None;
+            }
+        };
+        let name = meta
+            .and_then(|m| m.get("display_name"))
+            .and_then(Value::as_str)
+            .filter(|n| crate::ids::is_valid_display_name(n))
+            .map(str::to_string);
+        self.directory.insert(
+            id.to_string(),
+            Peer {
+                server_id: server_id.to_string(),
+                name,
+                key,
+            },
+        );
+        Some(id.to_string())
+    }
+
+    fn name_of(&self, id: &str) -> String {
+        self.directory
+            .get(id)
+            .and_then(|p| p.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    fn on_message(&mut self, env: &Envelope, public: bool) {
+        let f = env.fields();
+        let (Ok(ciphertext), Ok(sender), Ok(content_sig), Ok(ts)) = (
+            f.str("ciphertext"),
+            f.str("sender"),
+            f.str("content_sig"),
+            f.i64("ts"),
+        ) else {
+            return self.warn(&format!("malformed {} from the server", env.kind));
+        };
+        let text = match crate::b64::decode(ciphertext).map(|ct| self.me.key.decrypt(&ct)) {
+            Some(Ok(plain)) => String::from_utf8_lossy(&plain).into_owned(),
+            _ => {
+                return self.warn(&format!("a message from {sender} could not be decrypted"));
+            }
+        };
+        let problem = match self.directory.get(sender) {
+            None => Some("sender is not in the directory".to_string()),
+            Some(peer) => {
+                let to = if public {
+                    None
+                } else {
+                    Some(self.me.user_id.as_str())
+                };
+                let sender_pub_matches = f
+                    .str("sender_pub")
+                    .ok()
+                    .and_then(|k| PublicKey::parse(k).ok())
+                    .is_some_and(|k| k == *peer.key);
+                if !crypto::verify_content_sig(&peer.key, content_sig, ciphertext, sender, to, ts) {
+                    Some("content signature does not verify".to_string())
+                } else if !sender_pub_matches {
+                    Some("sender_pub differs from the directory's key".to_string())
+                } else {
+                    None
+                }
+            }
+        };
+        self.events.push(Event::Message {
+            public,
+            from: sender.to_string(),
+            name: self.name_of(sender),
+            text,
+            ts,
+            problem,
+        });
+    }
+}
+
+/// Splits `text` into pieces of at most `max` bytes, at character boundaries.
+pub fn split_utf8(text: &str, max: usize) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while rest.len() > max {
+        let mut cut = max;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        pieces.push(&rest[..cut]);
+        rest = &rest[cut..];
+    }
+    pieces.push(rest);
+    pieces
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_at_char_boundaries() {
+        assert_eq!(split_utf8("abc", 446), vec!["abc"]);
+        let long = "é".repeat(300); // 600 bytes
+        let parts = split_utf8(&long, 446);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].len(), 446);
+        assert_eq!(parts.concat(), long);
+        let ascii = "a".repeat(447);
+        assert_eq!(
+            split_utf8(&ascii, 446)
+                .iter()
+                .map(|p| p.len())
+                .collect::<Vec<_>>(),
+            vec![446, 1]
+        );
+    }
+}

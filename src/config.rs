@@ -1,0 +1,328 @@
+//! Every tunable of the server in one [`Config`], and the `socp-server` command line that fills it.
+//!
+//! Sources, strongest first: command-line flags, `SOCP_*` environment variables, defaults.
+//! With no arguments at all the server picks a data directory, creates its key and database
+//! there, and listens on `127.0.0.1:8765`.
+
+use std::path::PathBuf;
+
+/// A peer to dial at start, with the key we pin for it (PROTOCOL.md §4.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bootstrap {
+    pub host: String,
+    pub port: u16,
+    /// The peer's public key as given (any accepted encoding); checked to parse at start-up.
+    pub pubkey: String,
+}
+
+impl Bootstrap {
+    /// Parses `ws://host:port#<pubkey>` (IPv6 hosts in brackets: `ws://[::1]:9000#...`).
+    pub fn parse(text: &str) -> Result<Bootstrap, String> {
+        let rest = text
+            .strip_prefix("ws://")
+            .ok_or_else(|| format!("bootstrap {text:?}: must start with ws://"))?;
+        let (addr, pubkey) = rest
+            .split_once('#')
+            .ok_or_else(|| format!("bootstrap {text:?}: missing #<pubkey> to pin"))?;
+        let addr = addr.trim_end_matches('/');
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| format!("bootstrap {text:?}: missing :port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("bootstrap {text:?}: bad port {port:?}"))?;
+        if host.is_empty() || port == 0 {
+            return Err(format!("bootstrap {text:?}: missing host or port"));
+        }
+        crate::crypto::PublicKey::parse(pubkey)
+            .map_err(|e| format!("bootstrap {text:?}: pinned key: {e}"))?;
+        Ok(Bootstrap {
+            host: host.to_string(),
+            port,
+            pubkey: pubkey.to_string(),
+        })
+    }
+}
+
+/// The server's configuration. Durations are in milliseconds so the core can run on simulated
+/// time.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1`: a fresh server is reachable only locally.
+    pub host: String,
+    /// Port to listen on. Default 8765. 0 picks a free port (tests).
+    pub port: u16,
+    /// Our server id; default: the one in the key file, or a new UUID v4 saved there.
+    pub server_id: Option<String>,
+    /// SQLite database file. Default `<data dir>/socp.db`; env `SOCP_DB`.
+    pub db: PathBuf,
+    /// Key file holding our id and RSA-4096 key (mode 0600). Default `<data dir>/server.key`;
+    /// env `SOCP_SERVER_KEYFILE`.
+    pub key: PathBuf,
+    /// Peers to dial, each with its pinned key (used by federation).
+    pub bootstrap: Vec<Bootstrap>,
+    /// A WebSocket handshake must finish within this. Default 10 000 ms.
+    pub handshake_timeout_ms: u64,
+    /// A connection must complete its hello (§5.2) within this. Default 30 000 ms: a login
+    /// with 600 000 PBKDF2 rounds on a slow client still fits.
+    pub hello_timeout_ms: u64,
+    /// Most simultaneous connections (users and peers); more are refused at accept. Default 4096.
+    pub max_connections: usize,
+    /// Largest incoming WebSocket message and frame. Default 65 536 bytes: a file chunk with
+    /// its signatures is under 3 KiB, a directory snapshot from a peer stays well below.
+    pub max_message_size: usize,
+    /// Per-connection read buffer. Default 4096 bytes: allocated per connection, so it is the
+    /// main per-idle-connection cost.
+    pub read_buffer_size: usize,
+    /// Bytes queued for a connection that does not read before it is closed. Default 8 MiB:
+    /// big enough for a directory snapshot of several thousand users.
+    pub max_write_buffer: usize,
+    /// Errors answered per connection before further ones are dropped unanswered (every error
+    /// costs a signature). Bucket size; it refills at [`Config::error_refill_per_s`].
+    pub error_burst: u32,
+    /// Refill rate of the error budget, per second. Default 4.
+    pub error_refill_per_s: u32,
+}
+
+impl Config {
+    /// Defaults rooted in `data_dir`.
+    pub fn with_data_dir(data_dir: PathBuf) -> Config {
+        Config {
+            host: "127.0.0.1".into(),
+            port: 8765,
+            server_id: None,
+            db: data_dir.join("socp.db"),
+            key: data_dir.join("server.key"),
+            bootstrap: Vec::new(),
+            handshake_timeout_ms: 10_000,
+            hello_timeout_ms: 30_000,
+            max_connections: 4096,
+            max_message_size: 64 * 1024,
+            read_buffer_size: 4096,
+            max_write_buffer: 8 << 20,
+            error_burst: 32,
+            error_refill_per_s: 4,
+        }
+    }
+}
+
+/// The default data directory: `$SOCP_DATA_DIR`, else `$XDG_DATA_HOME/socp-server`, else
+/// `$HOME/.local/share/socp-server`, else `./socp-data`.
+pub fn default_data_dir(env: &dyn Fn(&str) -> Option<String>, app: &str) -> PathBuf {
+    if let Some(dir) = env("SOCP_DATA_DIR").filter(|s| !s.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = env("XDG_DATA_HOME").filter(|s| !s.is_empty()) {
+        return PathBuf::from(dir).join(app);
+    }
+    if let Some(home) = env("HOME").filter(|s| !s.is_empty()) {
+        return PathBuf::from(home).join(".local/share").join(app);
+    }
+    PathBuf::from("./socp-data")
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Run(Config),
+    PrintPubkey(Config),
+    Help,
+    Version,
+}
+
+pub const SERVER_USAGE: &str = "\
+socp-server: a SOCP v1.3 chat server
+
+USAGE: socp-server [OPTIONS]
+
+OPTIONS:
+  --host HOST             listen address            [env SOCP_HOST, default 127.0.0.1]
+  --port PORT             listen port (0: any free)  [env SOCP_PORT, default 8765]
+  --server-id ID          this server's id           [env SOCP_SERVER_ID, default: from key file]
+  --data-dir DIR          where key and database go  [env SOCP_DATA_DIR]
+  --db PATH               SQLite database            [env SOCP_DB, default DIR/socp.db]
+  --key PATH              key file (mode 0600)       [env SOCP_SERVER_KEYFILE, default DIR/server.key]
+  --bootstrap URL#KEY     peer to link to, ws://host:port#<pubkey>; repeatable
+                                                     [env SOCP_BOOTSTRAP, space-separated]
+  --max-connections N     connection limit           [default 4096]
+  --hello-timeout-ms MS   time allowed to finish the hello [default 30000]
+  --print-pubkey          print this server's public key (what peers pin) and exit
+  -h, --help              this help
+  -V, --version           version
+
+Logging: RUST_LOG=debug|info|warn (default info).
+";
+
+/// Parses the server command line. `env` looks up environment variables (injected for tests).
+pub fn parse_server_args(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Command, String> {
+    use lexopt::prelude::*;
+
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut flags = ServerFlags::default();
+    let mut print_pubkey = false;
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("host") => flags.host = Some(string(&mut parser)?),
+            Long("port") => flags.port = Some(string(&mut parser)?),
+            Long("server-id") => flags.server_id = Some(string(&mut parser)?),
+            Long("data-dir") => flags.data_dir = Some(string(&mut parser)?),
+            Long("db") => flags.db = Some(string(&mut parser)?),
+            Long("key") => flags.key = Some(string(&mut parser)?),
+            Long("bootstrap") => flags.bootstrap.push(string(&mut parser)?),
+            Long("max-connections") => flags.max_connections = Some(string(&mut parser)?),
+            Long("hello-timeout-ms") => flags.hello_timeout_ms = Some(string(&mut parser)?),
+            Long("print-pubkey") => print_pubkey = true,
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            _ => return Err(arg.unexpected().to_string()),
+        }
+    }
+
+    let pick =
+        |flag: Option<String>, var: &str| flag.or_else(|| env(var).filter(|s| !s.is_empty()));
+    let data_dir = pick(flags.data_dir, "SOCP_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| default_data_dir(env, "socp-server"));
+    let mut cfg = Config::with_data_dir(data_dir);
+    if let Some(host) = pick(flags.host, "SOCP_HOST") {
+        cfg.host = host;
+    }
+    if let Some(port) = pick(flags.port, "SOCP_PORT") {
+        cfg.port = port
+            .parse()
+            .map_err(|_| format!("invalid port {port:?}: expected 0-65535"))?;
+    }
+    if let Some(id) = pick(flags.server_id, "SOCP_SERVER_ID") {
+        if !crate::ids::is_valid_id(&id) {
+            return Err(format!(
+                "invalid server id {id:?}: use a UUID or 1-64 characters of [A-Za-z0-9._-]"
+            ));
+        }
+        cfg.server_id = Some(id);
+    }
+    if let Some(db) = pick(flags.db, "SOCP_DB") {
+        cfg.db = PathBuf::from(db);
+    }
+    if let Some(key) = pick(flags.key, "SOCP_SERVER_KEYFILE") {
+        cfg.key = PathBuf::from(key);
+    }
+    let bootstrap: Vec<String> = if flags.bootstrap.is_empty() {
+        env("SOCP_BOOTSTRAP")
+            .map(|s| s.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default()
+    } else {
+        flags.bootstrap
+    };
+    cfg.bootstrap = bootstrap
+        .iter()
+        .map(|b| Bootstrap::parse(b))
+        .collect::<Result<_, _>>()?;
+    if let Some(n) = flags.max_connections {
+        cfg.max_connections = parse_positive("--max-connections", &n)?;
+    }
+    if let Some(ms) = flags.hello_timeout_ms {
+        cfg.hello_timeout_ms = parse_positive("--hello-timeout-ms", &ms)? as u64;
+    }
+    Ok(if print_pubkey {
+        Command::PrintPubkey(cfg)
+    } else {
+        Command::Run(cfg)
+    })
+}
+
+#[derive(Default)]
+struct ServerFlags {
+    host: Option<String>,
+    port: Option<String>,
+    server_id: Option<String>,
+    data_dir: Option<String>,
+    db: Option<String>,
+    key: Option<String>,
+    bootstrap: Vec<String>,
+    max_connections: Option<String>,
+    hello_timeout_ms: Option<String>,
+}
+
+fn string(parser: &mut lexopt::Parser) -> Result<String, String> {
+    parser
+        .value()
+        .map_err(|e| e.to_string())?
+        .into_string()
+        .map_err(|v| format!("{v:?} is not valid UTF-8"))
+}
+
+fn parse_positive(flag: &str, value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{flag}: expected a positive number, got {value:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Command, String> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        parse_server_args(args.iter().map(|a| a.into()), &lookup)
+    }
+
+    fn run(args: &[&str], env: &[(&str, &str)]) -> Config {
+        match parse(args, env) {
+            Ok(Command::Run(cfg)) => cfg,
+            other => panic!("expected Run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_need_no_arguments() {
+        let cfg = run(&[], &[("HOME", "/home/u")]);
+        assert_eq!((cfg.host.as_str(), cfg.port), ("127.0.0.1", 8765));
+        assert_eq!(
+            cfg.db,
+            PathBuf::from("/home/u/.local/share/socp-server/socp.db")
+        );
+        assert_eq!(
+            cfg.key,
+            PathBuf::from("/home/u/.local/share/socp-server/server.key")
+        );
+    }
+
+    #[test]
+    fn flags_win_over_environment() {
+        let env = [("SOCP_DB", "/env.db"), ("SOCP_SERVER_KEYFILE", "/env.key")];
+        let cfg = run(&[], &env);
+        assert_eq!(cfg.db, PathBuf::from("/env.db"));
+        assert_eq!(cfg.key, PathBuf::from("/env.key"));
+        let cfg = run(&["--db", "/flag.db", "--port", "0"], &env);
+        assert_eq!(cfg.db, PathBuf::from("/flag.db"));
+        assert_eq!(cfg.key, PathBuf::from("/env.key"));
+        assert_eq!(cfg.port, 0);
+    }
+
+    #[test]
+    fn usage_errors_are_reported() {
+        assert!(
+            parse(&["--port", "99999"], &[])
+                .unwrap_err()
+                .contains("port")
+        );
+        assert!(parse(&["--bogus"], &[]).is_err());
+        assert!(parse(&["--server-id", "a b"], &[]).is_err());
+        assert!(parse(&["--bootstrap", "http://x:1#k"], &[]).is_err());
+        assert!(parse(&["--bootstrap", "ws://x:1"], &[]).is_err());
+        assert!(matches!(parse(&["--help"], &[]), Ok(Command::Help)));
+        assert!(matches!(
+            parse(&["--print-pubkey"], &[]),
+            Ok(Command::PrintPubkey(_))
+        ));
+    }
+}

@@ -1,0 +1,567 @@
+//! The net layer: the only code that touches sockets, the clock and the timer wheel
+//! (DESIGN.md "The shape" and "Rules of the event loop").
+//!
+//! One thread, one `mio::Poll`. It accepts connections, drives non-blocking WebSocket
+//! handshakes under a deadline, reads frames until `WouldBlock`, hands each to the core with the
+//! current [`Time`], and carries out the core's [`Action`]s: `write()` to every recipient, then
+//! one `flush()` per connection per loop turn.
+//!
+//! Every connection's registration is `READABLE | WRITABLE`, edge-triggered: a writable event
+//! comes only when a full socket buffer drains, so nothing spins on it.
+
+use crate::config::Config;
+use crate::server::{self, Action, ConnId, Input, Server, Time};
+use crate::timer::TimerWheel;
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use std::collections::VecDeque;
+use std::io::{self, ErrorKind, Read};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tungstenite::handshake::server::{NoCallback, ServerHandshake};
+use tungstenite::handshake::{HandshakeError, MidHandshake};
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Error as WsError, Message, WebSocket};
+
+/// The listening socket.
+const LISTENER: Token = Token(usize::MAX - 1);
+/// The read end of the self-pipe that SIGINT/SIGTERM write to.
+const SIGNAL: Token = Token(usize::MAX - 2);
+
+/// Messages read from one connection in one loop turn before others get a turn; the rest wait
+/// in the backlog (read again next turn without waiting for a new readiness event).
+const READ_BUDGET: usize = 64;
+/// How long a closing connection may take to flush and see the peer's close reply.
+const CLOSE_LINGER_MS: u64 = 2_000;
+/// How long a graceful shutdown waits for connections to finish closing.
+const SHUTDOWN_LINGER_MS: u64 = 1_000;
+
+type Handshake = MidHandshake<ServerHandshake<TcpStream, NoCallback>>;
+
+enum Io {
+    /// Accepted; the WebSocket handshake has not completed.
+    Handshaking(Handshake),
+    /// Open and known to the core.
+    Open(WebSocket<TcpStream>),
+    /// Close frame sent; flushing and waiting for the peer's reply until the linger deadline.
+    Closing(WebSocket<TcpStream>),
+    /// Transient, while a handshake step owns the stream.
+    Gone,
+}
+
+struct Conn {
+    id: ConnId,
+    io: Io,
+    /// Has written data not yet flushed.
+    dirty: bool,
+}
+
+/// Timers of the net layer; the core's own ride inside [`NetTimer::Core`].
+#[derive(Debug, Clone, Copy)]
+enum NetTimer {
+    Handshake(ConnId),
+    CloseLinger(ConnId),
+    Shutdown,
+    Core(server::Timer),
+}
+
+/// The event loop and everything it owns.
+pub struct Net {
+    poll: Poll,
+    listener: TcpListener,
+    signals: Option<UnixStream>,
+    conns: Slab<Conn>,
+    serial: u32,
+    wheel: TimerWheel<NetTimer>,
+    start: Instant,
+    core: Server,
+    ws_config: WebSocketConfig,
+    handshake_timeout_ms: u64,
+    max_connections: usize,
+    /// Connections with unflushed writes.
+    dirty: Vec<usize>,
+    /// Connections whose read budget ran out with data possibly left.
+    backlog: Vec<usize>,
+    /// Scratch space for expired timers and core actions.
+    fired: Vec<NetTimer>,
+    actions: VecDeque<Action>,
+    shutting_down: bool,
+    shutdown_done: bool,
+}
+
+impl Net {
+    /// Sets up the loop around a bound listener. `signals` is the read end of the self-pipe the
+    /// signal handlers write to (none in tests that stop the server by killing it).
+    pub fn new(
+        cfg: &Config,
+        listener: std::net::TcpListener,
+        signals: Option<std::os::unix::net::UnixStream>,
+        core: Server,
+    ) -> io::Result<Net> {
+        let poll = Poll::new()?;
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let signals = match signals {
+            Some(s) => {
+                s.set_nonblocking(true)?;
+                let mut s = UnixStream::from_std(s);
+                poll.registry()
+                    .register(&mut s, SIGNAL, Interest::READABLE)?;
+                Some(s)
+            }
+            None => None,
+        };
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(cfg.read_buffer_size)
+            // Eager writes: frames leave at once; what the socket refuses waits for flush().
+            .write_buffer_size(0)
+            .max_write_buffer_size(cfg.max_write_buffer)
+            .max_message_size(Some(cfg.max_message_size))
+            .max_frame_size(Some(cfg.max_message_size));
+        Ok(Net {
+            poll,
+            listener,
+            signals,
+            conns: Slab::new(),
+            serial: 0,
+            wheel: TimerWheel::new(10, 1024, 0),
+            start: Instant::now(),
+            core,
+            ws_config,
+            handshake_timeout_ms: cfg.handshake_timeout_ms,
+            max_connections: cfg.max_connections,
+            dirty: Vec::new(),
+            backlog: Vec::new(),
+            fired: Vec::new(),
+            actions: VecDeque::new(),
+            shutting_down: false,
+            shutdown_done: false,
+        })
+    }
+
+    /// Runs until a graceful shutdown completes.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        while !self.shutdown_done {
+            let timeout = if self.backlog.is_empty() {
+                self.wheel
+                    .next_deadline()
+                    .map(|at| Duration::from_millis(at.saturating_sub(self.mono_ms())))
+            } else {
+                Some(Duration::ZERO)
+            };
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    SIGNAL => self.on_signal(),
+                    Token(idx) => self.on_ready(idx, event.is_readable(), event.is_writable()),
+                }
+            }
+            for idx in std::mem::take(&mut self.backlog) {
+                self.read_frames(idx);
+            }
+            self.fire_timers();
+            self.apply_actions();
+            self.flush_dirty();
+            // Connections dropped while flushing may have left the core something to say
+            // (a `USER_REMOVE` for the others).
+            while self.core.has_actions() {
+                self.apply_actions();
+                self.flush_dirty();
+            }
+        }
+        info!("shutdown complete");
+        Ok(())
+    }
+
+    fn now(&self) -> Time {
+        Time {
+            mono_ms: self.mono_ms(),
+            wall_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+        }
+    }
+
+    fn mono_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    // ------------------------------------------------------------ accept and handshake
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, addr)) => {
+                    if self.shutting_down {
+                        continue; // dropped: we are going away
+                    }
+                    if self.conns.len() >= self.max_connections {
+                        warn!("refusing {addr}: {} connections open", self.conns.len());
+                        continue;
+                    }
+                    if let Err(e) = stream.set_nodelay(true) {
+                        debug!("set_nodelay for {addr}: {e}");
+                    }
+                    self.add_conn(stream, addr);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: log and wait for the next readiness event.
+                    warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn add_conn(&mut self, mut stream: TcpStream, addr: std::net::SocketAddr) {
+        let entry = self.conns.vacant_entry();
+        let idx = entry.key();
+        self.serial = self.serial.wrapping_add(1);
+        let id = ConnId((u64::from(self.serial) << 32) | idx as u64);
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(idx),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("register {addr}: {e}");
+            return;
+        }
+        debug!("conn {}: accepted from {addr}", id);
+        // The handshake starts when the request arrives (a readable event).
+        let mid = ServerHandshake::start(stream, NoCallback, Some(self.ws_config));
+        entry.insert(Conn {
+            id,
+            io: Io::Handshaking(mid),
+            dirty: false,
+        });
+        let at = self.mono_ms() + self.handshake_timeout_ms;
+        self.wheel.insert(at, NetTimer::Handshake(id));
+    }
+
+    fn drive_handshake(&mut self, idx: usize) {
+        let Some(conn) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let Io::Handshaking(_) = conn.io else { return };
+        let Io::Handshaking(mid) = std::mem::replace(&mut conn.io, Io::Gone) else {
+            unreachable!("checked above")
+        };
+        match mid.handshake() {
+            Ok(ws) => {
+                conn.io = Io::Open(ws);
+                let id = conn.id;
+                let now = self.now();
+                self.core.handle(now, Input::Opened { conn: id });
+                self.apply_actions();
+                self.read_frames(idx);
+            }
+            Err(HandshakeError::Interrupted(mid)) => conn.io = Io::Handshaking(mid),
+            Err(HandshakeError::Failure(e)) => {
+                debug!("conn {}: handshake failed: {e}", conn.id);
+                self.drop_conn(idx);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ readiness
+
+    fn on_ready(&mut self, idx: usize, readable: bool, writable: bool) {
+        let Some(conn) = self.conns.get(idx) else {
+            return;
+        };
+        match conn.io {
+            Io::Handshaking(_) => self.drive_handshake(idx),
+            Io::Open(_) | Io::Closing(_) => {
+                if writable {
+                    self.mark_dirty(idx);
+                }
+                if readable {
+                    self.read_frames(idx);
+                }
+            }
+            Io::Gone => {}
+        }
+    }
+
+    /// Reads until `WouldBlock` (or the read budget), handing each message to the core.
+    fn read_frames(&mut self, idx: usize) {
+        for _ in 0..READ_BUDGET {
+            let Some(conn) = self.conns.get_mut(idx) else {
+                return;
+            };
+            let id = conn.id;
+            let closing = matches!(conn.io, Io::Closing(_));
+            let result = match &mut conn.io {
+                Io::Open(ws) | Io::Closing(ws) => ws.read(),
+                _ => return,
+            };
+            let now = self.now();
+            match result {
+                Ok(Message::Text(text)) if !closing => {
+                    self.core.handle(
+                        now,
+                        Input::Text {
+                            conn: id,
+                            text: text.as_str(),
+                        },
+                    );
+                    self.apply_actions();
+                }
+                Ok(Message::Binary(_)) if !closing => {
+                    self.core.handle(now, Input::Binary { conn: id });
+                    self.apply_actions();
+                }
+                Ok(Message::Close(_)) => {
+                    // tungstenite queued the close reply; flush it, then drop.
+                    debug!("conn {}: peer closed", id);
+                    self.start_closing(idx, None);
+                }
+                Ok(_) => self.mark_dirty(idx), // ping (pong queued), pong, or data while closing
+                Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(WsError::Io(e)) if e.kind() == ErrorKind::Interrupted => {}
+                Err(WsError::Capacity(e)) if !closing => {
+                    info!("conn {}: {e}", id);
+                    self.core.handle(now, Input::TooLarge { conn: id });
+                    self.apply_actions();
+                    return;
+                }
+                Err(e) => {
+                    match e {
+                        WsError::ConnectionClosed | WsError::AlreadyClosed => {}
+                        e => debug!("conn {}: read: {e}", id),
+                    }
+                    self.drop_conn(idx);
+                    return;
+                }
+            }
+        }
+        self.backlog.push(idx);
+    }
+
+    // ------------------------------------------------------------ actions
+
+    /// Carries out the core's actions, in order. Carrying one out may feed the core again (a
+    /// slow reader dropped is reported as closed), so the queue is refilled as it goes.
+    fn apply_actions(&mut self) {
+        loop {
+            self.actions.extend(self.core.actions());
+            let Some(action) = self.actions.pop_front() else {
+                return;
+            };
+            match action {
+                Action::Send { conn, text } => self.send(conn, text),
+                Action::Close { conn, code, reason } => {
+                    if let Some(idx) = self.index_of(conn) {
+                        self.start_closing(idx, Some((code, reason)));
+                    }
+                }
+                Action::Timer { at_ms, timer } => self.wheel.insert(at_ms, NetTimer::Core(timer)),
+            }
+        }
+    }
+
+    fn send(&mut self, id: ConnId, text: crate::wire::Text) {
+        let Some(idx) = self.index_of(id) else {
+            return;
+        };
+        let Io::Open(ws) = &mut self.conns[idx].io else {
+            return;
+        };
+        match ws.write(Message::Text(text)) {
+            Ok(()) => self.mark_dirty(idx),
+            // Queued in tungstenite's buffer; flushed on the next writable event.
+            Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => self.mark_dirty(idx),
+            Err(WsError::WriteBufferFull(_)) => {
+                info!("conn {}: not reading, write buffer full; closing", id);
+                self.drop_conn(idx);
+            }
+            Err(e) => {
+                debug!("conn {}: write: {e}", id);
+                self.drop_conn(idx);
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, idx: usize) {
+        if let Some(conn) = self.conns.get_mut(idx)
+            && !conn.dirty
+        {
+            conn.dirty = true;
+            self.dirty.push(idx);
+        }
+    }
+
+    /// One flush per dirty connection per loop turn.
+    fn flush_dirty(&mut self) {
+        for idx in std::mem::take(&mut self.dirty) {
+            let Some(conn) = self.conns.get_mut(idx) else {
+                continue;
+            };
+            conn.dirty = false;
+            let closing = matches!(conn.io, Io::Closing(_));
+            let result = match &mut conn.io {
+                Io::Open(ws) | Io::Closing(ws) => ws.flush(),
+                _ => continue,
+            };
+            match result {
+                Ok(()) => {}
+                // Kept in tungstenite's buffer; the writable event brings us back.
+                Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(WsError::ConnectionClosed) if closing => self.drop_conn(idx),
+                Err(e) => {
+                    debug!("conn {}: flush: {e}", conn.id);
+                    self.drop_conn(idx);
+                }
+            }
+        }
+        if self.shutting_down && self.conns.is_empty() {
+            self.shutdown_done = true;
+        }
+    }
+
+    /// Sends a close frame (when `code` is given) and lingers until the peer answers or the
+    /// deadline passes. The core is told the connection is gone now.
+    fn start_closing(&mut self, idx: usize, code: Option<(u16, &'static str)>) {
+        let Some(conn) = self.conns.get_mut(idx) else {
+            return;
+        };
+        match conn.io {
+            Io::Open(_) => {}
+            Io::Handshaking(_) => return self.drop_conn(idx),
+            Io::Closing(_) | Io::Gone => return,
+        }
+        let id = conn.id;
+        let Io::Open(mut ws) = std::mem::replace(&mut conn.io, Io::Gone) else {
+            unreachable!("checked above")
+        };
+        let sent = match code {
+            None => true,
+            Some((code, reason)) => {
+                let frame = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: reason.into(),
+                };
+                match ws.close(Some(frame)) {
+                    Ok(()) => true,
+                    Err(WsError::Io(e)) => e.kind() == ErrorKind::WouldBlock,
+                    Err(_) => false,
+                }
+            }
+        };
+        conn.io = Io::Closing(ws);
+        let now = self.now();
+        self.core.handle(now, Input::Closed { conn: id });
+        if !sent {
+            return self.drop_conn(idx);
+        }
+        self.mark_dirty(idx);
+        let at = self.mono_ms() + CLOSE_LINGER_MS;
+        self.wheel.insert(at, NetTimer::CloseLinger(id));
+    }
+
+    /// Forgets the connection: closes the socket and tells the core.
+    fn drop_conn(&mut self, idx: usize) {
+        if !self.conns.contains(idx) {
+            return;
+        }
+        let conn = self.conns.remove(idx);
+        let was_open = matches!(conn.io, Io::Open(_));
+        debug!("conn {}: dropped", conn.id);
+        drop(conn.io); // closes the socket, which also removes it from the poll
+        if was_open {
+            let now = self.now();
+            self.core.handle(now, Input::Closed { conn: conn.id });
+        }
+        if self.shutting_down && self.conns.is_empty() {
+            self.shutdown_done = true;
+        }
+    }
+
+    fn index_of(&self, id: ConnId) -> Option<usize> {
+        let idx = (id.0 & 0xffff_ffff) as usize;
+        match self.conns.get(idx) {
+            Some(conn) if conn.id == id => Some(idx),
+            _ => None,
+        }
+    }
+
+    // ------------------------------------------------------------ timers and signals
+
+    fn fire_timers(&mut self) {
+        let now_ms = self.mono_ms();
+        self.wheel.expire(now_ms, &mut self.fired);
+        for timer in std::mem::take(&mut self.fired) {
+            match timer {
+                NetTimer::Handshake(id) => {
+                    if let Some(idx) = self.index_of(id)
+                        && let Io::Handshaking(_) = self.conns[idx].io
+                    {
+                        info!("conn {}: WebSocket handshake timed out", id);
+                        self.drop_conn(idx);
+                    }
+                }
+                NetTimer::CloseLinger(id) => {
+                    if let Some(idx) = self.index_of(id) {
+                        self.drop_conn(idx);
+                    }
+                }
+                NetTimer::Shutdown => {
+                    let left: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+                    for idx in left {
+                        self.drop_conn(idx);
+                    }
+                    self.shutdown_done = true;
+                }
+                NetTimer::Core(timer) => {
+                    let now = self.now();
+                    self.core.handle(now, Input::Timer(timer));
+                    self.apply_actions();
+                }
+            }
+        }
+    }
+
+    fn on_signal(&mut self) {
+        let mut buf = [0u8; 64];
+        if let Some(pipe) = &mut self.signals {
+            while matches!(pipe.read(&mut buf), Ok(n) if n > 0) {}
+        }
+        if self.shutting_down {
+            return;
+        }
+        info!("signal received: closing connections and shutting down");
+        self.shutting_down = true;
+        let _ = self.poll.registry().deregister(&mut self.listener);
+        let handshaking: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.io, Io::Handshaking(_)))
+            .map(|(i, _)| i)
+            .collect();
+        for idx in handshaking {
+            self.drop_conn(idx);
+        }
+        let now = self.now();
+        self.core.shutdown(now);
+        self.apply_actions();
+        let at = self.mono_ms() + SHUTDOWN_LINGER_MS;
+        self.wheel.insert(at, NetTimer::Shutdown);
+        if self.conns.is_empty() {
+            self.shutdown_done = true;
+        }
+    }
+}

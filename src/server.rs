@@ -1,0 +1,756 @@
+//! The server core: a synchronous, deterministic state machine (DESIGN.md "The shape").
+//!
+//! It receives [`Input`]s — a connection opened, a text frame, a timer, a connection closed —
+//! with the current [`Time`], and answers with [`Action`]s: frames to send, connections to
+//! close, timers to arm. It never touches a socket or a clock, so it is tested with simulated
+//! time and no network (`tests/core.rs`).
+//!
+//! The one side effect it performs itself is the SQLite [`Store`]: a key binding or an account
+//! must be durable *before* the reply that confirms it (PROTOCOL.md §11), and a synchronous call
+//! keeps that ordering obvious. Tests give it an in-memory database.
+
+use crate::channel::PublicChannel;
+use crate::crypto::{KeyCache, PrivateKey, PublicKey};
+use crate::directory::{Directory, Entry};
+use crate::store::{Store, UserRecord};
+use crate::wire::{
+    self, AuthResponse, Envelope, ErrorCode, SignedPayload, Text, UserHello, UserMessage,
+    WireError, types,
+};
+use log::{debug, info, warn};
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Identifies one connection for its whole life; never reused (the net layer puts a generation
+/// in the high bits), so a stale timer or action for a closed connection is harmless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    /// The connection's serial number (the high half); the slab index is an internal detail.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0 >> 32)
+    }
+}
+
+/// The two clocks the core needs: monotonic for deadlines, wall for `ts` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Time {
+    pub mono_ms: u64,
+    pub wall_ms: i64,
+}
+
+/// What the net layer reports.
+#[derive(Debug)]
+pub enum Input<'a> {
+    /// An accepted connection finished its WebSocket handshake.
+    Opened { conn: ConnId },
+    /// One text message.
+    Text { conn: ConnId, text: &'a str },
+    /// One binary message (not part of the profile, §1).
+    Binary { conn: ConnId },
+    /// The peer sent a message over the size limit; the connection is about to be closed.
+    TooLarge { conn: ConnId },
+    /// The connection is gone (closed by the peer, an I/O error, or a full write buffer).
+    Closed { conn: ConnId },
+    /// A timer armed by [`Action::Timer`] fired.
+    Timer(Timer),
+}
+
+/// Timers the core arms. Each names what it is for; a timer whose connection is gone or has
+/// moved on is a no-op when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    /// The connection must have completed its hello by now (§5.2).
+    Hello(ConnId),
+}
+
+/// What the core asks the net layer to do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Send {
+        conn: ConnId,
+        text: Text,
+    },
+    /// Close with this WebSocket close code. The core has already forgotten the connection.
+    Close {
+        conn: ConnId,
+        code: u16,
+        reason: &'static str,
+    },
+    Timer {
+        at_ms: u64,
+        timer: Timer,
+    },
+}
+
+/// Close codes we use (§1).
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// The core's own tunables (a subset of [`crate::config::Config`]).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub hello_timeout_ms: u64,
+    pub error_burst: u32,
+    pub error_refill_per_s: u32,
+    pub max_message_size: usize,
+}
+
+impl From<&crate::config::Config> for Limits {
+    fn from(c: &crate::config::Config) -> Self {
+        Limits {
+            hello_timeout_ms: c.hello_timeout_ms,
+            error_burst: c.error_burst,
+            error_refill_per_s: c.error_refill_per_s,
+            max_message_size: c.max_message_size,
+        }
+    }
+}
+
+/// Where a connection stands.
+#[derive(Debug)]
+enum State {
+    /// Open, nothing received yet: the first frame decides what it is (§1).
+    Fresh,
+    /// Said it is a user; no challenge outstanding (a hello failed, or before login).
+    UserPending,
+    /// `AUTH_CHALLENGE` sent, waiting for `AUTH_RESPONSE`.
+    Challenged(Box<Challenge>),
+    /// Hello complete: frames are from this user.
+    User { user_id: String },
+}
+
+#[derive(Debug)]
+struct Challenge {
+    user_id: String,
+    pubkey: Arc<PublicKey>,
+    meta: Map<String, Value>,
+    nonce: String,
+}
+
+#[derive(Debug)]
+struct Conn {
+    state: State,
+    errors: ErrorBudget,
+}
+
+/// Errors cost a signature each, so a connection that keeps provoking them is answered only
+/// while its budget lasts (a token bucket); the rest are dropped unanswered and logged.
+#[derive(Debug)]
+struct ErrorBudget {
+    tokens: u32,
+    last_refill_ms: u64,
+}
+
+impl ErrorBudget {
+    fn take(&mut self, now_ms: u64, limits: &Limits) -> bool {
+        let refill_every = 1000 / u64::from(limits.error_refill_per_s.max(1));
+        let earned = now_ms.saturating_sub(self.last_refill_ms) / refill_every;
+        if earned > 0 {
+            self.tokens = (self.tokens as u64 + earned).min(limits.error_burst as u64) as u32;
+            self.last_refill_ms += earned * refill_every;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// Signatures of recent `ERROR` payloads: the same error is often sent many times, and a
+/// signature costs far more than a lookup. Bounded; cleared when full.
+#[derive(Debug, Default)]
+struct ErrorSigs(HashMap<String, String>);
+
+const ERROR_SIG_CACHE: usize = 256;
+
+/// The server core. See the module documentation.
+pub struct Server {
+    id: String,
+    key: PrivateKey,
+    limits: Limits,
+    store: Store,
+    keys: KeyCache,
+    conns: HashMap<ConnId, Conn>,
+    dir: Directory,
+    channel: PublicChannel,
+    error_sigs: ErrorSigs,
+    out: Vec<Action>,
+}
+
+impl Server {
+    /// A core for server `id` with key `key`, persisting to `store`.
+    pub fn new(id: String, key: PrivateKey, limits: Limits, store: Store) -> Server {
+        let channel = PublicChannel::new(store.public_channel_version().unwrap_or_else(|e| {
+            warn!("could not read the public channel version: {e}");
+            0
+        }));
+        Server {
+            id,
+            key,
+            limits,
+            store,
+            keys: KeyCache::new(4096),
+            conns: HashMap::new(),
+            dir: Directory::default(),
+            channel,
+            error_sigs: ErrorSigs::default(),
+            out: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn public_key(&self) -> &Arc<PublicKey> {
+        self.key.public_key()
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.dir
+    }
+
+    /// The actions produced so far, in order; the net layer drains them after every input.
+    pub fn actions(&mut self) -> std::vec::Drain<'_, Action> {
+        self.out.drain(..)
+    }
+
+    /// Whether actions are waiting to be drained.
+    pub fn has_actions(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Feeds one input.
+    pub fn handle(&mut self, now: Time, input: Input<'_>) {
+        match input {
+            Input::Opened { conn } => {
+                self.conns.insert(
+                    conn,
+                    Conn {
+                        state: State::Fresh,
+                        errors: ErrorBudget {
+                            tokens: self.limits.error_burst,
+                            last_refill_ms: now.mono_ms,
+                        },
+                    },
+                );
+                self.out.push(Action::Timer {
+                    at_ms: now.mono_ms + self.limits.hello_timeout_ms,
+                    timer: Timer::Hello(conn),
+                });
+            }
+            Input::Text { conn, text } => self.on_text(now, conn, text),
+            Input::Binary { conn } => {
+                let err = WireError::new(ErrorCode::UnknownType, "binary frames are not supported");
+                self.reject(now, conn, err);
+            }
+            Input::TooLarge { conn } => {
+                let detail = format!("frame larger than {} bytes", self.limits.max_message_size);
+                self.error(now, conn, &WireError::new(ErrorCode::BadKey, detail));
+                self.close(now, conn, close::TOO_BIG, "message too big");
+            }
+            Input::Closed { conn } => self.forget(now, conn),
+            Input::Timer(Timer::Hello(conn)) => {
+                let pending = matches!(
+                    self.conns.get(&conn).map(|c| &c.state),
+                    Some(State::Fresh | State::UserPending | State::Challenged(_))
+                );
+                if pending {
+                    info!("conn {}: hello not completed in time, closing", conn);
+                    let err = WireError::new(ErrorCode::Timeout, "hello not completed in time");
+                    self.error(now, conn, &err);
+                    self.close(now, conn, close::POLICY, "hello timeout");
+                }
+            }
+        }
+    }
+
+    /// Closes every connection with 1001 and saves what must survive a restart.
+    pub fn shutdown(&mut self, now: Time) {
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.close(now, conn, close::GOING_AWAY, "server shutting down");
+        }
+        if let Err(e) = self
+            .store
+            .set_public_channel_version(self.channel.version())
+        {
+            warn!("could not save the public channel version: {e}");
+        }
+        if let Err(e) = self.store.checkpoint() {
+            warn!("database checkpoint failed: {e}");
+        }
+    }
+
+    // ---------------------------------------------------------------- dispatch
+
+    fn on_text(&mut self, now: Time, conn: ConnId, text: &str) {
+        let session = match self.state(conn) {
+            None => return,
+            Some(State::User { user_id }) => Some(user_id.clone()),
+            Some(_) => None,
+        };
+        let env = match Envelope::parse(text) {
+            Ok(env) => env,
+            Err(err) => return self.reject(now, conn, err),
+        };
+        debug!("conn {}: {} from {:?}", conn, env.kind, env.from);
+        let result = match session {
+            None => self.on_unauthenticated(now, conn, &env),
+            Some(user_id) if env.from != user_id => Err(WireError::new(
+                ErrorCode::InvalidSig,
+                "sender does not match session",
+            )),
+            Some(user_id) => self.on_user_frame(now, conn, &user_id, &env),
+        };
+        if let Err(err) = result {
+            self.error(now, conn, &err);
+        }
+    }
+
+    /// Frames before the hello completes (§1, §5.2).
+    fn on_unauthenticated(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        env: &Envelope,
+    ) -> Result<(), WireError> {
+        let fresh = matches!(self.state(conn), Some(State::Fresh));
+        match env.kind.as_str() {
+            types::USER_HELLO => {
+                self.set_state(conn, State::UserPending);
+                self.on_user_hello(now, conn, env)
+            }
+            types::AUTH_RESPONSE if !fresh => self.on_auth_response(now, conn, env),
+            types::USER_REGISTER | types::USER_LOGIN => {
+                self.set_state(conn, State::UserPending);
+                Err(WireError::new(
+                    ErrorCode::UnknownType,
+                    "accounts are not enabled on this server; use USER_HELLO",
+                ))
+            }
+            _ if fresh => {
+                let err = WireError::new(
+                    ErrorCode::InvalidSig,
+                    "first frame must be USER_HELLO, USER_REGISTER, USER_LOGIN, \
+                     SERVER_HELLO_JOIN or SERVER_HELLO_LINK",
+                );
+                self.reject_first(now, conn, err);
+                Ok(())
+            }
+            _ => Err(WireError::new(
+                ErrorCode::InvalidSig,
+                "not authenticated: complete USER_HELLO first",
+            )),
+        }
+    }
+
+    /// Frames from an authenticated user (§5.4).
+    fn on_user_frame(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        user_id: &str,
+        env: &Envelope,
+    ) -> Result<(), WireError> {
+        match env.kind.as_str() {
+            types::MSG_DIRECT => self.on_user_message(now, conn, user_id, env, false),
+            types::MSG_PUBLIC_CHANNEL => self.on_user_message(now, conn, user_id, env, true),
+            types::LIST_REQUEST => {
+                self.send_list(now, conn, user_id);
+                Ok(())
+            }
+            types::CTRL_CLOSE => {
+                self.close(now, conn, close::NORMAL, "bye");
+                Ok(())
+            }
+            types::USER_HELLO | types::AUTH_RESPONSE | types::USER_REGISTER | types::USER_LOGIN => {
+                Err(WireError::new(
+                    ErrorCode::NameInUse,
+                    "already authenticated on this connection",
+                ))
+            }
+            other => Err(unknown_type(other)),
+        }
+    }
+
+    // ---------------------------------------------------------------- hello (§5.2)
+
+    fn on_user_hello(&mut self, now: Time, conn: ConnId, env: &Envelope) -> Result<(), WireError> {
+        let user_id = env.from.as_str();
+        wire::check_id("from", user_id)?;
+        let hello = UserHello::parse(env.fields())?;
+        let pubkey = self.parse_key("pubkey", hello.pubkey)?;
+        if let Some(enc) = hello.enc_pubkey
+            && self.parse_key("enc_pubkey", enc)? != pubkey
+        {
+            return Err(WireError::field(
+                "enc_pubkey",
+                "must be the same key as pubkey (one pair serves both, §5.1)",
+            ));
+        }
+        self.check_binding(user_id, &pubkey)?;
+        if self.dir.get(user_id).is_some() {
+            return self.name_in_use(now, conn);
+        }
+        let nonce = crate::b64::encode(&crate::crypto::random_bytes::<32>());
+        let payload = json!({
+            "nonce": nonce,
+            "server_id": self.id,
+            "server_pubkey": self.key.public_key().encoded(),
+        });
+        self.send_signed(now, conn, types::AUTH_CHALLENGE, user_id, &payload);
+        self.set_state(
+            conn,
+            State::Challenged(Box::new(Challenge {
+                user_id: user_id.to_string(),
+                pubkey,
+                meta: hello.meta,
+                nonce,
+            })),
+        );
+        Ok(())
+    }
+
+    fn on_auth_response(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        env: &Envelope,
+    ) -> Result<(), WireError> {
+        // The nonce is single-use: whatever happens next, the challenge is consumed.
+        let Some(State::Challenged(ch)) = self.take_state(conn, State::UserPending) else {
+            return Err(WireError::new(
+                ErrorCode::InvalidSig,
+                "no challenge outstanding: send USER_HELLO first",
+            ));
+        };
+        let resp = AuthResponse::parse(env.fields())?;
+        let from_ok = env.from.is_empty() || env.from == ch.user_id;
+        if resp.nonce != ch.nonce
+            || resp.server_id != self.id
+            || resp.user_id != ch.user_id
+            || !from_ok
+        {
+            return Err(WireError::new(
+                ErrorCode::InvalidSig,
+                "AUTH_RESPONSE does not match the challenge",
+            ));
+        }
+        let verified = wire::verify_payload_sig(&ch.pubkey, &env.payload, &env.sig)?;
+        if !verified {
+            info!(
+                "conn {}: AUTH_RESPONSE signature for {} does not verify",
+                conn, ch.user_id
+            );
+            return Err(WireError::new(
+                ErrorCode::InvalidSig,
+                "AUTH_RESPONSE signature does not verify",
+            ));
+        }
+        // Re-check: another connection may have completed a hello for this id meanwhile.
+        if self.dir.get(&ch.user_id).is_some() {
+            return self.name_in_use(now, conn);
+        }
+        let record = UserRecord {
+            user_id: ch.user_id.clone(),
+            pubkey: ch.pubkey.encoded().to_string(),
+            privkey_store: String::new(),
+            pake_password: String::new(),
+            meta: Value::Object(ch.meta.clone()),
+            version: 1,
+        };
+        if let Err(e) = self.store.bind_user(&record) {
+            return Err(store_error(&e));
+        }
+        self.user_online(now, conn, *ch);
+        Ok(())
+    }
+
+    /// Step 4 of the hello: acknowledge, send the directory snapshot, tell everyone else.
+    fn user_online(&mut self, now: Time, conn: ConnId, ch: Challenge) {
+        let Challenge {
+            user_id,
+            pubkey,
+            meta,
+            ..
+        } = ch;
+        info!("user {user_id} online (conn {})", conn);
+        self.set_state(
+            conn,
+            State::User {
+                user_id: user_id.clone(),
+            },
+        );
+        self.dir.insert(
+            &user_id,
+            Entry {
+                server_id: self.id.clone(),
+                local: Some(conn),
+                pubkey,
+                meta,
+            },
+        );
+        self.channel.bump();
+        let ack = json!({"user_id": user_id, "server_id": self.id});
+        self.send_signed(now, conn, types::USER_HELLO_ACK, &user_id, &ack);
+        // §7 login-order independence: the snapshot comes before any other traffic.
+        self.send_list(now, conn, &user_id);
+        self.send_channel_snapshot(now, conn, &user_id);
+        let entry = self.dir.get(&user_id).expect("inserted above");
+        let advert = Directory::entry_json(&user_id, entry);
+        self.broadcast_local(now, Some(conn), types::USER_ADVERTISE, &advert);
+    }
+
+    fn name_in_use(&mut self, now: Time, conn: ConnId) -> Result<(), WireError> {
+        let err = WireError::new(ErrorCode::NameInUse, "user id already online");
+        self.error(now, conn, &err);
+        self.close(now, conn, close::POLICY, "user id already online");
+        Ok(())
+    }
+
+    /// §5.2: a user id, once bound to a key on this server, keeps that key.
+    fn check_binding(&mut self, user_id: &str, pubkey: &Arc<PublicKey>) -> Result<(), WireError> {
+        let record = self.store.user(user_id).map_err(|e| store_error(&e))?;
+        let Some(record) = record else {
+            return Ok(());
+        };
+        match self.keys.get(&record.pubkey) {
+            Ok(bound) if bound == *pubkey => Ok(()),
+            Ok(_) => Err(WireError::new(
+                ErrorCode::BadKey,
+                "user id is bound to another key on this server",
+            )),
+            Err(e) => {
+                warn!("stored key of {user_id} does not parse: {e}");
+                Err(WireError::new(
+                    ErrorCode::BadKey,
+                    "user id is bound to another key on this server",
+                ))
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- messages (§5.4, §6, §8)
+
+    fn on_user_message(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        user_id: &str,
+        env: &Envelope,
+        public: bool,
+    ) -> Result<(), WireError> {
+        wire::check_id("to", &env.to)?;
+        let msg = UserMessage::parse(env.fields())?;
+        let sender_pub = self.parse_key("sender_pub", msg.sender_pub)?;
+        let own = self.dir.get(user_id).map(|e| e.pubkey.clone());
+        if own.as_ref() != Some(&sender_pub) {
+            return Err(WireError::field("sender_pub", "is not your key"));
+        }
+        let payload = json!({
+            "ciphertext": msg.ciphertext,
+            "sender": user_id,
+            "sender_pub": msg.sender_pub,
+            "content_sig": msg.content_sig,
+            "ts": env.ts,
+        });
+        let kind = if public {
+            types::MSG_PUBLIC_CHANNEL
+        } else {
+            types::USER_DELIVER
+        };
+        self.route(now, conn, &env.to, kind, &payload)
+    }
+
+    /// `route(target, frame)` of §6, for frames addressed to one user.
+    fn route(
+        &mut self,
+        now: Time,
+        _origin: ConnId,
+        target: &str,
+        kind: &str,
+        payload: &Value,
+    ) -> Result<(), WireError> {
+        match self.dir.get(target).and_then(|e| e.local) {
+            Some(dest) => {
+                self.send_signed(now, dest, kind, target, payload);
+                Ok(())
+            }
+            None => Err(WireError::new(
+                ErrorCode::UserNotFound,
+                format!("user {target} is not online"),
+            )),
+        }
+    }
+
+    fn send_list(&mut self, now: Time, conn: ConnId, to: &str) {
+        let payload = json!({"users": self.dir.list_json(), "version": self.dir.version()});
+        self.send_signed(now, conn, types::LIST_RESPONSE, to, &payload);
+    }
+
+    fn send_channel_snapshot(&mut self, now: Time, conn: ConnId, to: &str) {
+        let members: Vec<&str> = self.dir.user_ids().collect();
+        let payload = json!({"version": self.channel.version(), "members": members});
+        self.send_signed(now, conn, types::PUBLIC_CHANNEL_SNAPSHOT, to, &payload);
+    }
+
+    // ---------------------------------------------------------------- connections
+
+    /// The connection is gone: forget it, and if it was a user, tell the others (§7).
+    fn forget(&mut self, now: Time, conn: ConnId) {
+        let Some(old) = self.conns.remove(&conn) else {
+            return;
+        };
+        if let State::User { user_id } = old.state {
+            let id = self.id.clone();
+            if self.dir.remove_if_hosted_by(&user_id, &id).is_some() {
+                info!("user {user_id} offline (conn {})", conn);
+                self.channel.bump();
+                let payload = json!({"user_id": user_id, "server_id": self.id});
+                self.broadcast_local(now, None, types::USER_REMOVE, &payload);
+            }
+        }
+    }
+
+    fn close(&mut self, now: Time, conn: ConnId, code: u16, reason: &'static str) {
+        if self.conns.contains_key(&conn) {
+            self.forget(now, conn);
+            self.out.push(Action::Close { conn, code, reason });
+        }
+    }
+
+    fn state(&self, conn: ConnId) -> Option<&State> {
+        self.conns.get(&conn).map(|c| &c.state)
+    }
+
+    fn set_state(&mut self, conn: ConnId, state: State) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.state = state;
+        }
+    }
+
+    fn take_state(&mut self, conn: ConnId, replacement: State) -> Option<State> {
+        self.conns
+            .get_mut(&conn)
+            .map(|c| std::mem::replace(&mut c.state, replacement))
+    }
+
+    fn parse_key(&mut self, field: &str, text: &str) -> Result<Arc<PublicKey>, WireError> {
+        self.keys
+            .get(text)
+            .map_err(|e| WireError::field(field, &e.to_string()))
+    }
+
+    // ---------------------------------------------------------------- sending
+
+    /// Signs `payload` and sends it to one connection.
+    fn send_signed(&mut self, now: Time, conn: ConnId, kind: &str, to: &str, payload: &Value) {
+        let signed = self.sign(payload);
+        let text = wire::encode_frame(kind, &self.id, to, now.wall_ms, &signed);
+        self.out.push(Action::Send {
+            conn,
+            text: text.into(),
+        });
+    }
+
+    /// Sends one frame (`to: "*"`) to every local user but `except`: one signature, one
+    /// encoding, shared by every recipient.
+    fn broadcast_local(&mut self, now: Time, except: Option<ConnId>, kind: &str, payload: &Value) {
+        let mut targets = self
+            .dir
+            .local_conns()
+            .filter(|c| Some(*c) != except)
+            .peekable();
+        if targets.peek().is_none() {
+            return;
+        }
+        let targets: Vec<ConnId> = targets.collect();
+        let signed = self.sign(payload);
+        let text: Text = wire::encode_frame(kind, &self.id, "*", now.wall_ms, &signed).into();
+        for conn in targets {
+            self.out.push(Action::Send {
+                conn,
+                text: text.clone(),
+            });
+        }
+    }
+
+    fn sign(&self, payload: &Value) -> SignedPayload {
+        // Every payload we build holds only strings, integers, arrays and objects.
+        SignedPayload::sign(payload, &self.key).expect("our payloads are canonical")
+    }
+
+    /// Sends `ERROR {code, detail}` while the connection's error budget lasts (§10).
+    fn error(&mut self, now: Time, conn: ConnId, err: &WireError) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !c.errors.take(now.mono_ms, &self.limits) {
+            debug!("conn {}: error budget spent, not answering {err}", conn);
+            return;
+        }
+        let to = match &c.state {
+            State::User { user_id } => user_id.clone(),
+            State::Challenged(ch) => ch.user_id.clone(),
+            _ => String::new(),
+        };
+        let payload = json!({"code": err.code.as_str(), "detail": err.detail});
+        let canonical = crate::canon::canonical(&payload).expect("strings only");
+        let sig = match self.error_sigs.0.get(&canonical) {
+            Some(sig) => sig.clone(),
+            None => {
+                let sig = self.key.sign_b64(canonical.as_bytes());
+                if self.error_sigs.0.len() >= ERROR_SIG_CACHE {
+                    self.error_sigs.0.clear();
+                }
+                self.error_sigs.0.insert(canonical.clone(), sig.clone());
+                sig
+            }
+        };
+        let signed = SignedPayload { canonical, sig };
+        let text = wire::encode_frame(types::ERROR, &self.id, &to, now.wall_ms, &signed);
+        self.out.push(Action::Send {
+            conn,
+            text: text.into(),
+        });
+    }
+
+    /// An error that also closes: a bad first frame (§1).
+    fn reject_first(&mut self, now: Time, conn: ConnId, err: WireError) {
+        self.error(now, conn, &err);
+        self.close(now, conn, close::POLICY, "bad first frame");
+    }
+
+    /// An error for a frame the connection should not have sent; closes only a fresh one.
+    fn reject(&mut self, now: Time, conn: ConnId, err: WireError) {
+        if matches!(self.state(conn), Some(State::Fresh)) {
+            self.reject_first(now, conn, err);
+        } else {
+            self.error(now, conn, &err);
+        }
+    }
+}
+
+fn unknown_type(kind: &str) -> WireError {
+    let shown: String = kind.chars().take(40).collect();
+    WireError::new(ErrorCode::UnknownType, format!("unknown type {shown:?}"))
+}
+
+fn store_error(e: &crate::store::StoreError) -> WireError {
+    match e {
+        crate::store::StoreError::Conflict(what) => WireError::new(ErrorCode::BadKey, *what),
+        other => {
+            warn!("storage error: {other}");
+            WireError::new(ErrorCode::Timeout, "storage unavailable, try again")
+        }
+    }
+}
