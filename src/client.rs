@@ -280,6 +280,8 @@ pub struct Session {
     pins: Pins,
     server: Option<(String, Arc<PublicKey>)>,
     authenticated: bool,
+    /// The directory snapshot that follows the hello has arrived: names can be resolved.
+    ready: bool,
     directory: BTreeMap<String, Peer>,
     lists_requested: u32,
     /// Frames to send, in order.
@@ -304,6 +306,7 @@ impl Session {
             pins,
             server: None,
             authenticated: false,
+            ready: false,
             directory: BTreeMap::new(),
             lists_requested: 0,
             outbox: Vec::new(),
@@ -311,8 +314,10 @@ impl Session {
         }
     }
 
-    pub fn authenticated(&self) -> bool {
-        self.authenticated
+    /// The hello is complete and the directory snapshot has arrived (§7): commands typed
+    /// before this should wait.
+    pub fn ready(&self) -> bool {
+        self.ready
     }
 
     pub fn help() -> &'static str {
@@ -575,8 +580,9 @@ impl Session {
                 .map(|(id, p)| (id.clone(), self.name_of(id), p.server_id.clone()))
                 .collect();
             self.events.push(Event::List { users });
-        } else {
+        } else if self.authenticated && !self.ready {
             // The snapshot that follows the hello (§7).
+            self.ready = true;
             self.events.push(Event::Connected {
                 user_id: self.me.user_id.clone(),
                 name: self.me.display_name.clone(),

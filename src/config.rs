@@ -147,6 +147,9 @@ OPTIONS:
                                                      [env SOCP_BOOTSTRAP, space-separated]
   --max-connections N     connection limit           [default 4096]
   --hello-timeout-ms MS   time allowed to finish the hello [default 30000]
+  --handshake-timeout-ms MS  time allowed for the WebSocket handshake [default 10000]
+  --max-write-buffer BYTES   bytes queued for a client that does not read before it
+                          is disconnected [default 8388608]
   --print-pubkey          print this server's public key (what peers pin) and exit
   -h, --help              this help
   -V, --version           version
@@ -175,6 +178,8 @@ pub fn parse_server_args(
             Long("bootstrap") => flags.bootstrap.push(string(&mut parser)?),
             Long("max-connections") => flags.max_connections = Some(string(&mut parser)?),
             Long("hello-timeout-ms") => flags.hello_timeout_ms = Some(string(&mut parser)?),
+            Long("handshake-timeout-ms") => flags.handshake_timeout_ms = Some(string(&mut parser)?),
+            Long("max-write-buffer") => flags.max_write_buffer = Some(string(&mut parser)?),
             Long("print-pubkey") => print_pubkey = true,
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
@@ -227,6 +232,14 @@ pub fn parse_server_args(
     if let Some(ms) = flags.hello_timeout_ms {
         cfg.hello_timeout_ms = parse_positive("--hello-timeout-ms", &ms)? as u64;
     }
+    if let Some(ms) = flags.handshake_timeout_ms {
+        cfg.handshake_timeout_ms = parse_positive("--handshake-timeout-ms", &ms)? as u64;
+    }
+    if let Some(bytes) = flags.max_write_buffer {
+        // tungstenite needs room for at least one whole message beyond its buffer.
+        cfg.max_write_buffer =
+            parse_positive("--max-write-buffer", &bytes)?.max(2 * cfg.max_message_size);
+    }
     Ok(if print_pubkey {
         Command::PrintPubkey(cfg)
     } else {
@@ -245,6 +258,8 @@ struct ServerFlags {
     bootstrap: Vec<String>,
     max_connections: Option<String>,
     hello_timeout_ms: Option<String>,
+    handshake_timeout_ms: Option<String>,
+    max_write_buffer: Option<String>,
 }
 
 fn string(parser: &mut lexopt::Parser) -> Result<String, String> {

@@ -150,7 +150,7 @@ struct ErrorBudget {
 
 impl ErrorBudget {
     fn take(&mut self, now_ms: u64, limits: &Limits) -> bool {
-        let refill_every = 1000 / u64::from(limits.error_refill_per_s.max(1));
+        let refill_every = (1000 / u64::from(limits.error_refill_per_s.max(1))).max(1);
         let earned = now_ms.saturating_sub(self.last_refill_ms) / refill_every;
         if earned > 0 {
             self.tokens = (self.tokens as u64 + earned).min(limits.error_burst as u64) as u32;
@@ -182,6 +182,9 @@ pub struct Server {
     dir: Directory,
     channel: PublicChannel,
     error_sigs: ErrorSigs,
+    /// The signed `LIST_RESPONSE` payload for the directory version it was built at: the
+    /// payload changes only when the directory does, so repeated requests cost no signature.
+    list_cache: Option<(i64, SignedPayload)>,
     out: Vec<Action>,
 }
 
@@ -202,6 +205,7 @@ impl Server {
             dir: Directory::default(),
             channel,
             error_sigs: ErrorSigs::default(),
+            list_cache: None,
             out: Vec::new(),
         }
     }
@@ -593,8 +597,20 @@ impl Server {
     }
 
     fn send_list(&mut self, now: Time, conn: ConnId, to: &str) {
-        let payload = json!({"users": self.dir.list_json(), "version": self.dir.version()});
-        self.send_signed(now, conn, types::LIST_RESPONSE, to, &payload);
+        let version = self.dir.version();
+        let signed = match &self.list_cache {
+            Some((v, signed)) if *v == version => signed,
+            _ => {
+                let payload = json!({"users": self.dir.list_json(), "version": version});
+                let signed = self.sign(&payload);
+                &self.list_cache.insert((version, signed)).1
+            }
+        };
+        let text = wire::encode_frame(types::LIST_RESPONSE, &self.id, to, now.wall_ms, signed);
+        self.out.push(Action::Send {
+            conn,
+            text: text.into(),
+        });
     }
 
     fn send_channel_snapshot(&mut self, now: Time, conn: ConnId, to: &str) {

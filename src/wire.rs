@@ -278,6 +278,9 @@ impl<'a> UserMessage<'a> {
     }
 }
 
+/// Largest `meta` object (canonical JSON bytes) a user may present.
+pub const MAX_META_BYTES: usize = 1024;
+
 /// `USER_HELLO` (§5.2).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UserHello<'a> {
@@ -297,6 +300,10 @@ impl<'a> UserHello<'a> {
             Some(Value::Object(m)) => m.clone(),
             Some(_) => return Err(WireError::field("meta", "must be an object")),
         };
+        // meta travels in every directory frame to every user: keep it small.
+        if canon::canonical(&Value::Object(meta.clone()))?.len() > MAX_META_BYTES {
+            return Err(WireError::field("meta", "too large (at most 1024 bytes)"));
+        }
         match meta.get("display_name") {
             None => {}
             Some(Value::String(name)) if ids::is_valid_display_name(name) => {}

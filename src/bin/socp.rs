@@ -194,7 +194,10 @@ fn run(args: Args) -> Result<(), String> {
             Interest::READABLE | Interest::WRITABLE,
         )
         .map_err(|e| e.to_string())?;
-    let waker = Waker::new(poll.registry(), STDIN).map_err(|e| e.to_string())?;
+    // The main thread keeps a handle too: a Waker dropped with the stdin thread would close
+    // its eventfd and could take a just-posted wake-up (end of input) with it.
+    let waker = std::sync::Arc::new(Waker::new(poll.registry(), STDIN).map_err(|e| e.to_string())?);
+    let thread_waker = std::sync::Arc::clone(&waker);
     let (tx, rx) = mpsc::channel::<Option<String>>();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
@@ -202,14 +205,14 @@ fn run(args: Args) -> Result<(), String> {
             if tx.send(Some(line)).is_err() {
                 return;
             }
-            let _ = waker.wake();
+            let _ = thread_waker.wake();
         }
         let _ = tx.send(None);
-        let _ = waker.wake();
+        let _ = thread_waker.wake();
     });
 
     session.hello(now_ms());
-    let mut queued: Vec<String> = Vec::new(); // typed before the hello completed
+    let mut queued: Vec<String> = Vec::new(); // typed before the directory snapshot came
     let mut stdin_done = false;
     let mut quitting = false;
     let mut events = Events::with_capacity(64);
@@ -247,9 +250,9 @@ fn run(args: Args) -> Result<(), String> {
             loop {
                 match ws.read() {
                     Ok(Message::Text(text)) => {
-                        let was_authenticated = session.authenticated();
+                        let was_ready = session.ready();
                         session.on_frame(text.as_str(), now_ms());
-                        if !was_authenticated && session.authenticated() {
+                        if !was_ready && session.ready() {
                             for line in queued.drain(..) {
                                 if session.command(&line, now_ms()) == Outcome::Quit {
                                     quitting = true;
@@ -283,7 +286,7 @@ fn run(args: Args) -> Result<(), String> {
         }
         while let Ok(line) = rx.try_recv() {
             match line {
-                Some(line) if !session.authenticated() => queued.push(line),
+                Some(line) if !session.ready() => queued.push(line),
                 Some(line) => {
                     if session.command(&line, now_ms()) == Outcome::Quit {
                         quitting = true;
@@ -293,7 +296,7 @@ fn run(args: Args) -> Result<(), String> {
             }
         }
         // End of input: leave once everything typed has been sent.
-        if stdin_done && queued.is_empty() && session.authenticated() && !quitting {
+        if stdin_done && queued.is_empty() && session.ready() && !quitting {
             let _ = session.command("/quit", now_ms());
             quitting = true;
         }

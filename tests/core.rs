@@ -1,0 +1,1552 @@
+//! Integration tests of the sans-IO server core (`socp::server::Server`) with simulated time and
+//! no sockets (DESIGN.md "Tests in three layers", first layer).
+//!
+//! A [`Harness`] feeds the core `Input`s at a simulated [`Time`] and collects its `Action`s into an
+//! outbox; helpers take from the outbox the frames sent to one connection, parsed, and **verified
+//! with the server's public key** (PROTOCOL.md §3.4: every frame a server emits is signed).
+
+mod common;
+
+use common::keys::test_key;
+use serde_json::{Map, Value, json};
+use socp::canon;
+use socp::crypto::{self, PrivateKey, PublicKey};
+use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
+use socp::store::Store;
+use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
+use std::sync::Arc;
+
+const SRV: &str = "srv";
+
+// -------------------------------------------------------------------- harness
+
+fn default_limits() -> Limits {
+    Limits {
+        hello_timeout_ms: 10_000,
+        error_burst: 20,
+        error_refill_per_s: 10,
+        max_message_size: 256 * 1024,
+    }
+}
+
+/// A connection id shaped like the net layer's: a serial in the high half, a slot in the low.
+fn conn(n: u64) -> ConnId {
+    ConnId((n << 32) | n)
+}
+
+/// One frame the server sent: its exact text and its parsed envelope.
+#[derive(Debug, Clone)]
+struct Sent {
+    text: String,
+    env: Envelope,
+}
+
+struct Harness {
+    server: Server,
+    now: Time,
+    server_pub: Arc<PublicKey>,
+    /// Actions produced and not yet taken by a test, in order.
+    outbox: Vec<Action>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness::with_limits(default_limits())
+    }
+
+    fn with_limits(limits: Limits) -> Harness {
+        let store = Store::open_in_memory().expect("in-memory store");
+        let server = Server::new(SRV.into(), test_key("server1"), limits, store);
+        let server_pub = server.public_key().clone();
+        Harness {
+            server,
+            now: Time {
+                mono_ms: 5_000,
+                wall_ms: 1_700_000_000_000,
+            },
+            server_pub,
+            outbox: Vec::new(),
+        }
+    }
+
+    /// Advances both simulated clocks.
+    fn advance(&mut self, ms: u64) {
+        self.now.mono_ms += ms;
+        self.now.wall_ms += ms as i64;
+    }
+
+    fn input(&mut self, input: Input<'_>) {
+        self.server.handle(self.now, input);
+        self.outbox.extend(self.server.actions());
+        assert!(!self.server.has_actions());
+    }
+
+    fn open(&mut self, c: ConnId) {
+        self.input(Input::Opened { conn: c });
+    }
+
+    fn send(&mut self, c: ConnId, text: &str) {
+        self.input(Input::Text { conn: c, text });
+    }
+
+    fn binary(&mut self, c: ConnId) {
+        self.input(Input::Binary { conn: c });
+    }
+
+    fn closed(&mut self, c: ConnId) {
+        self.input(Input::Closed { conn: c });
+    }
+
+    fn fire(&mut self, timer: Timer) {
+        self.input(Input::Timer(timer));
+    }
+
+    /// Every action produced since the last take, in order. Sent frames are verified.
+    fn drain(&mut self) -> Vec<Action> {
+        let actions = std::mem::take(&mut self.outbox);
+        for a in &actions {
+            if let Action::Send { text, .. } = a {
+                self.check(text.as_str());
+            }
+        }
+        actions
+    }
+
+    /// Discards everything pending (after verifying the frames in it).
+    fn clear(&mut self) {
+        self.drain();
+    }
+
+    /// Parses one frame the server sent and asserts it is well formed and signed by the server.
+    fn check(&self, text: &str) -> Envelope {
+        let env = Envelope::parse(text).unwrap_or_else(|e| panic!("server sent {text:?}: {e}"));
+        assert_eq!(env.from, SRV, "server frames come from the server: {text}");
+        assert!(!env.sig.is_empty(), "server frame is unsigned: {text}");
+        let ok = wire::verify_payload_sig(&self.server_pub, &env.payload, &env.sig)
+            .unwrap_or_else(|_| panic!("server payload not canonical: {text}"));
+        assert!(
+            ok,
+            "server frame does not verify with the server key: {text}"
+        );
+        // Emit strictly: the payload text on the wire is the canonical form that was signed.
+        let canonical = canon::canonical(&Value::Object(env.payload.clone())).unwrap();
+        assert!(
+            text.contains(&format!("\"payload\":{canonical},")),
+            "payload not emitted in canonical form: {text}"
+        );
+        env
+    }
+
+    /// Takes the frames sent to `c` out of the outbox, with their exact text.
+    fn sent_to(&mut self, c: ConnId) -> Vec<Sent> {
+        let mut mine = Vec::new();
+        let mut rest = Vec::new();
+        for a in std::mem::take(&mut self.outbox) {
+            match a {
+                Action::Send { conn, text } if conn == c => mine.push(text.as_str().to_owned()),
+                other => rest.push(other),
+            }
+        }
+        self.outbox = rest;
+        mine.into_iter()
+            .map(|text| Sent {
+                env: self.check(&text),
+                text,
+            })
+            .collect()
+    }
+
+    /// Takes the frames sent to `c`, parsed and verified.
+    fn frames_to(&mut self, c: ConnId) -> Vec<Envelope> {
+        self.sent_to(c).into_iter().map(|s| s.env).collect()
+    }
+
+    /// Takes the close actions for `c`: their codes.
+    fn closes(&mut self, c: ConnId) -> Vec<u16> {
+        let mut codes = Vec::new();
+        self.outbox.retain(|a| match a {
+            Action::Close { conn, code, .. } if *conn == c => {
+                codes.push(*code);
+                false
+            }
+            _ => true,
+        });
+        codes
+    }
+
+    /// Takes the timer actions.
+    fn timers(&mut self) -> Vec<(u64, Timer)> {
+        let mut out = Vec::new();
+        self.outbox.retain(|a| match a {
+            Action::Timer { at_ms, timer } => {
+                out.push((*at_ms, *timer));
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+
+    /// A user frame at the current wall time.
+    fn user_frame(
+        &self,
+        kind: &str,
+        from: &str,
+        to: &str,
+        payload: &Value,
+        key: Option<&PrivateKey>,
+    ) -> String {
+        user_frame_at(kind, from, to, self.now.wall_ms, payload, key)
+    }
+
+    /// Steps 1–2 of §5.2: sends `USER_HELLO` and returns the `AUTH_CHALLENGE`.
+    fn challenge(&mut self, c: ConnId, user_id: &str, key: &PrivateKey) -> Envelope {
+        let hello = self.user_frame(
+            types::USER_HELLO,
+            user_id,
+            "",
+            &hello_payload(key.public_key().encoded()),
+            None,
+        );
+        self.send(c, &hello);
+        let frames = self.frames_to(c);
+        assert_eq!(kinds(&frames), [types::AUTH_CHALLENGE], "{frames:#?}");
+        assert!(self.closes(c).is_empty());
+        frames.into_iter().next().unwrap()
+    }
+
+    /// Steps 3–4 of §5.2 for a challenge: sends a correct `AUTH_RESPONSE` and returns every frame
+    /// that came back, asserting the first is the `USER_HELLO_ACK`.
+    fn respond(
+        &mut self,
+        c: ConnId,
+        user_id: &str,
+        key: &PrivateKey,
+        ch: &Envelope,
+    ) -> Vec<Envelope> {
+        let resp = self.user_frame(
+            types::AUTH_RESPONSE,
+            user_id,
+            SRV,
+            &auth_payload(ch, user_id),
+            Some(key),
+        );
+        self.send(c, &resp);
+        let frames = self.frames_to(c);
+        assert!(!frames.is_empty(), "no answer to AUTH_RESPONSE");
+        assert_eq!(frames[0].kind, types::USER_HELLO_ACK, "{frames:#?}");
+        assert_eq!(frames[0].to, user_id);
+        assert_eq!(
+            Value::Object(frames[0].payload.clone()),
+            json!({"user_id": user_id, "server_id": SRV})
+        );
+        assert!(self.closes(c).is_empty());
+        frames
+    }
+
+    /// The full hello (§5.2) on an open connection; returns the frames after `AUTH_RESPONSE`.
+    fn hello(&mut self, c: ConnId, user_id: &str, key: &PrivateKey) -> Vec<Envelope> {
+        let ch = self.challenge(c, user_id, key);
+        self.respond(c, user_id, key, &ch)
+    }
+
+    /// Opens `c` and completes the hello. Frames to other connections stay in the outbox.
+    fn login(&mut self, c: ConnId, user_id: &str, key: &PrivateKey) -> Vec<Envelope> {
+        self.open(c);
+        self.timers();
+        self.hello(c, user_id, key)
+    }
+
+    /// `LIST_REQUEST` from `user_id` on `c`; returns the user ids of the `LIST_RESPONSE`.
+    fn list(&mut self, c: ConnId, user_id: &str) -> Vec<String> {
+        let req = self.user_frame(types::LIST_REQUEST, user_id, SRV, &json!({}), None);
+        self.send(c, &req);
+        let frames = self.frames_to(c);
+        assert_eq!(kinds(&frames), [types::LIST_RESPONSE], "{frames:#?}");
+        list_ids(&frames[0])
+    }
+}
+
+fn user_frame_at(
+    kind: &str,
+    from: &str,
+    to: &str,
+    ts: i64,
+    payload: &Value,
+    key: Option<&PrivateKey>,
+) -> String {
+    let signed = match key {
+        Some(k) => SignedPayload::sign(payload, k).unwrap(),
+        None => SignedPayload::unsigned(payload).unwrap(),
+    };
+    encode_frame(kind, from, to, ts, &signed)
+}
+
+/// A frame with the given payload and an arbitrary signature text.
+fn frame_with_sig(kind: &str, from: &str, to: &str, ts: i64, payload: &Value, sig: &str) -> String {
+    let signed = SignedPayload {
+        canonical: canon::canonical(payload).unwrap(),
+        sig: sig.to_owned(),
+    };
+    encode_frame(kind, from, to, ts, &signed)
+}
+
+fn hello_payload(pubkey: &str) -> Value {
+    json!({
+        "client": "socp-core-tests",
+        "pubkey": pubkey,
+        "enc_pubkey": pubkey,
+        "meta": {"display_name": "tester"},
+    })
+}
+
+fn auth_payload(ch: &Envelope, user_id: &str) -> Value {
+    json!({
+        "nonce": ch.payload["nonce"],
+        "server_id": ch.payload["server_id"],
+        "user_id": user_id,
+    })
+}
+
+/// A `MSG_DIRECT` / `MSG_PUBLIC_CHANNEL` payload as a client builds it (§5.4, §3.5).
+fn message_payload(
+    sender: &PrivateKey,
+    recipient: &PublicKey,
+    from: &str,
+    to: Option<&str>,
+    ts: i64,
+    text: &str,
+) -> Value {
+    let ct = socp::b64::encode(&recipient.encrypt(text.as_bytes()).unwrap());
+    let content_sig = crypto::make_content_sig(sender, &ct, from, to, ts);
+    json!({
+        "ciphertext": ct,
+        "sender_pub": sender.public_key().encoded(),
+        "content_sig": content_sig,
+    })
+}
+
+fn kinds(frames: &[Envelope]) -> Vec<&str> {
+    frames.iter().map(|f| f.kind.as_str()).collect()
+}
+
+fn list_ids(list: &Envelope) -> Vec<String> {
+    assert_eq!(list.kind, types::LIST_RESPONSE);
+    assert!(list.payload["version"].is_i64(), "{list:?}");
+    list.payload["users"]
+        .as_array()
+        .expect("users array")
+        .iter()
+        .map(|u| u["user_id"].as_str().expect("user_id").to_owned())
+        .collect()
+}
+
+fn str_field<'a>(env: &'a Envelope, name: &str) -> &'a str {
+    env.payload
+        .get(name)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("payload.{name} missing in {env:?}"))
+}
+
+fn keys_of(payload: &Map<String, Value>) -> Vec<&str> {
+    payload.keys().map(String::as_str).collect()
+}
+
+/// Asserts `frames` is exactly one `ERROR` with `code`, whose detail contains `detail`.
+#[track_caller]
+fn assert_error(frames: &[Envelope], code: &str, detail: &str) {
+    assert_eq!(kinds(frames), [types::ERROR], "{frames:#?}");
+    let e = &frames[0];
+    assert_eq!(str_field(e, "code"), code, "{e:?}");
+    assert!(
+        str_field(e, "detail").contains(detail),
+        "detail {:?} should contain {detail:?}",
+        str_field(e, "detail")
+    );
+}
+
+fn weak_key(file: &str) -> String {
+    let path = format!("{}/tests/fixtures/keys/{file}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+// -------------------------------------------------------------------- 1. hello
+
+#[test]
+fn full_hello_challenge_ack_then_list_then_snapshot() {
+    let mut h = Harness::new();
+    let alice = test_key("user1");
+    let c = conn(1);
+    h.open(c);
+    assert!(
+        h.frames_to(c).is_empty(),
+        "a server never speaks first (§1)"
+    );
+
+    let ch = h.challenge(c, "alice", &alice);
+    assert_eq!(ch.to, "alice");
+    let nonce = str_field(&ch, "nonce");
+    let bytes = socp::b64::decode(nonce).expect("nonce is base64");
+    assert_eq!(bytes.len(), 32, "nonce is 32 bytes");
+    assert!(
+        nonce
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "nonce is base64url without padding: {nonce}"
+    );
+    assert_eq!(socp::b64::encode(&bytes), nonce);
+    assert_eq!(str_field(&ch, "server_id"), SRV);
+    assert_eq!(str_field(&ch, "server_pubkey"), h.server_pub.encoded());
+    assert_eq!(
+        keys_of(&ch.payload),
+        ["nonce", "server_id", "server_pubkey"]
+    );
+
+    let frames = h.respond(c, "alice", &alice, &ch);
+    assert_eq!(
+        kinds(&frames),
+        [
+            types::USER_HELLO_ACK,
+            types::LIST_RESPONSE,
+            types::PUBLIC_CHANNEL_SNAPSHOT
+        ]
+    );
+    assert_eq!(list_ids(&frames[1]), ["alice"]);
+    let me = &frames[1].payload["users"][0];
+    assert_eq!(me["server_id"], SRV);
+    assert_eq!(me["pubkey"], alice.public_key().encoded());
+    assert_eq!(me["meta"]["display_name"], "tester");
+    let snap = &frames[2];
+    assert!(snap.payload["version"].is_i64(), "{snap:?}");
+    assert_eq!(snap.payload["members"], json!(["alice"]));
+    assert!(h.closes(c).is_empty());
+
+    // A second challenge uses a fresh nonce.
+    let bob = test_key("user2");
+    h.open(conn(2));
+    let ch2 = h.challenge(conn(2), "bob", &bob);
+    assert_ne!(str_field(&ch2, "nonce"), nonce);
+}
+
+// -------------------------------------------------------------------- 2. login order (§7)
+
+#[test]
+fn login_order_independence() {
+    for order in [["alice", "bob"], ["bob", "alice"]] {
+        let mut h = Harness::new();
+        let key = |name: &str| test_key(if name == "alice" { "user1" } else { "user2" });
+        let (first, second) = (order[0], order[1]);
+        let (c1, c2) = (conn(1), conn(2));
+
+        let f1 = h.login(c1, first, &key(first));
+        assert_eq!(list_ids(&f1[1]), [first]);
+
+        let f2 = h.login(c2, second, &key(second));
+        assert_eq!(
+            kinds(&f2),
+            [
+                types::USER_HELLO_ACK,
+                types::LIST_RESPONSE,
+                types::PUBLIC_CHANNEL_SNAPSHOT
+            ],
+            "{order:?}"
+        );
+        // The newcomer sees both, sorted by user_id whatever the login order.
+        assert_eq!(list_ids(&f2[1]), ["alice", "bob"], "{order:?}");
+        let mut members: Vec<String> = f2[2].payload["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_owned())
+            .collect();
+        members.sort();
+        assert_eq!(members, ["alice", "bob"], "{order:?}");
+
+        // The one already online gets exactly one USER_ADVERTISE for the newcomer.
+        let to_first = h.frames_to(c1);
+        assert_eq!(kinds(&to_first), [types::USER_ADVERTISE], "{order:?}");
+        let adv = &to_first[0];
+        assert_eq!(adv.to, "*");
+        assert_eq!(str_field(adv, "user_id"), second);
+        assert_eq!(str_field(adv, "server_id"), SRV);
+        assert_eq!(str_field(adv, "pubkey"), key(second).public_key().encoded());
+        assert_eq!(adv.payload["meta"]["display_name"], "tester");
+        assert_eq!(
+            keys_of(&adv.payload),
+            ["meta", "pubkey", "server_id", "user_id"]
+        );
+
+        // Nothing else is pending for anyone.
+        assert!(h.frames_to(c2).is_empty());
+        assert_eq!(h.list(c1, first), ["alice", "bob"]);
+    }
+}
+
+#[test]
+fn list_response_is_sorted_for_any_login_order() {
+    let mut h = Harness::new();
+    let names = ["zoe", "mallory", "alice", "Bob", "carol-2", "carol.1"];
+    for (i, name) in names.iter().enumerate() {
+        h.login(
+            conn(i as u64 + 1),
+            name,
+            &test_key(&format!("user{}", i + 1)),
+        );
+    }
+    h.clear();
+    let ids = h.list(conn(1), "zoe");
+    let mut sorted: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    sorted.sort(); // byte order: uppercase first
+    assert_eq!(ids, sorted);
+}
+
+// -------------------------------------------------------------------- 3. direct messages
+
+#[test]
+fn msg_direct_becomes_user_deliver() {
+    let mut h = Harness::new();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let (ca, cb) = (conn(1), conn(2));
+    h.login(ca, "alice", &alice);
+    h.login(cb, "bob", &bob);
+    h.clear();
+
+    // The frame's ts differs from the server clock, to see which one is carried.
+    let ts = h.now.wall_ms - 4_321;
+    let payload = message_payload(&alice, bob.public_key(), "alice", Some("bob"), ts, "hi bob");
+    let frame = user_frame_at(types::MSG_DIRECT, "alice", "bob", ts, &payload, None);
+    h.advance(7);
+    h.send(ca, &frame);
+
+    assert!(h.frames_to(ca).is_empty(), "the sender gets nothing back");
+    let got = h.frames_to(cb);
+    assert_eq!(kinds(&got), [types::USER_DELIVER]);
+    let d = &got[0];
+    assert_eq!(d.to, "bob");
+    assert_eq!(
+        keys_of(&d.payload),
+        ["ciphertext", "content_sig", "sender", "sender_pub", "ts"]
+    );
+    assert_eq!(d.payload["ciphertext"], payload["ciphertext"]);
+    assert_eq!(d.payload["content_sig"], payload["content_sig"]);
+    assert_eq!(d.payload["sender_pub"], payload["sender_pub"]);
+    assert_eq!(d.payload["sender"], "alice");
+    assert_eq!(
+        d.payload["ts"],
+        json!(ts),
+        "payload.ts is the sender's frame ts (§3.5)"
+    );
+    // Bob can check content_sig and read the text.
+    assert!(crypto::verify_content_sig(
+        alice.public_key(),
+        str_field(d, "content_sig"),
+        str_field(d, "ciphertext"),
+        "alice",
+        Some("bob"),
+        ts
+    ));
+    let ct = socp::b64::decode(str_field(d, "ciphertext")).unwrap();
+    assert_eq!(bob.decrypt(&ct).unwrap(), b"hi bob");
+    assert!(h.drain().is_empty());
+}
+
+#[test]
+fn msg_direct_to_unknown_user_is_user_not_found_to_sender_only() {
+    let mut h = Harness::new();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let (ca, cb) = (conn(1), conn(2));
+    h.login(ca, "alice", &alice);
+    h.login(cb, "bob", &bob);
+    h.clear();
+
+    let ts = h.now.wall_ms;
+    let payload = message_payload(&alice, bob.public_key(), "alice", Some("nobody"), ts, "?");
+    let frame = user_frame_at(types::MSG_DIRECT, "alice", "nobody", ts, &payload, None);
+    h.send(ca, &frame);
+    assert_error(&h.frames_to(ca), "USER_NOT_FOUND", "nobody");
+    assert!(h.frames_to(cb).is_empty());
+    assert!(h.drain().is_empty(), "no close, nothing else");
+}
+
+#[test]
+fn msg_direct_with_someone_elses_sender_pub_is_refused() {
+    let mut h = Harness::new();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let (ca, cb) = (conn(1), conn(2));
+    h.login(ca, "alice", &alice);
+    h.login(cb, "bob", &bob);
+    h.clear();
+
+    // Alice claims bob's key as hers.
+    let ts = h.now.wall_ms;
+    let mut payload = message_payload(&alice, bob.public_key(), "alice", Some("bob"), ts, "x");
+    payload["sender_pub"] = json!(bob.public_key().encoded());
+    let frame = user_frame_at(types::MSG_DIRECT, "alice", "bob", ts, &payload, None);
+    h.send(ca, &frame);
+    assert_error(&h.frames_to(ca), "BAD_KEY", "payload.sender_pub");
+    assert!(h.frames_to(cb).is_empty());
+}
+
+// -------------------------------------------------------------------- 4. public channel (§8)
+
+#[test]
+fn public_channel_copies_reach_each_member_once() {
+    let mut h = Harness::new();
+    let (alice, bob, carol) = (test_key("user1"), test_key("user2"), test_key("user3"));
+    let (ca, cb, cc) = (conn(1), conn(2), conn(3));
+    h.login(ca, "alice", &alice);
+    h.login(cb, "bob", &bob);
+    h.login(cc, "carol", &carol);
+    h.clear();
+
+    let ts = h.now.wall_ms - 99;
+    let mut sent = Vec::new();
+    for (member, key) in [("bob", &bob), ("carol", &carol)] {
+        let p = message_payload(&alice, key.public_key(), "alice", None, ts, "hello all");
+        let f = user_frame_at(types::MSG_PUBLIC_CHANNEL, "alice", member, ts, &p, None);
+        h.send(ca, &f);
+        sent.push(p);
+    }
+
+    assert!(h.frames_to(ca).is_empty(), "the sender gets no copy");
+    for ((c, member, key), p) in [(cb, "bob", &bob), (cc, "carol", &carol)]
+        .into_iter()
+        .zip(&sent)
+    {
+        let got = h.frames_to(c);
+        assert_eq!(kinds(&got), [types::MSG_PUBLIC_CHANNEL], "{member}");
+        let m = &got[0];
+        assert_eq!(m.to, member);
+        assert_eq!(
+            m.payload["ciphertext"], p["ciphertext"],
+            "{member} got its own copy"
+        );
+        assert_eq!(m.payload["sender"], "alice");
+        assert_eq!(m.payload["ts"], json!(ts));
+        assert!(crypto::verify_content_sig(
+            alice.public_key(),
+            str_field(m, "content_sig"),
+            str_field(m, "ciphertext"),
+            "alice",
+            None,
+            ts
+        ));
+        let ct = socp::b64::decode(str_field(m, "ciphertext")).unwrap();
+        assert_eq!(key.decrypt(&ct).unwrap(), b"hello all");
+    }
+    assert!(h.drain().is_empty());
+}
+
+// -------------------------------------------------------------------- 5. sender binding (§5.2)
+
+#[test]
+fn frame_from_another_sender_is_refused_and_not_delivered() {
+    let mut h = Harness::new();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let (ca, cb) = (conn(1), conn(2));
+    h.login(ca, "alice", &alice);
+    h.login(cb, "bob", &bob);
+    h.clear();
+
+    // Alice's connection sends a DM claiming to be from "carol" (fully self-consistent otherwise).
+    let ts = h.now.wall_ms;
+    let p = message_payload(&alice, bob.public_key(), "carol", Some("bob"), ts, "spoof");
+    let f = user_frame_at(types::MSG_DIRECT, "carol", "bob", ts, &p, Some(&alice));
+    h.send(ca, &f);
+    assert_error(
+        &h.frames_to(ca),
+        "INVALID_SIG",
+        "sender does not match session",
+    );
+    assert!(h.frames_to(cb).is_empty(), "not delivered");
+    assert!(h.closes(ca).is_empty());
+
+    // Claiming to be bob, the recipient, is no better; nor is an empty `from`.
+    for from in ["bob", ""] {
+        let f = user_frame_at(types::MSG_DIRECT, from, "bob", ts, &p, None);
+        h.send(ca, &f);
+        assert_error(
+            &h.frames_to(ca),
+            "INVALID_SIG",
+            "sender does not match session",
+        );
+        assert!(h.frames_to(cb).is_empty(), "not delivered");
+    }
+    let f = h.user_frame(types::LIST_REQUEST, "bob", SRV, &json!({}), None);
+    h.send(ca, &f);
+    assert_error(
+        &h.frames_to(ca),
+        "INVALID_SIG",
+        "sender does not match session",
+    );
+    assert!(h.drain().is_empty());
+}
+
+// -------------------------------------------------------------------- 6. forged AUTH_RESPONSE
+
+#[test]
+fn forged_auth_response_is_refused_without_closing() {
+    let mut h = Harness::new();
+    let (alice, bob, mallory) = (test_key("user1"), test_key("user2"), test_key("user3"));
+    let (ca, cb) = (conn(1), conn(2));
+    h.login(cb, "bob", &bob);
+    h.open(ca);
+    h.clear();
+
+    // (a) Right payload, signed by a different key.
+    let ch = h.challenge(ca, "alice", &alice);
+    let f = h.user_frame(
+        types::AUTH_RESPONSE,
+        "alice",
+        SRV,
+        &auth_payload(&ch, "alice"),
+        Some(&mallory),
+    );
+    h.send(ca, &f);
+    assert_error(&h.frames_to(ca), "INVALID_SIG", "");
+    assert!(h.closes(ca).is_empty(), "not closed");
+
+    // (b) Signed by the right key, but over a nonce of its own choosing.
+    let ch = h.challenge(ca, "alice", &alice);
+    let mut p = auth_payload(&ch, "alice");
+    p["nonce"] = json!(socp::b64::encode(&[7u8; 32]));
+    let f = h.user_frame(types::AUTH_RESPONSE, "alice", SRV, &p, Some(&alice));
+    h.send(ca, &f);
+    assert_error(&h.frames_to(ca), "INVALID_SIG", "");
+    assert!(h.closes(ca).is_empty(), "not closed");
+
+    // (c) Unsigned.
+    let ch = h.challenge(ca, "alice", &alice);
+    let f = h.user_frame(
+        types::AUTH_RESPONSE,
+        "alice",
+        SRV,
+        &auth_payload(&ch, "alice"),
+        None,
+    );
+    h.send(ca, &f);
+    assert_error(&h.frames_to(ca), "INVALID_SIG", "");
+
+    // (d) A correct signature replayed for a consumed challenge: the nonce is single-use.
+    let ch = h.challenge(ca, "alice", &alice);
+    let good = h.user_frame(
+        types::AUTH_RESPONSE,
+        "alice",
+        SRV,
+        &auth_payload(&ch, "alice"),
+        Some(&alice),
+    );
+    let bad = h.user_frame(
+        types::AUTH_RESPONSE,
+        "alice",
+        SRV,
+        &auth_payload(&ch, "alice"),
+        Some(&mallory),
+    );
+    h.send(ca, &bad);
+    assert_error(&h.frames_to(ca), "INVALID_SIG", "");
+    h.send(ca, &good);
+    assert_error(&h.frames_to(ca), "INVALID_SIG", "");
+
+    // Alice is not online: bob was told nothing and does not list her.
+    assert!(
+        h.frames_to(cb).is_empty(),
+        "no USER_ADVERTISE for a failed hello"
+    );
+    assert_eq!(h.list(cb, "bob"), ["bob"]);
+    assert!(h.drain().is_empty(), "no close anywhere");
+
+    // The connection is still usable: a proper hello now succeeds on it.
+    let frames = h.hello(ca, "alice", &alice);
+    assert_eq!(list_ids(&frames[1]), ["alice", "bob"]);
+    assert_eq!(kinds(&h.frames_to(cb)), [types::USER_ADVERTISE]);
+}
+
+// -------------------------------------------------------------------- 7. key binding (§5.2)
+
+#[test]
+fn user_id_stays_bound_to_its_first_key() {
+    let mut h = Harness::new();
+    let (key_a, key_b) = (test_key("user1"), test_key("user2"));
+
+    h.login(conn(1), "user1", &key_a);
+    h.closed(conn(1));
+    assert!(h.drain().is_empty());
+
+    // Same id, another key: refused at USER_HELLO, no challenge.
+    h.open(conn(2));
+    h.clear();
+    let f = h.user_frame(
+        types::USER_HELLO,
+        "user1",
+        "",
+        &hello_payload(key_b.public_key().encoded()),
+        None,
+    );
+    h.send(conn(2), &f);
+    assert_error(&h.frames_to(conn(2)), "BAD_KEY", "");
+    assert!(h.closes(conn(2)).is_empty());
+
+    // Another id with key B is fine; and user1 with key A works again, on the same connection.
+    h.login(conn(3), "someone-else", &key_b);
+    h.clear();
+    let frames = h.hello(conn(2), "user1", &key_a);
+    assert_eq!(list_ids(&frames[1]), ["someone-else", "user1"]);
+
+    // The binding survives the first key's sessions: key B is still refused after more logins.
+    h.closed(conn(2));
+    h.clear();
+    h.open(conn(4));
+    h.clear();
+    let f = h.user_frame(
+        types::USER_HELLO,
+        "user1",
+        "",
+        &hello_payload(key_b.public_key().encoded()),
+        None,
+    );
+    h.send(conn(4), &f);
+    assert_error(&h.frames_to(conn(4)), "BAD_KEY", "");
+}
+
+#[test]
+fn same_key_in_another_encoding_is_the_same_binding() {
+    // §3.2: keys compare by their DER, not their text.
+    let mut h = Harness::new();
+    let key = test_key("user1");
+    h.login(conn(1), "user1", &key);
+    h.closed(conn(1));
+    h.open(conn(2));
+    h.clear();
+    let pem = {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(key.public_key().spki_der());
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            lines.join("\n")
+        )
+    };
+    let f = h.user_frame(types::USER_HELLO, "user1", "", &hello_payload(&pem), None);
+    h.send(conn(2), &f);
+    let frames = h.frames_to(conn(2));
+    assert_eq!(kinds(&frames), [types::AUTH_CHALLENGE], "{frames:#?}");
+    h.respond(conn(2), "user1", &key, &frames[0]);
+}
+
+// -------------------------------------------------------------------- 8. NAME_IN_USE
+
+#[test]
+fn second_connection_for_an_online_user_gets_name_in_use_and_is_closed() {
+    let mut h = Harness::new();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let (c1, c2, cb) = (conn(1), conn(2), conn(3));
+    h.login(c1, "alice", &alice);
+    h.login(cb, "bob", &bob);
+    h.open(c2);
+    h.clear();
+
+    let f = h.user_frame(
+        types::USER_HELLO,
+        "alice",
+        "",
+        &hello_payload(alice.public_key().encoded()),
+        None,
+    );
+    h.send(c2, &f);
+    let actions = h.drain();
+    // Exactly: ERROR NAME_IN_USE to c2, then close c2 with 1008. Nothing to anyone else.
+    assert_eq!(actions.len(), 2, "{actions:#?}");
+    let Action::Send { conn: to, text } = &actions[0] else {
+        panic!("{actions:#?}")
+    };
+    assert_eq!(*to, c2);
+    assert_error(&[h.check(text)], "NAME_IN_USE", "");
+    assert!(
+        matches!(actions[1], Action::Close { conn, code: close::POLICY, .. } if conn == c2),
+        "{actions:#?}"
+    );
+
+    // The first connection is unaffected: alice still online, still served, no USER_REMOVE.
+    assert_eq!(h.list(c1, "alice"), ["alice", "bob"]);
+    assert_eq!(h.list(cb, "bob"), ["alice", "bob"]);
+    let ts = h.now.wall_ms;
+    let p = message_payload(
+        &bob,
+        alice.public_key(),
+        "bob",
+        Some("alice"),
+        ts,
+        "still there?",
+    );
+    h.send(
+        cb,
+        &user_frame_at(types::MSG_DIRECT, "bob", "alice", ts, &p, None),
+    );
+    assert_eq!(kinds(&h.frames_to(c1)), [types::USER_DELIVER]);
+    // Late input on the closed connection is ignored.
+    h.send(c2, &f);
+    h.closed(c2);
+    assert!(h.drain().is_empty());
+}
+
+#[test]
+fn racing_hellos_for_one_id_the_second_response_gets_name_in_use() {
+    let mut h = Harness::new();
+    let alice = test_key("user1");
+    let (c1, c2) = (conn(1), conn(2));
+    h.open(c1);
+    h.open(c2);
+    h.clear();
+    // Both get a challenge: nobody is online yet.
+    let ch1 = h.challenge(c1, "alice", &alice);
+    let ch2 = h.challenge(c2, "alice", &alice);
+    h.respond(c1, "alice", &alice, &ch1);
+    let f = h.user_frame(
+        types::AUTH_RESPONSE,
+        "alice",
+        SRV,
+        &auth_payload(&ch2, "alice"),
+        Some(&alice),
+    );
+    h.send(c2, &f);
+    assert_error(&h.frames_to(c2), "NAME_IN_USE", "");
+    assert_eq!(h.closes(c2), [close::POLICY]);
+    assert!(h.drain().is_empty(), "c1 is told nothing");
+    assert_eq!(h.list(c1, "alice"), ["alice"]);
+}
+
+// -------------------------------------------------------------------- 9. weak keys (§3.1)
+
+#[test]
+fn weak_keys_are_refused_naming_the_field() {
+    let mut h = Harness::new();
+    for (i, (file, why)) in [
+        ("weak2048.pub.pem", "2048 bits"),
+        ("e3.pub.pem", "exponent 3"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = conn(i as u64 + 1);
+        h.open(c);
+        h.clear();
+        let pem = weak_key(file);
+        let f = h.user_frame(
+            types::USER_HELLO,
+            "weakling",
+            "",
+            &hello_payload(&pem),
+            None,
+        );
+        h.send(c, &f);
+        let frames = h.frames_to(c);
+        assert_error(&frames, "BAD_KEY", "payload.pubkey");
+        assert!(str_field(&frames[0], "detail").contains(why), "{frames:?}");
+        assert!(
+            h.closes(c).is_empty(),
+            "a bad hello is answered, not closed"
+        );
+
+        // A strong pubkey with a weak enc_pubkey is refused too, naming enc_pubkey.
+        let mut p = hello_payload(test_key("user1").public_key().encoded());
+        p["enc_pubkey"] = json!(pem);
+        let f = h.user_frame(types::USER_HELLO, "weakling", "", &p, None);
+        h.send(c, &f);
+        assert_error(&h.frames_to(c), "BAD_KEY", "payload.enc_pubkey");
+    }
+    // The weak-keyed id never came online.
+    let frames = h.login(conn(9), "observer", &test_key("user8"));
+    assert_eq!(list_ids(&frames[1]), ["observer"]);
+}
+
+// -------------------------------------------------------------------- 10. first frame (§1)
+
+/// Asserts the pending actions for `c` are exactly ERROR (code) then Close 1008, in that order.
+#[track_caller]
+fn assert_error_then_close(h: &mut Harness, c: ConnId, code: Option<&str>, detail: &str) {
+    let actions = h.drain();
+    assert_eq!(actions.len(), 2, "{actions:#?}");
+    let Action::Send { conn: to, text } = &actions[0] else {
+        panic!("ERROR first: {actions:#?}")
+    };
+    assert_eq!(*to, c);
+    let e = h.check(text);
+    assert_eq!(e.kind, types::ERROR);
+    if let Some(code) = code {
+        assert_eq!(str_field(&e, "code"), code, "{e:?}");
+    }
+    assert!(str_field(&e, "detail").contains(detail), "{e:?}");
+    assert!(
+        matches!(actions[1], Action::Close { conn, code: close::POLICY, .. } if conn == c),
+        "then close 1008: {actions:#?}"
+    );
+}
+
+#[test]
+fn bad_first_frame_is_answered_and_closed() {
+    let mut h = Harness::new();
+
+    h.open(conn(1));
+    h.clear();
+    h.send(conn(1), "this is not json");
+    assert_error_then_close(&mut h, conn(1), Some("UNKNOWN_TYPE"), "");
+
+    h.open(conn(2));
+    h.clear();
+    let f = h.user_frame(types::LIST_REQUEST, "alice", SRV, &json!({}), None);
+    h.send(conn(2), &f);
+    assert_error_then_close(&mut h, conn(2), None, "");
+
+    // A type nobody knows, first.
+    h.open(conn(3));
+    h.clear();
+    let f = h.user_frame("NOT_A_TYPE", "alice", SRV, &json!({}), None);
+    h.send(conn(3), &f);
+    assert_error_then_close(&mut h, conn(3), None, "");
+
+    // An AUTH_RESPONSE first (no hello before it).
+    h.open(conn(4));
+    h.clear();
+    let f = h.user_frame(
+        types::AUTH_RESPONSE,
+        "alice",
+        SRV,
+        &json!({"nonce": "AAAA", "server_id": SRV, "user_id": "alice"}),
+        Some(&test_key("user1")),
+    );
+    h.send(conn(4), &f);
+    assert_error_then_close(&mut h, conn(4), None, "");
+
+    h.open(conn(5));
+    h.clear();
+    h.binary(conn(5));
+    assert_error_then_close(
+        &mut h,
+        conn(5),
+        Some("UNKNOWN_TYPE"),
+        "binary frames are not supported",
+    );
+
+    // Whatever comes after the close is ignored.
+    h.send(conn(5), "still not json");
+    assert!(h.drain().is_empty());
+}
+
+#[test]
+fn bad_frames_after_the_hello_are_answered_but_not_closed() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.login(c, "alice", &test_key("user1"));
+    h.clear();
+
+    h.send(c, "{not json");
+    assert_error(&h.frames_to(c), "UNKNOWN_TYPE", "");
+    h.send(c, "[1,2,3]");
+    assert_error(&h.frames_to(c), "UNKNOWN_TYPE", "");
+    let f = h.user_frame("NOT_A_TYPE", "alice", SRV, &json!({}), None);
+    h.send(c, &f);
+    assert_error(&h.frames_to(c), "UNKNOWN_TYPE", "NOT_A_TYPE");
+    h.binary(c);
+    assert_error(
+        &h.frames_to(c),
+        "UNKNOWN_TYPE",
+        "binary frames are not supported",
+    );
+    // Type names are case-sensitive (§1).
+    let f = h.user_frame("list_request", "alice", SRV, &json!({}), None);
+    h.send(c, &f);
+    assert_error(&h.frames_to(c), "UNKNOWN_TYPE", "");
+    // A malformed envelope names the field.
+    h.send(
+        c,
+        r#"{"type":"LIST_REQUEST","from":"alice","to":"srv","ts":1.5,"payload":{}}"#,
+    );
+    assert_error(&h.frames_to(c), "BAD_KEY", "ts");
+    // A trailing newline is tolerated (§1).
+    let f = h.user_frame(types::LIST_REQUEST, "alice", SRV, &json!({}), None);
+    h.send(c, &format!("{f}\n"));
+    assert_eq!(kinds(&h.frames_to(c)), [types::LIST_RESPONSE]);
+
+    assert!(h.drain().is_empty(), "never closed");
+    assert_eq!(h.list(c, "alice"), ["alice"]);
+}
+
+// -------------------------------------------------------------------- 11. before the hello ends
+
+#[test]
+fn frames_before_the_hello_completes_are_refused_and_dropped() {
+    let mut h = Harness::new();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let (ca, cb) = (conn(1), conn(2));
+    h.login(cb, "bob", &bob);
+    h.open(ca);
+    h.clear();
+
+    let ch = h.challenge(ca, "alice", &alice);
+    let f = h.user_frame(types::LIST_REQUEST, "alice", SRV, &json!({}), None);
+    h.send(ca, &f);
+    let frames = h.frames_to(ca);
+    assert_eq!(
+        kinds(&frames),
+        [types::ERROR],
+        "no LIST_RESPONSE: {frames:#?}"
+    );
+    assert!(h.closes(ca).is_empty(), "not closed");
+
+    // A DM before the hello completes is not delivered.
+    let ts = h.now.wall_ms;
+    let p = message_payload(&alice, bob.public_key(), "alice", Some("bob"), ts, "early");
+    h.send(
+        ca,
+        &user_frame_at(types::MSG_DIRECT, "alice", "bob", ts, &p, None),
+    );
+    assert_eq!(kinds(&h.frames_to(ca)), [types::ERROR]);
+    assert!(h.frames_to(cb).is_empty(), "not delivered");
+    assert!(h.drain().is_empty(), "not closed");
+
+    // Dropped, not fatal: the outstanding challenge can still be answered.
+    let frames = h.respond(ca, "alice", &alice, &ch);
+    assert_eq!(list_ids(&frames[1]), ["alice", "bob"]);
+}
+
+// -------------------------------------------------------------------- 12. hello deadline
+
+#[test]
+fn hello_deadline_with_simulated_time() {
+    let limits = default_limits();
+    let timeout = limits.hello_timeout_ms;
+    let mut h = Harness::with_limits(limits);
+    let alice = test_key("user1");
+    let (fresh, challenged, done) = (conn(1), conn(2), conn(3));
+
+    let t0 = h.now.mono_ms;
+    h.open(fresh);
+    assert_eq!(h.timers(), [(t0 + timeout, Timer::Hello(fresh))]);
+    h.advance(1_000);
+    h.open(challenged);
+    assert_eq!(
+        h.timers(),
+        [(t0 + 1_000 + timeout, Timer::Hello(challenged))]
+    );
+    h.challenge(challenged, "alice", &alice);
+    h.open(done);
+    let t_done = h.now.mono_ms;
+    assert_eq!(h.timers(), [(t_done + timeout, Timer::Hello(done))]);
+    h.hello(done, "bob", &test_key("user2"));
+    assert!(h.drain().is_empty());
+
+    // The net layer fires each timer at its time.
+    h.advance(timeout - 1_000);
+    assert_eq!(h.now.mono_ms, t0 + timeout);
+    h.fire(Timer::Hello(fresh));
+    let frames = h.frames_to(fresh);
+    assert_error(&frames, "TIMEOUT", "");
+    assert_eq!(h.closes(fresh), [close::POLICY]);
+    assert!(h.drain().is_empty());
+
+    h.advance(1_000);
+    h.fire(Timer::Hello(challenged));
+    let frames = h.frames_to(challenged);
+    assert_error(&frames, "TIMEOUT", "");
+    assert_eq!(frames[0].to, "alice");
+    assert_eq!(h.closes(challenged), [close::POLICY]);
+    assert!(h.drain().is_empty(), "bob was never told about alice");
+
+    h.fire(Timer::Hello(done));
+    assert!(h.drain().is_empty(), "a finished hello ignores its timer");
+    assert_eq!(h.list(done, "bob"), ["bob"]);
+
+    // A stale timer for a closed connection is a no-op, even fired twice.
+    h.fire(Timer::Hello(fresh));
+    h.fire(Timer::Hello(conn(77)));
+    assert!(h.drain().is_empty());
+}
+
+// -------------------------------------------------------------------- 13. USER_REMOVE (§7)
+
+#[test]
+fn closing_a_user_sends_one_user_remove() {
+    let mut h = Harness::new();
+    let (alice, bob, carol) = (test_key("user1"), test_key("user2"), test_key("user3"));
+    let (ca, cb, cc) = (conn(1), conn(2), conn(3));
+    h.login(ca, "alice", &alice);
+    h.login(cb, "bob", &bob);
+    h.clear();
+
+    h.closed(cb);
+    let got = h.frames_to(ca);
+    assert_eq!(kinds(&got), [types::USER_REMOVE]);
+    assert_eq!(got[0].to, "*");
+    assert_eq!(
+        Value::Object(got[0].payload.clone()),
+        json!({"user_id": "bob", "server_id": SRV})
+    );
+    assert!(
+        h.drain().is_empty(),
+        "nothing to the closed connection, no Close action"
+    );
+    assert_eq!(h.list(ca, "alice"), ["alice"]);
+
+    // A second Closed for the same connection changes nothing.
+    h.closed(cb);
+    assert!(h.drain().is_empty());
+
+    // CTRL_CLOSE: closed with 1000, and the others are told once.
+    h.login(cc, "carol", &carol);
+    h.clear();
+    let f = h.user_frame(types::CTRL_CLOSE, "carol", SRV, &json!({}), None);
+    h.send(cc, &f);
+    assert_eq!(h.closes(cc), [close::NORMAL]);
+    let got = h.frames_to(ca);
+    assert_eq!(kinds(&got), [types::USER_REMOVE]);
+    assert_eq!(str_field(&got[0], "user_id"), "carol");
+    assert!(h.drain().is_empty());
+    h.closed(cc);
+    assert!(
+        h.drain().is_empty(),
+        "the net layer's Closed after our close is a no-op"
+    );
+
+    // A connection that never finished its hello leaves without a USER_REMOVE.
+    h.open(conn(4));
+    h.clear();
+    h.challenge(conn(4), "dave", &test_key("user4"));
+    h.closed(conn(4));
+    assert!(h.drain().is_empty());
+    assert_eq!(h.list(ca, "alice"), ["alice"]);
+}
+
+#[test]
+fn a_user_can_come_back_after_leaving() {
+    let mut h = Harness::new();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    h.login(conn(1), "alice", &alice);
+    h.login(conn(2), "bob", &bob);
+    h.closed(conn(2));
+    h.clear();
+    let frames = h.login(conn(3), "bob", &bob);
+    assert_eq!(list_ids(&frames[1]), ["alice", "bob"]);
+    assert_eq!(kinds(&h.frames_to(conn(1))), [types::USER_ADVERTISE]);
+    // Messages reach the new connection, not the old one.
+    let ts = h.now.wall_ms;
+    let p = message_payload(
+        &alice,
+        bob.public_key(),
+        "alice",
+        Some("bob"),
+        ts,
+        "welcome back",
+    );
+    h.send(
+        conn(1),
+        &user_frame_at(types::MSG_DIRECT, "alice", "bob", ts, &p, None),
+    );
+    assert_eq!(kinds(&h.frames_to(conn(3))), [types::USER_DELIVER]);
+    assert!(h.drain().is_empty());
+}
+
+// -------------------------------------------------------------------- 14. one sig per payload
+
+#[test]
+fn a_broadcast_is_one_frame_text_for_every_recipient() {
+    let mut h = Harness::new();
+    let names = ["alice", "bob", "carol"];
+    for (i, n) in names.iter().enumerate() {
+        h.login(conn(i as u64 + 1), n, &test_key(&format!("user{}", i + 1)));
+    }
+    h.clear();
+    h.login(conn(4), "dave", &test_key("user4"));
+    let texts: Vec<String> = (1..=3)
+        .map(|i| {
+            let sent = h.sent_to(conn(i));
+            assert_eq!(sent.len(), 1, "{sent:#?}");
+            assert_eq!(sent[0].env.kind, types::USER_ADVERTISE);
+            assert_eq!(str_field(&sent[0].env, "user_id"), "dave");
+            sent[0].text.clone()
+        })
+        .collect();
+    assert_eq!(texts[0], texts[1]);
+    assert_eq!(texts[1], texts[2]);
+    assert!(h.drain().is_empty());
+
+    // Same for the USER_REMOVE when dave leaves.
+    h.closed(conn(4));
+    let texts: Vec<String> = (1..=3)
+        .map(|i| {
+            let sent = h.sent_to(conn(i));
+            assert_eq!(sent.len(), 1, "{sent:#?}");
+            assert_eq!(sent[0].env.kind, types::USER_REMOVE);
+            sent[0].text.clone()
+        })
+        .collect();
+    assert_eq!(texts[0], texts[1]);
+    assert_eq!(texts[1], texts[2]);
+}
+
+// -------------------------------------------------------------------- 15. error budget (§10)
+
+#[test]
+fn error_budget_limits_answers_and_refills_with_time() {
+    let limits = Limits {
+        hello_timeout_ms: 10_000,
+        error_burst: 5,
+        error_refill_per_s: 2, // one token per 500 ms
+        max_message_size: 256 * 1024,
+    };
+    let (burst, refill_ms) = (limits.error_burst as usize, 500);
+    let mut h = Harness::with_limits(limits);
+    let (c, other) = (conn(1), conn(2));
+    h.login(c, "alice", &test_key("user1"));
+    h.login(other, "bob", &test_key("user2"));
+    h.clear();
+
+    let errors = |h: &mut Harness, c: ConnId, n: usize| -> usize {
+        for _ in 0..n {
+            h.send(c, "garbage");
+        }
+        let frames = h.frames_to(c);
+        assert!(frames.iter().all(|f| f.kind == types::ERROR), "{frames:#?}");
+        frames.len()
+    };
+
+    assert_eq!(errors(&mut h, c, 50), burst, "at most error_burst answered");
+    assert_eq!(errors(&mut h, c, 10), 0, "budget spent");
+    // The budget is per connection.
+    assert_eq!(errors(&mut h, other, 2), 2);
+
+    // Time refills it, one token per interval...
+    h.advance(refill_ms - 1);
+    assert_eq!(errors(&mut h, c, 10), 0);
+    h.advance(1);
+    assert_eq!(errors(&mut h, c, 10), 1);
+    h.advance(3 * refill_ms);
+    assert_eq!(errors(&mut h, c, 10), 3);
+    // ... up to the burst, no more.
+    h.advance(60_000);
+    assert_eq!(errors(&mut h, c, 50), burst);
+    assert!(h.drain().is_empty(), "never closed");
+
+    // Normal traffic is not limited by a spent error budget.
+    assert_eq!(h.list(c, "alice"), ["alice", "bob"]);
+}
+
+// -------------------------------------------------------------------- 16. ASCII canonical fallback
+
+#[test]
+fn auth_response_signed_over_python_ascii_form_is_accepted() {
+    let mut h = Harness::new();
+    let alice = test_key("user1");
+    let c = conn(1);
+    h.open(c);
+    h.clear();
+
+    // A forged variant first: the ASCII form of a different payload does not verify.
+    let ch = h.challenge(c, "alice", &alice);
+    let mut p = auth_payload(&ch, "alice");
+    p["note"] = json!("é ✓ 😀");
+    let mut other = p.clone();
+    other["note"] = json!("e");
+    let sig = alice.sign_b64(canon::canonical_ascii(&other).unwrap().as_bytes());
+    h.send(
+        c,
+        &frame_with_sig(types::AUTH_RESPONSE, "alice", SRV, h.now.wall_ms, &p, &sig),
+    );
+    assert_error(&h.frames_to(c), "INVALID_SIG", "");
+
+    let ch = h.challenge(c, "alice", &alice);
+    let mut p = auth_payload(&ch, "alice");
+    p["note"] = json!("é ✓ 😀");
+    let ascii = canon::canonical_ascii(&p).unwrap();
+    assert!(ascii.is_ascii());
+    assert!(
+        ascii.contains(r"\u00e9") && ascii.contains(r"\ud83d\ude00"),
+        "{ascii}"
+    );
+    assert_ne!(
+        ascii,
+        canon::canonical(&p).unwrap(),
+        "the fallback is really exercised"
+    );
+    let sig = alice.sign_b64(ascii.as_bytes());
+    h.send(
+        c,
+        &frame_with_sig(types::AUTH_RESPONSE, "alice", SRV, h.now.wall_ms, &p, &sig),
+    );
+    let frames = h.frames_to(c);
+    assert_eq!(
+        kinds(&frames),
+        [
+            types::USER_HELLO_ACK,
+            types::LIST_RESPONSE,
+            types::PUBLIC_CHANNEL_SNAPSHOT
+        ]
+    );
+    assert!(h.closes(c).is_empty());
+}
+
+#[test]
+fn auth_response_with_non_ascii_signed_canonically_is_accepted() {
+    // The primary form (UTF-8 as-is) with non-ASCII text.
+    let mut h = Harness::new();
+    let alice = test_key("user1");
+    h.open(conn(1));
+    h.clear();
+    let ch = h.challenge(conn(1), "alice", &alice);
+    let mut p = auth_payload(&ch, "alice");
+    p["note"] = json!("héllo wörld");
+    let f = h.user_frame(types::AUTH_RESPONSE, "alice", SRV, &p, Some(&alice));
+    assert!(f.contains("héllo"), "sent as UTF-8");
+    h.send(conn(1), &f);
+    assert_eq!(h.frames_to(conn(1))[0].kind, types::USER_HELLO_ACK);
+}
+
+// -------------------------------------------------------------------- 17. salt-478 PSS (§3.1)
+
+/// RSASSA-PSS SHA-256 with salt length 478 (the maximum for RSA-4096), as Python's
+/// `PSS.MAX_LENGTH` signs, made with aws-lc-rs directly.
+fn sign_salt_478(key: &PrivateKey, msg: &[u8]) -> String {
+    use aws_lc_rs::signature::{RSA_PSS_SHA256, RsaPssSaltLength, RsaSignatureEncoding};
+    const PSS_SALT_478: RsaSignatureEncoding =
+        RSA_PSS_SHA256.with_pss_salt_length(RsaPssSaltLength::Custom(478));
+    let pair = aws_lc_rs::rsa::KeyPair::from_pkcs8(&key.to_pkcs8_der()).unwrap();
+    let mut sig = vec![0; pair.public_modulus_len()];
+    pair.sign(
+        &PSS_SALT_478,
+        &aws_lc_rs::rand::SystemRandom::new(),
+        msg,
+        &mut sig,
+    )
+    .unwrap();
+    socp::b64::encode(&sig)
+}
+
+#[test]
+fn auth_response_signed_with_salt_478_is_accepted() {
+    let mut h = Harness::new();
+    let alice = test_key("user1");
+    let c = conn(1);
+    h.open(c);
+    h.clear();
+
+    // The helper really makes salt-478 signatures: salt-32 verification alone rejects them.
+    let probe = sign_salt_478(&alice, b"probe");
+    let salt32 = aws_lc_rs::signature::ParsedPublicKey::new(
+        &aws_lc_rs::signature::RSA_PSS_2048_8192_SHA256,
+        alice.public_key().spki_der(),
+    )
+    .unwrap();
+    let raw = socp::b64::decode(&probe).unwrap();
+    assert!(salt32.verify_sig(b"probe", &raw).is_err());
+    assert!(alice.public_key().verify(b"probe", &raw));
+
+    let ch = h.challenge(c, "alice", &alice);
+    let p = auth_payload(&ch, "alice");
+    let sig = sign_salt_478(&alice, canon::canonical(&p).unwrap().as_bytes());
+    h.send(
+        c,
+        &frame_with_sig(types::AUTH_RESPONSE, "alice", SRV, h.now.wall_ms, &p, &sig),
+    );
+    let frames = h.frames_to(c);
+    assert_eq!(
+        kinds(&frames),
+        [
+            types::USER_HELLO_ACK,
+            types::LIST_RESPONSE,
+            types::PUBLIC_CHANNEL_SNAPSHOT
+        ],
+        "{frames:#?}"
+    );
+    assert!(h.closes(c).is_empty());
+}
+
+#[test]
+fn salt_478_signature_by_another_key_is_refused() {
+    let mut h = Harness::new();
+    let (alice, mallory) = (test_key("user1"), test_key("user3"));
+    h.open(conn(1));
+    h.clear();
+    let ch = h.challenge(conn(1), "alice", &alice);
+    let p = auth_payload(&ch, "alice");
+    let sig = sign_salt_478(&mallory, canon::canonical(&p).unwrap().as_bytes());
+    h.send(
+        conn(1),
+        &frame_with_sig(types::AUTH_RESPONSE, "alice", SRV, h.now.wall_ms, &p, &sig),
+    );
+    assert_error(&h.frames_to(conn(1)), "INVALID_SIG", "");
+}
+
+// -------------------------------------------------------------------- extras
+
+#[test]
+fn too_large_frame_is_answered_and_closed_with_1009() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.login(c, "alice", &test_key("user1"));
+    h.login(conn(2), "bob", &test_key("user2"));
+    h.clear();
+    h.input(Input::TooLarge { conn: c });
+    let frames = h.frames_to(c);
+    assert_eq!(kinds(&frames), [types::ERROR]);
+    assert_eq!(h.closes(c), [close::TOO_BIG]);
+    // Alice is gone, and bob is told.
+    assert_eq!(kinds(&h.frames_to(conn(2))), [types::USER_REMOVE]);
+    assert!(h.drain().is_empty());
+}
+
+#[test]
+fn a_second_hello_on_an_authenticated_connection_is_refused() {
+    let mut h = Harness::new();
+    let alice = test_key("user1");
+    let c = conn(1);
+    h.login(c, "alice", &alice);
+    h.clear();
+    let f = h.user_frame(
+        types::USER_HELLO,
+        "alice",
+        "",
+        &hello_payload(alice.public_key().encoded()),
+        None,
+    );
+    h.send(c, &f);
+    let frames = h.frames_to(c);
+    assert_eq!(kinds(&frames), [types::ERROR]);
+    assert!(h.drain().is_empty(), "not closed");
+    assert_eq!(h.list(c, "alice"), ["alice"]);
+}
+
+#[test]
+fn shutdown_closes_everyone_with_1001() {
+    let mut h = Harness::new();
+    h.login(conn(1), "alice", &test_key("user1"));
+    h.open(conn(2));
+    h.clear();
+    h.server.shutdown(h.now);
+    h.outbox.extend(h.server.actions());
+    assert_eq!(h.closes(conn(1)), [close::GOING_AWAY]);
+    assert_eq!(h.closes(conn(2)), [close::GOING_AWAY]);
+    // Frames sent to users being closed (a USER_REMOVE to already-closed ones) are allowed,
+    // but every one must still be signed.
+    h.drain();
+}
+
+#[test]
+fn error_budget_with_a_refill_rate_above_1000_per_second_does_not_panic() {
+    let limits = Limits {
+        hello_timeout_ms: 10_000,
+        error_burst: 3,
+        error_refill_per_s: 2_000,
+        max_message_size: 256 * 1024,
+    };
+    let mut h = Harness::with_limits(limits);
+    let c = conn(1);
+    h.login(c, "alice", &test_key("user1"));
+    h.clear();
+    h.advance(1);
+    h.send(c, "garbage");
+    assert_error(&h.frames_to(c), "UNKNOWN_TYPE", "");
+}
