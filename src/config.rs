@@ -83,6 +83,22 @@ pub struct Config {
     pub error_burst: u32,
     /// Refill rate of the error budget, per second. Default 4.
     pub error_refill_per_s: u32,
+    /// Largest message on a link we dialled: `SERVER_WELCOME` carries the whole directory.
+    /// Default 16 MiB.
+    pub max_peer_message_size: usize,
+    /// Host peers should dial to reach us (sent in hellos and announces). Default: `host`,
+    /// or 127.0.0.1 when listening on every address.
+    pub advertise_host: Option<String>,
+    /// Accept links from servers whose key is not pinned (introducer mode). Default off.
+    pub open_join: bool,
+    /// Dial every server we learn of (full mesh). `--no-mesh`: only bootstrap peers.
+    pub mesh: bool,
+    /// `HEARTBEAT` interval. Default 15 000 ms (§4.4).
+    pub heartbeat_ms: u64,
+    /// A link silent this long is dead. Default 45 000 ms (§4.4).
+    pub dead_after_ms: u64,
+    /// Longest delay between redials. Default 60 000 ms (§4.4).
+    pub backoff_max_ms: u64,
 }
 
 impl Config {
@@ -103,6 +119,13 @@ impl Config {
             max_write_buffer: 8 << 20,
             error_burst: 32,
             error_refill_per_s: 4,
+            max_peer_message_size: 16 << 20,
+            advertise_host: None,
+            open_join: false,
+            mesh: true,
+            heartbeat_ms: 15_000,
+            dead_after_ms: 45_000,
+            backoff_max_ms: 60_000,
         }
     }
 }
@@ -150,6 +173,13 @@ OPTIONS:
   --handshake-timeout-ms MS  time allowed for the WebSocket handshake [default 10000]
   --max-write-buffer BYTES   bytes queued for a client that does not read before it
                           is disconnected [default 8388608]
+  --open-join             accept links from servers whose key is not pinned [env SOCP_OPEN_JOIN=1]
+  --no-mesh               dial only --bootstrap peers, not every server learned of
+  --advertise-host HOST   host peers should dial to reach us [env SOCP_ADVERTISE_HOST,
+                          default: --host, or 127.0.0.1 when that is 0.0.0.0/::]
+  --heartbeat-ms MS       heartbeat interval between servers [default 15000]
+  --dead-after-ms MS      a silent link is dead after this [default 45000]
+  --backoff-max-ms MS     longest wait between redials of a peer [default 60000]
   --print-pubkey          print this server's public key (what peers pin) and exit
   -h, --help              this help
   -V, --version           version
@@ -181,6 +211,12 @@ pub fn parse_server_args(
             Long("handshake-timeout-ms") => flags.handshake_timeout_ms = Some(string(&mut parser)?),
             Long("max-write-buffer") => flags.max_write_buffer = Some(string(&mut parser)?),
             Long("print-pubkey") => print_pubkey = true,
+            Long("open-join") => flags.open_join = true,
+            Long("no-mesh") => flags.no_mesh = true,
+            Long("advertise-host") => flags.advertise_host = Some(string(&mut parser)?),
+            Long("heartbeat-ms") => flags.heartbeat_ms = Some(string(&mut parser)?),
+            Long("dead-after-ms") => flags.dead_after_ms = Some(string(&mut parser)?),
+            Long("backoff-max-ms") => flags.backoff_max_ms = Some(string(&mut parser)?),
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             _ => return Err(arg.unexpected().to_string()),
@@ -240,6 +276,18 @@ pub fn parse_server_args(
         cfg.max_write_buffer =
             parse_positive("--max-write-buffer", &bytes)?.max(2 * cfg.max_message_size);
     }
+    cfg.open_join = flags.open_join || env("SOCP_OPEN_JOIN").is_some_and(|v| v == "1");
+    cfg.mesh = !flags.no_mesh;
+    cfg.advertise_host = pick(flags.advertise_host, "SOCP_ADVERTISE_HOST");
+    if let Some(ms) = flags.heartbeat_ms {
+        cfg.heartbeat_ms = parse_positive("--heartbeat-ms", &ms)? as u64;
+    }
+    if let Some(ms) = flags.dead_after_ms {
+        cfg.dead_after_ms = parse_positive("--dead-after-ms", &ms)? as u64;
+    }
+    if let Some(ms) = flags.backoff_max_ms {
+        cfg.backoff_max_ms = parse_positive("--backoff-max-ms", &ms)? as u64;
+    }
     Ok(if print_pubkey {
         Command::PrintPubkey(cfg)
     } else {
@@ -260,6 +308,12 @@ struct ServerFlags {
     hello_timeout_ms: Option<String>,
     handshake_timeout_ms: Option<String>,
     max_write_buffer: Option<String>,
+    open_join: bool,
+    no_mesh: bool,
+    advertise_host: Option<String>,
+    heartbeat_ms: Option<String>,
+    dead_after_ms: Option<String>,
+    backoff_max_ms: Option<String>,
 }
 
 fn string(parser: &mut lexopt::Parser) -> Result<String, String> {

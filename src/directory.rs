@@ -68,6 +68,15 @@ impl Directory {
         Some(entry)
     }
 
+    /// Users hosted by `server_id`.
+    pub fn users_hosted_by(&self, server_id: &str) -> Vec<String> {
+        self.users
+            .iter()
+            .filter(|(_, e)| e.server_id == server_id)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// The local user on `conn`, if any.
     pub fn local_user(&self, conn: ConnId) -> Option<&str> {
         self.local.get(&conn).map(String::as_str)

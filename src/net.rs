@@ -18,7 +18,9 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read};
+use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tungstenite::handshake::client::ClientHandshake;
 use tungstenite::handshake::server::{NoCallback, ServerHandshake};
 use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::protocol::WebSocketConfig;
@@ -40,10 +42,15 @@ const CLOSE_LINGER_MS: u64 = 2_000;
 const SHUTDOWN_LINGER_MS: u64 = 1_000;
 
 type Handshake = MidHandshake<ServerHandshake<TcpStream, NoCallback>>;
+type ClientHs = MidHandshake<ClientHandshake<TcpStream>>;
 
 enum Io {
     /// Accepted; the WebSocket handshake has not completed.
     Handshaking(Handshake),
+    /// We are dialling a peer: TCP connect under way (§4.4, DESIGN rule 4).
+    Connecting { stream: TcpStream, url: String },
+    /// We dialled a peer: TCP is up, our WebSocket handshake is under way.
+    ClientHandshaking(ClientHs),
     /// Open and known to the core.
     Open(WebSocket<TcpStream>),
     /// Close frame sent; flushing and waiting for the peer's reply until the linger deadline.
@@ -55,6 +62,12 @@ enum Io {
 struct Conn {
     id: ConnId,
     io: Io,
+    /// The peer target this connection dials for, until it is open.
+    dial: Option<u32>,
+    /// The incoming stream can no longer be parsed (a refused frame is half read): only raw
+    /// bytes are read and dropped from now on. tungstenite must not read again after an
+    /// error: its codec keeps the refused frame's header.
+    discard: bool,
     /// Has written data not yet flushed.
     dirty: bool,
 }
@@ -79,6 +92,8 @@ pub struct Net {
     start: Instant,
     core: Server,
     ws_config: WebSocketConfig,
+    /// Outbound links receive `SERVER_WELCOME`, which carries the whole directory.
+    peer_ws_config: WebSocketConfig,
     handshake_timeout_ms: u64,
     max_connections: usize,
     /// Connections with unflushed writes.
@@ -123,7 +138,11 @@ impl Net {
             .max_write_buffer_size(cfg.max_write_buffer)
             .max_message_size(Some(cfg.max_message_size))
             .max_frame_size(Some(cfg.max_message_size));
+        let peer_ws_config = ws_config
+            .max_message_size(Some(cfg.max_peer_message_size))
+            .max_frame_size(Some(cfg.max_peer_message_size));
         Ok(Net {
+            peer_ws_config,
             poll,
             listener,
             signals,
@@ -147,6 +166,9 @@ impl Net {
     /// Runs until a graceful shutdown completes.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        let now = self.now();
+        self.core.start(now);
+        self.apply_actions();
         while !self.shutdown_done {
             let timeout = if self.backlog.is_empty() {
                 self.wheel
@@ -246,6 +268,8 @@ impl Net {
         entry.insert(Conn {
             id,
             io: Io::Handshaking(mid),
+            dial: None,
+            discard: false,
             dirty: false,
         });
         let at = self.mono_ms() + self.handshake_timeout_ms;
@@ -277,6 +301,119 @@ impl Net {
         }
     }
 
+    // ------------------------------------------------------------ dialling peers
+
+    /// Starts a non-blocking connect to a peer; the outcome comes back to the core as
+    /// `Dialled` or `DialFailed`.
+    fn dial(&mut self, target: u32, host: &str, port: u16) {
+        let now = self.now();
+        // Name lookup blocks; peers are normally given as addresses, and this runs only on
+        // (re)dials, never per frame.
+        let addr = match (host, port).to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(addr)) => addr,
+            Ok(None) => return self.dial_failed(now, target, "no address for that host"),
+            Err(e) => return self.dial_failed(now, target, &format!("address lookup: {e}")),
+        };
+        let mut stream = match TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => return self.dial_failed(now, target, &e.to_string()),
+        };
+        let entry = self.conns.vacant_entry();
+        let idx = entry.key();
+        self.serial = self.serial.wrapping_add(1);
+        let id = ConnId((u64::from(self.serial) << 32) | idx as u64);
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(idx),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            return self.dial_failed(now, target, &e.to_string());
+        }
+        let url = if host.contains(':') {
+            format!("ws://[{host}]:{port}/")
+        } else {
+            format!("ws://{host}:{port}/")
+        };
+        debug!("conn {id}: connecting to {url}");
+        entry.insert(Conn {
+            id,
+            io: Io::Connecting { stream, url },
+            dial: Some(target),
+            discard: false,
+            dirty: false,
+        });
+        let at = self.mono_ms() + self.handshake_timeout_ms;
+        self.wheel.insert(at, NetTimer::Handshake(id));
+    }
+
+    fn dial_failed(&mut self, now: Time, target: u32, reason: &str) {
+        let reason = reason.to_string();
+        self.core.handle(now, Input::DialFailed { target, reason });
+    }
+
+    /// DESIGN rule 4: on readiness, check `take_error()` and `peer_addr()`; only a connected
+    /// socket starts the client handshake.
+    fn drive_connect(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        let Io::Connecting { stream, .. } = &conn.io else {
+            return;
+        };
+        match stream.take_error() {
+            Ok(None) => {}
+            Ok(Some(e)) | Err(e) => return self.drop_conn_because(idx, &e.to_string()),
+        }
+        match stream.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotConnected => return, // not yet
+            Err(e) => return self.drop_conn_because(idx, &e.to_string()),
+        }
+        let Io::Connecting { stream, url } = std::mem::replace(&mut conn.io, Io::Gone) else {
+            unreachable!("checked above")
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!("set_nodelay: {e}");
+        }
+        let result =
+            tungstenite::client::client_with_config(url, stream, Some(self.peer_ws_config));
+        self.client_handshake_step(idx, result.map(|(ws, _)| ws));
+    }
+
+    fn drive_client_handshake(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        let Io::ClientHandshaking(_) = conn.io else {
+            return;
+        };
+        let Io::ClientHandshaking(mid) = std::mem::replace(&mut conn.io, Io::Gone) else {
+            unreachable!("checked above")
+        };
+        let result = mid.handshake().map(|(ws, _)| ws);
+        self.client_handshake_step(idx, result);
+    }
+
+    fn client_handshake_step(
+        &mut self,
+        idx: usize,
+        result: Result<WebSocket<TcpStream>, HandshakeError<ClientHandshake<TcpStream>>>,
+    ) {
+        match result {
+            Ok(ws) => {
+                let conn = &mut self.conns[idx];
+                conn.io = Io::Open(ws);
+                let (id, target) = (conn.id, conn.dial.take().expect("a dial"));
+                let now = self.now();
+                self.core.handle(now, Input::Dialled { conn: id, target });
+                self.apply_actions();
+                self.read_frames(idx);
+            }
+            Err(HandshakeError::Interrupted(mid)) => {
+                self.conns[idx].io = Io::ClientHandshaking(mid);
+            }
+            Err(HandshakeError::Failure(e)) => {
+                self.drop_conn_because(idx, &format!("WebSocket handshake: {e}"));
+            }
+        }
+    }
+
     // ------------------------------------------------------------ readiness
 
     fn on_ready(&mut self, idx: usize, readable: bool, writable: bool) {
@@ -285,6 +422,8 @@ impl Net {
         };
         match conn.io {
             Io::Handshaking(_) => self.drive_handshake(idx),
+            Io::Connecting { .. } => self.drive_connect(idx),
+            Io::ClientHandshaking(_) => self.drive_client_handshake(idx),
             Io::Open(_) | Io::Closing(_) => {
                 if writable {
                     self.mark_dirty(idx);
@@ -305,6 +444,9 @@ impl Net {
             };
             let id = conn.id;
             let closing = matches!(conn.io, Io::Closing(_));
+            if conn.discard {
+                return self.discard_input(idx);
+            }
             let result = match &mut conn.io {
                 Io::Open(ws) | Io::Closing(ws) => ws.read(),
                 _ => return,
@@ -335,21 +477,50 @@ impl Net {
                 Err(WsError::Io(e)) if e.kind() == ErrorKind::Interrupted => {}
                 Err(WsError::Capacity(e)) if !closing => {
                     info!("conn {}: {e}", id);
+                    self.conns[idx].discard = true;
                     self.core.handle(now, Input::TooLarge { conn: id });
                     self.apply_actions();
                     return;
                 }
+                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
+                    self.drop_conn(idx);
+                    return;
+                }
+                Err(e) if closing => {
+                    // The rest of a refused frame: discard it rather than close with unread
+                    // bytes, which would reset the connection and could destroy our ERROR
+                    // and close frame before the peer reads them.
+                    debug!("conn {id}: discarding input while closing: {e}");
+                    self.conns[idx].discard = true;
+                    return self.discard_input(idx);
+                }
                 Err(e) => {
-                    match e {
-                        WsError::ConnectionClosed | WsError::AlreadyClosed => {}
-                        e => debug!("conn {}: read: {e}", id),
-                    }
+                    debug!("conn {id}: read: {e}");
                     self.drop_conn(idx);
                     return;
                 }
             }
         }
         self.backlog.push(idx);
+    }
+
+    /// Reads and drops raw bytes from a closing connection until `WouldBlock`; at end of
+    /// stream the connection is dropped (the linger timer bounds the rest).
+    fn discard_input(&mut self, idx: usize) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let ws = match self.conns.get_mut(idx).map(|c| &mut c.io) {
+                Some(Io::Closing(ws) | Io::Open(ws)) => ws,
+                _ => return,
+            };
+            match ws.get_mut().read(&mut buf) {
+                Ok(0) => return self.drop_conn(idx),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return self.drop_conn(idx),
+            }
+        }
     }
 
     // ------------------------------------------------------------ actions
@@ -370,6 +541,7 @@ impl Net {
                     }
                 }
                 Action::Timer { at_ms, timer } => self.wheel.insert(at_ms, NetTimer::Core(timer)),
+                Action::Dial { target, host, port } => self.dial(target, &host, port),
             }
         }
     }
@@ -441,7 +613,9 @@ impl Net {
         };
         match conn.io {
             Io::Open(_) => {}
-            Io::Handshaking(_) => return self.drop_conn(idx),
+            Io::Handshaking(_) | Io::Connecting { .. } | Io::ClientHandshaking(_) => {
+                return self.drop_conn(idx);
+            }
             Io::Closing(_) | Io::Gone => return,
         }
         let id = conn.id;
@@ -478,13 +652,24 @@ impl Net {
         if !self.conns.contains(idx) {
             return;
         }
+        self.drop_conn_because(idx, "connection closed");
+    }
+
+    /// [`Net::drop_conn`], with the reason a dial that never opened failed.
+    fn drop_conn_because(&mut self, idx: usize, reason: &str) {
+        if !self.conns.contains(idx) {
+            return;
+        }
         let conn = self.conns.remove(idx);
         let was_open = matches!(conn.io, Io::Open(_));
         debug!("conn {}: dropped", conn.id);
         drop(conn.io); // closes the socket, which also removes it from the poll
+        let now = self.now();
         if was_open {
-            let now = self.now();
             self.core.handle(now, Input::Closed { conn: conn.id });
+        } else if let Some(target) = conn.dial {
+            let reason = reason.to_string();
+            self.core.handle(now, Input::DialFailed { target, reason });
         }
         if self.shutting_down && self.conns.is_empty() {
             self.shutdown_done = true;
@@ -508,10 +693,13 @@ impl Net {
             match timer {
                 NetTimer::Handshake(id) => {
                     if let Some(idx) = self.index_of(id)
-                        && let Io::Handshaking(_) = self.conns[idx].io
+                        && matches!(
+                            self.conns[idx].io,
+                            Io::Handshaking(_) | Io::Connecting { .. } | Io::ClientHandshaking(_)
+                        )
                     {
-                        info!("conn {}: WebSocket handshake timed out", id);
-                        self.drop_conn(idx);
+                        info!("conn {}: connection or WebSocket handshake timed out", id);
+                        self.drop_conn_because(idx, "timed out connecting");
                     }
                 }
                 NetTimer::CloseLinger(id) => {

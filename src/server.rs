@@ -12,6 +12,7 @@
 use crate::channel::PublicChannel;
 use crate::crypto::{KeyCache, PrivateKey, PublicKey};
 use crate::directory::{Directory, Entry};
+use crate::federation::{FedConfig, Federation};
 use crate::store::{Store, UserRecord};
 use crate::wire::{
     self, AuthResponse, Envelope, ErrorCode, SignedPayload, Text, UserHello, UserMessage,
@@ -56,6 +57,10 @@ pub enum Input<'a> {
     Closed { conn: ConnId },
     /// A timer armed by [`Action::Timer`] fired.
     Timer(Timer),
+    /// An outbound connection asked for by [`Action::Dial`] finished its WebSocket handshake.
+    Dialled { conn: ConnId, target: u32 },
+    /// An [`Action::Dial`] failed before a WebSocket was up (refused, timed out, bad handshake).
+    DialFailed { target: u32, reason: String },
 }
 
 /// Timers the core arms. Each names what it is for; a timer whose connection is gone or has
@@ -64,6 +69,12 @@ pub enum Input<'a> {
 pub enum Timer {
     /// The connection must have completed its hello by now (§5.2).
     Hello(ConnId),
+    /// Time to dial peer target `n` again (§4.4 backoff).
+    Redial(u32),
+    /// A dialled peer must have sent `SERVER_WELCOME` by now (§4.3).
+    Welcome(ConnId),
+    /// Send heartbeats and check links for silence (§4.4).
+    Heartbeat,
 }
 
 /// What the core asks the net layer to do, in order.
@@ -82,6 +93,12 @@ pub enum Action {
     Timer {
         at_ms: u64,
         timer: Timer,
+    },
+    /// Open an outbound connection to a peer; answer with `Dialled` or `DialFailed`.
+    Dial {
+        target: u32,
+        host: String,
+        port: u16,
     },
 }
 
@@ -115,7 +132,7 @@ impl From<&crate::config::Config> for Limits {
 
 /// Where a connection stands.
 #[derive(Debug)]
-enum State {
+pub(crate) enum State {
     /// Open, nothing received yet: the first frame decides what it is (§1).
     Fresh,
     /// Said it is a user; no challenge outstanding (a hello failed, or before login).
@@ -124,10 +141,14 @@ enum State {
     Challenged(Box<Challenge>),
     /// Hello complete: frames are from this user.
     User { user_id: String },
+    /// We dialled peer target `target` and sent `SERVER_HELLO_JOIN`; waiting for the welcome.
+    Dialling { target: u32 },
+    /// A live link to another server (§4).
+    Peer { server_id: String },
 }
 
 #[derive(Debug)]
-struct Challenge {
+pub(crate) struct Challenge {
     user_id: String,
     pubkey: Arc<PublicKey>,
     meta: Map<String, Value>,
@@ -135,8 +156,8 @@ struct Challenge {
 }
 
 #[derive(Debug)]
-struct Conn {
-    state: State,
+pub(crate) struct Conn {
+    pub(crate) state: State,
     errors: ErrorBudget,
 }
 
@@ -173,19 +194,23 @@ const ERROR_SIG_CACHE: usize = 256;
 
 /// The server core. See the module documentation.
 pub struct Server {
-    id: String,
-    key: PrivateKey,
+    pub(crate) id: String,
+    pub(crate) key: PrivateKey,
     limits: Limits,
-    store: Store,
-    keys: KeyCache,
-    conns: HashMap<ConnId, Conn>,
-    dir: Directory,
-    channel: PublicChannel,
+    pub(crate) store: Store,
+    pub(crate) keys: KeyCache,
+    pub(crate) conns: HashMap<ConnId, Conn>,
+    pub(crate) dir: Directory,
+    pub(crate) channel: PublicChannel,
+    pub(crate) fed: Federation,
+    /// The signed `USER_ADVERTISE` payload of each local user: constant while the user is
+    /// online, so every link that comes up gets it without a new signature.
+    pub(crate) adverts: HashMap<String, SignedPayload>,
     error_sigs: ErrorSigs,
     /// The signed `LIST_RESPONSE` payload for the directory version it was built at: the
     /// payload changes only when the directory does, so repeated requests cost no signature.
     list_cache: Option<(i64, SignedPayload)>,
-    out: Vec<Action>,
+    pub(crate) out: Vec<Action>,
 }
 
 impl Server {
@@ -206,8 +231,21 @@ impl Server {
             channel,
             error_sigs: ErrorSigs::default(),
             list_cache: None,
+            fed: Federation::new(FedConfig::default()),
+            adverts: HashMap::new(),
             out: Vec::new(),
         }
+    }
+
+    /// Turns on federation with `cfg` (peers, pins, timings). Call [`Server::start`] next.
+    pub fn with_federation(mut self, cfg: FedConfig) -> Server {
+        self.fed = Federation::new(cfg);
+        self
+    }
+
+    /// Arms the start-up work: a dial to every configured and remembered peer, heartbeats.
+    pub fn start(&mut self, now: Time) {
+        self.fed_start(now);
     }
 
     pub fn id(&self) -> &str {
@@ -236,16 +274,7 @@ impl Server {
     pub fn handle(&mut self, now: Time, input: Input<'_>) {
         match input {
             Input::Opened { conn } => {
-                self.conns.insert(
-                    conn,
-                    Conn {
-                        state: State::Fresh,
-                        errors: ErrorBudget {
-                            tokens: self.limits.error_burst,
-                            last_refill_ms: now.mono_ms,
-                        },
-                    },
-                );
+                self.add_conn(now, conn, State::Fresh);
                 self.out.push(Action::Timer {
                     at_ms: now.mono_ms + self.limits.hello_timeout_ms,
                     timer: Timer::Hello(conn),
@@ -262,6 +291,11 @@ impl Server {
                 self.close(now, conn, close::TOO_BIG, "message too big");
             }
             Input::Closed { conn } => self.forget(now, conn),
+            Input::Dialled { conn, target } => self.on_dialled(now, conn, target),
+            Input::DialFailed { target, reason } => self.on_dial_failed(now, target, &reason),
+            Input::Timer(Timer::Redial(target)) => self.on_redial(now, target),
+            Input::Timer(Timer::Welcome(conn)) => self.on_welcome_deadline(now, conn),
+            Input::Timer(Timer::Heartbeat) => self.on_heartbeat(now),
             Input::Timer(Timer::Hello(conn)) => {
                 let pending = matches!(
                     self.conns.get(&conn).map(|c| &c.state),
@@ -294,13 +328,35 @@ impl Server {
         }
     }
 
+    /// Starts tracking a connection in `state`.
+    pub(crate) fn add_conn(&mut self, now: Time, conn: ConnId, state: State) {
+        self.conns.insert(
+            conn,
+            Conn {
+                state,
+                errors: ErrorBudget {
+                    tokens: self.limits.error_burst,
+                    last_refill_ms: now.mono_ms,
+                },
+            },
+        );
+    }
+
     // ---------------------------------------------------------------- dispatch
 
     fn on_text(&mut self, now: Time, conn: ConnId, text: &str) {
+        enum Session {
+            Unauthenticated,
+            User(String),
+            Dialling(u32),
+            Peer(String),
+        }
         let session = match self.state(conn) {
             None => return,
-            Some(State::User { user_id }) => Some(user_id.clone()),
-            Some(_) => None,
+            Some(State::User { user_id }) => Session::User(user_id.clone()),
+            Some(State::Dialling { target }) => Session::Dialling(*target),
+            Some(State::Peer { server_id }) => Session::Peer(server_id.clone()),
+            Some(_) => Session::Unauthenticated,
         };
         let env = match Envelope::parse(text) {
             Ok(env) => env,
@@ -308,12 +364,14 @@ impl Server {
         };
         debug!("conn {}: {} from {:?}", conn, env.kind, env.from);
         let result = match session {
-            None => self.on_unauthenticated(now, conn, &env),
-            Some(user_id) if env.from != user_id => Err(WireError::new(
+            Session::Unauthenticated => self.on_unauthenticated(now, conn, &env),
+            Session::User(user_id) if env.from != user_id => Err(WireError::new(
                 ErrorCode::InvalidSig,
                 "sender does not match session",
             )),
-            Some(user_id) => self.on_user_frame(now, conn, &user_id, &env),
+            Session::User(user_id) => self.on_user_frame(now, conn, &user_id, &env),
+            Session::Dialling(target) => self.on_dialling_frame(now, conn, target, &env),
+            Session::Peer(server_id) => self.on_peer_frame(now, &server_id, &env, text),
         };
         if let Err(err) = result {
             self.error(now, conn, &err);
@@ -334,6 +392,10 @@ impl Server {
                 self.on_user_hello(now, conn, env)
             }
             types::AUTH_RESPONSE if !fresh => self.on_auth_response(now, conn, env),
+            types::SERVER_HELLO_JOIN | types::SERVER_HELLO_LINK if fresh => {
+                self.on_server_hello(now, conn, env);
+                Ok(())
+            }
             types::USER_REGISTER | types::USER_LOGIN => {
                 self.set_state(conn, State::UserPending);
                 Err(WireError::new(
@@ -366,8 +428,11 @@ impl Server {
         env: &Envelope,
     ) -> Result<(), WireError> {
         match env.kind.as_str() {
-            types::MSG_DIRECT => self.on_user_message(now, conn, user_id, env, false),
-            types::MSG_PUBLIC_CHANNEL => self.on_user_message(now, conn, user_id, env, true),
+            types::MSG_DIRECT => self.on_user_message(now, user_id, env, false),
+            types::MSG_PUBLIC_CHANNEL => self.on_user_message(now, user_id, env, true),
+            types::FILE_START | types::FILE_CHUNK | types::FILE_END => {
+                self.on_user_file(now, user_id, env)
+            }
             types::LIST_REQUEST => {
                 self.send_list(now, conn, user_id);
                 Ok(())
@@ -510,8 +575,11 @@ impl Server {
         self.send_list(now, conn, &user_id);
         self.send_channel_snapshot(now, conn, &user_id);
         let entry = self.dir.get(&user_id).expect("inserted above");
-        let advert = Directory::entry_json(&user_id, entry);
-        self.broadcast_local(now, Some(conn), types::USER_ADVERTISE, &advert);
+        let advert = self.sign(&Directory::entry_json(&user_id, entry));
+        let text = self.own_broadcast(now, types::USER_ADVERTISE, &advert);
+        self.adverts.insert(user_id.clone(), advert);
+        self.broadcast(text, Some(conn), None);
+        self.announce_channel(now, Some(&user_id));
     }
 
     fn name_in_use(&mut self, now: Time, conn: ConnId) -> Result<(), WireError> {
@@ -548,7 +616,6 @@ impl Server {
     fn on_user_message(
         &mut self,
         now: Time,
-        conn: ConnId,
         user_id: &str,
         env: &Envelope,
         public: bool,
@@ -560,39 +627,88 @@ impl Server {
         if own.as_ref() != Some(&sender_pub) {
             return Err(WireError::field("sender_pub", "is not your key"));
         }
-        let payload = json!({
-            "ciphertext": msg.ciphertext,
-            "sender": user_id,
-            "sender_pub": msg.sender_pub,
-            "content_sig": msg.content_sig,
-            "ts": env.ts,
-        });
-        let kind = if public {
-            types::MSG_PUBLIC_CHANNEL
+        let mut payload = Map::new();
+        payload.insert("ciphertext".into(), Value::from(msg.ciphertext));
+        payload.insert("sender".into(), Value::from(user_id));
+        payload.insert("sender_pub".into(), Value::from(msg.sender_pub));
+        payload.insert("content_sig".into(), Value::from(msg.content_sig));
+        payload.insert("ts".into(), Value::from(env.ts));
+        let (local_kind, server_kind) = if public {
+            (types::MSG_PUBLIC_CHANNEL, types::MSG_PUBLIC_CHANNEL)
         } else {
-            types::USER_DELIVER
+            (types::USER_DELIVER, types::SERVER_DELIVER)
         };
-        self.route(now, conn, &env.to, kind, &payload)
+        self.route(now, &env.to, local_kind, server_kind, payload)
     }
 
-    /// `route(target, frame)` of §6, for frames addressed to one user.
+    /// `FILE_START` / `FILE_CHUNK` / `FILE_END` (§9): routed like a DM, the user's payload plus
+    /// `sender` and `ts`.
+    fn on_user_file(&mut self, now: Time, user_id: &str, env: &Envelope) -> Result<(), WireError> {
+        wire::check_id("to", &env.to)?;
+        let f = env.fields();
+        f.id("file_id")?;
+        match env.kind.as_str() {
+            types::FILE_START => {
+                f.str("name")?;
+                if f.i64("size")? < 0 {
+                    return Err(WireError::field("size", "must not be negative"));
+                }
+                let sha = f.str("sha256")?;
+                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(WireError::field("sha256", "must be 64 hex digits"));
+                }
+            }
+            types::FILE_CHUNK => {
+                if f.i64("index")? < 0 {
+                    return Err(WireError::field("index", "must not be negative"));
+                }
+                f.b64("ciphertext", wire::RSA_BLOCK)?;
+                f.b64("content_sig", wire::RSA_BLOCK)?;
+            }
+            _ => {}
+        }
+        let mut payload = env.payload.clone();
+        payload.insert("sender".into(), Value::from(user_id));
+        payload.insert("ts".into(), Value::from(env.ts));
+        self.route(now, &env.to, &env.kind, &env.kind, payload)
+    }
+
+    /// `route(target, frame)` of §6 for a frame from a local user to user `target`.
+    /// `payload` is the form the recipient gets; the server-to-server form adds `user_id`.
     fn route(
         &mut self,
         now: Time,
-        _origin: ConnId,
         target: &str,
-        kind: &str,
-        payload: &Value,
+        local_kind: &str,
+        server_kind: &str,
+        mut payload: Map<String, Value>,
     ) -> Result<(), WireError> {
-        match self.dir.get(target).and_then(|e| e.local) {
-            Some(dest) => {
-                self.send_signed(now, dest, kind, target, payload);
-                Ok(())
-            }
-            None => Err(WireError::new(
+        let not_found = || {
+            WireError::new(
                 ErrorCode::UserNotFound,
                 format!("user {target} is not online"),
-            )),
+            )
+        };
+        let Some(entry) = self.dir.get(target) else {
+            return Err(not_found());
+        };
+        // 1. a local user.
+        if let Some(dest) = entry.local {
+            self.send_signed(now, dest, local_kind, target, &Value::Object(payload));
+            return Ok(());
+        }
+        // 2./3. the hosting server, over its link or by flooding every link.
+        let host = entry.server_id.clone();
+        payload.insert("user_id".into(), Value::from(target));
+        let signed = self.sign(&Value::Object(payload));
+        let ts = now.wall_ms;
+        self.fed
+            .remember(server_kind, &self.id, &host, ts, &signed.canonical, now);
+        let text = wire::encode_frame(server_kind, &self.id, &host, ts, &signed).into();
+        if self.send_toward(&host, text, None) {
+            Ok(())
+        } else {
+            Err(not_found())
         }
     }
 
@@ -621,34 +737,43 @@ impl Server {
 
     // ---------------------------------------------------------------- connections
 
-    /// The connection is gone: forget it, and if it was a user, tell the others (§7).
+    /// The connection is gone: forget it, and tell whoever needs to know (§4.4, §7).
     fn forget(&mut self, now: Time, conn: ConnId) {
         let Some(old) = self.conns.remove(&conn) else {
             return;
         };
-        if let State::User { user_id } = old.state {
-            let id = self.id.clone();
-            if self.dir.remove_if_hosted_by(&user_id, &id).is_some() {
-                info!("user {user_id} offline (conn {})", conn);
-                self.channel.bump();
-                let payload = json!({"user_id": user_id, "server_id": self.id});
-                self.broadcast_local(now, None, types::USER_REMOVE, &payload);
+        match old.state {
+            State::User { user_id } => {
+                let id = self.id.clone();
+                if self.dir.remove_if_hosted_by(&user_id, &id).is_some() {
+                    info!("user {user_id} offline (conn {})", conn);
+                    self.adverts.remove(&user_id);
+                    let payload = json!({"user_id": user_id, "server_id": self.id});
+                    let signed = self.sign(&payload);
+                    let text = self.own_broadcast(now, types::USER_REMOVE, &signed);
+                    self.broadcast(text, None, None);
+                    self.channel.bump();
+                    self.announce_channel(now, None);
+                }
             }
+            State::Dialling { target } => self.dial_ended(now, target, "connection closed"),
+            State::Peer { server_id } => self.link_down(now, conn, &server_id),
+            _ => {}
         }
     }
 
-    fn close(&mut self, now: Time, conn: ConnId, code: u16, reason: &'static str) {
+    pub(crate) fn close(&mut self, now: Time, conn: ConnId, code: u16, reason: &'static str) {
         if self.conns.contains_key(&conn) {
             self.forget(now, conn);
             self.out.push(Action::Close { conn, code, reason });
         }
     }
 
-    fn state(&self, conn: ConnId) -> Option<&State> {
+    pub(crate) fn state(&self, conn: ConnId) -> Option<&State> {
         self.conns.get(&conn).map(|c| &c.state)
     }
 
-    fn set_state(&mut self, conn: ConnId, state: State) {
+    pub(crate) fn set_state(&mut self, conn: ConnId, state: State) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.state = state;
         }
@@ -660,7 +785,11 @@ impl Server {
             .map(|c| std::mem::replace(&mut c.state, replacement))
     }
 
-    fn parse_key(&mut self, field: &str, text: &str) -> Result<Arc<PublicKey>, WireError> {
+    pub(crate) fn parse_key(
+        &mut self,
+        field: &str,
+        text: &str,
+    ) -> Result<Arc<PublicKey>, WireError> {
         self.keys
             .get(text)
             .map_err(|e| WireError::field(field, &e.to_string()))
@@ -669,7 +798,14 @@ impl Server {
     // ---------------------------------------------------------------- sending
 
     /// Signs `payload` and sends it to one connection.
-    fn send_signed(&mut self, now: Time, conn: ConnId, kind: &str, to: &str, payload: &Value) {
+    pub(crate) fn send_signed(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        kind: &str,
+        to: &str,
+        payload: &Value,
+    ) {
         let signed = self.sign(payload);
         let text = wire::encode_frame(kind, &self.id, to, now.wall_ms, &signed);
         self.out.push(Action::Send {
@@ -678,18 +814,38 @@ impl Server {
         });
     }
 
-    /// Sends one frame (`to: "*"`) to every local user but `except`: one signature, one
-    /// encoding, shared by every recipient.
-    fn broadcast_local(&mut self, now: Time, except: Option<ConnId>, kind: &str, payload: &Value) {
-        let mut targets = self
-            .dir
-            .local_conns()
-            .filter(|c| Some(*c) != except)
-            .peekable();
-        if targets.peek().is_none() {
+    /// Sends one frame to every local user but `except_user` and every linked server but
+    /// `except_link`: one signature, one encoding, shared by every recipient.
+    pub(crate) fn broadcast(
+        &mut self,
+        text: Text,
+        except_user: Option<ConnId>,
+        except_link: Option<&str>,
+    ) {
+        let users = self.dir.local_conns().filter(|c| Some(*c) != except_user);
+        let targets: Vec<ConnId> = users.chain(self.fed.link_conns(except_link)).collect();
+        for conn in targets {
+            self.out.push(Action::Send {
+                conn,
+                text: text.clone(),
+            });
+        }
+    }
+
+    /// Encodes a broadcast (`to: "*"`) that we originate, and records it as seen so that it is
+    /// dropped if the mesh floods it back to us.
+    pub(crate) fn own_broadcast(&mut self, now: Time, kind: &str, signed: &SignedPayload) -> Text {
+        self.fed
+            .remember(kind, &self.id, "*", now.wall_ms, &signed.canonical, now);
+        wire::encode_frame(kind, &self.id, "*", now.wall_ms, signed).into()
+    }
+
+    /// Sends a frame (signed by us, `to: "*"`) to every local user.
+    pub(crate) fn broadcast_local(&mut self, now: Time, kind: &str, payload: &Value) {
+        let targets: Vec<ConnId> = self.dir.local_conns().collect();
+        if targets.is_empty() {
             return;
         }
-        let targets: Vec<ConnId> = targets.collect();
         let signed = self.sign(payload);
         let text: Text = wire::encode_frame(kind, &self.id, "*", now.wall_ms, &signed).into();
         for conn in targets {
@@ -700,13 +856,13 @@ impl Server {
         }
     }
 
-    fn sign(&self, payload: &Value) -> SignedPayload {
+    pub(crate) fn sign(&self, payload: &Value) -> SignedPayload {
         // Every payload we build holds only strings, integers, arrays and objects.
         SignedPayload::sign(payload, &self.key).expect("our payloads are canonical")
     }
 
     /// Sends `ERROR {code, detail}` while the connection's error budget lasts (§10).
-    fn error(&mut self, now: Time, conn: ConnId, err: &WireError) {
+    pub(crate) fn error(&mut self, now: Time, conn: ConnId, err: &WireError) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };

@@ -391,18 +391,27 @@ pub fn verify_payload_sig(
     payload: &Map<String, Value>,
     sig: &str,
 ) -> Result<bool, NotCanonical> {
+    let canonical = canon::canonical(&Value::Object(payload.clone()))?;
+    verify_canonical(key, &canonical, payload, sig)
+}
+
+/// [`verify_payload_sig`] for a caller that already has the canonical form.
+pub fn verify_canonical(
+    key: &crate::crypto::PublicKey,
+    canonical: &str,
+    payload: &Map<String, Value>,
+    sig: &str,
+) -> Result<bool, NotCanonical> {
     if sig.is_empty() {
         return Ok(false);
     }
-    let value = Value::Object(payload.clone());
-    let canonical = canon::canonical(&value)?;
     if key.verify_b64(canonical.as_bytes(), sig) {
         return Ok(true);
     }
     if canonical.is_ascii() {
         return Ok(false);
     }
-    let ascii = canon::canonical_ascii(&value)?;
+    let ascii = canon::canonical_ascii(&Value::Object(payload.clone()))?;
     Ok(key.verify_b64(ascii.as_bytes(), sig))
 }
 

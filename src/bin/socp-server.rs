@@ -2,6 +2,8 @@
 //! event loop until SIGINT/SIGTERM (a second signal exits at once).
 
 use socp::config::{self, Command};
+use socp::crypto::PublicKey;
+use socp::federation::{FedConfig, PeerSpec};
 use socp::net::Net;
 use socp::server::{Limits, Server};
 use socp::store::Store;
@@ -65,7 +67,37 @@ fn run(cfg: config::Config) -> Result<(), String> {
     );
     // One line on stdout for scripts and tests (the port may have been chosen by the system).
     println!("socp-server listening on ws://{addr} server_id={id}");
-    let core = Server::new(id, key, Limits::from(&cfg), store);
+    let advertise_host = cfg.advertise_host.clone().unwrap_or_else(|| {
+        if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        }
+    });
+    let fed = FedConfig {
+        advertise_host,
+        advertise_port: addr.port(),
+        bootstrap: cfg
+            .bootstrap
+            .iter()
+            .map(|b| {
+                let key = PublicKey::parse(&b.pubkey).map_err(|e| format!("bootstrap key: {e}"))?;
+                Ok(PeerSpec {
+                    host: b.host.clone(),
+                    port: b.port,
+                    key: Arc::new(key),
+                })
+            })
+            .collect::<Result<_, String>>()?,
+        open_join: cfg.open_join,
+        mesh: cfg.mesh,
+        heartbeat_ms: cfg.heartbeat_ms,
+        dead_after_ms: cfg.dead_after_ms,
+        backoff_max_ms: cfg.backoff_max_ms,
+        rng_seed: u64::from_le_bytes(socp::crypto::random_bytes::<8>()),
+        ..FedConfig::default()
+    };
+    let core = Server::new(id, key, Limits::from(&cfg), store).with_federation(fed);
     let net = Net::new(&cfg, listener, Some(signals), core).map_err(|e| e.to_string())?;
     net.run().map_err(|e| format!("event loop: {e}"))
 }

@@ -1,0 +1,1065 @@
+//! Federation: links between servers, presence across the mesh, and routing (PROTOCOL.md §4,
+//! §6, §7, §8). This is part of the sans-IO core: these are `impl Server` methods, fed by the
+//! same inputs and answering with the same actions.
+//!
+//! - **Pins** (§4.2): a server may link only if its key is pinned — given in `--bootstrap`,
+//!   remembered in the database, listed in a `SERVER_WELCOME` from a pinned server, or announced
+//!   (`SERVER_ANNOUNCE`) over a link to a pinned server. `--open-join` accepts anyone.
+//! - **Targets**: every peer we dial. A dial that fails, a welcome that does not come, and a
+//!   link that dies all lead to a redial with exponential backoff and jitter, for ever (§4.4).
+//! - **One link per pair**: the link dialled by the server with the smaller id wins.
+//! - **Frames from peers** go through: pinned key of `from` → dedup (§6) → signature → handler.
+//!   Dedup is checked before verifying but recorded only after, so a forgery cannot shadow the
+//!   real frame.
+//! - **Presence to local users** is re-signed by this server (one signature per event), so a
+//!   client verifies everything with the one server key it pinned.
+
+use crate::canon;
+use crate::crypto::PublicKey;
+use crate::dedup::{self, SeenCache, Stale};
+use crate::directory::{Directory, Entry};
+use crate::server::{Action, ConnId, Server, State, Time, Timer, close};
+use crate::store::ServerRecord;
+use crate::wire::{self, Envelope, ErrorCode, Fields, SignedPayload, Text, WireError, types};
+use log::{debug, info, warn};
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A peer given on the command line: where to dial it and the key we pin for it.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    pub host: String,
+    pub port: u16,
+    pub key: Arc<PublicKey>,
+}
+
+/// Federation settings. Durations in milliseconds.
+#[derive(Debug, Clone)]
+pub struct FedConfig {
+    /// Where peers can reach us: sent in our hellos and announces.
+    pub advertise_host: String,
+    pub advertise_port: u16,
+    /// Peers dialled at start, with their pinned keys.
+    pub bootstrap: Vec<PeerSpec>,
+    /// Accept links from servers whose key is not pinned (introducer mode). Default off.
+    pub open_join: bool,
+    /// Dial every server we learn of (full mesh). Off: dial only bootstrap peers.
+    pub mesh: bool,
+    /// `HEARTBEAT` interval. Default 15 000.
+    pub heartbeat_ms: u64,
+    /// A link silent this long is dead. Default 45 000.
+    pub dead_after_ms: u64,
+    /// How long a dialled peer has to send `SERVER_WELCOME`. Default 10 000.
+    pub welcome_timeout_ms: u64,
+    /// First retry delay; doubles per failed attempt. Default 1 000.
+    pub backoff_base_ms: u64,
+    /// Retry delay cap. Default 60 000.
+    pub backoff_max_ms: u64,
+    /// Dedup age window, and the largest accepted `ts` skew. Default 300 000 (5 minutes).
+    pub dedup_window_ms: u64,
+    /// Most entries in the dedup cache. Default 200 000.
+    pub dedup_max_entries: usize,
+    /// Seed of the backoff jitter.
+    pub rng_seed: u64,
+}
+
+impl Default for FedConfig {
+    fn default() -> Self {
+        FedConfig {
+            advertise_host: "127.0.0.1".into(),
+            advertise_port: 8765,
+            bootstrap: Vec::new(),
+            open_join: false,
+            mesh: true,
+            heartbeat_ms: 15_000,
+            dead_after_ms: 45_000,
+            welcome_timeout_ms: 10_000,
+            backoff_base_ms: 1_000,
+            backoff_max_ms: 60_000,
+            dedup_window_ms: 300_000,
+            dedup_max_entries: 200_000,
+            rng_seed: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TargetState {
+    /// A redial timer is armed.
+    Waiting,
+    /// A dial or welcome is under way.
+    Dialling,
+    /// Linked (by our dial or theirs).
+    Linked,
+}
+
+/// A peer we keep dialling until linked.
+#[derive(Debug)]
+struct Target {
+    id: Option<String>,
+    host: String,
+    port: u16,
+    key: Arc<PublicKey>,
+    attempts: u32,
+    state: TargetState,
+}
+
+/// A pinned server: its key, and where it says it listens.
+#[derive(Debug, Clone)]
+struct Known {
+    key: Arc<PublicKey>,
+    host: String,
+    port: u16,
+}
+
+#[derive(Debug)]
+struct Link {
+    conn: ConnId,
+    dialled_by_us: bool,
+    last_rx_ms: u64,
+}
+
+/// Federation state owned by the core.
+#[derive(Debug)]
+pub struct Federation {
+    cfg: FedConfig,
+    targets: Vec<Target>,
+    known: HashMap<String, Known>,
+    links: HashMap<String, Link>,
+    seen: SeenCache,
+    rng: u64,
+    /// `HEARTBEAT`'s payload `{}` never changes: signed once.
+    heartbeat: Option<SignedPayload>,
+}
+
+impl Federation {
+    pub fn new(cfg: FedConfig) -> Federation {
+        Federation {
+            seen: SeenCache::new(cfg.dedup_window_ms, cfg.dedup_max_entries),
+            rng: cfg.rng_seed | 1,
+            cfg,
+            targets: Vec::new(),
+            known: HashMap::new(),
+            links: HashMap::new(),
+            heartbeat: None,
+        }
+    }
+
+    /// Connections of every live link but `except`.
+    pub(crate) fn link_conns<'a>(
+        &'a self,
+        except: Option<&'a str>,
+    ) -> impl Iterator<Item = ConnId> + 'a {
+        self.links
+            .iter()
+            .filter(move |(id, _)| Some(id.as_str()) != except)
+            .map(|(_, l)| l.conn)
+    }
+
+    /// Records a frame we originate as seen, so a copy flooded back to us is dropped.
+    pub(crate) fn remember(
+        &mut self,
+        kind: &str,
+        from: &str,
+        to: &str,
+        ts: i64,
+        canonical: &str,
+        now: Time,
+    ) {
+        self.seen
+            .insert(dedup::key(kind, from, to, ts, canonical), now.wall_ms);
+    }
+
+    /// Ids of the servers we have a live link to, sorted.
+    pub fn linked(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self.links.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Backoff before attempt `attempts + 1`: base·2^(attempts−1), capped, ±20 % jitter.
+    fn backoff_ms(&mut self, attempts: u32) -> u64 {
+        let exp = attempts.saturating_sub(1).min(20);
+        let delay = self
+            .cfg
+            .backoff_base_ms
+            .saturating_mul(1 << exp)
+            .min(self.cfg.backoff_max_ms);
+        // xorshift64*: jitter needs spread, not secrecy.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11; // 53 bits
+        let unit = r as f64 / (1u64 << 53) as f64; // [0, 1)
+        (delay as f64 * (0.8 + 0.4 * unit)) as u64
+    }
+
+    /// Adds a dial target unless one with the same key exists (then refreshes its id and
+    /// address). Returns the index of a new target.
+    fn add_target(
+        &mut self,
+        id: Option<&str>,
+        host: &str,
+        port: u16,
+        key: &Arc<PublicKey>,
+    ) -> Option<u32> {
+        if let Some(t) = self.targets.iter_mut().find(|t| t.key == *key) {
+            if let Some(id) = id {
+                t.id = Some(id.to_string());
+            }
+            if !host.is_empty() && port != 0 {
+                t.host = host.to_string();
+                t.port = port;
+            }
+            return None;
+        }
+        if host.is_empty() || port == 0 {
+            return None;
+        }
+        self.targets.push(Target {
+            id: id.map(str::to_string),
+            host: host.to_string(),
+            port,
+            key: Arc::clone(key),
+            attempts: 0,
+            state: TargetState::Waiting,
+        });
+        Some(self.targets.len() as u32 - 1)
+    }
+
+    /// Whether `key` belongs to a pinned server or a bootstrap peer.
+    fn is_pinned_key(&self, key: &PublicKey) -> bool {
+        self.targets.iter().any(|t| *t.key == *key) || self.known.values().any(|k| *k.key == *key)
+    }
+}
+
+impl Server {
+    // ------------------------------------------------------------ start and dialling (§4.4)
+
+    pub(crate) fn fed_start(&mut self, now: Time) {
+        match self.store.servers() {
+            Ok(records) => {
+                for rec in records
+                    .into_iter()
+                    .filter(|r| r.pinned && r.server_id != self.id)
+                {
+                    match self.keys.get(&rec.pubkey) {
+                        Ok(key) => {
+                            self.fed.known.insert(
+                                rec.server_id,
+                                Known {
+                                    key,
+                                    host: rec.host,
+                                    port: rec.port,
+                                },
+                            );
+                        }
+                        Err(e) => warn!("stored key of server {} is unusable: {e}", rec.server_id),
+                    }
+                }
+            }
+            Err(e) => warn!("could not read known servers: {e}"),
+        }
+        for spec in self.fed.cfg.bootstrap.clone() {
+            let id = self
+                .fed
+                .known
+                .iter()
+                .find(|(_, k)| k.key == spec.key)
+                .map(|(id, _)| id.clone());
+            self.fed
+                .add_target(id.as_deref(), &spec.host, spec.port, &spec.key);
+        }
+        if self.fed.cfg.mesh {
+            let known: Vec<(String, Known)> = self
+                .fed
+                .known
+                .iter()
+                .map(|(i, k)| (i.clone(), k.clone()))
+                .collect();
+            for (id, k) in known {
+                self.fed.add_target(Some(&id), &k.host, k.port, &k.key);
+            }
+        }
+        for t in 0..self.fed.targets.len() as u32 {
+            self.out.push(Action::Timer {
+                at_ms: now.mono_ms,
+                timer: Timer::Redial(t),
+            });
+        }
+        self.out.push(Action::Timer {
+            at_ms: now.mono_ms + self.fed.cfg.heartbeat_ms,
+            timer: Timer::Heartbeat,
+        });
+    }
+
+    /// Dials a server we learned of, unless it is linked or we only dial bootstrap peers.
+    fn ensure_target(&mut self, now: Time, id: &str, host: &str, port: u16, key: &Arc<PublicKey>) {
+        if !self.fed.cfg.mesh || self.fed.links.contains_key(id) {
+            return;
+        }
+        if let Some(t) = self.fed.add_target(Some(id), host, port, key) {
+            self.out.push(Action::Timer {
+                at_ms: now.mono_ms,
+                timer: Timer::Redial(t),
+            });
+        }
+    }
+
+    pub(crate) fn on_redial(&mut self, _now: Time, t: u32) {
+        let linked = |id: &Option<String>, fed: &Federation| {
+            id.as_ref().is_some_and(|id| fed.links.contains_key(id))
+        };
+        let Some(target) = self.fed.targets.get(t as usize) else {
+            return;
+        };
+        if target.state != TargetState::Waiting {
+            return;
+        }
+        if linked(&target.id, &self.fed) {
+            self.fed.targets[t as usize].state = TargetState::Linked;
+            return;
+        }
+        let target = &mut self.fed.targets[t as usize];
+        target.attempts += 1;
+        target.state = TargetState::Dialling;
+        info!(
+            "dialling peer ws://{}:{} (attempt {})",
+            target.host, target.port, target.attempts
+        );
+        self.out.push(Action::Dial {
+            target: t,
+            host: target.host.clone(),
+            port: target.port,
+        });
+    }
+
+    pub(crate) fn on_dial_failed(&mut self, now: Time, t: u32, reason: &str) {
+        self.dial_ended(now, t, reason);
+    }
+
+    /// A dial or a link handshake for target `t` ended without a link: log it truthfully and
+    /// arm the next attempt.
+    pub(crate) fn dial_ended(&mut self, now: Time, t: u32, reason: &str) {
+        let Some(target) = self.fed.targets.get(t as usize) else {
+            return;
+        };
+        if target.state == TargetState::Linked {
+            return;
+        }
+        info!(
+            "dial to peer ws://{}:{} failed (attempt {}): {reason}",
+            target.host, target.port, target.attempts
+        );
+        self.schedule_redial(now, t);
+    }
+
+    fn schedule_redial(&mut self, now: Time, t: u32) {
+        let attempts = self.fed.targets[t as usize].attempts;
+        let delay = self.fed.backoff_ms(attempts.max(1));
+        let target = &mut self.fed.targets[t as usize];
+        target.state = TargetState::Waiting;
+        info!(
+            "next dial to peer ws://{}:{} in {} ms",
+            target.host, target.port, delay
+        );
+        self.out.push(Action::Timer {
+            at_ms: now.mono_ms + delay,
+            timer: Timer::Redial(t),
+        });
+    }
+
+    /// Our dial connected: open with `SERVER_HELLO_JOIN` and wait for the welcome (§4.3).
+    pub(crate) fn on_dialled(&mut self, now: Time, conn: ConnId, t: u32) {
+        let Some(target) = self.fed.targets.get(t as usize) else {
+            return;
+        };
+        let to = format!("{}:{}", target.host, target.port);
+        self.add_conn(now, conn, State::Dialling { target: t });
+        let payload = self.hello_payload();
+        self.send_signed(now, conn, types::SERVER_HELLO_JOIN, &to, &payload);
+        self.out.push(Action::Timer {
+            at_ms: now.mono_ms + self.fed.cfg.welcome_timeout_ms,
+            timer: Timer::Welcome(conn),
+        });
+    }
+
+    fn hello_payload(&self) -> Value {
+        json!({
+            "host": self.fed.cfg.advertise_host,
+            "port": self.fed.cfg.advertise_port,
+            "pubkey": self.key.public_key().encoded(),
+        })
+    }
+
+    pub(crate) fn on_welcome_deadline(&mut self, now: Time, conn: ConnId) {
+        if let Some(State::Dialling { .. }) = self.state(conn) {
+            info!(
+                "conn {conn}: no SERVER_WELCOME within {} ms",
+                self.fed.cfg.welcome_timeout_ms
+            );
+            self.close(now, conn, close::NORMAL, "welcome timeout");
+        }
+    }
+
+    /// Frames on a connection we dialled, before the welcome: only `SERVER_WELCOME` counts.
+    pub(crate) fn on_dialling_frame(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        t: u32,
+        env: &Envelope,
+    ) -> Result<(), WireError> {
+        match env.kind.as_str() {
+            types::SERVER_WELCOME => {
+                self.on_welcome(now, conn, t, env);
+                Ok(())
+            }
+            types::ERROR => {
+                let detail = env.fields().str("detail").unwrap_or("");
+                info!("conn {conn}: peer refused our hello: {detail}");
+                Ok(())
+            }
+            _ => Err(WireError::new(
+                ErrorCode::InvalidSig,
+                "expected SERVER_WELCOME",
+            )),
+        }
+    }
+
+    fn on_welcome(&mut self, now: Time, conn: ConnId, t: u32, env: &Envelope) {
+        let target = &self.fed.targets[t as usize];
+        let (key, host, port) = (Arc::clone(&target.key), target.host.clone(), target.port);
+        let from = env.from.as_str();
+        let refuse = |server: &mut Server, why: &str| {
+            warn!("SERVER_WELCOME from ws://{host}:{port} refused: {why}");
+            server.close(now, conn, close::POLICY, "bad welcome");
+        };
+        if !crate::ids::is_valid_id(from) || from == self.id {
+            return refuse(self, "malformed or colliding server id");
+        }
+        if !matches!(
+            wire::verify_payload_sig(&key, &env.payload, &env.sig),
+            Ok(true)
+        ) {
+            return refuse(self, "signature does not verify against the pinned key");
+        }
+        if let Some(k) = self.fed.known.get(from)
+            && k.key != key
+        {
+            return refuse(self, "its id is pinned to another key");
+        }
+        if let Ok(assigned) = env.fields().str("assigned_id")
+            && assigned != self.id
+        {
+            warn!(
+                "peer {from} assigned us id {assigned:?}; keeping {}",
+                self.id
+            );
+        }
+        if !self.link_up(now, conn, from, true, &host, port, &key) {
+            return;
+        }
+        let from = from.to_string();
+        if let Some(Value::Array(servers)) = env.payload.get("servers") {
+            for s in servers {
+                if let Some(s) = s.as_object() {
+                    self.learn_server(now, s, &from);
+                }
+            }
+        }
+        if let Some(Value::Array(clients)) = env.payload.get("clients") {
+            for c in clients {
+                if let Some(c) = c.as_object() {
+                    self.learn_remote_user(now, c, None);
+                }
+            }
+        }
+        // §4.3: tell every linked server where we are.
+        let signed = self.sign(&self.hello_payload());
+        let text = self.own_broadcast(now, types::SERVER_ANNOUNCE, &signed);
+        self.send_links(text, None);
+    }
+
+    // ------------------------------------------------------------ being dialled (§4.3)
+
+    pub(crate) fn on_server_hello(&mut self, now: Time, conn: ConnId, env: &Envelope) {
+        if let Err(err) = self.accept_server_hello(now, conn, env) {
+            info!("conn {conn}: {} refused: {}", env.kind, err.detail);
+            self.error(now, conn, &err);
+            self.close(now, conn, close::POLICY, "link refused");
+        }
+    }
+
+    fn accept_server_hello(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        env: &Envelope,
+    ) -> Result<(), WireError> {
+        let from = env.from.as_str();
+        wire::check_id("from", from)?;
+        let f = env.fields();
+        let host = f.str("host")?.to_string();
+        let port = port_of(f)?;
+        let key = self.parse_key("pubkey", f.str("pubkey")?)?;
+        if !wire::verify_payload_sig(&key, &env.payload, &env.sig)? {
+            return Err(WireError::new(
+                ErrorCode::InvalidSig,
+                "hello signature does not verify with the key it carries",
+            ));
+        }
+        if from == self.id {
+            return Err(WireError::new(
+                ErrorCode::BadKey,
+                "that is this server's id",
+            ));
+        }
+        match self.fed.known.get(from) {
+            Some(k) if k.key != key => {
+                return Err(WireError::new(
+                    ErrorCode::BadKey,
+                    "key does not match the one pinned for this server id",
+                ));
+            }
+            Some(_) => {}
+            None if self.fed.is_pinned_key(&key) || self.fed.cfg.open_join => {}
+            None => {
+                return Err(WireError::new(
+                    ErrorCode::BadKey,
+                    "server key not pinned here (give it with --bootstrap, or run --open-join)",
+                ));
+            }
+        }
+        info!(
+            "server {from} (ws://{host}:{port}) dialled us: {}",
+            env.kind
+        );
+        if env.kind == types::SERVER_HELLO_JOIN {
+            let servers: Vec<Value> = self
+                .fed
+                .links
+                .keys()
+                .filter(|id| id.as_str() != from)
+                .filter_map(|id| {
+                    self.fed.known.get(id).map(|k| {
+                        json!({"server_id": id, "host": k.host, "port": k.port,
+                               "pubkey": k.key.encoded()})
+                    })
+                })
+                .collect();
+            let welcome = json!({
+                "assigned_id": from,
+                "servers": servers,
+                "clients": self.dir.list_json(),
+            });
+            self.send_signed(now, conn, types::SERVER_WELCOME, from, &welcome);
+        }
+        self.link_up(now, conn, from, false, &host, port, &key);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ links
+
+    /// A link to `server_id` is up on `conn`. Keeps one link per pair (the one dialled by the
+    /// smaller id); returns false when this one lost and was closed.
+    #[allow(clippy::too_many_arguments)]
+    fn link_up(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        server_id: &str,
+        dialled_by_us: bool,
+        host: &str,
+        port: u16,
+        key: &Arc<PublicKey>,
+    ) -> bool {
+        if let Some(old) = self.fed.links.get(server_id) {
+            let we_are_smaller = self.id.as_str() < server_id;
+            // Same direction: the new link replaces a stale one. Otherwise the smaller id's
+            // dial wins, on both ends alike.
+            let keep_new = old.dialled_by_us == dialled_by_us || dialled_by_us == we_are_smaller;
+            let dialler = if we_are_smaller {
+                self.id.as_str()
+            } else {
+                server_id
+            };
+            info!("two links with {server_id}: keeping the one {dialler} dialled");
+            if !keep_new {
+                self.close(now, conn, close::NORMAL, "duplicate link");
+                return false;
+            }
+            let old_conn = old.conn;
+            self.fed.links.remove(server_id);
+            self.close(now, old_conn, close::NORMAL, "duplicate link");
+        }
+        self.set_state(
+            conn,
+            State::Peer {
+                server_id: server_id.to_string(),
+            },
+        );
+        self.fed.links.insert(
+            server_id.to_string(),
+            Link {
+                conn,
+                dialled_by_us,
+                last_rx_ms: now.mono_ms,
+            },
+        );
+        self.pin_server(server_id, host, port, key);
+        let mut have_target = false;
+        for target in self.fed.targets.iter_mut().filter(|t| t.key == *key) {
+            target.id = Some(server_id.to_string());
+            target.state = TargetState::Linked;
+            target.attempts = 0;
+            have_target = true;
+        }
+        if !have_target && self.fed.cfg.mesh {
+            // Remember it, so we redial it too if the link drops.
+            if let Some(t) = self.fed.add_target(Some(server_id), host, port, key) {
+                self.fed.targets[t as usize].state = TargetState::Linked;
+            }
+        }
+        let by = if dialled_by_us { "us" } else { "them" };
+        info!("link up with server {server_id} at ws://{host}:{port} (dialled by {by})");
+
+        // §4.3: after the link is up, our directory of online users, as USER_ADVERTISE.
+        let adverts: Vec<SignedPayload> = self.adverts.values().cloned().collect();
+        for signed in adverts {
+            let text = self.own_broadcast(now, types::USER_ADVERTISE, &signed);
+            self.out.push(Action::Send { conn, text });
+        }
+        let payload = json!({"version": self.channel.version(), "wraps": []});
+        let signed = self.sign(&payload);
+        let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);
+        self.out.push(Action::Send { conn, text });
+        true
+    }
+
+    /// The link to `server_id` on `conn` is gone: its users go offline here, and we redial.
+    pub(crate) fn link_down(&mut self, now: Time, conn: ConnId, server_id: &str) {
+        if self.fed.links.get(server_id).map(|l| l.conn) != Some(conn) {
+            return; // a duplicate that lost; the surviving link stands
+        }
+        self.fed.links.remove(server_id);
+        info!("link to server {server_id} down");
+        let gone = self.dir.users_hosted_by(server_id);
+        for user_id in &gone {
+            if self.dir.remove_if_hosted_by(user_id, server_id).is_some() {
+                let payload = json!({"user_id": user_id, "server_id": server_id});
+                self.broadcast_local(now, types::USER_REMOVE, &payload);
+            }
+        }
+        if !gone.is_empty() {
+            info!("{} users behind server {server_id} now offline", gone.len());
+            self.channel.bump();
+        }
+        let key = self.fed.known.get(server_id).map(|k| Arc::clone(&k.key));
+        let targets: Vec<u32> = (0..self.fed.targets.len() as u32)
+            .filter(|&t| {
+                let target = &self.fed.targets[t as usize];
+                target.id.as_deref() == Some(server_id) || Some(&target.key) == key.as_ref()
+            })
+            .collect();
+        for t in targets {
+            self.fed.targets[t as usize].attempts = 0;
+            self.fed.targets[t as usize].state = TargetState::Dialling;
+            self.schedule_redial(now, t);
+        }
+    }
+
+    /// Pins `server_id` to `key` at `host:port` and saves it; unchanged entries cost nothing.
+    fn pin_server(&mut self, server_id: &str, host: &str, port: u16, key: &Arc<PublicKey>) {
+        if let Some(k) = self.fed.known.get(server_id)
+            && k.key == *key
+            && k.host == host
+            && k.port == port
+        {
+            return;
+        }
+        self.fed.known.insert(
+            server_id.to_string(),
+            Known {
+                key: Arc::clone(key),
+                host: host.to_string(),
+                port,
+            },
+        );
+        let record = ServerRecord {
+            server_id: server_id.to_string(),
+            host: host.to_string(),
+            port,
+            pubkey: key.encoded().to_string(),
+            pinned: true,
+        };
+        if let Err(e) = self.store.upsert_server(&record) {
+            warn!("could not save server {server_id}: {e}");
+        }
+    }
+
+    /// A server named in a `SERVER_WELCOME` from `via` (which vouches for it).
+    fn learn_server(&mut self, now: Time, entry: &Map<String, Value>, via: &str) {
+        let f = Fields(entry);
+        let (Ok(id), Ok(host), Ok(port), Ok(pubkey)) = (
+            f.id("server_id"),
+            f.str("host"),
+            port_of(f),
+            f.str("pubkey"),
+        ) else {
+            return debug!("ignoring a malformed server entry from {via}");
+        };
+        if id == self.id {
+            return;
+        }
+        let key = match self.keys.get(pubkey) {
+            Ok(k) => k,
+            Err(e) => return warn!("server {id} listed by {via} has an unusable key: {e}"),
+        };
+        if let Some(k) = self.fed.known.get(id)
+            && k.key != key
+        {
+            return warn!("{via} lists server {id} with a key other than the pinned one");
+        }
+        let (id, host) = (id.to_string(), host.to_string());
+        self.pin_server(&id, &host, port, &key);
+        self.ensure_target(now, &id, &host, port, &key);
+    }
+
+    /// Records a remote user `{user_id, server_id, pubkey, meta}` and tells local users.
+    /// With `from`, the entry must be hosted by that server (§7).
+    fn learn_remote_user(&mut self, now: Time, entry: &Map<String, Value>, from: Option<&str>) {
+        let f = Fields(entry);
+        let (Ok(user_id), Ok(server_id)) = (f.id("user_id"), f.id("server_id")) else {
+            return debug!("ignoring a malformed directory entry");
+        };
+        if server_id == self.id || from.is_some_and(|s| s != server_id) {
+            return;
+        }
+        let meta = entry
+            .get("meta")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        // *Accept*: the key at the top or inside meta (§7).
+        let Some(key_text) = f
+            .str("pubkey")
+            .ok()
+            .or_else(|| meta.get("pubkey").and_then(Value::as_str))
+        else {
+            return debug!("directory entry for {user_id} has no key");
+        };
+        let pubkey = match self.keys.get(key_text) {
+            Ok(k) => k,
+            Err(e) => return info!("ignoring user {user_id}: {e}"),
+        };
+        if let Some(existing) = self.dir.get(user_id) {
+            if existing.local.is_some() {
+                return; // online here: ours wins
+            }
+            if existing.server_id == server_id && existing.pubkey == pubkey && existing.meta == meta
+            {
+                return; // nothing new
+            }
+        }
+        let entry = Entry {
+            server_id: server_id.to_string(),
+            local: None,
+            pubkey,
+            meta,
+        };
+        let relay = Directory::entry_json(user_id, &entry);
+        self.dir.insert(user_id, entry);
+        debug!("user {user_id} online at server {server_id}");
+        self.broadcast_local(now, types::USER_ADVERTISE, &relay);
+    }
+
+    // ------------------------------------------------------------ frames from peers
+
+    pub(crate) fn on_peer_frame(
+        &mut self,
+        now: Time,
+        link: &str,
+        env: &Envelope,
+        text: &str,
+    ) -> Result<(), WireError> {
+        if let Some(l) = self.fed.links.get_mut(link) {
+            l.last_rx_ms = now.mono_ms;
+        }
+        if env.kind == types::ERROR {
+            let f = env.fields();
+            info!(
+                "server {link} reports {}: {}",
+                f.str("code").unwrap_or("?"),
+                f.str("detail").unwrap_or("")
+            );
+            return Ok(()); // never answer an error with an error
+        }
+        // §6 *Who may sign*: the pinned key of `from`. An ANNOUNCE from a server we do not know
+        // yet introduces it, proving possession of the key it carries; the link vouches for it.
+        let key = match self.fed.known.get(&env.from) {
+            Some(k) => Arc::clone(&k.key),
+            None if env.kind == types::SERVER_ANNOUNCE => {
+                wire::check_id("from", &env.from)?;
+                self.parse_key("pubkey", env.fields().str("pubkey")?)?
+            }
+            None => {
+                return Err(WireError::new(
+                    ErrorCode::InvalidSig,
+                    format!("unknown or unpinned server {:?}", env.from),
+                ));
+            }
+        };
+        let canonical = canon::canonical(&Value::Object(env.payload.clone()))?;
+        let dedup_key = dedup::key(&env.kind, &env.from, &env.to, env.ts, &canonical);
+        match self.fed.seen.check(&dedup_key, env.ts, now.wall_ms) {
+            Ok(()) => {}
+            Err(Stale::Duplicate) => return Ok(()),
+            Err(Stale::OutOfWindow) => {
+                debug!(
+                    "dropping {} from {}: ts outside the window",
+                    env.kind, env.from
+                );
+                return Ok(());
+            }
+        }
+        if !wire::verify_canonical(&key, &canonical, &env.payload, &env.sig)? {
+            return Err(WireError::new(
+                ErrorCode::InvalidSig,
+                format!("{} signature does not verify", env.kind),
+            ));
+        }
+        self.fed.seen.insert(dedup_key, now.wall_ms);
+        match env.kind.as_str() {
+            types::HEARTBEAT => Ok(()),
+            types::SERVER_ANNOUNCE => self.on_announce(now, env, key, link, text),
+            types::USER_ADVERTISE => {
+                if env.fields().str("server_id")? != env.from {
+                    return Err(WireError::new(
+                        ErrorCode::InvalidSig,
+                        "USER_ADVERTISE server_id differs from its sender",
+                    ));
+                }
+                self.learn_remote_user(now, &env.payload, Some(&env.from));
+                self.forward(text, link);
+                Ok(())
+            }
+            types::USER_REMOVE => {
+                let f = env.fields();
+                let (user_id, server_id) = (f.id("user_id")?, f.str("server_id")?);
+                if server_id != env.from {
+                    return Err(WireError::new(
+                        ErrorCode::InvalidSig,
+                        "USER_REMOVE server_id differs from its sender",
+                    ));
+                }
+                if self.dir.remove_if_hosted_by(user_id, server_id).is_some() {
+                    debug!("user {user_id} offline at server {server_id}");
+                    let payload = json!({"user_id": user_id, "server_id": server_id});
+                    self.broadcast_local(now, types::USER_REMOVE, &payload);
+                }
+                self.forward(text, link);
+                Ok(())
+            }
+            types::PUBLIC_CHANNEL_ADD => {
+                self.forward(text, link);
+                Ok(())
+            }
+            types::PUBLIC_CHANNEL_UPDATED => {
+                self.channel.adopt(env.fields().i64("version")?);
+                self.forward(text, link);
+                Ok(())
+            }
+            types::SERVER_DELIVER
+            | types::MSG_PUBLIC_CHANNEL
+            | types::FILE_START
+            | types::FILE_CHUNK
+            | types::FILE_END => self.on_peer_delivery(now, env, link, text),
+            types::SERVER_WELCOME | types::SERVER_HELLO_JOIN | types::SERVER_HELLO_LINK => {
+                debug!("ignoring {} on an established link", env.kind);
+                Ok(())
+            }
+            other => Err(WireError::new(
+                ErrorCode::UnknownType,
+                format!(
+                    "unknown type {:?}",
+                    other.chars().take(40).collect::<String>()
+                ),
+            )),
+        }
+    }
+
+    fn on_announce(
+        &mut self,
+        now: Time,
+        env: &Envelope,
+        key: Arc<PublicKey>,
+        link: &str,
+        text: &str,
+    ) -> Result<(), WireError> {
+        let f = env.fields();
+        let host = f.str("host")?.to_string();
+        let port = port_of(f)?;
+        if self.parse_key("pubkey", f.str("pubkey")?)? != key {
+            return Err(WireError::field(
+                "pubkey",
+                "differs from the key pinned for this server",
+            ));
+        }
+        let from = env.from.clone();
+        if from != self.id {
+            if !self.fed.known.contains_key(&from) {
+                info!("learned server {from} at ws://{host}:{port} from server {link}");
+            }
+            self.pin_server(&from, &host, port, &key);
+            self.ensure_target(now, &from, &host, port, &key);
+        }
+        self.forward(text, link);
+        Ok(())
+    }
+
+    /// `SERVER_DELIVER`, server-to-server `MSG_PUBLIC_CHANNEL` and file frames (§6).
+    fn on_peer_delivery(
+        &mut self,
+        now: Time,
+        env: &Envelope,
+        link: &str,
+        text: &str,
+    ) -> Result<(), WireError> {
+        if env.to != self.id {
+            // Relay unchanged toward `to`, never back where it came from.
+            if !self.send_toward(&env.to, Text::from(text.to_string()), Some(link)) {
+                debug!("no route to server {} for a relayed {}", env.to, env.kind);
+            }
+            return Ok(());
+        }
+        let f = env.fields();
+        let user_id = f.id("user_id")?;
+        let sender = f.id("sender")?;
+        // A delivery may claim only a sender its signing server hosts (§6).
+        if self.dir.get(sender).map(|e| e.server_id.as_str()) != Some(env.from.as_str()) {
+            return Err(WireError::new(
+                ErrorCode::InvalidSig,
+                format!("server {} does not host {sender}", env.from),
+            ));
+        }
+        let Some(dest) = self.dir.get(user_id).and_then(|e| e.local) else {
+            debug!("{} for {user_id}, who is not here: dropped", env.kind);
+            return Ok(());
+        };
+        let mut payload = env.payload.clone();
+        payload.remove("user_id");
+        let kind = match env.kind.as_str() {
+            types::SERVER_DELIVER => types::USER_DELIVER,
+            other => other,
+        };
+        self.send_signed(now, dest, kind, user_id, &Value::Object(payload));
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ sending between servers
+
+    /// Sends `text` toward server `host`: over its link, else to every link (§6 steps 2–3),
+    /// never to `except`. Returns whether it went anywhere.
+    pub(crate) fn send_toward(&mut self, host: &str, text: Text, except: Option<&str>) -> bool {
+        if Some(host) != except
+            && let Some(link) = self.fed.links.get(host)
+        {
+            self.out.push(Action::Send {
+                conn: link.conn,
+                text,
+            });
+            return true;
+        }
+        self.send_links(text, except) > 0
+    }
+
+    /// Sends `text` to every linked server but `except`; returns how many.
+    fn send_links(&mut self, text: Text, except: Option<&str>) -> usize {
+        let conns: Vec<ConnId> = self.fed.link_conns(except).collect();
+        for &conn in &conns {
+            self.out.push(Action::Send {
+                conn,
+                text: text.clone(),
+            });
+        }
+        conns.len()
+    }
+
+    /// Forwards a broadcast unchanged to every link but the one it came from (§6).
+    fn forward(&mut self, text: &str, came_from: &str) {
+        if self.fed.links.len() > 1 {
+            self.send_links(Text::from(text.to_string()), Some(came_from));
+        }
+    }
+
+    /// Tells linked servers about a membership change of the public channel (§8).
+    pub(crate) fn announce_channel(&mut self, now: Time, added: Option<&str>) {
+        if self.fed.links.is_empty() {
+            return;
+        }
+        let version = self.channel.version();
+        if let Some(user_id) = added {
+            let payload = json!({"add": [user_id], "if_version": version - 1});
+            let signed = self.sign(&payload);
+            let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_ADD, &signed);
+            self.send_links(text, None);
+        }
+        let payload = json!({"version": version, "wraps": []});
+        let signed = self.sign(&payload);
+        let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);
+        self.send_links(text, None);
+    }
+
+    /// Heartbeats to every link; links silent too long are declared dead (§4.4).
+    pub(crate) fn on_heartbeat(&mut self, now: Time) {
+        let dead_after = self.fed.cfg.dead_after_ms;
+        let dead: Vec<(String, ConnId, u64)> = self
+            .fed
+            .links
+            .iter()
+            .map(|(id, l)| (id.clone(), l.conn, now.mono_ms.saturating_sub(l.last_rx_ms)))
+            .filter(|(_, _, silent)| *silent >= dead_after)
+            .collect();
+        for (id, conn, silent) in dead {
+            warn!("link to server {id} silent for {silent} ms: declaring it dead");
+            self.close(now, conn, close::GOING_AWAY, "link dead");
+        }
+        if !self.fed.links.is_empty() {
+            let signed = match &self.fed.heartbeat {
+                Some(s) => s.clone(),
+                None => {
+                    let s = self.sign(&json!({}));
+                    self.fed.heartbeat = Some(s.clone());
+                    s
+                }
+            };
+            let links: Vec<(String, ConnId)> = self
+                .fed
+                .links
+                .iter()
+                .map(|(id, l)| (id.clone(), l.conn))
+                .collect();
+            for (id, conn) in links {
+                let text =
+                    wire::encode_frame(types::HEARTBEAT, &self.id, &id, now.wall_ms, &signed);
+                self.out.push(Action::Send {
+                    conn,
+                    text: text.into(),
+                });
+            }
+        }
+        self.out.push(Action::Timer {
+            at_ms: now.mono_ms + self.fed.cfg.heartbeat_ms,
+            timer: Timer::Heartbeat,
+        });
+    }
+}
+
+fn port_of(f: Fields<'_>) -> Result<u16, WireError> {
+    match f.i64("port")? {
+        p @ 1..=65535 => Ok(p as u16),
+        _ => Err(WireError::field("port", "must be 1-65535")),
+    }
+}
