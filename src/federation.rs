@@ -796,6 +796,9 @@ impl Server {
             );
             return Ok(()); // never answer an error with an error
         }
+        if env.from == self.id {
+            return Ok(()); // our own frame, flooded back to us
+        }
         // §6 *Who may sign*: the pinned key of `from`. An ANNOUNCE from a server we do not know
         // yet introduces it, proving possession of the key it carries; the link vouches for it.
         let key = match self.fed.known.get(&env.from) {
