@@ -14,8 +14,6 @@ use crate::crypto::{self, PrivateKey, PublicKey};
 use crate::wire::{self, Envelope, SignedPayload, types};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -69,28 +67,14 @@ impl Identity {
 
     /// Writes the key file (mode 0600; the directory is created 0700 if missing).
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-        }
         let body = json!({
             "user_id": self.user_id,
             "display_name": self.display_name,
             "private_key": self.key.to_pem(),
         });
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)?;
-        file.write_all(format!("{body:#}\n").as_bytes())?;
-        file.sync_all()
+        crate::identity::write_private_json(path, &body)
     }
 }
-
-use std::os::unix::fs::DirBuilderExt;
 
 /// Server keys pinned per URL (trust on first use), kept in a small JSON file.
 #[derive(Debug, Default)]

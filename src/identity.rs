@@ -9,7 +9,7 @@ use crate::crypto::PrivateKey;
 use crate::store::Store;
 use serde_json::{Value, json};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Loads the identity from `path`, creating it when the file does not exist. `id_override`
@@ -73,10 +73,18 @@ fn parse_key_file(text: &str) -> Result<(Option<String>, PrivateKey), String> {
 }
 
 fn write_key_file(path: &Path, id: &str, key: &PrivateKey) -> std::io::Result<()> {
+    write_private_json(path, &json!({"server_id": id, "private_key": key.to_pem()}))
+}
+
+/// Writes a new secret file (key material): JSON, mode 0600, never overwriting; its directory is
+/// created 0700 when missing. Synced before returning.
+pub fn write_private_json(path: &Path, body: &Value) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
-    let body = json!({"server_id": id, "private_key": key.to_pem()});
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -249,31 +249,44 @@ impl Net {
         }
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream, addr: std::net::SocketAddr) {
+    fn add_conn(&mut self, stream: TcpStream, addr: std::net::SocketAddr) {
+        let ws_config = self.ws_config;
+        // The handshake starts when the request arrives (a readable event).
+        let io =
+            |stream| Io::Handshaking(ServerHandshake::start(stream, NoCallback, Some(ws_config)));
+        match self.insert_conn(stream, io, None) {
+            Ok(id) => debug!("conn {id}: accepted from {addr}"),
+            Err(e) => warn!("register {addr}: {e}"),
+        }
+    }
+
+    /// Registers a new socket with the poll under a fresh slab slot and [`ConnId`], and arms
+    /// its handshake deadline.
+    fn insert_conn(
+        &mut self,
+        mut stream: TcpStream,
+        io: impl FnOnce(TcpStream) -> Io,
+        dial: Option<u32>,
+    ) -> io::Result<ConnId> {
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
-        self.serial = self.serial.wrapping_add(1);
-        let id = ConnId((u64::from(self.serial) << 32) | idx as u64);
-        if let Err(e) = self.poll.registry().register(
+        self.poll.registry().register(
             &mut stream,
             Token(idx),
             Interest::READABLE | Interest::WRITABLE,
-        ) {
-            warn!("register {addr}: {e}");
-            return;
-        }
-        debug!("conn {}: accepted from {addr}", id);
-        // The handshake starts when the request arrives (a readable event).
-        let mid = ServerHandshake::start(stream, NoCallback, Some(self.ws_config));
+        )?;
+        self.serial = self.serial.wrapping_add(1);
+        let id = ConnId((u64::from(self.serial) << 32) | idx as u64);
         entry.insert(Conn {
             id,
-            io: Io::Handshaking(mid),
-            dial: None,
+            io: io(stream),
+            dial,
             discard: false,
             dirty: false,
         });
         let at = self.mono_ms() + self.handshake_timeout_ms;
         self.wheel.insert(at, NetTimer::Handshake(id));
+        Ok(id)
     }
 
     fn drive_handshake(&mut self, idx: usize) {
@@ -314,36 +327,24 @@ impl Net {
             Ok(None) => return self.dial_failed(now, target, "no address for that host"),
             Err(e) => return self.dial_failed(now, target, &format!("address lookup: {e}")),
         };
-        let mut stream = match TcpStream::connect(addr) {
+        let stream = match TcpStream::connect(addr) {
             Ok(s) => s,
             Err(e) => return self.dial_failed(now, target, &e.to_string()),
         };
-        let entry = self.conns.vacant_entry();
-        let idx = entry.key();
-        self.serial = self.serial.wrapping_add(1);
-        let id = ConnId((u64::from(self.serial) << 32) | idx as u64);
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            Token(idx),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            return self.dial_failed(now, target, &e.to_string());
-        }
         let url = if host.contains(':') {
             format!("ws://[{host}]:{port}/")
         } else {
             format!("ws://{host}:{port}/")
         };
-        debug!("conn {id}: connecting to {url}");
-        entry.insert(Conn {
-            id,
-            io: Io::Connecting { stream, url },
-            dial: Some(target),
-            discard: false,
-            dirty: false,
-        });
-        let at = self.mono_ms() + self.handshake_timeout_ms;
-        self.wheel.insert(at, NetTimer::Handshake(id));
+        let shown = url.clone();
+        match self.insert_conn(
+            stream,
+            |stream| Io::Connecting { stream, url },
+            Some(target),
+        ) {
+            Ok(id) => debug!("conn {id}: connecting to {shown}"),
+            Err(e) => self.dial_failed(now, target, &e.to_string()),
+        }
     }
 
     fn dial_failed(&mut self, now: Time, target: u32, reason: &str) {
