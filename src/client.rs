@@ -159,6 +159,8 @@ pub enum Event {
         detail: String,
     },
     Warning(String),
+    /// Something the client did that the person should know about.
+    Notice(String),
     Closed,
 }
 
@@ -203,6 +205,7 @@ impl Event {
             }
             Event::ServerError { code, detail } => format!("! {code}: {detail}"),
             Event::Warning(w) => format!("! warning: {w}"),
+            Event::Notice(n) => format!("* {n}"),
             Event::Closed => "* disconnected".to_string(),
         }
     }
@@ -244,6 +247,7 @@ impl Event {
                 json!({"event": "error", "code": code, "detail": detail})
             }
             Event::Warning(w) => json!({"event": "warning", "detail": w}),
+            Event::Notice(n) => json!({"event": "notice", "detail": n}),
             Event::Closed => json!({"event": "closed"}),
         }
     }
@@ -296,6 +300,12 @@ impl Session {
             outbox: Vec::new(),
             events: Vec::new(),
         }
+    }
+
+    /// Whether a request is still waiting for its answer (`/list`): at the end of piped input
+    /// the client waits for these before leaving, so `echo /list | socp …` prints the list.
+    pub fn awaiting_replies(&self) -> bool {
+        self.lists_requested > 0
     }
 
     /// The hello is complete and the directory snapshot has arrived (§7): commands typed

@@ -1,4 +1,5 @@
 //! SOCP v1.3: a federated, end-to-end encrypted chat server and its line client.
+pub mod account;
 pub mod b64;
 pub mod canon;
 pub mod channel;
@@ -10,6 +11,7 @@ pub mod directory;
 pub mod federation;
 pub mod identity;
 pub mod ids;
+pub mod login;
 pub mod net;
 pub mod server;
 pub mod store;

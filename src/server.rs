@@ -158,24 +158,40 @@ pub(crate) struct Challenge {
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) state: State,
-    errors: ErrorBudget,
+    errors: Bucket,
+    /// Login attempts on this connection (§5.3).
+    pub(crate) logins: Bucket,
 }
 
-/// Errors cost a signature each, so a connection that keeps provoking them is answered only
-/// while its budget lasts (a token bucket); the rest are dropped unanswered and logged.
-#[derive(Debug)]
-struct ErrorBudget {
+/// A token bucket. Errors cost a signature each, so a connection that keeps provoking them is
+/// answered only while its budget lasts; login attempts are limited the same way (§5.3).
+#[derive(Debug, Clone)]
+pub(crate) struct Bucket {
     tokens: u32,
     last_refill_ms: u64,
 }
 
-impl ErrorBudget {
-    fn take(&mut self, now_ms: u64, limits: &Limits) -> bool {
-        let refill_every = (1000 / u64::from(limits.error_refill_per_s.max(1))).max(1);
-        let earned = now_ms.saturating_sub(self.last_refill_ms) / refill_every;
+impl Bucket {
+    pub(crate) fn new(burst: u32, now_ms: u64) -> Bucket {
+        Bucket {
+            tokens: burst,
+            last_refill_ms: now_ms,
+        }
+    }
+
+    /// Whether the bucket would hold all `burst` tokens at `now_ms`.
+    pub(crate) fn is_full_at(&self, now_ms: u64, burst: u32, refill_ms: u64) -> bool {
+        let earned = now_ms.saturating_sub(self.last_refill_ms) / refill_ms.max(1);
+        u64::from(self.tokens) + earned >= u64::from(burst)
+    }
+
+    /// Takes one token if there is one; `burst` tokens at most, one more every `refill_ms`.
+    pub(crate) fn take(&mut self, now_ms: u64, burst: u32, refill_ms: u64) -> bool {
+        let refill_ms = refill_ms.max(1);
+        let earned = now_ms.saturating_sub(self.last_refill_ms) / refill_ms;
         if earned > 0 {
-            self.tokens = (self.tokens as u64 + earned).min(limits.error_burst as u64) as u32;
-            self.last_refill_ms += earned * refill_every;
+            self.tokens = (self.tokens as u64 + earned).min(burst as u64) as u32;
+            self.last_refill_ms += earned * refill_ms;
         }
         if self.tokens == 0 {
             return false;
@@ -206,6 +222,8 @@ pub struct Server {
     /// The signed `USER_ADVERTISE` payload of each local user: constant while the user is
     /// online, so every link that comes up gets it without a new signature.
     pub(crate) adverts: HashMap<String, SignedPayload>,
+    /// Login attempts per display name (§5.3), bounded.
+    pub(crate) login_names: HashMap<String, Bucket>,
     error_sigs: ErrorSigs,
     /// The signed `LIST_RESPONSE` payload for the directory version it was built at: the
     /// payload changes only when the directory does, so repeated requests cost no signature.
@@ -233,6 +251,7 @@ impl Server {
             list_cache: None,
             fed: Federation::new(FedConfig::default()),
             adverts: HashMap::new(),
+            login_names: HashMap::new(),
             out: Vec::new(),
         }
     }
@@ -334,10 +353,8 @@ impl Server {
             conn,
             Conn {
                 state,
-                errors: ErrorBudget {
-                    tokens: self.limits.error_burst,
-                    last_refill_ms: now.mono_ms,
-                },
+                errors: Bucket::new(self.limits.error_burst, now.mono_ms),
+                logins: Bucket::new(crate::login::CONN_BURST, now.mono_ms),
             },
         );
     }
@@ -396,12 +413,13 @@ impl Server {
                 self.on_server_hello(now, conn, env);
                 Ok(())
             }
-            types::USER_REGISTER | types::USER_LOGIN => {
+            types::USER_REGISTER => {
                 self.set_state(conn, State::UserPending);
-                Err(WireError::new(
-                    ErrorCode::UnknownType,
-                    "accounts are not enabled on this server; use USER_HELLO",
-                ))
+                self.on_register(now, conn, env)
+            }
+            types::USER_LOGIN => {
+                self.set_state(conn, State::UserPending);
+                self.on_login(now, conn, env)
             }
             _ if fresh => {
                 let err = WireError::new(
@@ -866,7 +884,11 @@ impl Server {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if !c.errors.take(now.mono_ms, &self.limits) {
+        let refill_ms = 1000 / u64::from(self.limits.error_refill_per_s.max(1));
+        if !c
+            .errors
+            .take(now.mono_ms, self.limits.error_burst, refill_ms)
+        {
             debug!("conn {}: error budget spent, not answering {err}", conn);
             return;
         }
@@ -917,7 +939,7 @@ fn unknown_type(kind: &str) -> WireError {
     WireError::new(ErrorCode::UnknownType, format!("unknown type {shown:?}"))
 }
 
-fn store_error(e: &crate::store::StoreError) -> WireError {
+pub(crate) fn store_error(e: &crate::store::StoreError) -> WireError {
     match e {
         crate::store::StoreError::Conflict(what) => WireError::new(ErrorCode::BadKey, *what),
         other => {

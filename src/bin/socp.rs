@@ -23,12 +23,19 @@ const STDIN: Token = Token(1);
 const USAGE: &str = "\
 socp: a SOCP v1.3 chat client
 
-USAGE: socp --name NAME [--server ws://HOST:PORT] [OPTIONS]
+USAGE: socp --name NAME [--server ws://HOST:PORT] [OPTIONS]     a key file on this machine
+       socp --login NAME [--password-file PATH] [OPTIONS]      an account on the server
+       socp --register NAME [--password-file PATH] [OPTIONS]   create that account
+       socp [OPTIONS]                       then type /register NAME or /login NAME
 
 OPTIONS:
   --server URL      server to connect to        [env SOCP_SERVER, default ws://127.0.0.1:8765]
   --name NAME       your display name (1-32 of [A-Za-z0-9._-]); picks the key file
   --key PATH        key file                    [default DATA_DIR/NAME.json, created 0600]
+  --login NAME      log in to an account: the server keeps your key sealed by your password
+  --register NAME   create an account with a new key, then log in
+  --password-file PATH  read the password from the first line of PATH (for scripts);
+                    otherwise it is asked for on the terminal, without echo
   --data-dir DIR    where keys and server pins live [env SOCP_DATA_DIR, default ~/.local/share/socp]
   --json            one JSON object per output line
   -h, --help        this help
@@ -37,9 +44,20 @@ OPTIONS:
 Then type /help for the commands.
 ";
 
+/// How the client gets its identity.
+enum Mode {
+    /// A key file on this machine (`--name`).
+    KeyFile(String),
+    /// An account on the server (`--login` / `--register`).
+    Account { name: String, register: bool },
+    /// Ask: the first command is `/register` or `/login`.
+    Ask,
+}
+
 struct Args {
     server: String,
-    name: String,
+    mode: Mode,
+    password_file: Option<PathBuf>,
     key: Option<PathBuf>,
     data_dir: PathBuf,
     json: bool,
@@ -51,6 +69,8 @@ fn parse_args() -> Result<Option<Args>, String> {
     let env = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
     let mut server = env("SOCP_SERVER");
     let mut name = None;
+    let mut account: Option<(String, bool)> = None;
+    let mut password_file = None;
     let mut key = None;
     let mut data_dir = env("SOCP_DATA_DIR").map(PathBuf::from);
     let mut json = false;
@@ -64,6 +84,9 @@ fn parse_args() -> Result<Option<Args>, String> {
         match arg {
             Long("server") => server = Some(text(&mut parser)?),
             Long("name") => name = Some(text(&mut parser)?),
+            Long("login") => account = Some((text(&mut parser)?, false)),
+            Long("register") => account = Some((text(&mut parser)?, true)),
+            Long("password-file") => password_file = Some(PathBuf::from(text(&mut parser)?)),
             Long("key") => key = Some(PathBuf::from(text(&mut parser)?)),
             Long("data-dir") => data_dir = Some(PathBuf::from(text(&mut parser)?)),
             Long("json") => json = true,
@@ -78,21 +101,35 @@ fn parse_args() -> Result<Option<Args>, String> {
             _ => return Err(arg.unexpected().to_string()),
         }
     }
-    let name = name.ok_or("--name is required")?;
-    if !socp::ids::is_valid_display_name(&name) {
-        return Err(format!(
-            "invalid name {name:?}: use 1-32 characters of [A-Za-z0-9._-]"
-        ));
+    let mode = match (name, account) {
+        (Some(_), Some(_)) => return Err("--name and --login/--register exclude each other".into()),
+        (Some(name), None) => Mode::KeyFile(name),
+        (None, Some((name, register))) => Mode::Account { name, register },
+        (None, None) => Mode::Ask,
+    };
+    if let Mode::KeyFile(name) | Mode::Account { name, .. } = &mode {
+        check_name(name)?;
     }
     let data_dir = data_dir
         .unwrap_or_else(|| socp::config::default_data_dir(&|n| std::env::var(n).ok(), "socp"));
     Ok(Some(Args {
         server: server.unwrap_or_else(|| "ws://127.0.0.1:8765".into()),
-        name,
+        mode,
+        password_file,
         key,
         data_dir,
         json,
     }))
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if socp::ids::is_valid_display_name(name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid name {name:?}: use 1-32 characters of [A-Za-z0-9._-]"
+        ))
+    }
 }
 
 fn main() -> ExitCode {
@@ -162,27 +199,196 @@ fn connect(url: &str) -> Result<WebSocket<TcpStream>, String> {
     let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
     let (ws, _) = tungstenite::client::client_with_config(url, stream, Some(config))
         .map_err(|e| format!("WebSocket handshake with {url} failed: {e}"))?;
+    // Accounts (`/login`) take a PBKDF2 on each side: allow the reply a while.
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+/// The password: the first line of `--password-file`, else asked on the terminal without echo.
+fn password(file: Option<&PathBuf>, prompt: &str) -> Result<String, String> {
+    match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("password file {}: {e}", path.display()))?;
+            let line = text.lines().next().unwrap_or("").to_string();
+            if line.is_empty() {
+                return Err(format!("password file {} is empty", path.display()));
+            }
+            Ok(line)
+        }
+        None => rpassword::prompt_password(prompt).map_err(|e| format!("reading password: {e}")),
+    }
+}
+
+/// Sends one account frame and waits for the reply (`USER_REGISTERED`, `USER_LOGGED_IN` or
+/// `ERROR`). Returns the reply's payload, or the server's error as text.
+fn account_exchange(
+    ws: &mut WebSocket<TcpStream>,
+    frame: String,
+    want: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    ws.send(Message::Text(frame.into()))
+        .map_err(|e| format!("send failed: {e}"))?;
+    loop {
+        let text = match ws.read() {
+            Ok(Message::Text(t)) => t,
+            Ok(Message::Close(_)) => return Err("the server closed the connection".into()),
+            Ok(_) => continue,
+            Err(e) => return Err(format!("no answer from the server: {e}")),
+        };
+        let env = socp::wire::Envelope::parse(&text).map_err(|e| e.to_string())?;
+        if env.kind == want {
+            return Ok(env.payload);
+        }
+        if env.kind == socp::wire::types::ERROR {
+            let f = env.fields();
+            return Err(format!(
+                "{}: {}",
+                f.str("code").unwrap_or("ERROR"),
+                f.str("detail").unwrap_or("")
+            ));
+        }
+    }
+}
+
+/// `USER_REGISTER` then `USER_LOGIN` (§5.3): a new key, sealed by the password, kept by the
+/// server. The password never leaves this process.
+fn register(ws: &mut WebSocket<TcpStream>, name: &str, pw: &str) -> Result<Identity, String> {
+    use socp::wire::{SignedPayload, encode_frame, types};
+    let key = socp::crypto::PrivateKey::generate().map_err(|e| e.to_string())?;
+    let user_id = socp::ids::new_uuid();
+    let payload = serde_json::json!({
+        "user_id": user_id,
+        "pubkey": key.public_key().encoded(),
+        "privkey_store": socp::account::seal_private_key(&key, pw),
+        "auth": socp::account::auth_token(pw, name),
+        "meta": {"display_name": name},
+    });
+    let signed = SignedPayload::sign(&payload, &key).map_err(|e| e.to_string())?;
+    let frame = encode_frame(types::USER_REGISTER, &user_id, "", now_ms(), &signed);
+    account_exchange(ws, frame, types::USER_REGISTERED)?;
+    Ok(Identity {
+        user_id,
+        display_name: name.to_string(),
+        key,
+    })
+}
+
+/// `USER_LOGIN` (§5.3): fetch the sealed key and open it locally.
+fn login(ws: &mut WebSocket<TcpStream>, name: &str, pw: &str) -> Result<Identity, String> {
+    use socp::wire::{SignedPayload, encode_frame, types};
+    let payload = serde_json::json!({
+        "display_name": name,
+        "auth": socp::account::auth_token(pw, name),
+    });
+    let signed = SignedPayload::unsigned(&payload).map_err(|e| e.to_string())?;
+    let frame = encode_frame(types::USER_LOGIN, "", "", now_ms(), &signed);
+    let reply = account_exchange(ws, frame, types::USER_LOGGED_IN)?;
+    let f = socp::wire::Fields(&reply);
+    let user_id = f.id("user_id").map_err(|e| e.to_string())?.to_string();
+    let store = f.str("privkey_store").map_err(|e| e.to_string())?;
+    let key = socp::account::open_private_key(store, pw)
+        .map_err(|e| format!("cannot open the key the server keeps for {name}: {e}"))?;
+    Ok(Identity {
+        user_id,
+        display_name: name.to_string(),
+        key,
+    })
+}
+
+/// Gets an identity for `args.mode`, using the open connection for accounts.
+fn identity(
+    args: &Args,
+    ws: &mut WebSocket<TcpStream>,
+    printer: &Printer,
+) -> Result<Identity, String> {
+    let pw_file = args.password_file.as_ref();
+    match &args.mode {
+        Mode::KeyFile(name) => {
+            let key_path = args
+                .key
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join(format!("{name}.json")));
+            Identity::load_or_create(&key_path, name)
+        }
+        Mode::Account {
+            name,
+            register: true,
+        } => register_then_login(ws, name, &password(pw_file, "New password: ")?, printer),
+        Mode::Account {
+            name,
+            register: false,
+        } => login(ws, name, &password(pw_file, "Password: ")?),
+        Mode::Ask => ask_identity(ws, printer),
+    }
+}
+
+/// Reads `/register NAME [PASSWORD]` or `/login NAME [PASSWORD]` lines until one works.
+fn ask_identity(ws: &mut WebSocket<TcpStream>, printer: &Printer) -> Result<Identity, String> {
+    printer.print([Event::Notice(
+        "not logged in: type /register NAME or /login NAME (or /quit)".into(),
+    )]);
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let attempt = match words.as_slice() {
+            ["/quit"] => return Err("quit before logging in".into()),
+            [cmd @ ("/register" | "/login"), name, rest @ ..] if rest.len() <= 1 => {
+                let register = *cmd == "/register";
+                check_name(name).and_then(|()| {
+                    let pw = match rest {
+                        [pw] => pw.to_string(),
+                        _ => password(None, "Password: ")?,
+                    };
+                    if register {
+                        register_then_login(ws, name, &pw, printer)
+                    } else {
+                        login(ws, name, &pw)
+                    }
+                })
+            }
+            _ => Err("type /register NAME [PASSWORD] or /login NAME [PASSWORD]".into()),
+        };
+        match attempt {
+            Ok(me) => return Ok(me),
+            Err(e) => printer.print([Event::Warning(e)]),
+        }
+    }
+    Err("end of input before logging in".into())
+}
+
+fn register_then_login(
+    ws: &mut WebSocket<TcpStream>,
+    name: &str,
+    pw: &str,
+    printer: &Printer,
+) -> Result<Identity, String> {
+    let me = register(ws, name, pw)?;
+    printer.print([Event::Notice(format!(
+        "registered {name} as {}",
+        me.user_id
+    ))]);
+    login(ws, name, pw)
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let pins = Pins::load(&args.data_dir.join("server-pins.json"));
+    let mut printer = Printer {
+        json: args.json,
+        me: String::new(),
+    };
+    let mut ws = connect(&args.server)?;
+    let me = identity(&args, &mut ws, &printer)?;
+    printer.me = me.user_id.clone();
     ws.get_ref()
         .set_read_timeout(None)
         .map_err(|e| e.to_string())?;
     ws.get_ref()
         .set_nonblocking(true)
         .map_err(|e| e.to_string())?;
-    Ok(ws)
-}
-
-fn run(args: Args) -> Result<(), String> {
-    let key_path = args
-        .key
-        .clone()
-        .unwrap_or_else(|| args.data_dir.join(format!("{}.json", args.name)));
-    let me = Identity::load_or_create(&key_path, &args.name)?;
-    let pins = Pins::load(&args.data_dir.join("server-pins.json"));
-    let printer = Printer {
-        json: args.json,
-        me: me.user_id.clone(),
-    };
-    let mut ws = connect(&args.server)?;
     let mut session = Session::new(me, &args.server, pins);
 
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
@@ -296,7 +502,12 @@ fn run(args: Args) -> Result<(), String> {
             }
         }
         // End of input: leave once everything typed has been sent.
-        if stdin_done && queued.is_empty() && session.ready() && !quitting {
+        if stdin_done
+            && queued.is_empty()
+            && session.ready()
+            && !session.awaiting_replies()
+            && !quitting
+        {
             let _ = session.command("/quit", now_ms());
             quitting = true;
         }
