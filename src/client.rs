@@ -161,6 +161,20 @@ pub enum Event {
     Warning(String),
     /// Something the client did that the person should know about.
     Notice(String),
+    /// How far a file transfer has come.
+    Progress {
+        sending: bool,
+        name: String,
+        done: u64,
+        total: u64,
+    },
+    /// A file arrived whole, its size and SHA-256 checked.
+    FileReceived {
+        from: String,
+        name: String,
+        path: String,
+        size: u64,
+    },
     Closed,
 }
 
@@ -206,6 +220,19 @@ impl Event {
             Event::ServerError { code, detail } => format!("! {code}: {detail}"),
             Event::Warning(w) => format!("! warning: {w}"),
             Event::Notice(n) => format!("* {n}"),
+            Event::Progress {
+                sending,
+                name,
+                done,
+                total,
+            } => {
+                let verb = if *sending { "sending" } else { "receiving" };
+                let pct = (*done * 100).checked_div(*total).unwrap_or(100);
+                format!("{verb} {name}: {done}/{total} bytes ({pct}%)")
+            }
+            Event::FileReceived {
+                name, path, size, ..
+            } => format!("* received file from {name}: {path} ({size} bytes, SHA-256 checked)"),
             Event::Closed => "* disconnected".to_string(),
         }
     }
@@ -248,6 +275,19 @@ impl Event {
             }
             Event::Warning(w) => json!({"event": "warning", "detail": w}),
             Event::Notice(n) => json!({"event": "notice", "detail": n}),
+            Event::Progress {
+                sending,
+                name,
+                done,
+                total,
+            } => json!({"event": "progress", "direction": if *sending {"send"} else {"receive"},
+                        "name": name, "done": done, "total": total}),
+            Event::FileReceived {
+                from,
+                name,
+                path,
+                size,
+            } => json!({"event": "file", "from": from, "name": name, "path": path, "size": size}),
             Event::Closed => json!({"event": "closed"}),
         }
     }
@@ -270,12 +310,18 @@ pub struct Session {
     authenticated: bool,
     /// The directory snapshot that follows the hello has arrived: names can be resolved.
     ready: bool,
-    directory: BTreeMap<String, Peer>,
+    pub(crate) directory: BTreeMap<String, Peer>,
     lists_requested: u32,
     /// Frames to send, in order.
     pub outbox: Vec<String>,
     /// Events to show, in order.
     pub events: Vec<Event>,
+    /// Files in flight (`client_files`).
+    pub(crate) files: crate::client_files::Files,
+    /// Where received files are saved.
+    pub downloads: std::path::PathBuf,
+    /// Largest file sent or accepted, in bytes.
+    pub max_file_size: u64,
 }
 
 const HELP: &str = "\
@@ -283,6 +329,7 @@ commands:
   /list                  who is online, and where
   /tell <name|id> <text> a private message
   /all <text>            a message to everyone online
+  /file <name|id> <path> send a file
   /help                  this help
   /quit                  leave";
 
@@ -299,13 +346,16 @@ impl Session {
             lists_requested: 0,
             outbox: Vec::new(),
             events: Vec::new(),
+            files: Default::default(),
+            downloads: std::path::PathBuf::from("downloads"),
+            max_file_size: 64 << 20,
         }
     }
 
     /// Whether a request is still waiting for its answer (`/list`): at the end of piped input
     /// the client waits for these before leaving, so `echo /list | socp …` prints the list.
     pub fn awaiting_replies(&self) -> bool {
-        self.lists_requested > 0
+        self.lists_requested > 0 || self.sending_files()
     }
 
     /// The hello is complete and the directory snapshot has arrived (§7): commands typed
@@ -330,7 +380,14 @@ impl Session {
         self.push_frame(types::USER_HELLO, "", now_ms, &payload, false);
     }
 
-    fn push_frame(&mut self, kind: &str, to: &str, ts: i64, payload: &Value, sign: bool) {
+    pub(crate) fn push_frame(
+        &mut self,
+        kind: &str,
+        to: &str,
+        ts: i64,
+        payload: &Value,
+        sign: bool,
+    ) {
         let signed = if sign {
             SignedPayload::sign(payload, &self.me.key)
         } else {
@@ -368,6 +425,12 @@ impl Session {
                     Err(e) => self.events.push(Event::Warning(e)),
                 },
                 _ => self.warn("usage: /tell <name|id> <text>"),
+            },
+            "/file" => match rest.split_once(' ') {
+                Some((who, path)) if !path.trim().is_empty() => {
+                    self.start_file(who, path.trim(), now_ms)
+                }
+                _ => self.warn("usage: /file <name|id> <path>"),
             },
             "/all" => {
                 if rest.is_empty() {
@@ -513,12 +576,22 @@ impl Session {
             types::MSG_PUBLIC_CHANNEL => self.on_message(&env, true),
             types::ERROR => {
                 let f = env.fields();
+                let detail = f.str("detail").unwrap_or("").to_string();
                 self.events.push(Event::ServerError {
                     code: f.str("code").unwrap_or("ERROR").to_string(),
-                    detail: f.str("detail").unwrap_or("").to_string(),
+                    detail: detail.clone(),
                 });
+                self.on_file_error(&detail);
             }
-            types::ACK | types::HEARTBEAT => {}
+            types::FILE_START | types::FILE_CHUNK | types::FILE_END => {
+                self.on_file_frame(&env, now_ms)
+            }
+            types::ACK => {
+                if let Ok(msg_ref) = env.fields().str("msg_ref") {
+                    self.on_file_ack(msg_ref);
+                }
+            }
+            types::HEARTBEAT => {}
             other => self.warn(&format!("ignoring unexpected {other} from the server")),
         }
     }
@@ -633,7 +706,7 @@ impl Session {
         Some(id.to_string())
     }
 
-    fn name_of(&self, id: &str) -> String {
+    pub(crate) fn name_of(&self, id: &str) -> String {
         self.directory
             .get(id)
             .and_then(|p| p.name.clone())

@@ -99,6 +99,12 @@ pub struct Config {
     pub dead_after_ms: u64,
     /// Longest delay between redials. Default 60 000 ms (§4.4).
     pub backoff_max_ms: u64,
+    /// Largest file a local user may send, in bytes. Default 64 MiB (§9).
+    pub max_file_size: i64,
+    /// File transfers one user may have under way at once. Default 4.
+    pub max_transfers_per_user: usize,
+    /// A transfer with no frame for this long is aborted. Default 60 000 ms.
+    pub transfer_idle_ms: u64,
 }
 
 impl Config {
@@ -126,6 +132,9 @@ impl Config {
             heartbeat_ms: 15_000,
             dead_after_ms: 45_000,
             backoff_max_ms: 60_000,
+            max_file_size: 64 << 20,
+            max_transfers_per_user: 4,
+            transfer_idle_ms: 60_000,
         }
     }
 }
@@ -180,6 +189,8 @@ OPTIONS:
   --heartbeat-ms MS       heartbeat interval between servers [default 15000]
   --dead-after-ms MS      a silent link is dead after this [default 45000]
   --backoff-max-ms MS     longest wait between redials of a peer [default 60000]
+  --max-file-size BYTES   largest file a user here may send [default 67108864]
+  --transfer-idle-ms MS   abort a file transfer idle this long [default 60000]
   --print-pubkey          print this server's public key (what peers pin) and exit
   -h, --help              this help
   -V, --version           version
@@ -217,6 +228,8 @@ pub fn parse_server_args(
             Long("heartbeat-ms") => flags.heartbeat_ms = Some(string(&mut parser)?),
             Long("dead-after-ms") => flags.dead_after_ms = Some(string(&mut parser)?),
             Long("backoff-max-ms") => flags.backoff_max_ms = Some(string(&mut parser)?),
+            Long("max-file-size") => flags.max_file_size = Some(string(&mut parser)?),
+            Long("transfer-idle-ms") => flags.transfer_idle_ms = Some(string(&mut parser)?),
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             _ => return Err(arg.unexpected().to_string()),
@@ -288,6 +301,12 @@ pub fn parse_server_args(
     if let Some(ms) = flags.backoff_max_ms {
         cfg.backoff_max_ms = parse_positive("--backoff-max-ms", &ms)? as u64;
     }
+    if let Some(bytes) = flags.max_file_size {
+        cfg.max_file_size = parse_positive("--max-file-size", &bytes)? as i64;
+    }
+    if let Some(ms) = flags.transfer_idle_ms {
+        cfg.transfer_idle_ms = parse_positive("--transfer-idle-ms", &ms)? as u64;
+    }
     Ok(if print_pubkey {
         Command::PrintPubkey(cfg)
     } else {
@@ -314,6 +333,8 @@ struct ServerFlags {
     heartbeat_ms: Option<String>,
     dead_after_ms: Option<String>,
     backoff_max_ms: Option<String>,
+    max_file_size: Option<String>,
+    transfer_idle_ms: Option<String>,
 }
 
 fn string(parser: &mut lexopt::Parser) -> Result<String, String> {

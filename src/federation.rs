@@ -650,6 +650,7 @@ impl Server {
             if self.dir.remove_if_hosted_by(user_id, server_id).is_some() {
                 let payload = json!({"user_id": user_id, "server_id": server_id});
                 self.broadcast_local(now, types::USER_REMOVE, &payload);
+                self.transfers_user_gone(now, user_id);
             }
         }
         if !gone.is_empty() {
@@ -861,6 +862,7 @@ impl Server {
                     debug!("user {user_id} offline at server {server_id}");
                     let payload = json!({"user_id": user_id, "server_id": server_id});
                     self.broadcast_local(now, types::USER_REMOVE, &payload);
+                    self.transfers_user_gone(now, user_id);
                 }
                 self.forward(text, link);
                 Ok(())

@@ -14,6 +14,7 @@ use crate::crypto::{KeyCache, PrivateKey, PublicKey};
 use crate::directory::{Directory, Entry};
 use crate::federation::{FedConfig, Federation};
 use crate::store::{Store, UserRecord};
+use crate::transfer::{TransferLimits, Transfers};
 use crate::wire::{
     self, AuthResponse, Envelope, ErrorCode, SignedPayload, Text, UserHello, UserMessage,
     WireError, types,
@@ -75,6 +76,8 @@ pub enum Timer {
     Welcome(ConnId),
     /// Send heartbeats and check links for silence (§4.4).
     Heartbeat,
+    /// Abort file transfers that went idle (§9).
+    Transfers,
 }
 
 /// What the core asks the net layer to do, in order.
@@ -224,6 +227,8 @@ pub struct Server {
     pub(crate) adverts: HashMap<String, SignedPayload>,
     /// Login attempts per display name (§5.3), bounded.
     pub(crate) login_names: HashMap<String, Bucket>,
+    /// File transfers under way from local users (§9).
+    pub(crate) transfers: Transfers,
     error_sigs: ErrorSigs,
     /// The signed `LIST_RESPONSE` payload for the directory version it was built at: the
     /// payload changes only when the directory does, so repeated requests cost no signature.
@@ -252,6 +257,7 @@ impl Server {
             fed: Federation::new(FedConfig::default()),
             adverts: HashMap::new(),
             login_names: HashMap::new(),
+            transfers: Transfers::new(TransferLimits::default()),
             out: Vec::new(),
         }
     }
@@ -259,6 +265,12 @@ impl Server {
     /// Turns on federation with `cfg` (peers, pins, timings). Call [`Server::start`] next.
     pub fn with_federation(mut self, cfg: FedConfig) -> Server {
         self.fed = Federation::new(cfg);
+        self
+    }
+
+    /// Sets the file-transfer limits (§9).
+    pub fn with_transfer_limits(mut self, limits: TransferLimits) -> Server {
+        self.transfers = Transfers::new(limits);
         self
     }
 
@@ -315,6 +327,7 @@ impl Server {
             Input::Timer(Timer::Redial(target)) => self.on_redial(now, target),
             Input::Timer(Timer::Welcome(conn)) => self.on_welcome_deadline(now, conn),
             Input::Timer(Timer::Heartbeat) => self.on_heartbeat(now),
+            Input::Timer(Timer::Transfers) => self.on_transfer_sweep(now),
             Input::Timer(Timer::Hello(conn)) => {
                 let pending = matches!(
                     self.conns.get(&conn).map(|c| &c.state),
@@ -449,7 +462,7 @@ impl Server {
             types::MSG_DIRECT => self.on_user_message(now, user_id, env, false),
             types::MSG_PUBLIC_CHANNEL => self.on_user_message(now, user_id, env, true),
             types::FILE_START | types::FILE_CHUNK | types::FILE_END => {
-                self.on_user_file(now, user_id, env)
+                self.on_user_file(now, conn, user_id, env)
             }
             types::LIST_REQUEST => {
                 self.send_list(now, conn, user_id);
@@ -661,7 +674,13 @@ impl Server {
 
     /// `FILE_START` / `FILE_CHUNK` / `FILE_END` (§9): routed like a DM, the user's payload plus
     /// `sender` and `ts`.
-    fn on_user_file(&mut self, now: Time, user_id: &str, env: &Envelope) -> Result<(), WireError> {
+    fn on_user_file(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        user_id: &str,
+        env: &Envelope,
+    ) -> Result<(), WireError> {
         wire::check_id("to", &env.to)?;
         let f = env.fields();
         f.id("file_id")?;
@@ -685,10 +704,25 @@ impl Server {
             }
             _ => {}
         }
+        // Errors name the file, so the sender knows which transfer failed.
+        let file_id = env.fields().str("file_id").unwrap_or("?").to_string();
+        let name_file =
+            |e: WireError| WireError::new(e.code, format!("file {file_id}: {}", e.detail));
+        self.transfer_check(now, conn, user_id, env)
+            .map_err(name_file)?;
         let mut payload = env.payload.clone();
         payload.insert("sender".into(), Value::from(user_id));
         payload.insert("ts".into(), Value::from(env.ts));
-        self.route(now, &env.to, &env.kind, &env.kind, payload)
+        match self.route(now, &env.to, &env.kind, &env.kind, payload) {
+            Ok(()) => {
+                self.transfer_routed(now, conn, user_id, env);
+                Ok(())
+            }
+            Err(e) => {
+                self.transfer_failed(user_id, env);
+                Err(name_file(e))
+            }
+        }
     }
 
     /// `route(target, frame)` of §6 for a frame from a local user to user `target`.
@@ -766,6 +800,7 @@ impl Server {
                 if self.dir.remove_if_hosted_by(&user_id, &id).is_some() {
                     info!("user {user_id} offline (conn {})", conn);
                     self.adverts.remove(&user_id);
+                    self.transfers_user_gone(now, &user_id);
                     let payload = json!({"user_id": user_id, "server_id": self.id});
                     let signed = self.sign(&payload);
                     let text = self.own_broadcast(now, types::USER_REMOVE, &signed);

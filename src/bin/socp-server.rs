@@ -7,6 +7,7 @@ use socp::federation::{FedConfig, PeerSpec};
 use socp::net::Net;
 use socp::server::{Limits, Server};
 use socp::store::Store;
+use socp::transfer::TransferLimits;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -97,7 +98,14 @@ fn run(cfg: config::Config) -> Result<(), String> {
         rng_seed: u64::from_le_bytes(socp::crypto::random_bytes::<8>()),
         ..FedConfig::default()
     };
-    let core = Server::new(id, key, Limits::from(&cfg), store).with_federation(fed);
+    let transfers = TransferLimits {
+        max_file_size: cfg.max_file_size,
+        max_per_user: cfg.max_transfers_per_user,
+        idle_ms: cfg.transfer_idle_ms,
+    };
+    let core = Server::new(id, key, Limits::from(&cfg), store)
+        .with_federation(fed)
+        .with_transfer_limits(transfers);
     let net = Net::new(&cfg, listener, Some(signals), core).map_err(|e| e.to_string())?;
     net.run().map_err(|e| format!("event loop: {e}"))
 }

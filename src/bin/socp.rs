@@ -36,6 +36,8 @@ OPTIONS:
   --register NAME   create an account with a new key, then log in
   --password-file PATH  read the password from the first line of PATH (for scripts);
                     otherwise it is asked for on the terminal, without echo
+  --downloads DIR   where received files are saved [default ~/Downloads/socp]
+  --max-file-size BYTES  largest file sent or accepted [default 67108864]
   --data-dir DIR    where keys and server pins live [env SOCP_DATA_DIR, default ~/.local/share/socp]
   --json            one JSON object per output line
   -h, --help        this help
@@ -59,6 +61,8 @@ struct Args {
     mode: Mode,
     password_file: Option<PathBuf>,
     key: Option<PathBuf>,
+    downloads: PathBuf,
+    max_file_size: u64,
     data_dir: PathBuf,
     json: bool,
 }
@@ -71,6 +75,8 @@ fn parse_args() -> Result<Option<Args>, String> {
     let mut name = None;
     let mut account: Option<(String, bool)> = None;
     let mut password_file = None;
+    let mut downloads = None;
+    let mut max_file_size: u64 = 64 << 20;
     let mut key = None;
     let mut data_dir = env("SOCP_DATA_DIR").map(PathBuf::from);
     let mut json = false;
@@ -87,6 +93,13 @@ fn parse_args() -> Result<Option<Args>, String> {
             Long("login") => account = Some((text(&mut parser)?, false)),
             Long("register") => account = Some((text(&mut parser)?, true)),
             Long("password-file") => password_file = Some(PathBuf::from(text(&mut parser)?)),
+            Long("downloads") => downloads = Some(PathBuf::from(text(&mut parser)?)),
+            Long("max-file-size") => {
+                let v = text(&mut parser)?;
+                max_file_size = v.parse().map_err(|_| {
+                    format!("--max-file-size: expected a number of bytes, got {v:?}")
+                })?;
+            }
             Long("key") => key = Some(PathBuf::from(text(&mut parser)?)),
             Long("data-dir") => data_dir = Some(PathBuf::from(text(&mut parser)?)),
             Long("json") => json = true,
@@ -117,9 +130,23 @@ fn parse_args() -> Result<Option<Args>, String> {
         mode,
         password_file,
         key,
+        downloads: downloads.unwrap_or_else(|| default_downloads(&data_dir)),
+        max_file_size,
         data_dir,
         json,
     }))
+}
+
+/// `$XDG_DOWNLOAD_DIR/socp`, else `~/Downloads/socp`, else `DATA_DIR/downloads`.
+fn default_downloads(data_dir: &std::path::Path) -> PathBuf {
+    let env = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+    if let Some(dir) = env("XDG_DOWNLOAD_DIR") {
+        return PathBuf::from(dir).join("socp");
+    }
+    if let Some(home) = env("HOME") {
+        return PathBuf::from(home).join("Downloads").join("socp");
+    }
+    data_dir.join("downloads")
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -168,6 +195,16 @@ impl Printer {
     fn print(&self, events: impl IntoIterator<Item = Event>) {
         let mut out = std::io::stdout().lock();
         for event in events {
+            if let Event::Progress { .. } = event
+                && !self.json
+            {
+                // A progress line belongs to a person at a terminal, not to a script's output.
+                use std::io::IsTerminal;
+                if std::io::stderr().is_terminal() {
+                    eprint!("\r{}   ", event.human(&self.me));
+                }
+                continue;
+            }
             let line = if self.json {
                 event.json().to_string()
             } else {
@@ -390,7 +427,20 @@ fn run(args: Args) -> Result<(), String> {
         .set_nonblocking(true)
         .map_err(|e| e.to_string())?;
     let mut session = Session::new(me, &args.server, pins);
+    session.downloads = args.downloads.clone();
+    session.max_file_size = args.max_file_size;
+    let result = event_loop(&mut ws, &mut session, &printer);
+    // Whatever ended the session, nothing partial is left looking complete.
+    session.abandon_files();
+    result
+}
 
+/// Runs the session until `/quit`, end of input, or the connection ends.
+fn event_loop(
+    ws: &mut WebSocket<TcpStream>,
+    session: &mut Session,
+    printer: &Printer,
+) -> Result<(), String> {
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let fd = ws.get_ref().as_raw_fd();
     poll.registry()
@@ -431,11 +481,15 @@ fn run(args: Args) -> Result<(), String> {
                 Err(e) => return Err(format!("send failed: {e}")),
             }
         }
-        match ws.flush() {
-            Ok(()) => {}
-            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {}
+        let flushed = match ws.flush() {
+            Ok(()) => true,
+            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => false,
             Err(tungstenite::Error::ConnectionClosed) => break,
             Err(e) => return Err(format!("send failed: {e}")),
+        };
+        // File chunks go out at the pace the connection takes them: only into an empty pipe.
+        if flushed && !quitting {
+            session.pump(now_ms());
         }
         printer.print(session.events.drain(..));
         if quitting {
@@ -444,7 +498,9 @@ fn run(args: Args) -> Result<(), String> {
             break;
         }
 
-        match poll.poll(&mut events, None) {
+        let busy = !session.outbox.is_empty() || (flushed && session.can_pump());
+        let timeout = busy.then_some(Duration::ZERO);
+        match poll.poll(&mut events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.to_string()),

@@ -1,0 +1,560 @@
+//! The client's half of file transfer (PROTOCOL.md §9): `/file`, and saving what arrives.
+//!
+//! Sending streams the file: it is hashed once, then read one 446-byte piece at a time as the
+//! connection takes chunks (at most [`crate::transfer::WINDOW`] beyond the server's last `ACK`),
+//! so a large file is never held whole in memory.
+//!
+//! Receiving writes chunks, in order, to a hidden `.part` file in the downloads directory, after
+//! checking each chunk's `content_sig` against the sender's directory key. At `FILE_END` the size
+//! and SHA-256 must match the manifest; only then is the file published under its sanitised name,
+//! never over an existing file. Anything else deletes the partial file and says why.
+
+use crate::client::{Event, Session};
+use crate::crypto::{self, MAX_PLAINTEXT, PublicKey};
+use crate::transfer::WINDOW;
+use crate::wire::{Envelope, types};
+use aws_lc_rs::digest;
+use serde_json::json;
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Chunks produced per call of [`Session::pump`], so incoming frames get a turn.
+const PUMP_BATCH: usize = 8;
+/// Progress is reported at most this often.
+const PROGRESS_EVERY_MS: i64 = 1000;
+
+/// A file being sent.
+pub(crate) struct Outgoing {
+    file_id: String,
+    to: String,
+    to_name: String,
+    key: Arc<PublicKey>,
+    reader: BufReader<File>,
+    name: String,
+    size: u64,
+    sent: u64,
+    next_index: i64,
+    acked: i64,
+    last_progress_ms: i64,
+}
+
+/// A file being received.
+pub(crate) struct Incoming {
+    from: String,
+    from_name: String,
+    name: String,
+    size: u64,
+    sha256: String,
+    part: PathBuf,
+    file: File,
+    hasher: digest::Context,
+    written: u64,
+    next_index: i64,
+    last_progress_ms: i64,
+}
+
+/// Files in flight, both ways.
+#[derive(Default)]
+pub(crate) struct Files {
+    pub(crate) outgoing: Vec<Outgoing>,
+    pub(crate) incoming: std::collections::HashMap<(String, String), Incoming>,
+}
+
+/// A safe file name from one a sender chose: its last path component, without control
+/// characters or separators, not hidden, at most 128 bytes; `file` when nothing is left.
+pub fn sanitize_name(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut clean: String = base
+        .chars()
+        .map(|c| {
+            if c.is_control() || matches!(c, ':' | '*' | '?' | '"' | '<' | '>' | '|') {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    clean = clean
+        .trim_matches(|c: char| c == '.' || c.is_whitespace())
+        .to_string();
+    let mut cut = clean.len().min(128);
+    while !clean.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    clean.truncate(cut);
+    if clean.is_empty() {
+        "file".to_string()
+    } else {
+        clean
+    }
+}
+
+/// Publishes `part` as `dir/name`, or `name (1)`, `name (2)` … — never over an existing file
+/// (a hard link fails when the target exists). Returns the final path.
+fn publish(part: &Path, dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
+        _ => (name.to_string(), String::new()),
+    };
+    for n in 0..1000 {
+        let candidate = if n == 0 {
+            dir.join(name)
+        } else {
+            dir.join(format!("{stem} ({n}){ext}"))
+        };
+        match std::fs::hard_link(part, &candidate) {
+            Ok(()) => {
+                std::fs::remove_file(part)?;
+                return Ok(candidate);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("too many files with that name"))
+}
+
+fn sha256_of_file(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut file = File::open(path)?;
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        ctx.update(&buf[..n]);
+    }
+    Ok((size, hex(ctx.finish().as_ref())))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Session {
+    /// `/file <name|id> <path>`: the manifest now, the chunks as [`Session::pump`] is called.
+    pub(crate) fn start_file(&mut self, who: &str, path: &str, now_ms: i64) {
+        let to = match self.resolve(who) {
+            Ok(id) => id,
+            Err(e) => return self.events.push(Event::Warning(e)),
+        };
+        let Some(peer) = self.directory.get(&to).cloned() else {
+            return self
+                .events
+                .push(Event::Warning(format!("no user {who} is online")));
+        };
+        let path = Path::new(path);
+        let (size, sha256) = match sha256_of_file(path) {
+            Ok(v) => v,
+            Err(e) => {
+                return self.events.push(Event::Warning(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        if size > self.max_file_size {
+            return self.events.push(Event::Warning(format!(
+                "{} is {size} bytes; the limit is {} bytes",
+                path.display(),
+                self.max_file_size
+            )));
+        }
+        let reader = match File::open(path) {
+            Ok(f) => BufReader::with_capacity(64 * 1024, f),
+            Err(e) => {
+                return self.events.push(Event::Warning(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        let name = sanitize_name(&path.file_name().unwrap_or_default().to_string_lossy());
+        let file_id = crate::ids::new_uuid();
+        let manifest = json!({"file_id": file_id, "name": name, "size": size,
+                              "sha256": sha256, "mode": "dm"});
+        self.push_frame(types::FILE_START, &to, now_ms, &manifest, false);
+        let to_name = peer.name.clone().unwrap_or_else(|| to.clone());
+        self.events.push(Event::Notice(format!(
+            "sending {name} ({size} bytes) to {to_name}"
+        )));
+        self.files.outgoing.push(Outgoing {
+            file_id,
+            to,
+            to_name,
+            key: peer.key,
+            reader,
+            name,
+            size,
+            sent: 0,
+            next_index: 0,
+            acked: 0,
+            last_progress_ms: now_ms,
+        });
+    }
+
+    /// Whether [`Session::pump`] would produce a frame now.
+    pub fn can_pump(&self) -> bool {
+        self.files
+            .outgoing
+            .iter()
+            .any(|o| o.next_index - o.acked < WINDOW)
+    }
+
+    /// Whether files are still being sent (the client waits for them before leaving).
+    pub fn sending_files(&self) -> bool {
+        !self.files.outgoing.is_empty()
+    }
+
+    /// Produces the next few chunks of outgoing files, as far as their windows allow. Call it
+    /// when the connection has taken everything written so far. Returns whether it produced any.
+    pub fn pump(&mut self, now_ms: i64) -> bool {
+        let mut produced = 0;
+        let mut i = 0;
+        while i < self.files.outgoing.len() && produced < PUMP_BATCH {
+            let o = &mut self.files.outgoing[i];
+            if o.next_index - o.acked >= WINDOW {
+                i += 1;
+                continue;
+            }
+            let mut piece = [0u8; MAX_PLAINTEXT];
+            let n = match read_full(&mut o.reader, &mut piece) {
+                Ok(n) => n,
+                Err(e) => {
+                    let o = self.files.outgoing.remove(i);
+                    self.events.push(Event::Warning(format!(
+                        "file {} to {}: read failed: {e}",
+                        o.name, o.to_name
+                    )));
+                    continue;
+                }
+            };
+            if n == 0 || o.sent + n as u64 > o.size {
+                let o = self.files.outgoing.remove(i);
+                let (file_id, to) = (o.file_id.clone(), o.to.clone());
+                self.push_frame(
+                    types::FILE_END,
+                    &to,
+                    now_ms,
+                    &json!({"file_id": file_id}),
+                    false,
+                );
+                let event = if o.sent == o.size {
+                    Event::Notice(format!(
+                        "sent {} ({} bytes) to {}",
+                        o.name, o.size, o.to_name
+                    ))
+                } else {
+                    Event::Warning(format!(
+                        "file {} changed while being sent; {} will reject it",
+                        o.name, o.to_name
+                    ))
+                };
+                self.events.push(event);
+                produced += 1;
+                continue;
+            }
+            let ciphertext = match o.key.encrypt(&piece[..n]) {
+                Ok(ct) => crate::b64::encode(&ct),
+                Err(e) => {
+                    let o = self.files.outgoing.remove(i);
+                    self.events
+                        .push(Event::Warning(format!("file {}: {e}", o.name)));
+                    continue;
+                }
+            };
+            let content_sig = crypto::make_content_sig(
+                &self.me.key,
+                &ciphertext,
+                &self.me.user_id,
+                Some(&o.to),
+                now_ms,
+            );
+            let payload = json!({"file_id": o.file_id, "index": o.next_index,
+                                 "ciphertext": ciphertext, "content_sig": content_sig});
+            o.next_index += 1;
+            o.sent += n as u64;
+            let progress = (now_ms - o.last_progress_ms >= PROGRESS_EVERY_MS).then(|| {
+                o.last_progress_ms = now_ms;
+                Event::Progress {
+                    sending: true,
+                    name: o.name.clone(),
+                    done: o.sent,
+                    total: o.size,
+                }
+            });
+            let to = o.to.clone();
+            self.push_frame(types::FILE_CHUNK, &to, now_ms, &payload, false);
+            self.events.extend(progress);
+            produced += 1;
+        }
+        produced > 0
+    }
+
+    /// `ACK {msg_ref: "<file_id>:<index>"}` opens the sender's window.
+    pub(crate) fn on_file_ack(&mut self, msg_ref: &str) {
+        let Some((file_id, index)) = msg_ref.rsplit_once(':') else {
+            return;
+        };
+        let Ok(index) = index.parse::<i64>() else {
+            return;
+        };
+        if let Some(o) = self
+            .files
+            .outgoing
+            .iter_mut()
+            .find(|o| o.file_id == file_id)
+        {
+            o.acked = o.acked.max(index + 1);
+        }
+    }
+
+    /// A server error naming one of our outgoing files ends that transfer.
+    pub(crate) fn on_file_error(&mut self, detail: &str) {
+        if let Some(i) = self
+            .files
+            .outgoing
+            .iter()
+            .position(|o| detail.contains(&o.file_id))
+        {
+            let o = self.files.outgoing.remove(i);
+            self.events.push(Event::Warning(format!(
+                "file {} to {} failed: {detail}",
+                o.name, o.to_name
+            )));
+        }
+    }
+
+    /// `FILE_START` / `FILE_CHUNK` / `FILE_END` from the server (already signature-checked).
+    pub(crate) fn on_file_frame(&mut self, env: &Envelope, now_ms: i64) {
+        let f = env.fields();
+        let (Ok(file_id), Ok(sender)) = (f.str("file_id"), f.str("sender")) else {
+            return self.events.push(Event::Warning(format!(
+                "malformed {} from the server",
+                env.kind
+            )));
+        };
+        let key = (sender.to_string(), file_id.to_string());
+        let result = match env.kind.as_str() {
+            types::FILE_START => self.file_start(env, key.clone(), now_ms),
+            types::FILE_CHUNK => self.file_chunk(env, &key, now_ms),
+            _ => self.file_end(&key),
+        };
+        if let Err(why) = result {
+            let name = match self.files.incoming.remove(&key) {
+                Some(inc) => {
+                    let _ = std::fs::remove_file(&inc.part);
+                    format!("{} from {}", inc.name, inc.from_name)
+                }
+                None => format!("{file_id} from {}", self.name_of(sender)),
+            };
+            self.events
+                .push(Event::Warning(format!("file {name} rejected: {why}")));
+        }
+    }
+
+    fn file_start(
+        &mut self,
+        env: &Envelope,
+        key: (String, String),
+        now_ms: i64,
+    ) -> Result<(), String> {
+        let f = env.fields();
+        let size = f.i64("size").map_err(|e| e.to_string())?;
+        let sha256 = f
+            .str("sha256")
+            .map_err(|e| e.to_string())?
+            .to_ascii_lowercase();
+        let name = sanitize_name(f.str("name").map_err(|e| e.to_string())?);
+        if size < 0 || size as u64 > self.max_file_size {
+            return Err(format!(
+                "{size} bytes is over the limit of {}",
+                self.max_file_size
+            ));
+        }
+        if self.files.incoming.contains_key(&key) {
+            return Err("a second FILE_START for the same file".into());
+        }
+        std::fs::create_dir_all(&self.downloads)
+            .map_err(|e| format!("cannot create {}: {e}", self.downloads.display()))?;
+        let part = self
+            .downloads
+            .join(format!(".{}.part", sanitize_name(&key.1)));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&part)
+            .map_err(|e| format!("cannot create {}: {e}", part.display()))?;
+        let from_name = self.name_of(&key.0);
+        self.events.push(Event::Notice(format!(
+            "receiving {name} ({size} bytes) from {from_name}"
+        )));
+        self.files.incoming.insert(
+            key.clone(),
+            Incoming {
+                from: key.0,
+                from_name,
+                name,
+                size: size as u64,
+                sha256,
+                part,
+                file,
+                hasher: digest::Context::new(&digest::SHA256),
+                written: 0,
+                next_index: 0,
+                last_progress_ms: now_ms,
+            },
+        );
+        Ok(())
+    }
+
+    fn file_chunk(
+        &mut self,
+        env: &Envelope,
+        key: &(String, String),
+        now_ms: i64,
+    ) -> Result<(), String> {
+        let f = env.fields();
+        let index = f.i64("index").map_err(|e| e.to_string())?;
+        let ciphertext = f.str("ciphertext").map_err(|e| e.to_string())?;
+        let content_sig = f.str("content_sig").map_err(|e| e.to_string())?;
+        let ts = f.i64("ts").map_err(|e| e.to_string())?;
+        let sender_key = self
+            .directory
+            .get(&key.0)
+            .map(|p| Arc::clone(&p.key))
+            .ok_or("the sender is not in the directory")?;
+        let me = self.me.user_id.clone();
+        let plain = {
+            let ct = crate::b64::decode(ciphertext).ok_or("chunk is not base64")?;
+            self.me
+                .key
+                .decrypt(&ct)
+                .map_err(|_| format!("chunk {index} does not decrypt"))?
+        };
+        let Some(inc) = self.files.incoming.get_mut(key) else {
+            return Err("chunk without FILE_START".into());
+        };
+        if index != inc.next_index {
+            return Err(format!("chunk {} is missing (got {index})", inc.next_index));
+        }
+        if !crypto::verify_content_sig(
+            &sender_key,
+            content_sig,
+            ciphertext,
+            &inc.from,
+            Some(&me),
+            ts,
+        ) {
+            return Err(format!("chunk {index} has a bad signature"));
+        }
+        if inc.written + plain.len() as u64 > inc.size {
+            return Err("more data than the manifest's size".into());
+        }
+        inc.file
+            .write_all(&plain)
+            .map_err(|e| format!("cannot write {}: {e}", inc.part.display()))?;
+        inc.hasher.update(&plain);
+        inc.written += plain.len() as u64;
+        inc.next_index += 1;
+        if now_ms - inc.last_progress_ms >= PROGRESS_EVERY_MS {
+            inc.last_progress_ms = now_ms;
+            let event = Event::Progress {
+                sending: false,
+                name: inc.name.clone(),
+                done: inc.written,
+                total: inc.size,
+            };
+            self.events.push(event);
+        }
+        Ok(())
+    }
+
+    fn file_end(&mut self, key: &(String, String)) -> Result<(), String> {
+        let Some(inc) = self.files.incoming.remove(key) else {
+            return Err("FILE_END without FILE_START".into());
+        };
+        let fail = |why: String| {
+            let _ = std::fs::remove_file(&inc.part);
+            Err(why)
+        };
+        if inc.written != inc.size {
+            return fail(format!("got {} of {} bytes", inc.written, inc.size));
+        }
+        let digest = hex(inc.hasher.clone().finish().as_ref());
+        if digest != inc.sha256 {
+            return fail("SHA-256 does not match the manifest".into());
+        }
+        if let Err(e) = inc.file.sync_all() {
+            return fail(format!("cannot save: {e}"));
+        }
+        match publish(&inc.part, &self.downloads, &inc.name) {
+            Ok(path) => {
+                self.events.push(Event::FileReceived {
+                    from: inc.from.clone(),
+                    name: inc.from_name.clone(),
+                    path: path.display().to_string(),
+                    size: inc.size,
+                });
+                Ok(())
+            }
+            Err(e) => fail(format!("cannot save: {e}")),
+        }
+    }
+
+    /// Deletes partial files (at exit): nothing incomplete is left looking complete.
+    pub fn abandon_files(&mut self) {
+        for (_, inc) in self.files.incoming.drain() {
+            let _ = std::fs::remove_file(&inc.part);
+        }
+    }
+}
+
+/// Reads until `buf` is full or the end of the file.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_sanitised() {
+        assert_eq!(sanitize_name("../../etc/passwd"), "passwd");
+        assert_eq!(sanitize_name("..\\..\\boot.ini"), "boot.ini");
+        assert_eq!(sanitize_name(".."), "file");
+        assert_eq!(sanitize_name(".bashrc"), "bashrc");
+        assert_eq!(sanitize_name("a\nb\u{7}c"), "a_b_c");
+        assert_eq!(sanitize_name("report: final?.pdf"), "report_ final_.pdf");
+        assert_eq!(sanitize_name(""), "file");
+        assert!(sanitize_name(&"é".repeat(200)).len() <= 128);
+    }
+
+    #[test]
+    fn publishing_never_overwrites() {
+        let dir = std::env::temp_dir().join(format!("socp-publish-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.txt"), b"old").unwrap();
+        let part = dir.join(".x.part");
+        std::fs::write(&part, b"new").unwrap();
+        let out = publish(&part, &dir, "a.txt").unwrap();
+        assert_eq!(out, dir.join("a (1).txt"));
+        assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"old");
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+        assert!(!part.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,255 @@
+//! File transfers through this server (PROTOCOL.md §9), part of the sans-IO core.
+//!
+//! File frames are routed like DMs (§6). For transfers whose sender is connected here the server
+//! enforces the limits of issue 4: the declared size, transfers per user, chunks in order and no
+//! more than the size allows, and an idle timeout. The sender is told (`ERROR`) when its transfer
+//! is refused, times out, or its recipient leaves.
+//!
+//! Pacing: every [`ACK_EVERY`]th chunk is acknowledged with
+//! `ACK {msg_ref: "<file_id>:<index>"}` once routed, and the client keeps at most [`WINDOW`]
+//! chunks beyond the last acknowledgement, so a file moves at the pace the server forwards it
+//! instead of piling up in socket buffers. What the server queues toward a recipient that reads
+//! slowly is bounded by the per-connection write-buffer cap.
+
+use crate::server::{ConnId, Server, Time, Timer};
+use crate::wire::{Envelope, ErrorCode, WireError, types};
+use log::info;
+use serde_json::json;
+use std::collections::HashMap;
+
+/// Chunks between acknowledgements.
+pub const ACK_EVERY: i64 = 16;
+/// Chunks a sender may send beyond the last acknowledged one.
+pub const WINDOW: i64 = 64;
+
+/// Limits on transfers (a subset of [`crate::config::Config`]).
+#[derive(Debug, Clone)]
+pub struct TransferLimits {
+    /// Largest file, in bytes. Default 64 MiB.
+    pub max_file_size: i64,
+    /// Transfers one user may have under way at once. Default 4.
+    pub max_per_user: usize,
+    /// A transfer with no frame for this long is aborted. Default 60 000 ms.
+    pub idle_ms: u64,
+}
+
+impl Default for TransferLimits {
+    fn default() -> Self {
+        TransferLimits {
+            max_file_size: 64 << 20,
+            max_per_user: 4,
+            idle_ms: 60_000,
+        }
+    }
+}
+
+/// One transfer under way from a local sender.
+#[derive(Debug)]
+struct Transfer {
+    to: String,
+    conn: ConnId,
+    size: i64,
+    next_index: i64,
+    last_ms: u64,
+}
+
+/// Transfers under way, keyed by (sender, file_id).
+#[derive(Debug, Default)]
+pub struct Transfers {
+    pub(crate) limits: TransferLimits,
+    active: HashMap<(String, String), Transfer>,
+    sweep_armed: bool,
+}
+
+impl Transfers {
+    pub fn new(limits: TransferLimits) -> Self {
+        Transfers {
+            limits,
+            ..Transfers::default()
+        }
+    }
+}
+
+impl Server {
+    /// Checks a file frame from local user `sender` against its transfer; called before routing.
+    pub(crate) fn transfer_check(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        sender: &str,
+        env: &Envelope,
+    ) -> Result<(), WireError> {
+        let f = env.fields();
+        let file_id = f.id("file_id")?;
+        let key = (sender.to_string(), file_id.to_string());
+        let limits = self.transfers.limits.clone();
+        match env.kind.as_str() {
+            types::FILE_START => {
+                let size = f.i64("size")?;
+                if size > limits.max_file_size {
+                    return Err(WireError::field(
+                        "size",
+                        &format!(
+                            "file larger than this server's limit of {} bytes",
+                            limits.max_file_size
+                        ),
+                    ));
+                }
+                if self.transfers.active.contains_key(&key) {
+                    return Err(WireError::field(
+                        "file_id",
+                        "a transfer with this id is under way",
+                    ));
+                }
+                let mine = self
+                    .transfers
+                    .active
+                    .keys()
+                    .filter(|(s, _)| s == sender)
+                    .count();
+                if mine >= limits.max_per_user {
+                    return Err(WireError::new(
+                        ErrorCode::BadKey,
+                        format!("at most {} transfers at once", limits.max_per_user),
+                    ));
+                }
+                self.transfers.active.insert(
+                    key,
+                    Transfer {
+                        to: env.to.clone(),
+                        conn,
+                        size,
+                        next_index: 0,
+                        last_ms: now.mono_ms,
+                    },
+                );
+                if !self.transfers.sweep_armed {
+                    self.transfers.sweep_armed = true;
+                    self.out.push(crate::server::Action::Timer {
+                        at_ms: now.mono_ms + limits.idle_ms / 2,
+                        timer: Timer::Transfers,
+                    });
+                }
+                Ok(())
+            }
+            types::FILE_CHUNK | types::FILE_END => {
+                let Some(t) = self.transfers.active.get_mut(&key) else {
+                    return Err(WireError::field("file_id", "no FILE_START for this file"));
+                };
+                if t.to != env.to {
+                    return Err(WireError::new(
+                        ErrorCode::BadKey,
+                        "file frame to another recipient",
+                    ));
+                }
+                t.last_ms = now.mono_ms;
+                if env.kind == types::FILE_END {
+                    self.transfers.active.remove(&key);
+                    return Ok(());
+                }
+                let index = f.i64("index")?;
+                if index != t.next_index {
+                    return Err(WireError::field(
+                        "index",
+                        &format!("expected chunk {}", t.next_index),
+                    ));
+                }
+                // Every chunk carries at least one byte.
+                if index >= t.size.max(1) {
+                    return Err(WireError::field(
+                        "index",
+                        "more chunks than the file's size allows",
+                    ));
+                }
+                t.next_index += 1;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// After a chunk was routed: acknowledge every [`ACK_EVERY`]th one.
+    pub(crate) fn transfer_routed(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        sender: &str,
+        env: &Envelope,
+    ) {
+        if env.kind != types::FILE_CHUNK {
+            return;
+        }
+        let f = env.fields();
+        let (Ok(file_id), Ok(index)) = (f.str("file_id"), f.i64("index")) else {
+            return;
+        };
+        if (index + 1) % ACK_EVERY == 0 {
+            let payload = json!({"msg_ref": format!("{file_id}:{index}")});
+            self.send_signed(now, conn, types::ACK, sender, &payload);
+        }
+    }
+
+    /// A routing failure aborts the transfer the frame belonged to.
+    pub(crate) fn transfer_failed(&mut self, sender: &str, env: &Envelope) {
+        if let Ok(file_id) = env.fields().str("file_id") {
+            self.transfers
+                .active
+                .remove(&(sender.to_string(), file_id.to_string()));
+        }
+    }
+
+    /// `user_id` left: its own transfers end, and senders to it are told theirs failed.
+    pub(crate) fn transfers_user_gone(&mut self, now: Time, user_id: &str) {
+        let mut notify = Vec::new();
+        self.transfers.active.retain(|(sender, file_id), t| {
+            if sender == user_id {
+                return false;
+            }
+            if t.to == user_id {
+                notify.push((t.conn, file_id.clone()));
+                return false;
+            }
+            true
+        });
+        for (conn, file_id) in notify {
+            info!("transfer {file_id}: recipient {user_id} left");
+            let err = WireError::new(
+                ErrorCode::UserNotFound,
+                format!("recipient {user_id} left; file {file_id} not delivered"),
+            );
+            self.error(now, conn, &err);
+        }
+    }
+
+    /// The periodic sweep: transfers idle too long are aborted and their senders told.
+    pub(crate) fn on_transfer_sweep(&mut self, now: Time) {
+        let idle = self.transfers.limits.idle_ms;
+        let mut expired = Vec::new();
+        self.transfers.active.retain(|(_, file_id), t| {
+            if now.mono_ms.saturating_sub(t.last_ms) >= idle {
+                expired.push((t.conn, file_id.clone()));
+                false
+            } else {
+                true
+            }
+        });
+        for (conn, file_id) in expired {
+            info!("transfer {file_id}: idle for {idle} ms, aborted");
+            let err = WireError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "file {file_id}: no data for {} s; transfer aborted",
+                    idle / 1000
+                ),
+            );
+            self.error(now, conn, &err);
+        }
+        self.transfers.sweep_armed = !self.transfers.active.is_empty();
+        if self.transfers.sweep_armed {
+            self.out.push(crate::server::Action::Timer {
+                at_ms: now.mono_ms + idle / 2,
+                timer: Timer::Transfers,
+            });
+        }
+    }
+}
