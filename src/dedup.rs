@@ -32,12 +32,17 @@ pub enum Stale {
 }
 
 /// The seen-cache: insertion-ordered, so expiry pops from the front.
+///
+/// An entry lives until the frame could no longer pass the window check: max(insert time,
+/// frame `ts`) + window. (Expiring by insert time alone would let a frame whose `ts` is ahead of
+/// our clock be replayed after eviction.) An entry with a late expiry can hold back later ones
+/// behind it by at most one window: they are kept longer, never shorter.
 #[derive(Debug)]
 pub struct SeenCache {
     window_ms: i64,
     max_entries: usize,
     set: HashSet<Key>,
-    order: VecDeque<(i64, Key)>, // (wall time inserted, key)
+    order: VecDeque<(i64, Key)>, // (wall time the entry may go, key)
 }
 
 impl SeenCache {
@@ -62,10 +67,12 @@ impl SeenCache {
         Ok(())
     }
 
-    /// Records a frame as seen (after it verified, so a forgery cannot shadow the real frame).
-    pub fn insert(&mut self, key: Key, now_wall_ms: i64) {
+    /// Records a frame with timestamp `ts` as seen (after it verified, so a forgery cannot shadow
+    /// the real frame).
+    pub fn insert(&mut self, key: Key, ts: i64, now_wall_ms: i64) {
         if self.set.insert(key) {
-            self.order.push_back((now_wall_ms, key));
+            self.order
+                .push_back((now_wall_ms.max(ts) + self.window_ms, key));
             while self.order.len() > self.max_entries {
                 if let Some((_, old)) = self.order.pop_front() {
                     self.set.remove(&old);
@@ -75,8 +82,8 @@ impl SeenCache {
     }
 
     fn expire(&mut self, now_wall_ms: i64) {
-        while let Some((at, key)) = self.order.front() {
-            if now_wall_ms - at <= self.window_ms {
+        while let Some((until, key)) = self.order.front() {
+            if now_wall_ms <= *until {
                 break;
             }
             self.set.remove(key);
@@ -102,7 +109,7 @@ mod tests {
         let mut c = SeenCache::new(300_000, 100);
         let k = key("USER_ADVERTISE", "a", "*", 5, "{}");
         assert_eq!(c.check(&k, 5, 10), Ok(()));
-        c.insert(k, 10);
+        c.insert(k, 5, 10);
         assert_eq!(c.check(&k, 5, 11), Err(Stale::Duplicate));
         for other in [
             key("USER_REMOVE", "a", "*", 5, "{}"),
@@ -129,14 +136,25 @@ mod tests {
     fn entries_expire_by_age_and_by_count() {
         let mut c = SeenCache::new(1000, 2);
         let keys: Vec<Key> = (0..3).map(|i| key("T", "a", "b", i, "{}")).collect();
-        c.insert(keys[0], 0);
-        c.insert(keys[1], 0);
-        c.insert(keys[2], 0);
+        c.insert(keys[0], 0, 0);
+        c.insert(keys[1], 0, 0);
+        c.insert(keys[2], 0, 0);
         assert_eq!(c.len(), 2);
         assert_eq!(c.check(&keys[0], 0, 0), Ok(()));
         assert_eq!(c.check(&keys[2], 0, 500), Err(Stale::Duplicate));
         // After the window the entry is gone; but so is any frame that old.
         assert_eq!(c.check(&keys[2], 0, 1500), Err(Stale::OutOfWindow));
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_frame_from_a_clock_ahead_cannot_be_replayed_after_eviction() {
+        let mut c = SeenCache::new(1000, 100);
+        let k = key("T", "a", "b", 600, "{}");
+        c.insert(k, 600, 0); // its ts is 600 ms ahead of our clock
+        // At 1500 the frame is still inside the window (ts 600 is 900 ms old): still a duplicate.
+        assert_eq!(c.check(&k, 600, 1500), Err(Stale::Duplicate));
+        // Once out of the window it is refused for that reason instead.
+        assert_eq!(c.check(&k, 600, 1601), Err(Stale::OutOfWindow));
     }
 }

@@ -168,7 +168,7 @@ impl Federation {
         now: Time,
     ) {
         self.seen
-            .insert(dedup::key(kind, from, to, ts, canonical), now.wall_ms);
+            .insert(dedup::key(kind, from, to, ts, canonical), ts, now.wall_ms);
     }
 
     /// Ids of the servers we have a live link to, sorted.
@@ -834,7 +834,7 @@ impl Server {
                 format!("{} signature does not verify", env.kind),
             ));
         }
-        self.fed.seen.insert(dedup_key, now.wall_ms);
+        self.fed.seen.insert(dedup_key, env.ts, now.wall_ms);
         match env.kind.as_str() {
             types::HEARTBEAT => Ok(()),
             types::SERVER_ANNOUNCE => self.on_announce(now, env, key, link, text),

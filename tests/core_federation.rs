@@ -1,0 +1,1838 @@
+//! Federation tests of the sans-IO server core (PROTOCOL.md §4, §6, §7, §8) with simulated time
+//! and no sockets.
+//!
+//! The server under test is "srv-a" (key `server1`). The tests play its peers themselves — they
+//! hold the peers' private keys and build their frames — and answer the core's `Dial` actions
+//! with `Dialled` / `DialFailed`. Every frame the core emits is verified: frames from "srv-a" with
+//! server1's public key (and in canonical form), frames it relays unchanged with the key of the
+//! peer that signed them.
+
+mod common;
+
+use common::keys::test_key;
+use serde_json::{Map, Value, json};
+use socp::canon;
+use socp::crypto::{self, PrivateKey, PublicKey};
+use socp::federation::{FedConfig, PeerSpec};
+use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
+use socp::store::Store;
+use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
+use std::sync::Arc;
+
+const SRV: &str = "srv-a";
+const HOST: &str = "127.0.0.1";
+const OUR_PORT: u16 = 9001;
+const WALL0: i64 = 1_800_000_000_000;
+const MONO0: u64 = 5_000;
+
+// -------------------------------------------------------------------- peers
+
+/// A peer server played by the test: its id, its private key, and the port it "listens" on.
+struct Peer {
+    id: &'static str,
+    key: PrivateKey,
+    port: u16,
+}
+
+impl Peer {
+    fn new(id: &'static str, key_name: &str, port: u16) -> Peer {
+        Peer {
+            id,
+            key: test_key(key_name),
+            port,
+        }
+    }
+
+    fn pub_b64(&self) -> &str {
+        self.key.public_key().encoded()
+    }
+
+    /// `{host, port, pubkey}` as in SERVER_HELLO_* and SERVER_ANNOUNCE.
+    fn hello_payload(&self) -> Value {
+        json!({"host": HOST, "port": self.port, "pubkey": self.pub_b64()})
+    }
+
+    /// A frame from this peer, signed with its key.
+    fn frame(&self, kind: &str, to: &str, ts: i64, payload: &Value) -> String {
+        signed_frame(kind, self.id, to, ts, payload, &self.key)
+    }
+
+    /// `{server_id, host, port, pubkey}` as in SERVER_WELCOME.servers.
+    fn server_entry(&self) -> Value {
+        json!({"server_id": self.id, "host": HOST, "port": self.port, "pubkey": self.pub_b64()})
+    }
+}
+
+fn srv_b() -> Peer {
+    Peer::new("srv-b", "server2", 9002)
+}
+
+fn srv_c() -> Peer {
+    Peer::new("srv-c", "server3", 9003)
+}
+
+fn signed_frame(
+    kind: &str,
+    from: &str,
+    to: &str,
+    ts: i64,
+    payload: &Value,
+    key: &PrivateKey,
+) -> String {
+    encode_frame(
+        kind,
+        from,
+        to,
+        ts,
+        &SignedPayload::sign(payload, key).unwrap(),
+    )
+}
+
+fn user_frame_at(
+    kind: &str,
+    from: &str,
+    to: &str,
+    ts: i64,
+    payload: &Value,
+    key: Option<&PrivateKey>,
+) -> String {
+    let signed = match key {
+        Some(k) => SignedPayload::sign(payload, k).unwrap(),
+        None => SignedPayload::unsigned(payload).unwrap(),
+    };
+    encode_frame(kind, from, to, ts, &signed)
+}
+
+fn spec(key_name: &str, port: u16) -> PeerSpec {
+    PeerSpec {
+        host: HOST.into(),
+        port,
+        key: Arc::new(PublicKey::parse(test_key(key_name).public_key().encoded()).unwrap()),
+    }
+}
+
+/// A directory entry `{user_id, server_id, pubkey, meta}`.
+fn client_entry(user_id: &str, server_id: &str, key: &PrivateKey) -> Value {
+    json!({
+        "user_id": user_id,
+        "server_id": server_id,
+        "pubkey": key.public_key().encoded(),
+        "meta": {"display_name": user_id},
+    })
+}
+
+// -------------------------------------------------------------------- harness
+
+fn limits() -> Limits {
+    Limits {
+        hello_timeout_ms: 10_000,
+        error_burst: 50,
+        error_refill_per_s: 10,
+        max_message_size: 256 * 1024,
+    }
+}
+
+fn conn(n: u64) -> ConnId {
+    ConnId((n << 32) | n)
+}
+
+struct Harness {
+    server: Server,
+    id: String,
+    now: Time,
+    server_pub: Arc<PublicKey>,
+    /// Keys of the peers whose frames the server may relay unchanged.
+    peer_pubs: Vec<(&'static str, Arc<PublicKey>)>,
+    outbox: Vec<Action>,
+    next_conn: u64,
+}
+
+impl Harness {
+    /// "srv-a", bootstrap peer server2 at 127.0.0.1:9002, advertising port 9001; started.
+    fn new() -> Harness {
+        Harness::with(SRV, |_| {})
+    }
+
+    fn with_cfg(f: impl FnOnce(&mut FedConfig)) -> Harness {
+        Harness::with(SRV, f)
+    }
+
+    fn with(id: &str, f: impl FnOnce(&mut FedConfig)) -> Harness {
+        let store = Store::open_in_memory().unwrap();
+        let mut cfg = FedConfig {
+            bootstrap: vec![spec("server2", 9002)],
+            advertise_port: OUR_PORT,
+            ..FedConfig::default()
+        };
+        f(&mut cfg);
+        let mut server =
+            Server::new(id.into(), test_key("server1"), limits(), store).with_federation(cfg);
+        let now = Time {
+            mono_ms: MONO0,
+            wall_ms: WALL0,
+        };
+        server.start(now);
+        let server_pub = server.public_key().clone();
+        let peer_pubs = [
+            ("srv-b", "server2"),
+            ("srv-c", "server3"),
+            ("srv-d", "server4"),
+        ]
+        .into_iter()
+        .map(|(id, k)| (id, test_key(k).public_key().clone()))
+        .collect();
+        let mut h = Harness {
+            server,
+            id: id.into(),
+            now,
+            server_pub,
+            peer_pubs,
+            outbox: Vec::new(),
+            next_conn: 1,
+        };
+        h.outbox.extend(h.server.actions());
+        h
+    }
+
+    fn fresh_conn(&mut self) -> ConnId {
+        let c = conn(self.next_conn);
+        self.next_conn += 1;
+        c
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now.mono_ms += ms;
+        self.now.wall_ms += ms as i64;
+    }
+
+    /// Moves the clocks forward to monotonic time `at` (never back).
+    fn advance_to(&mut self, at: u64) {
+        assert!(
+            at >= self.now.mono_ms,
+            "timer in the past: {at} < {}",
+            self.now.mono_ms
+        );
+        self.advance(at - self.now.mono_ms);
+    }
+
+    fn input(&mut self, input: Input<'_>) {
+        self.server.handle(self.now, input);
+        self.outbox.extend(self.server.actions());
+        assert!(!self.server.has_actions());
+    }
+
+    fn send(&mut self, c: ConnId, text: &str) {
+        self.input(Input::Text { conn: c, text });
+    }
+
+    fn fire(&mut self, timer: Timer) {
+        self.input(Input::Timer(timer));
+    }
+
+    /// Parses one frame the server emitted and verifies its signature: our own frames with the
+    /// server's key (and canonical on the wire); relayed ones with the key of their signer.
+    fn check(&self, text: &str) -> Envelope {
+        let env = Envelope::parse(text).unwrap_or_else(|e| panic!("server sent {text:?}: {e}"));
+        assert!(!env.sig.is_empty(), "unsigned frame: {text}");
+        let key = if env.from == self.id {
+            let canonical = canon::canonical(&Value::Object(env.payload.clone())).unwrap();
+            assert!(
+                text.contains(&format!("\"payload\":{canonical},")),
+                "payload not emitted in canonical form: {text}"
+            );
+            &self.server_pub
+        } else {
+            &self
+                .peer_pubs
+                .iter()
+                .find(|(id, _)| *id == env.from)
+                .unwrap_or_else(|| panic!("frame from unexpected sender: {text}"))
+                .1
+        };
+        let ok = wire::verify_payload_sig(key, &env.payload, &env.sig).unwrap();
+        assert!(
+            ok,
+            "frame does not verify with the key of {}: {text}",
+            env.from
+        );
+        env
+    }
+
+    /// Every pending action; sent frames verified.
+    fn drain(&mut self) -> Vec<Action> {
+        let actions = std::mem::take(&mut self.outbox);
+        for a in &actions {
+            if let Action::Send { text, .. } = a {
+                self.check(text.as_str());
+            }
+        }
+        actions
+    }
+
+    fn clear(&mut self) {
+        self.drain();
+    }
+
+    /// Asserts nothing is pending but timers (which are discarded).
+    #[track_caller]
+    fn assert_silent(&mut self) {
+        let rest: Vec<Action> = self
+            .drain()
+            .into_iter()
+            .filter(|a| !matches!(a, Action::Timer { .. }))
+            .collect();
+        assert!(rest.is_empty(), "unexpected actions: {rest:#?}");
+    }
+
+    /// Takes the frames sent to `c`: (exact text, parsed and verified envelope).
+    fn sent_to(&mut self, c: ConnId) -> Vec<(String, Envelope)> {
+        let mut mine = Vec::new();
+        let mut rest = Vec::new();
+        for a in std::mem::take(&mut self.outbox) {
+            match a {
+                Action::Send { conn, text } if conn == c => mine.push(text.as_str().to_owned()),
+                other => rest.push(other),
+            }
+        }
+        self.outbox = rest;
+        mine.into_iter()
+            .map(|text| {
+                let env = self.check(&text);
+                (text, env)
+            })
+            .collect()
+    }
+
+    fn frames_to(&mut self, c: ConnId) -> Vec<Envelope> {
+        self.sent_to(c).into_iter().map(|(_, e)| e).collect()
+    }
+
+    fn closes(&mut self, c: ConnId) -> Vec<u16> {
+        let mut codes = Vec::new();
+        self.outbox.retain(|a| match a {
+            Action::Close { conn, code, .. } if *conn == c => {
+                codes.push(*code);
+                false
+            }
+            _ => true,
+        });
+        codes
+    }
+
+    fn all_closes(&mut self) -> Vec<ConnId> {
+        let mut conns = Vec::new();
+        self.outbox.retain(|a| match a {
+            Action::Close { conn, .. } => {
+                conns.push(*conn);
+                false
+            }
+            _ => true,
+        });
+        conns
+    }
+
+    fn timers(&mut self) -> Vec<(u64, Timer)> {
+        let mut out = Vec::new();
+        self.outbox.retain(|a| match a {
+            Action::Timer { at_ms, timer } => {
+                out.push((*at_ms, *timer));
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+
+    /// Takes the `Redial` timers: (at_ms, target).
+    fn redials(&mut self) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        self.outbox.retain(|a| match a {
+            Action::Timer {
+                at_ms,
+                timer: Timer::Redial(t),
+            } => {
+                out.push((*at_ms, *t));
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+
+    /// Takes the `Dial` actions: (target, host, port).
+    fn dials(&mut self) -> Vec<(u32, String, u16)> {
+        let mut out = Vec::new();
+        self.outbox.retain(|a| match a {
+            Action::Dial { target, host, port } => {
+                out.push((*target, host.clone(), *port));
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+
+    // ---------------------------------------------------------------- users
+
+    fn login(&mut self, user_id: &str, key: &PrivateKey) -> ConnId {
+        let c = self.fresh_conn();
+        self.input(Input::Opened { conn: c });
+        self.outbox
+            .retain(|a| !matches!(a, Action::Timer { timer: Timer::Hello(x), .. } if *x == c));
+        let hello = user_frame_at(
+            types::USER_HELLO,
+            user_id,
+            "",
+            self.now.wall_ms,
+            &json!({
+                "client": "socp-federation-tests",
+                "pubkey": key.public_key().encoded(),
+                "enc_pubkey": key.public_key().encoded(),
+                "meta": {"display_name": user_id},
+            }),
+            None,
+        );
+        self.send(c, &hello);
+        let ch = self.frames_to(c);
+        assert_eq!(kinds(&ch), [types::AUTH_CHALLENGE], "{ch:#?}");
+        let resp = user_frame_at(
+            types::AUTH_RESPONSE,
+            user_id,
+            &self.id.clone(),
+            self.now.wall_ms,
+            &json!({
+                "nonce": ch[0].payload["nonce"],
+                "server_id": ch[0].payload["server_id"],
+                "user_id": user_id,
+            }),
+            Some(key),
+        );
+        self.send(c, &resp);
+        let frames = self.frames_to(c);
+        assert_eq!(
+            kinds(&frames),
+            [
+                types::USER_HELLO_ACK,
+                types::LIST_RESPONSE,
+                types::PUBLIC_CHANNEL_SNAPSHOT
+            ],
+            "{frames:#?}"
+        );
+        assert!(self.closes(c).is_empty());
+        c
+    }
+
+    /// `LIST_REQUEST`: the user ids of the `LIST_RESPONSE`.
+    fn list(&mut self, c: ConnId, user_id: &str) -> Vec<String> {
+        let req = user_frame_at(
+            types::LIST_REQUEST,
+            user_id,
+            &self.id.clone(),
+            self.now.wall_ms,
+            &json!({}),
+            None,
+        );
+        self.send(c, &req);
+        let frames = self.frames_to(c);
+        assert_eq!(kinds(&frames), [types::LIST_RESPONSE], "{frames:#?}");
+        frames[0].payload["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["user_id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// A `MSG_DIRECT` from `from` to `to` on `c`; returns (payload sent, ts).
+    fn dm(
+        &mut self,
+        c: ConnId,
+        from: &str,
+        key: &PrivateKey,
+        to: &str,
+        to_key: &PublicKey,
+    ) -> (Value, i64) {
+        let ts = self.now.wall_ms - 1_234;
+        let ct = socp::b64::encode(&to_key.encrypt(b"hello over the mesh").unwrap());
+        let content_sig = crypto::make_content_sig(key, &ct, from, Some(to), ts);
+        let payload = json!({
+            "ciphertext": ct,
+            "sender_pub": key.public_key().encoded(),
+            "content_sig": content_sig,
+        });
+        let f = user_frame_at(types::MSG_DIRECT, from, to, ts, &payload, None);
+        self.send(c, &f);
+        (payload, ts)
+    }
+
+    // ---------------------------------------------------------------- links
+
+    /// Fires `Redial(target)`, expects one `Dial`, answers `Dialled` on a fresh connection and
+    /// checks the `SERVER_HELLO_JOIN` and the welcome timer. Returns the connection.
+    fn dial(&mut self, target: u32, port: u16) -> ConnId {
+        self.fire(Timer::Redial(target));
+        assert_eq!(self.dials(), [(target, HOST.to_string(), port)]);
+        let c = self.fresh_conn();
+        self.input(Input::Dialled { conn: c, target });
+        let frames = self.frames_to(c);
+        assert_eq!(kinds(&frames), [types::SERVER_HELLO_JOIN], "{frames:#?}");
+        assert_eq!(frames[0].to, format!("{HOST}:{port}"));
+        let timers = self.timers();
+        assert!(
+            timers.contains(&(self.now.mono_ms + 10_000, Timer::Welcome(c))),
+            "{timers:?}"
+        );
+        c
+    }
+
+    /// `SERVER_WELCOME` from `peer` on `c`.
+    fn welcome(&mut self, c: ConnId, peer: &Peer, servers: Value, clients: Value) {
+        let payload = json!({"assigned_id": self.id, "servers": servers, "clients": clients});
+        let f = peer.frame(
+            types::SERVER_WELCOME,
+            &self.id.clone(),
+            self.now.wall_ms,
+            &payload,
+        );
+        self.send(c, &f);
+    }
+
+    /// Dials `peer` as target `target` and brings the link up with an empty welcome.
+    fn link_out(&mut self, target: u32, peer: &Peer) -> ConnId {
+        let c = self.dial(target, peer.port);
+        self.welcome(c, peer, json!([]), json!([]));
+        assert!(self.closes(c).is_empty(), "link to {} refused", peer.id);
+        let k = kinds(&self.frames_to(c))
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        assert!(k.iter().any(|k| k == types::SERVER_ANNOUNCE), "{k:?}");
+        c
+    }
+
+    /// An inbound link from `peer` opened with `SERVER_HELLO_LINK` (no reply expected).
+    fn link_in(&mut self, peer: &Peer) -> ConnId {
+        let c = self.fresh_conn();
+        self.input(Input::Opened { conn: c });
+        let f = peer.frame(
+            types::SERVER_HELLO_LINK,
+            &self.id.clone(),
+            self.now.wall_ms,
+            &peer.hello_payload(),
+        );
+        self.send(c, &f);
+        assert!(self.closes(c).is_empty(), "link from {} refused", peer.id);
+        let frames = self.frames_to(c);
+        assert!(
+            !frames
+                .iter()
+                .any(|f| f.kind == types::ERROR || f.kind == types::SERVER_WELCOME),
+            "{frames:#?}"
+        );
+        c
+    }
+
+    /// Fires `Heartbeat` and returns the connections that got a `HEARTBEAT`.
+    fn heartbeat(&mut self) -> Vec<ConnId> {
+        self.fire(Timer::Heartbeat);
+        let mut got = Vec::new();
+        let mut rest = Vec::new();
+        for a in std::mem::take(&mut self.outbox) {
+            match a {
+                Action::Send { conn, text } if text.as_str().contains("\"type\":\"HEARTBEAT\"") => {
+                    let env = self.check(text.as_str());
+                    assert_eq!(env.kind, types::HEARTBEAT);
+                    assert_eq!(env.from, self.id);
+                    assert_eq!(Value::Object(env.payload.clone()), json!({}));
+                    assert_eq!(env.ts, self.now.wall_ms);
+                    got.push(conn);
+                }
+                other => rest.push(other),
+            }
+        }
+        self.outbox = rest;
+        let mut timers = Vec::new();
+        self.outbox.retain(|a| match a {
+            Action::Timer {
+                at_ms,
+                timer: Timer::Heartbeat,
+            } => {
+                timers.push(*at_ms);
+                false
+            }
+            _ => true,
+        });
+        assert!(
+            timers == [self.now.mono_ms + 15_000],
+            "the next heartbeat is armed: {timers:?}"
+        );
+        got.sort();
+        got
+    }
+}
+
+fn kinds(frames: &[Envelope]) -> Vec<&str> {
+    frames.iter().map(|f| f.kind.as_str()).collect()
+}
+
+fn keys_of(payload: &Map<String, Value>) -> Vec<&str> {
+    payload.keys().map(String::as_str).collect()
+}
+
+fn str_field<'a>(env: &'a Envelope, name: &str) -> &'a str {
+    env.payload
+        .get(name)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("payload.{name} missing in {env:?}"))
+}
+
+#[track_caller]
+fn assert_error(frames: &[Envelope], code: &str) {
+    assert_eq!(kinds(frames), [types::ERROR], "{frames:#?}");
+    assert_eq!(str_field(&frames[0], "code"), code, "{:?}", frames[0]);
+}
+
+// -------------------------------------------------------------------- 1. backoff (§4.4)
+
+#[test]
+fn failed_dials_back_off_exponentially_for_ever() {
+    let mut h = Harness::new();
+    let timers = h.timers();
+    assert!(
+        timers.contains(&(MONO0, Timer::Redial(0))),
+        "dial at start: {timers:?}"
+    );
+    assert!(
+        timers.contains(&(MONO0 + 15_000, Timer::Heartbeat)),
+        "{timers:?}"
+    );
+    assert!(h.drain().is_empty());
+
+    let mut at = MONO0;
+    let mut capped = Vec::new();
+    for attempt in 1..=25u32 {
+        h.advance_to(at);
+        h.fire(Timer::Redial(0));
+        assert_eq!(
+            h.dials(),
+            [(0, HOST.to_string(), 9002)],
+            "attempt {attempt}"
+        );
+        // A stray second firing while the dial is under way does not dial twice.
+        h.fire(Timer::Redial(0));
+        assert!(h.dials().is_empty(), "attempt {attempt}: dialled twice");
+        h.assert_silent();
+
+        h.input(Input::DialFailed {
+            target: 0,
+            reason: "connection refused".into(),
+        });
+        let redials = h.redials();
+        assert_eq!(redials.len(), 1, "attempt {attempt}: {redials:?}");
+        let (next, t) = redials[0];
+        assert_eq!(t, 0);
+        let delay = next - h.now.mono_ms;
+        let nominal = (1_000u64 << (attempt - 1).min(10)).min(60_000);
+        let (lo, hi) = (nominal * 8 / 10, nominal * 12 / 10);
+        assert!(
+            (lo..=hi).contains(&delay),
+            "attempt {attempt}: delay {delay} ms outside {lo}..={hi}"
+        );
+        if nominal == 60_000 {
+            capped.push(delay);
+        }
+        h.assert_silent();
+        at = next;
+    }
+    assert!(capped.len() >= 15, "{capped:?}");
+    assert!(
+        capped.iter().any(|&d| d != capped[0]),
+        "capped delays carry jitter: {capped:?}"
+    );
+    // Attempt 26 still happens.
+    h.advance_to(at);
+    h.fire(Timer::Redial(0));
+    assert_eq!(h.dials().len(), 1, "never gives up");
+}
+
+// -------------------------------------------------------------------- 2. hello join, welcome timeout
+
+#[test]
+fn dialled_sends_signed_hello_join_and_times_out_without_welcome() {
+    let mut h = Harness::new();
+    h.clear();
+    h.fire(Timer::Redial(0));
+    assert_eq!(h.dials(), [(0, HOST.to_string(), 9002)]);
+    let c = h.fresh_conn();
+    h.input(Input::Dialled { conn: c, target: 0 });
+
+    let frames = h.frames_to(c);
+    assert_eq!(kinds(&frames), [types::SERVER_HELLO_JOIN], "{frames:#?}");
+    let hello = &frames[0];
+    assert_eq!(hello.from, SRV);
+    assert_eq!(hello.to, "127.0.0.1:9002");
+    assert_eq!(hello.ts, h.now.wall_ms);
+    assert_eq!(
+        Value::Object(hello.payload.clone()),
+        json!({"host": HOST, "port": OUR_PORT, "pubkey": test_key("server1").public_key().encoded()})
+    );
+    // Proof of possession: it verifies with the key it carries.
+    let carried = PublicKey::parse(str_field(hello, "pubkey")).unwrap();
+    assert!(wire::verify_payload_sig(&carried, &hello.payload, &hello.sig).unwrap());
+    assert_eq!(h.timers(), [(h.now.mono_ms + 10_000, Timer::Welcome(c))]);
+    h.assert_silent();
+
+    // Silence for 9.999 s: nothing happens (a redial timer firing early is a no-op too).
+    h.advance(9_999);
+    h.fire(Timer::Redial(0));
+    h.assert_silent();
+    h.advance(1);
+    h.fire(Timer::Welcome(c));
+    assert_eq!(h.closes(c).len(), 1, "the dial without welcome is closed");
+    assert!(h.frames_to(c).is_empty());
+    let redials = h.redials();
+    assert_eq!(redials.len(), 1, "{redials:?}");
+    let delay = redials[0].0 - h.now.mono_ms;
+    assert!(
+        (800..=1_200).contains(&delay),
+        "first retry after ~1 s: {delay}"
+    );
+    h.assert_silent();
+
+    // The net layer reports the close: nothing more (no second redial).
+    h.input(Input::Closed { conn: c });
+    h.assert_silent();
+    // A late welcome on the dead conn is ignored.
+    let b = srv_b();
+    h.welcome(c, &b, json!([]), json!([]));
+    h.assert_silent();
+    assert!(h.heartbeat().is_empty(), "no link");
+
+    // The redial dials again.
+    h.advance_to(redials[0].0);
+    h.fire(Timer::Redial(0));
+    assert_eq!(h.dials(), [(0, HOST.to_string(), 9002)]);
+}
+
+// -------------------------------------------------------------------- 3. welcome
+
+#[test]
+fn welcome_from_pinned_key_brings_link_up_and_announces() {
+    let mut h = Harness::new();
+    h.clear();
+    let b = srv_b();
+    let c = h.dial(0, 9002);
+    h.welcome(c, &b, json!([]), json!([]));
+    assert!(h.closes(c).is_empty());
+    let frames = h.frames_to(c);
+    let k = kinds(&frames);
+    assert!(k.contains(&types::PUBLIC_CHANNEL_UPDATED), "{k:?}");
+    assert!(k.contains(&types::SERVER_ANNOUNCE), "{k:?}");
+    for f in &frames {
+        assert_eq!(f.from, SRV);
+    }
+    let ann = frames
+        .iter()
+        .find(|f| f.kind == types::SERVER_ANNOUNCE)
+        .unwrap();
+    assert_eq!(ann.to, "*");
+    assert_eq!(
+        Value::Object(ann.payload.clone()),
+        json!({"host": HOST, "port": OUR_PORT, "pubkey": h.server_pub.encoded()})
+    );
+    let upd = frames
+        .iter()
+        .find(|f| f.kind == types::PUBLIC_CHANNEL_UPDATED)
+        .unwrap();
+    assert!(upd.payload["version"].is_i64(), "{upd:?}");
+    assert_eq!(upd.payload["wraps"], json!([]));
+    h.assert_silent();
+
+    // The link is live: heartbeats go to it, and the welcome deadline no longer matters.
+    h.fire(Timer::Welcome(c));
+    assert!(
+        h.closes(c).is_empty(),
+        "the welcome timer is moot once linked"
+    );
+    h.assert_silent();
+    assert_eq!(h.heartbeat(), [c]);
+}
+
+#[test]
+fn welcome_signed_by_another_key_is_refused() {
+    let mut h = Harness::new();
+    h.clear();
+    let alice = test_key("user1");
+    let ca = h.login("alice", &alice);
+    h.clear();
+
+    // "srv-b" answers our dial to server2's address, but signs with server3's key.
+    let impostor = Peer::new("srv-b", "server3", 9002);
+    let c = h.dial(0, 9002);
+    let bob = test_key("user2");
+    h.welcome(
+        c,
+        &impostor,
+        json!([]),
+        json!([client_entry("bob", "srv-b", &bob)]),
+    );
+    assert_eq!(h.closes(c).len(), 1, "the conn is closed");
+    assert!(
+        h.frames_to(c).is_empty(),
+        "no announce, no directory to an impostor"
+    );
+    assert!(h.frames_to(ca).is_empty(), "its clients are not learned");
+    assert_eq!(h.redials().len(), 1, "and we will try again");
+    h.assert_silent();
+    assert_eq!(h.list(ca, "alice"), ["alice"]);
+
+    // No link: heartbeats go nowhere, and frames on the old conn are not accepted.
+    assert!(h.heartbeat().is_empty());
+    let ts = h.now.wall_ms;
+    let deliver = json!({
+        "user_id": "alice", "ciphertext": "AAAA", "sender": "bob",
+        "sender_pub": bob.public_key().encoded(), "content_sig": "AAAA", "ts": ts,
+    });
+    let f = impostor.frame(types::SERVER_DELIVER, SRV, ts, &deliver);
+    h.send(c, &f);
+    let f = srv_b().frame(types::SERVER_DELIVER, SRV, ts, &deliver);
+    h.send(c, &f);
+    h.assert_silent();
+}
+
+// -------------------------------------------------------------------- 4. mesh
+
+#[test]
+fn welcome_servers_are_dialled_with_mesh_on() {
+    let mut h = Harness::new();
+    h.clear();
+    let (b, cc) = (srv_b(), srv_c());
+    let c = h.dial(0, 9002);
+    h.welcome(c, &b, json!([cc.server_entry()]), json!([]));
+    assert!(h.closes(c).is_empty());
+    let redials = h.redials();
+    assert_eq!(
+        redials,
+        [(h.now.mono_ms, 1)],
+        "srv-c becomes target 1, dialled now"
+    );
+    h.clear();
+    h.fire(Timer::Redial(1));
+    assert_eq!(h.dials(), [(1, HOST.to_string(), 9003)]);
+}
+
+#[test]
+fn welcome_servers_are_not_dialled_with_mesh_off() {
+    let mut h = Harness::with_cfg(|cfg| cfg.mesh = false);
+    h.clear();
+    let (b, cc) = (srv_b(), srv_c());
+    let c = h.dial(0, 9002);
+    h.welcome(c, &b, json!([cc.server_entry()]), json!([]));
+    assert!(h.closes(c).is_empty());
+    assert!(h.redials().is_empty());
+    assert!(h.dials().is_empty());
+    h.clear();
+    for t in 0..3 {
+        h.fire(Timer::Redial(t));
+        assert!(h.dials().is_empty(), "target {t}");
+    }
+}
+
+// -------------------------------------------------------------------- 5. welcome clients, DM
+
+#[test]
+fn welcome_clients_are_advertised_locally_and_reachable_by_dm() {
+    let mut h = Harness::new();
+    h.clear();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let ca = h.login("alice", &alice);
+    h.clear();
+
+    let b = srv_b();
+    let c = h.dial(0, 9002);
+    h.welcome(
+        c,
+        &b,
+        json!([]),
+        json!([client_entry("bob", "srv-b", &bob)]),
+    );
+    assert!(h.closes(c).is_empty());
+
+    let to_alice = h.frames_to(ca);
+    assert_eq!(kinds(&to_alice), [types::USER_ADVERTISE], "{to_alice:#?}");
+    let adv = &to_alice[0];
+    assert_eq!(adv.from, SRV, "re-signed by srv-a");
+    assert_eq!(
+        Value::Object(adv.payload.clone()),
+        client_entry("bob", "srv-b", &bob)
+    );
+
+    // §4.3: the link gets our directory (alice) as USER_ADVERTISE.
+    let to_link = h.frames_to(c);
+    let ours: Vec<&Envelope> = to_link
+        .iter()
+        .filter(|f| f.kind == types::USER_ADVERTISE)
+        .collect();
+    assert_eq!(ours.len(), 1, "{to_link:#?}");
+    assert_eq!(
+        Value::Object(ours[0].payload.clone()),
+        client_entry("alice", SRV, &alice)
+    );
+    assert_eq!(ours[0].to, "*");
+    h.assert_silent();
+
+    assert_eq!(h.list(ca, "alice"), ["alice", "bob"]);
+
+    let (sent, ts) = h.dm(ca, "alice", &alice, "bob", bob.public_key());
+    assert!(h.frames_to(ca).is_empty(), "no error to the sender");
+    let out = h.frames_to(c);
+    assert_eq!(kinds(&out), [types::SERVER_DELIVER], "{out:#?}");
+    let d = &out[0];
+    assert_eq!(d.from, SRV);
+    assert_eq!(d.to, "srv-b");
+    assert_eq!(
+        keys_of(&d.payload),
+        [
+            "ciphertext",
+            "content_sig",
+            "sender",
+            "sender_pub",
+            "ts",
+            "user_id"
+        ]
+    );
+    assert_eq!(d.payload["user_id"], "bob");
+    assert_eq!(d.payload["sender"], "alice");
+    assert_eq!(d.payload["ts"], json!(ts));
+    assert_eq!(d.payload["ciphertext"], sent["ciphertext"]);
+    assert_eq!(d.payload["sender_pub"], sent["sender_pub"]);
+    assert_eq!(d.payload["content_sig"], sent["content_sig"]);
+    h.assert_silent();
+}
+
+// -------------------------------------------------------------------- 6. inbound hellos
+
+#[test]
+fn inbound_hello_from_unpinned_key_is_refused() {
+    let mut h = Harness::new();
+    h.clear();
+    let d = Peer::new("srv-d", "server4", 9004);
+    for kind in [types::SERVER_HELLO_JOIN, types::SERVER_HELLO_LINK] {
+        let c = h.fresh_conn();
+        h.input(Input::Opened { conn: c });
+        let f = d.frame(kind, "127.0.0.1:9001", h.now.wall_ms, &d.hello_payload());
+        h.send(c, &f);
+        assert_error(&h.frames_to(c), "BAD_KEY");
+        assert_eq!(h.closes(c), [close::POLICY], "{kind}");
+        h.assert_silent();
+    }
+    assert!(h.heartbeat().is_empty(), "no link");
+}
+
+#[test]
+fn inbound_hello_join_from_pinned_key_gets_welcome() {
+    let mut h = Harness::new();
+    h.clear();
+    let (alice, carol) = (test_key("user1"), test_key("user3"));
+    let ca = h.login("alice", &alice);
+    let cc = h.login("carol", &carol);
+    h.clear();
+
+    let b = srv_b();
+    let c = h.fresh_conn();
+    h.input(Input::Opened { conn: c });
+    h.timers();
+    let f = b.frame(
+        types::SERVER_HELLO_JOIN,
+        "127.0.0.1:9001",
+        h.now.wall_ms,
+        &b.hello_payload(),
+    );
+    h.send(c, &f);
+    assert!(h.closes(c).is_empty());
+    let frames = h.frames_to(c);
+    assert_eq!(
+        frames[0].kind,
+        types::SERVER_WELCOME,
+        "the welcome comes first: {frames:#?}"
+    );
+    let w = &frames[0];
+    assert_eq!(w.from, SRV);
+    assert_eq!(w.to, "srv-b");
+    assert_eq!(w.payload["assigned_id"], "srv-b");
+    assert!(w.payload["servers"].is_array(), "{w:?}");
+    assert_eq!(
+        w.payload["clients"],
+        json!([
+            client_entry("alice", SRV, &alice),
+            client_entry("carol", SRV, &carol)
+        ])
+    );
+    // Then our directory as USER_ADVERTISE frames (§4.3).
+    let mut advertised: Vec<&str> = frames
+        .iter()
+        .filter(|f| f.kind == types::USER_ADVERTISE)
+        .map(|f| str_field(f, "user_id"))
+        .collect();
+    advertised.sort();
+    assert_eq!(advertised, ["alice", "carol"]);
+    assert!(h.frames_to(ca).is_empty() && h.frames_to(cc).is_empty());
+    h.assert_silent();
+    assert_eq!(h.heartbeat(), [c], "the link is up");
+
+    // Now srv-b is pinned to server2's key: a hello for "srv-b" with server3's key is refused.
+    let impostor = Peer::new("srv-b", "server3", 9002);
+    for kind in [types::SERVER_HELLO_JOIN, types::SERVER_HELLO_LINK] {
+        let c2 = h.fresh_conn();
+        h.input(Input::Opened { conn: c2 });
+        let f = impostor.frame(
+            kind,
+            "127.0.0.1:9001",
+            h.now.wall_ms,
+            &impostor.hello_payload(),
+        );
+        h.send(c2, &f);
+        assert_error(&h.frames_to(c2), "BAD_KEY");
+        assert_eq!(h.closes(c2), [close::POLICY], "{kind}");
+        h.assert_silent();
+    }
+    assert_eq!(h.heartbeat(), [c], "the real link stands");
+}
+
+#[test]
+fn inbound_hello_with_key_not_matching_pin_is_refused_even_when_key_is_pinned_elsewhere() {
+    // Bootstrap pins server2 and server3; srv-b comes up with server2's key. A hello claiming
+    // id "srv-b" with server3's key (pinned, but for another server) is still refused.
+    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    h.clear();
+    let b = srv_b();
+    let c = h.link_in(&b);
+    h.clear();
+    let impostor = Peer::new("srv-b", "server3", 9003);
+    let c2 = h.fresh_conn();
+    h.input(Input::Opened { conn: c2 });
+    let f = impostor.frame(
+        types::SERVER_HELLO_LINK,
+        SRV,
+        h.now.wall_ms,
+        &impostor.hello_payload(),
+    );
+    h.send(c2, &f);
+    assert_error(&h.frames_to(c2), "BAD_KEY");
+    assert_eq!(h.closes(c2), [close::POLICY]);
+    h.assert_silent();
+    assert_eq!(h.heartbeat(), [c]);
+}
+
+#[test]
+fn open_join_accepts_an_unknown_server() {
+    let mut h = Harness::with_cfg(|cfg| cfg.open_join = true);
+    h.clear();
+    let d = Peer::new("srv-d", "server4", 9004);
+    let c = h.fresh_conn();
+    h.input(Input::Opened { conn: c });
+    h.timers();
+    let f = d.frame(
+        types::SERVER_HELLO_JOIN,
+        "127.0.0.1:9001",
+        h.now.wall_ms,
+        &d.hello_payload(),
+    );
+    h.send(c, &f);
+    assert!(h.closes(c).is_empty());
+    let frames = h.frames_to(c);
+    assert_eq!(frames[0].kind, types::SERVER_WELCOME, "{frames:#?}");
+    assert_eq!(frames[0].to, "srv-d");
+    assert_eq!(frames[0].payload["assigned_id"], "srv-d");
+    h.assert_silent();
+    assert_eq!(h.heartbeat(), [c]);
+
+    // Frames from srv-d over the link are now accepted (its key got pinned).
+    let alice = test_key("user1");
+    let ca = h.login("alice", &alice);
+    h.clear();
+    let dave = test_key("user4");
+    let f = d.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("dave", "srv-d", &dave),
+    );
+    h.send(c, &f);
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
+    assert!(h.frames_to(c).is_empty());
+}
+
+// -------------------------------------------------------------------- 7. heartbeats and death
+
+#[test]
+fn silent_link_dies_after_45s_and_takes_its_users() {
+    let mut h = Harness::with_cfg(|cfg| {
+        cfg.heartbeat_ms = 15_000;
+        cfg.dead_after_ms = 45_000;
+    });
+    h.clear();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let ca = h.login("alice", &alice);
+    let b = srv_b();
+    let c = h.dial(0, 9002);
+    h.welcome(
+        c,
+        &b,
+        json!([]),
+        json!([client_entry("bob", "srv-b", &bob)]),
+    );
+    assert!(h.closes(c).is_empty());
+    let last_rx = h.now.mono_ms;
+    h.clear();
+    assert_eq!(h.list(ca, "alice"), ["alice", "bob"]);
+
+    // Heartbeat timers at +15 s, +30 s: HEARTBEAT to srv-b, link kept.
+    let mut at = MONO0 + 15_000;
+    loop {
+        h.advance_to(at);
+        let silent = h.now.mono_ms - last_rx;
+        let got = h.heartbeat();
+        if silent < 45_000 {
+            assert_eq!(got, [c], "heartbeat at {silent} ms of silence");
+            let hb = &h.outbox;
+            assert!(
+                hb.iter().all(|a| !matches!(a, Action::Close { .. })),
+                "{hb:?}"
+            );
+            assert!(h.frames_to(ca).is_empty());
+            h.assert_silent();
+            at += 15_000;
+            continue;
+        }
+        // At 45 s of silence the link is dead.
+        assert!(got.is_empty(), "no heartbeat to a dead link");
+        assert_eq!(
+            h.closes(c).len(),
+            1,
+            "dead link closed at {silent} ms of silence"
+        );
+        break;
+    }
+    let to_alice = h.frames_to(ca);
+    assert_eq!(kinds(&to_alice), [types::USER_REMOVE], "{to_alice:#?}");
+    assert_eq!(
+        Value::Object(to_alice[0].payload.clone()),
+        json!({"user_id": "bob", "server_id": "srv-b"})
+    );
+    let redials = h.redials();
+    assert_eq!(redials.len(), 1, "{redials:?}");
+    assert_eq!(redials[0].1, 0);
+    let delay = redials[0].0 - h.now.mono_ms;
+    assert!(
+        (800..=1_200).contains(&delay),
+        "backoff restarts at ~1 s: {delay}"
+    );
+    h.assert_silent();
+    assert_eq!(h.list(ca, "alice"), ["alice"]);
+
+    // The close reaching us from the net layer changes nothing.
+    h.input(Input::Closed { conn: c });
+    h.assert_silent();
+    // Redial: a new dial to srv-b.
+    h.advance_to(redials[0].0);
+    h.fire(Timer::Redial(0));
+    assert_eq!(h.dials(), [(0, HOST.to_string(), 9002)]);
+}
+
+#[test]
+fn link_with_peer_heartbeats_stays_up() {
+    let mut h = Harness::new();
+    h.clear();
+    let b = srv_b();
+    let c = h.link_out(0, &b);
+    h.clear();
+    let mut at = MONO0 + 15_000;
+    for round in 0..12 {
+        // The peer's heartbeat arrives a little before ours.
+        h.advance_to(at - 100);
+        let f = b.frame(types::HEARTBEAT, SRV, h.now.wall_ms, &json!({}));
+        h.send(c, &f);
+        h.assert_silent();
+        h.advance_to(at);
+        assert_eq!(h.heartbeat(), [c], "round {round}");
+        assert!(h.closes(c).is_empty(), "round {round}");
+        h.assert_silent();
+        at += 15_000;
+    }
+    // Any frame counts as life, not only HEARTBEAT: a USER_ADVERTISE keeps it up too.
+    h.advance_to(at - 100);
+    let f = b.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("bob", "srv-b", &test_key("user2")),
+    );
+    h.send(c, &f);
+    h.clear();
+    h.advance_to(at);
+    assert_eq!(h.heartbeat(), [c]);
+    // Then silence: it dies 45 s after that last frame, not earlier.
+    for _ in 0..2 {
+        at += 15_000;
+        h.advance_to(at);
+        assert_eq!(h.heartbeat(), [c]);
+        assert!(h.closes(c).is_empty());
+    }
+    at += 15_000;
+    h.advance_to(at);
+    assert!(h.heartbeat().is_empty());
+    assert_eq!(h.closes(c).len(), 1);
+}
+
+// -------------------------------------------------------------------- 8. presence from peers
+
+#[test]
+fn user_advertise_from_peer_is_checked_recorded_and_relayed_once() {
+    let mut h = Harness::new();
+    h.clear();
+    let alice = test_key("user1");
+    let ca = h.login("alice", &alice);
+    let b = srv_b();
+    let c = h.link_out(0, &b);
+    h.clear();
+
+    // A correct advert: alice gets it once, re-signed by srv-a.
+    let bob = test_key("user2");
+    let adv = client_entry("bob", "srv-b", &bob);
+    let f = b.frame(types::USER_ADVERTISE, "*", h.now.wall_ms, &adv);
+    h.send(c, &f);
+    let got = h.frames_to(ca);
+    assert_eq!(kinds(&got), [types::USER_ADVERTISE], "{got:#?}");
+    assert_eq!(got[0].from, SRV);
+    assert_eq!(Value::Object(got[0].payload.clone()), adv);
+    h.assert_silent();
+    // The very same frame again: nothing at all.
+    h.send(c, &f);
+    h.assert_silent();
+    // Even a while later (still inside the window).
+    h.advance(60_000);
+    h.send(c, &f);
+    h.assert_silent();
+    assert_eq!(h.list(ca, "alice"), ["alice", "bob"]);
+
+    // server_id ≠ from: refused, not recorded, not relayed.
+    let carol = test_key("user3");
+    let f = b.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("carol", "srv-c", &carol),
+    );
+    h.send(c, &f);
+    assert_error(&h.frames_to(c), "INVALID_SIG");
+    assert!(h.frames_to(ca).is_empty());
+    h.assert_silent();
+    assert_eq!(h.list(ca, "alice"), ["alice", "bob"]);
+
+    // Bad signature (signed by server3 though from srv-b): INVALID_SIG, not recorded.
+    let dave = test_key("user4");
+    let dave_adv = client_entry("dave", "srv-b", &dave);
+    let ts = h.now.wall_ms;
+    let forged = signed_frame(
+        types::USER_ADVERTISE,
+        "srv-b",
+        "*",
+        ts,
+        &dave_adv,
+        &test_key("server3"),
+    );
+    h.send(c, &forged);
+    assert_error(&h.frames_to(c), "INVALID_SIG");
+    assert!(h.frames_to(ca).is_empty());
+    h.assert_silent();
+    assert_eq!(h.list(ca, "alice"), ["alice", "bob"]);
+    // A forgery does not shadow the genuine frame with the same type/from/to/ts/payload.
+    let genuine = b.frame(types::USER_ADVERTISE, "*", ts, &dave_adv);
+    h.send(c, &genuine);
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
+    h.assert_silent();
+    assert_eq!(h.list(ca, "alice"), ["alice", "bob", "dave"]);
+
+    // A correctly signed advert 10 minutes old, or 10 minutes ahead: dropped silently.
+    let erin = test_key("user5");
+    for skew in [-600_000i64, 600_000] {
+        let f = b.frame(
+            types::USER_ADVERTISE,
+            "*",
+            h.now.wall_ms + skew,
+            &client_entry("erin", "srv-b", &erin),
+        );
+        h.send(c, &f);
+        h.assert_silent();
+    }
+    assert_eq!(h.list(ca, "alice"), ["alice", "bob", "dave"]);
+}
+
+#[test]
+fn user_remove_deletes_only_if_entry_still_points_to_that_server() {
+    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    h.clear();
+    let alice = test_key("user1");
+    let ca = h.login("alice", &alice);
+    let (b, cc) = (srv_b(), srv_c());
+    let lb = h.link_out(0, &b);
+    let lc = h.link_in(&cc);
+    h.clear();
+
+    // bob is at srv-b, then moves to srv-c.
+    let bob = test_key("user2");
+    let f = b.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("bob", "srv-b", &bob),
+    );
+    h.send(lb, &f);
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
+    h.clear();
+    h.advance(10);
+    let f = cc.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("bob", "srv-c", &bob),
+    );
+    h.send(lc, &f);
+    let got = h.frames_to(ca);
+    assert_eq!(kinds(&got), [types::USER_ADVERTISE]);
+    assert_eq!(got[0].payload["server_id"], "srv-c");
+    h.clear();
+
+    // A late USER_REMOVE from srv-b: the entry points to srv-c now, so it stays.
+    let f = b.frame(
+        types::USER_REMOVE,
+        "*",
+        h.now.wall_ms,
+        &json!({"user_id": "bob", "server_id": "srv-b"}),
+    );
+    h.send(lb, &f);
+    assert!(h.frames_to(ca).is_empty(), "bob is not removed");
+    assert!(h.frames_to(lb).is_empty(), "no error");
+    h.clear();
+    assert_eq!(h.list(ca, "alice"), ["alice", "bob"]);
+
+    // srv-b may not remove a user on srv-c's behalf either.
+    let f = b.frame(
+        types::USER_REMOVE,
+        "*",
+        h.now.wall_ms,
+        &json!({"user_id": "bob", "server_id": "srv-c"}),
+    );
+    h.send(lb, &f);
+    assert!(h.frames_to(ca).is_empty());
+    h.clear();
+    assert_eq!(h.list(ca, "alice"), ["alice", "bob"]);
+
+    // srv-c's USER_REMOVE deletes it and is relayed to alice.
+    let f = cc.frame(
+        types::USER_REMOVE,
+        "*",
+        h.now.wall_ms,
+        &json!({"user_id": "bob", "server_id": "srv-c"}),
+    );
+    h.send(lc, &f);
+    let got = h.frames_to(ca);
+    assert_eq!(kinds(&got), [types::USER_REMOVE], "{got:#?}");
+    assert_eq!(got[0].from, SRV);
+    assert_eq!(
+        Value::Object(got[0].payload.clone()),
+        json!({"user_id": "bob", "server_id": "srv-c"})
+    );
+    h.clear();
+    assert_eq!(h.list(ca, "alice"), ["alice"]);
+}
+
+// -------------------------------------------------------------------- 9. relay (§6)
+
+fn deliver_payload(
+    user_id: &str,
+    sender: &str,
+    sender_key: &PrivateKey,
+    recipient: &PublicKey,
+    ts: i64,
+) -> Value {
+    let ct = socp::b64::encode(&recipient.encrypt(b"relayed").unwrap());
+    let content_sig = crypto::make_content_sig(sender_key, &ct, sender, Some(user_id), ts);
+    json!({
+        "user_id": user_id,
+        "ciphertext": ct,
+        "sender": sender,
+        "sender_pub": sender_key.public_key().encoded(),
+        "content_sig": content_sig,
+        "ts": ts,
+    })
+}
+
+#[test]
+fn server_deliver_is_relayed_unchanged_or_delivered_locally() {
+    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    h.clear();
+    let alice = test_key("user1");
+    let ca = h.login("alice", &alice);
+    let (b, cc) = (srv_b(), srv_c());
+    let lb = h.link_out(0, &b);
+    let lc = h.link_in(&cc);
+    h.clear();
+    let (bob, carol) = (test_key("user2"), test_key("user3"));
+    let f = b.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("bob", "srv-b", &bob),
+    );
+    h.send(lb, &f);
+    let f = cc.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("carol", "srv-c", &carol),
+    );
+    h.send(lc, &f);
+    h.clear();
+
+    // srv-b → srv-c through us: the identical text, to srv-c's link only.
+    let ts = h.now.wall_ms - 50;
+    let p = deliver_payload("carol", "bob", &bob, carol.public_key(), ts);
+    let f = b.frame(types::SERVER_DELIVER, "srv-c", ts, &p);
+    h.send(lb, &f);
+    let relayed = h.sent_to(lc);
+    assert_eq!(relayed.len(), 1, "{relayed:#?}");
+    assert_eq!(relayed[0].0, f, "relayed unchanged");
+    assert!(h.frames_to(lb).is_empty(), "never back to srv-b");
+    assert!(h.frames_to(ca).is_empty());
+    h.assert_silent();
+    // The same frame again is a duplicate: not relayed twice.
+    h.send(lb, &f);
+    h.assert_silent();
+
+    // To a server we have no link to: flooded to every link but the one it came from.
+    let f = b.frame(types::SERVER_DELIVER, "srv-x", ts, &p);
+    h.send(lb, &f);
+    let relayed = h.sent_to(lc);
+    assert_eq!(relayed.len(), 1);
+    assert_eq!(relayed[0].0, f);
+    assert!(h.frames_to(lb).is_empty(), "never back to srv-b");
+    h.assert_silent();
+
+    // To us, for alice: USER_DELIVER to alice, signed by srv-a.
+    let p = deliver_payload("alice", "bob", &bob, alice.public_key(), ts);
+    let f = b.frame(types::SERVER_DELIVER, SRV, ts, &p);
+    h.send(lb, &f);
+    let got = h.frames_to(ca);
+    assert_eq!(kinds(&got), [types::USER_DELIVER], "{got:#?}");
+    let d = &got[0];
+    assert_eq!(d.from, SRV);
+    assert_eq!(d.to, "alice");
+    let mut expected = p.as_object().unwrap().clone();
+    expected.remove("user_id");
+    assert_eq!(d.payload, expected);
+    assert!(crypto::verify_content_sig(
+        bob.public_key(),
+        str_field(d, "content_sig"),
+        str_field(d, "ciphertext"),
+        "bob",
+        Some("alice"),
+        ts
+    ));
+    assert!(h.frames_to(lb).is_empty());
+    h.assert_silent();
+
+    // srv-b claiming carol (hosted by srv-c) or an unknown user as sender: refused.
+    for sender in ["carol", "nobody"] {
+        let p = deliver_payload("alice", sender, &carol, alice.public_key(), ts + 1);
+        let f = b.frame(types::SERVER_DELIVER, SRV, ts + 1, &p);
+        h.send(lb, &f);
+        assert_error(&h.frames_to(lb), "INVALID_SIG");
+        assert!(h.frames_to(ca).is_empty(), "{sender}: not delivered");
+        h.assert_silent();
+    }
+    // While carol's own server may.
+    let p = deliver_payload("alice", "carol", &carol, alice.public_key(), ts + 2);
+    let f = cc.frame(types::SERVER_DELIVER, SRV, ts + 2, &p);
+    h.send(lc, &f);
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_DELIVER]);
+    h.assert_silent();
+}
+
+#[test]
+fn relay_with_a_single_link_never_goes_back() {
+    let mut h = Harness::new();
+    h.clear();
+    let b = srv_b();
+    let lb = h.link_out(0, &b);
+    h.clear();
+    let (bob, carol) = (test_key("user2"), test_key("user3"));
+    let ts = h.now.wall_ms;
+    let p = deliver_payload("carol", "bob", &bob, carol.public_key(), ts);
+    for to in ["srv-c", "srv-b"] {
+        let f = b.frame(types::SERVER_DELIVER, to, ts, &p);
+        h.send(lb, &f);
+        h.assert_silent();
+    }
+}
+
+// -------------------------------------------------------------------- 10. one link per pair
+
+/// Dials srv-b and opens an inbound link from it; `inbound_first` says which comes up first.
+/// Returns (our dial's conn, the inbound conn).
+fn both_links(h: &mut Harness, inbound_first: bool) -> (ConnId, ConnId) {
+    let b = srv_b();
+    let out = h.dial(0, 9002);
+    h.clear();
+    let inbound;
+    if inbound_first {
+        inbound = h.link_in(&b);
+        h.clear();
+        h.welcome(out, &b, json!([]), json!([]));
+    } else {
+        h.welcome(out, &b, json!([]), json!([]));
+        assert!(h.closes(out).is_empty());
+        h.clear();
+        inbound = h.fresh_conn();
+        h.input(Input::Opened { conn: inbound });
+        let f = b.frame(
+            types::SERVER_HELLO_LINK,
+            &h.id.clone(),
+            h.now.wall_ms,
+            &b.hello_payload(),
+        );
+        h.send(inbound, &f);
+    }
+    (out, inbound)
+}
+
+#[test]
+fn one_link_per_pair_keeps_the_smaller_ids_dial() {
+    for inbound_first in [true, false] {
+        let mut h = Harness::new();
+        h.clear();
+        let alice = test_key("user1");
+        let ca = h.login("alice", &alice);
+        h.clear();
+        let (out, inbound) = both_links(&mut h, inbound_first);
+        let closed = h.all_closes();
+        assert_eq!(
+            closed,
+            [inbound],
+            "inbound_first={inbound_first}: srv-a < srv-b, our dial wins"
+        );
+        assert!(h.frames_to(ca).is_empty(), "no user churn");
+        assert!(h.redials().is_empty(), "no redial for the loser");
+        h.clear();
+        assert_eq!(h.heartbeat(), [out], "inbound_first={inbound_first}");
+        // Frames on the surviving link are accepted.
+        let bob = test_key("user2");
+        let f = srv_b().frame(
+            types::USER_ADVERTISE,
+            "*",
+            h.now.wall_ms,
+            &client_entry("bob", "srv-b", &bob),
+        );
+        h.send(out, &f);
+        assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
+        h.assert_silent();
+        // The loser's close reported by the net layer changes nothing.
+        h.input(Input::Closed { conn: inbound });
+        h.assert_silent();
+        assert_eq!(h.heartbeat(), [out]);
+        assert_eq!(h.list(ca, "alice"), ["alice", "bob"]);
+    }
+}
+
+#[test]
+fn one_link_per_pair_keeps_their_dial_when_their_id_is_smaller() {
+    // The same race seen from "srv-z": srv-b < srv-z, so srv-b's dial (inbound here) wins.
+    for inbound_first in [true, false] {
+        let mut h = Harness::with("srv-z", |_| {});
+        h.clear();
+        let (out, inbound) = both_links(&mut h, inbound_first);
+        let closed = h.all_closes();
+        assert_eq!(
+            closed,
+            [out],
+            "inbound_first={inbound_first}: srv-b's dial wins"
+        );
+        assert!(h.redials().is_empty(), "no redial for the loser");
+        h.clear();
+        assert_eq!(h.heartbeat(), [inbound], "inbound_first={inbound_first}");
+    }
+}
+
+// -------------------------------------------------------------------- 11. flooding
+
+#[test]
+fn dm_to_user_behind_unlinked_server_is_flooded_then_not_found_without_links() {
+    let mut h = Harness::new();
+    h.clear();
+    let alice = test_key("user1");
+    let ca = h.login("alice", &alice);
+    let (b, cc) = (srv_b(), srv_c());
+    let lb = h.dial(0, 9002);
+    // srv-b vouches for srv-c (pinning it); we do not get a link to srv-c.
+    h.welcome(lb, &b, json!([cc.server_entry()]), json!([]));
+    assert!(h.closes(lb).is_empty());
+    h.clear();
+
+    // carol's advert from srv-c arrives relayed by srv-b.
+    let carol = test_key("user3");
+    let f = cc.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("carol", "srv-c", &carol),
+    );
+    h.send(lb, &f);
+    let got = h.frames_to(ca);
+    assert_eq!(kinds(&got), [types::USER_ADVERTISE], "{got:#?}");
+    assert_eq!(got[0].payload["server_id"], "srv-c");
+    h.assert_silent();
+
+    let (sent, ts) = h.dm(ca, "alice", &alice, "carol", carol.public_key());
+    assert!(h.frames_to(ca).is_empty());
+    let out = h.frames_to(lb);
+    assert_eq!(kinds(&out), [types::SERVER_DELIVER], "{out:#?}");
+    assert_eq!(out[0].from, SRV);
+    assert_eq!(out[0].to, "srv-c", "flooded toward srv-c");
+    assert_eq!(out[0].payload["user_id"], "carol");
+    assert_eq!(out[0].payload["ts"], json!(ts));
+    assert_eq!(out[0].payload["ciphertext"], sent["ciphertext"]);
+    h.assert_silent();
+
+    // srv-b's link closes; carol (srv-c) is still listed, but there is no link left at all.
+    h.input(Input::Closed { conn: lb });
+    h.clear();
+    h.dm(ca, "alice", &alice, "carol", carol.public_key());
+    assert_error(&h.frames_to(ca), "USER_NOT_FOUND");
+    h.assert_silent();
+}
+
+#[test]
+fn dm_to_unknown_user_with_no_links_is_user_not_found() {
+    let mut h = Harness::new();
+    h.clear();
+    let alice = test_key("user1");
+    let ca = h.login("alice", &alice);
+    h.clear();
+    h.dm(
+        ca,
+        "alice",
+        &alice,
+        "nobody",
+        test_key("user2").public_key(),
+    );
+    assert_error(&h.frames_to(ca), "USER_NOT_FOUND");
+    h.assert_silent();
+}
+
+// -------------------------------------------------------------------- extra: dedup window
+
+#[test]
+fn frame_from_a_peer_clock_ahead_cannot_be_replayed_after_eviction() {
+    let mut h = Harness::new();
+    h.clear();
+    let alice = test_key("user1");
+    let ca = h.login("alice", &alice);
+    let b = srv_b();
+    let lb = h.dial(0, 9002);
+    let bob = test_key("user2");
+    h.welcome(
+        lb,
+        &b,
+        json!([]),
+        json!([client_entry("bob", "srv-b", &bob)]),
+    );
+    h.clear();
+
+    // srv-b's clock runs 60 s ahead of ours: well inside the 5-minute window.
+    let ts = h.now.wall_ms + 60_000;
+    let p = deliver_payload("alice", "bob", &bob, alice.public_key(), ts);
+    let f = b.frame(types::SERVER_DELIVER, SRV, ts, &p);
+    h.send(lb, &f);
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_DELIVER]);
+    h.assert_silent();
+
+    // Replays of that exact frame, at any later time, must never be delivered again: while the
+    // entry is cached it is a duplicate; once it may have been evicted, the ts must be out of
+    // the window.
+    for wait in [1_000u64, 100_000, 150_000, 50_000, 1, 30_000, 60_000] {
+        h.advance(wait);
+        // Keep the link alive.
+        let hb = b.frame(types::HEARTBEAT, SRV, h.now.wall_ms, &json!({}));
+        h.send(lb, &hb);
+        h.send(lb, &f);
+        let got = h.frames_to(ca);
+        assert!(
+            got.is_empty(),
+            "replayed {} ms after the original (ts {} ms from our clock): {got:#?}",
+            h.now.wall_ms - (ts - 60_000),
+            ts - h.now.wall_ms
+        );
+        h.clear();
+    }
+}
+
+// -------------------------------------------------------------------- extra: mesh introductions
+
+#[test]
+fn inbound_join_welcome_lists_linked_servers_and_remote_users() {
+    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    h.clear();
+    let alice = test_key("user1");
+    let ca = h.login("alice", &alice);
+    let cc = srv_c();
+    let lc = h.link_in(&cc);
+    let carol = test_key("user3");
+    let f = cc.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("carol", "srv-c", &carol),
+    );
+    h.send(lc, &f);
+    h.clear();
+    // The Hello timer armed when srv-c's connection opened is harmless on a link.
+    h.advance(10_000);
+    for c in 1..=h.next_conn {
+        h.fire(Timer::Hello(conn(c)));
+    }
+    h.assert_silent();
+
+    let b = srv_b();
+    let lb = h.fresh_conn();
+    h.input(Input::Opened { conn: lb });
+    let f = b.frame(
+        types::SERVER_HELLO_JOIN,
+        "127.0.0.1:9001",
+        h.now.wall_ms,
+        &b.hello_payload(),
+    );
+    h.send(lb, &f);
+    let frames = h.frames_to(lb);
+    assert_eq!(frames[0].kind, types::SERVER_WELCOME, "{frames:#?}");
+    let w = &frames[0];
+    assert_eq!(w.payload["servers"], json!([cc.server_entry()]));
+    assert_eq!(
+        w.payload["clients"],
+        json!([
+            client_entry("alice", SRV, &alice),
+            client_entry("carol", "srv-c", &carol)
+        ]),
+        "every user online anywhere we know of"
+    );
+    assert!(h.frames_to(ca).is_empty());
+    assert!(
+        h.frames_to(lc).is_empty(),
+        "nothing about srv-b's hello goes to srv-c"
+    );
+    h.clear();
+    assert_eq!(h.heartbeat(), {
+        let mut v = vec![lc, lb];
+        v.sort();
+        v
+    });
+}
+
+#[test]
+fn broadcasts_are_forwarded_unchanged_and_flood_back_is_dropped() {
+    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    h.clear();
+    let alice = test_key("user1");
+    let ca = h.login("alice", &alice);
+    let (b, cc) = (srv_b(), srv_c());
+    let lb = h.link_out(0, &b);
+    let lc = h.link_in(&cc);
+    h.clear();
+
+    // srv-b's advert: forwarded unchanged to srv-c only, relayed once to alice.
+    let bob = test_key("user2");
+    let f = b.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("bob", "srv-b", &bob),
+    );
+    h.send(lb, &f);
+    let fwd = h.sent_to(lc);
+    assert_eq!(fwd.len(), 1, "{fwd:#?}");
+    assert_eq!(fwd[0].0, f, "forwarded unchanged");
+    assert!(h.frames_to(lb).is_empty(), "never back to srv-b");
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
+    h.assert_silent();
+    // The same advert flooded back to us by srv-c: dropped, not forwarded again.
+    h.send(lc, &f);
+    h.assert_silent();
+
+    // A delivery that srv-b signed, relayed to us by srv-c, is delivered (sender bob is srv-b's).
+    let ts = h.now.wall_ms;
+    let p = deliver_payload("alice", "bob", &bob, alice.public_key(), ts);
+    let f = b.frame(types::SERVER_DELIVER, SRV, ts, &p);
+    h.send(lc, &f);
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_DELIVER]);
+    h.assert_silent();
+    // And a copy over the direct link is a duplicate.
+    h.send(lb, &f);
+    h.assert_silent();
+
+    // A frame from an unknown server over a link is refused.
+    let d = Peer::new("srv-d", "server4", 9004);
+    let f = d.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("dave", "srv-d", &test_key("user4")),
+    );
+    h.send(lb, &f);
+    assert_error(&h.frames_to(lb), "INVALID_SIG");
+    h.assert_silent();
+    // An ERROR from a peer is never answered.
+    let f = b.frame(
+        types::ERROR,
+        SRV,
+        h.now.wall_ms,
+        &json!({"code": "TIMEOUT", "detail": "x"}),
+    );
+    h.send(lb, &f);
+    h.assert_silent();
+    assert_eq!(h.list(ca, "alice"), ["alice", "bob"]);
+}
+
+#[test]
+fn our_flooded_delivery_coming_back_is_dropped() {
+    let mut h = Harness::with_cfg(|cfg| cfg.open_join = true);
+    h.clear();
+    let alice = test_key("user1");
+    let ca = h.login("alice", &alice);
+    let (b, cc, d) = (srv_b(), srv_c(), Peer::new("srv-d", "server4", 9004));
+    let lb = h.dial(0, 9002);
+    h.welcome(lb, &b, json!([cc.server_entry()]), json!([]));
+    let ld = h.link_in(&d);
+    h.clear();
+    let carol = test_key("user3");
+    let f = cc.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("carol", "srv-c", &carol),
+    );
+    h.send(lb, &f);
+    h.clear();
+
+    // carol's server has no link: the delivery goes to both links.
+    h.dm(ca, "alice", &alice, "carol", carol.public_key());
+    let to_b = h.sent_to(lb);
+    let to_d = h.sent_to(ld);
+    assert_eq!(to_b.len(), 1);
+    assert_eq!(to_d.len(), 1);
+    assert_eq!(to_b[0].0, to_d[0].0, "one frame, flooded");
+    assert_eq!(to_b[0].1.to, "srv-c");
+    h.assert_silent();
+    // srv-d floods it back to us: dropped, not relayed to srv-b again.
+    h.send(ld, &to_d[0].0);
+    h.assert_silent();
+}
