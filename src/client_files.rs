@@ -60,6 +60,8 @@ pub(crate) struct Incoming {
 pub(crate) struct Files {
     pub(crate) outgoing: Vec<Outgoing>,
     pub(crate) incoming: std::collections::HashMap<(String, String), Incoming>,
+    /// Transfers already refused: their remaining frames are dropped without more warnings.
+    rejected: std::collections::HashSet<(String, String)>,
 }
 
 /// A safe file name from one a sender chose: its last path component, without control
@@ -340,6 +342,12 @@ impl Session {
             )));
         };
         let key = (sender.to_string(), file_id.to_string());
+        if self.files.rejected.contains(&key) {
+            if env.kind == types::FILE_END {
+                self.files.rejected.remove(&key);
+            }
+            return;
+        }
         let result = match env.kind.as_str() {
             types::FILE_START => self.file_start(env, key.clone(), now_ms),
             types::FILE_CHUNK => self.file_chunk(env, &key, now_ms),
@@ -353,6 +361,9 @@ impl Session {
                 }
                 None => format!("{file_id} from {}", self.name_of(sender)),
             };
+            if env.kind != types::FILE_END && self.files.rejected.len() < 1024 {
+                self.files.rejected.insert(key);
+            }
             self.events
                 .push(Event::Warning(format!("file {name} rejected: {why}")));
         }
@@ -476,35 +487,30 @@ impl Session {
     }
 
     fn file_end(&mut self, key: &(String, String)) -> Result<(), String> {
-        let Some(inc) = self.files.incoming.remove(key) else {
+        // Checked in place: on failure the caller removes the record and its partial file.
+        let Some(inc) = self.files.incoming.get_mut(key) else {
             return Err("FILE_END without FILE_START".into());
         };
-        let fail = |why: String| {
-            let _ = std::fs::remove_file(&inc.part);
-            Err(why)
-        };
         if inc.written != inc.size {
-            return fail(format!("got {} of {} bytes", inc.written, inc.size));
+            return Err(format!("got {} of {} bytes", inc.written, inc.size));
         }
         let digest = hex(inc.hasher.clone().finish().as_ref());
         if digest != inc.sha256 {
-            return fail("SHA-256 does not match the manifest".into());
+            return Err("SHA-256 does not match the manifest".into());
         }
-        if let Err(e) = inc.file.sync_all() {
-            return fail(format!("cannot save: {e}"));
-        }
-        match publish(&inc.part, &self.downloads, &inc.name) {
-            Ok(path) => {
-                self.events.push(Event::FileReceived {
-                    from: inc.from.clone(),
-                    name: inc.from_name.clone(),
-                    path: path.display().to_string(),
-                    size: inc.size,
-                });
-                Ok(())
-            }
-            Err(e) => fail(format!("cannot save: {e}")),
-        }
+        inc.file
+            .sync_all()
+            .map_err(|e| format!("cannot save: {e}"))?;
+        let path = publish(&inc.part, &self.downloads, &inc.name)
+            .map_err(|e| format!("cannot save: {e}"))?;
+        let inc = self.files.incoming.remove(key).expect("present above");
+        self.events.push(Event::FileReceived {
+            from: inc.from,
+            name: inc.from_name,
+            path: path.display().to_string(),
+            size: inc.size,
+        });
+        Ok(())
     }
 
     /// Deletes partial files (at exit): nothing incomplete is left looking complete.

@@ -105,6 +105,10 @@ pub struct Config {
     pub max_transfers_per_user: usize,
     /// A transfer with no frame for this long is aborted. Default 60 000 ms.
     pub transfer_idle_ms: u64,
+    /// A connection whose socket has refused our data this long is closed (a reader that does
+    /// not keep up). Shorter than a link's death time, so a stalled user is dropped before the
+    /// backpressure it causes can starve a server link. Default 30 000 ms.
+    pub slow_reader_timeout_ms: u64,
 }
 
 impl Config {
@@ -135,6 +139,7 @@ impl Config {
             max_file_size: 64 << 20,
             max_transfers_per_user: 4,
             transfer_idle_ms: 60_000,
+            slow_reader_timeout_ms: 30_000,
         }
     }
 }
@@ -191,6 +196,8 @@ OPTIONS:
   --backoff-max-ms MS     longest wait between redials of a peer [default 60000]
   --max-file-size BYTES   largest file a user here may send [default 67108864]
   --transfer-idle-ms MS   abort a file transfer idle this long [default 60000]
+  --slow-reader-timeout-ms MS  close a connection that has not taken our data for this
+                          long [default 30000]
   --print-pubkey          print this server's public key (what peers pin) and exit
   -h, --help              this help
   -V, --version           version
@@ -230,6 +237,9 @@ pub fn parse_server_args(
             Long("backoff-max-ms") => flags.backoff_max_ms = Some(string(&mut parser)?),
             Long("max-file-size") => flags.max_file_size = Some(string(&mut parser)?),
             Long("transfer-idle-ms") => flags.transfer_idle_ms = Some(string(&mut parser)?),
+            Long("slow-reader-timeout-ms") => {
+                flags.slow_reader_timeout_ms = Some(string(&mut parser)?)
+            }
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             _ => return Err(arg.unexpected().to_string()),
@@ -307,6 +317,9 @@ pub fn parse_server_args(
     if let Some(ms) = flags.transfer_idle_ms {
         cfg.transfer_idle_ms = parse_positive("--transfer-idle-ms", &ms)? as u64;
     }
+    if let Some(ms) = flags.slow_reader_timeout_ms {
+        cfg.slow_reader_timeout_ms = parse_positive("--slow-reader-timeout-ms", &ms)? as u64;
+    }
     Ok(if print_pubkey {
         Command::PrintPubkey(cfg)
     } else {
@@ -335,6 +348,7 @@ struct ServerFlags {
     backoff_max_ms: Option<String>,
     max_file_size: Option<String>,
     transfer_idle_ms: Option<String>,
+    slow_reader_timeout_ms: Option<String>,
 }
 
 fn string(parser: &mut lexopt::Parser) -> Result<String, String> {

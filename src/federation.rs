@@ -261,16 +261,8 @@ impl Server {
             }
             Err(e) => warn!("could not read known servers: {e}"),
         }
-        for spec in self.fed.cfg.bootstrap.clone() {
-            let id = self
-                .fed
-                .known
-                .iter()
-                .find(|(_, k)| k.key == spec.key)
-                .map(|(id, _)| id.clone());
-            self.fed
-                .add_target(id.as_deref(), &spec.host, spec.port, &spec.key);
-        }
+        // Remembered servers first, so the operator's --bootstrap address wins for a key that
+        // is both remembered and given.
         if self.fed.cfg.mesh {
             let known: Vec<(String, Known)> = self
                 .fed
@@ -281,6 +273,16 @@ impl Server {
             for (id, k) in known {
                 self.fed.add_target(Some(&id), &k.host, k.port, &k.key);
             }
+        }
+        for spec in self.fed.cfg.bootstrap.clone() {
+            let id = self
+                .fed
+                .known
+                .iter()
+                .find(|(_, k)| k.key == spec.key)
+                .map(|(id, _)| id.clone());
+            self.fed
+                .add_target(id.as_deref(), &spec.host, spec.port, &spec.key);
         }
         for t in 0..self.fed.targets.len() as u32 {
             self.out.push(Action::Timer {

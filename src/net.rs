@@ -70,6 +70,10 @@ struct Conn {
     discard: bool,
     /// Has written data not yet flushed.
     dirty: bool,
+    /// The socket refused data (`WouldBlock`): the peer reads slower than we write. Since when.
+    blocked_since: Option<u64>,
+    /// We stopped reading this connection because its frames fed a blocked one.
+    paused: bool,
 }
 
 /// Timers of the net layer; the core's own ride inside [`NetTimer::Core`].
@@ -77,6 +81,8 @@ struct Conn {
 enum NetTimer {
     Handshake(ConnId),
     CloseLinger(ConnId),
+    /// The connection has been blocked since this time; close it if it still is.
+    Blocked(ConnId, u64),
     Shutdown,
     Core(server::Timer),
 }
@@ -100,6 +106,12 @@ pub struct Net {
     dirty: Vec<usize>,
     /// Connections whose read budget ran out with data possibly left.
     backlog: Vec<usize>,
+    /// Connections not read while something they feed is blocked (backpressure).
+    paused: Vec<usize>,
+    /// Set when a send went to a blocked connection, while handling one input.
+    hit_blocked: bool,
+    /// A connection blocked this long is a reader that does not keep up: it is closed.
+    slow_reader_timeout_ms: u64,
     /// Scratch space for expired timers and core actions.
     fired: Vec<NetTimer>,
     actions: VecDeque<Action>,
@@ -156,6 +168,9 @@ impl Net {
             max_connections: cfg.max_connections,
             dirty: Vec::new(),
             backlog: Vec::new(),
+            paused: Vec::new(),
+            hit_blocked: false,
+            slow_reader_timeout_ms: cfg.slow_reader_timeout_ms,
             fired: Vec::new(),
             actions: VecDeque::new(),
             shutting_down: false,
@@ -283,6 +298,8 @@ impl Net {
             dial,
             discard: false,
             dirty: false,
+            blocked_since: None,
+            paused: false,
         });
         let at = self.mono_ms() + self.handshake_timeout_ms;
         self.wheel.insert(at, NetTimer::Handshake(id));
@@ -448,6 +465,9 @@ impl Net {
             if conn.discard {
                 return self.discard_input(idx);
             }
+            if conn.paused {
+                return; // resumed (and read) when what it feeds drains
+            }
             let result = match &mut conn.io {
                 Io::Open(ws) | Io::Closing(ws) => ws.read(),
                 _ => return,
@@ -455,6 +475,7 @@ impl Net {
             let now = self.now();
             match result {
                 Ok(Message::Text(text)) if !closing => {
+                    self.hit_blocked = false;
                     self.core.handle(
                         now,
                         Input::Text {
@@ -463,6 +484,18 @@ impl Net {
                         },
                     );
                     self.apply_actions();
+                    if std::mem::take(&mut self.hit_blocked) {
+                        // Backpressure: what this connection sends cannot leave as fast as
+                        // it arrives. Stop reading it until the blocked connection drains.
+                        if let Some(conn) = self.conns.get_mut(idx)
+                            && !conn.paused
+                        {
+                            debug!("conn {id}: paused (a destination is not keeping up)");
+                            conn.paused = true;
+                            self.paused.push(idx);
+                        }
+                        return;
+                    }
                 }
                 Ok(Message::Binary(_)) if !closing => {
                     self.core.handle(now, Input::Binary { conn: id });
@@ -555,9 +588,18 @@ impl Net {
             return;
         };
         match ws.write(Message::Text(text)) {
-            Ok(()) => self.mark_dirty(idx),
+            Ok(()) => {
+                if self.conns[idx].blocked_since.is_some() {
+                    self.hit_blocked = true;
+                }
+                self.mark_dirty(idx);
+            }
             // Queued in tungstenite's buffer; flushed on the next writable event.
-            Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => self.mark_dirty(idx),
+            Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                self.hit_blocked = true;
+                self.mark_blocked(idx);
+                self.mark_dirty(idx);
+            }
             Err(WsError::WriteBufferFull(_)) => {
                 info!("conn {}: not reading, write buffer full; closing", id);
                 self.drop_conn(idx);
@@ -565,6 +607,35 @@ impl Net {
             Err(e) => {
                 debug!("conn {}: write: {e}", id);
                 self.drop_conn(idx);
+            }
+        }
+    }
+
+    /// The socket refused data: remember since when, and arm the slow-reader deadline.
+    fn mark_blocked(&mut self, idx: usize) {
+        let now = self.mono_ms();
+        let conn = &mut self.conns[idx];
+        if conn.blocked_since.is_none() {
+            conn.blocked_since = Some(now);
+            let at = now + self.slow_reader_timeout_ms;
+            self.wheel.insert(at, NetTimer::Blocked(conn.id, now));
+        }
+    }
+
+    /// A blocked connection drained: everything paused behind it may be read again.
+    fn unblocked(&mut self, idx: usize) {
+        if let Some(conn) = self.conns.get_mut(idx)
+            && conn.blocked_since.take().is_some()
+        {
+            self.resume_paused();
+        }
+    }
+
+    fn resume_paused(&mut self) {
+        for idx in std::mem::take(&mut self.paused) {
+            if let Some(conn) = self.conns.get_mut(idx) {
+                conn.paused = false;
+                self.backlog.push(idx);
             }
         }
     }
@@ -591,9 +662,9 @@ impl Net {
                 _ => continue,
             };
             match result {
-                Ok(()) => {}
+                Ok(()) => self.unblocked(idx),
                 // Kept in tungstenite's buffer; the writable event brings us back.
-                Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => self.mark_blocked(idx),
                 Err(WsError::ConnectionClosed) if closing => self.drop_conn(idx),
                 Err(e) => {
                     debug!("conn {}: flush: {e}", conn.id);
@@ -662,6 +733,9 @@ impl Net {
             return;
         }
         let conn = self.conns.remove(idx);
+        if conn.blocked_since.is_some() {
+            self.resume_paused();
+        }
         let was_open = matches!(conn.io, Io::Open(_));
         debug!("conn {}: dropped", conn.id);
         drop(conn.io); // closes the socket, which also removes it from the poll
@@ -701,6 +775,17 @@ impl Net {
                     {
                         info!("conn {}: connection or WebSocket handshake timed out", id);
                         self.drop_conn_because(idx, "timed out connecting");
+                    }
+                }
+                NetTimer::Blocked(id, since) => {
+                    if let Some(idx) = self.index_of(id)
+                        && self.conns[idx].blocked_since == Some(since)
+                    {
+                        info!(
+                            "conn {id}: has not taken our data for {} ms; closing",
+                            self.slow_reader_timeout_ms
+                        );
+                        self.drop_conn(idx);
                     }
                 }
                 NetTimer::CloseLinger(id) => {

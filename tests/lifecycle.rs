@@ -79,8 +79,17 @@ fn usage_errors_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(!out.stderr.is_empty());
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_socp")).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    for args in [
+        &["--frobnicate"][..],
+        &["--name", "no spaces"],
+        &["--name", "a", "--login", "b"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_socp"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "socp {args:?}");
+    }
 }
 
 #[test]

@@ -435,6 +435,39 @@ fn run(args: Args) -> Result<(), String> {
     result
 }
 
+/// Sends our close frame and waits for the server's reply before closing the socket. The server
+/// reads in order, so its reply means it has read everything we sent; closing earlier, with
+/// unread data of ours in its buffer, would reset the connection and could lose our last frames.
+fn close_gracefully(
+    ws: &mut WebSocket<TcpStream>,
+    poll: &mut Poll,
+    session: &mut Session,
+    printer: &Printer,
+) -> Result<(), String> {
+    let _ = ws.close(None);
+    let mut events = Events::with_capacity(16);
+    // Generous: a server applying backpressure may take a while to reach our close frame.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match ws.read() {
+            Ok(Message::Text(text)) => {
+                session.on_frame(text.as_str(), now_ms());
+                printer.print(session.events.drain(..));
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                let _ = ws.flush();
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Ok(());
+                }
+                let _ = poll.poll(&mut events, Some(left));
+            }
+            Err(_) => return Ok(()), // closed: the handshake is complete
+        }
+    }
+}
+
 /// Runs the session until `/quit`, end of input, or the connection ends.
 fn event_loop(
     ws: &mut WebSocket<TcpStream>,
@@ -493,9 +526,7 @@ fn event_loop(
         }
         printer.print(session.events.drain(..));
         if quitting {
-            let _ = ws.close(None);
-            let _ = ws.flush();
-            break;
+            return close_gracefully(ws, &mut poll, session, printer);
         }
 
         let busy = !session.outbox.is_empty() || (flushed && session.can_pump());

@@ -293,6 +293,17 @@ impl Line {
     /// Starts `socp --name name` against `server`, with the fixture key `key_name` pre-placed
     /// in its data directory (`dir`).
     pub fn start(server: &ServerProc, name: &str, key_name: &str, dir: &Path) -> Line {
+        Self::start_args(server, name, key_name, dir, &[])
+    }
+
+    /// [`Line::start`] with extra `socp` arguments.
+    pub fn start_args(
+        server: &ServerProc,
+        name: &str,
+        key_name: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Line {
         let key = test_key(key_name);
         let key_file = json!({"user_id": format!("id-{name}"), "display_name": name,
                               "private_key": key.to_pem()});
@@ -303,6 +314,7 @@ impl Line {
         let mut child = Command::new(env!("CARGO_BIN_EXE_socp"))
             .args(["--server", &server.url(), "--name", name, "--data-dir"])
             .arg(dir)
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -375,5 +387,153 @@ impl Drop for Line {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Reserves `n` distinct free loopback ports: binds `127.0.0.1:0` for each (all at once, so
+/// they differ), reads the ports, and releases them. A server started on one right after
+/// (`ServerProc::start_on`) gets it unless something else grabbed it in between, which the
+/// kernel makes unlikely (it hands out ports for `bind(0)` and outgoing connections from
+/// disjoint halves of the ephemeral range).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+impl ServerProc {
+    /// Like [`ServerProc::start`], but listening on `port` (known in advance, so that other
+    /// servers can be given it with `--bootstrap` before this one starts).
+    pub fn start_on(key_name: &str, port: u16, extra: &[&str]) -> ServerProc {
+        Self::start_on_as(key_name, &format!("srv-{key_name}"), port, extra)
+    }
+
+    /// Like [`ServerProc::start_on`], with the server id `server_id` in the key file (e.g. an
+    /// impostor holding another key under a known server's id).
+    pub fn start_on_as(key_name: &str, server_id: &str, port: u16, extra: &[&str]) -> ServerProc {
+        let dir = TempDir::new("srv");
+        let key = test_key(key_name);
+        let key_file = json!({"server_id": server_id, "private_key": key.to_pem()});
+        std::fs::write(dir.0.join("server.key"), key_file.to_string()).unwrap();
+        Self::start_in_on(dir, key, server_id.to_string(), port, extra)
+    }
+
+    /// Like [`ServerProc::start_in`], on `port` (0: any free port).
+    pub fn start_in_on(
+        dir: TempDir,
+        key: PrivateKey,
+        server_id: String,
+        port: u16,
+        extra: &[&str],
+    ) -> ServerProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_socp-server"))
+            .args(["--port", &port.to_string(), "--data-dir"])
+            .arg(&dir.0)
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start socp-server");
+        let log = lines_of(child.stderr.take().unwrap());
+        let out = lines_of(child.stdout.take().unwrap());
+        let Ok(line) = out.recv_timeout(WAIT) else {
+            // Most likely the port was taken: show why the server gave up.
+            let _ = child.kill();
+            let _ = child.wait();
+            let why: Vec<String> = log.try_iter().collect();
+            panic!("socp-server on port {port} did not report its address; it logged {why:#?}");
+        };
+        let got: u16 = line
+            .split("127.0.0.1:")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        assert!(port == 0 || got == port, "{line}");
+        assert!(line.contains(&format!("server_id={server_id}")), "{line}");
+        ServerProc {
+            child,
+            port: got,
+            server_id,
+            key,
+            dir,
+            log,
+        }
+    }
+
+    /// `kill -9`: the process dies at once, without closing its links cleanly.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the process (`kill -9`, if still running) and starts it again on the same port
+    /// and data directory (same key, id and database).
+    pub fn restart_same_port(mut self, extra: &[&str]) -> ServerProc {
+        self.kill9();
+        let dir = std::mem::replace(&mut self.dir, TempDir(PathBuf::new()));
+        let key = PrivateKey::from_pem(&self.key.to_pem()).unwrap();
+        Self::start_in_on(dir, key, self.server_id.clone(), self.port, extra)
+    }
+
+    /// Waits until a log line containing each of `needles` has been seen, in any order;
+    /// returns the matching lines (in the order of `needles`).
+    pub fn wait_logs(&self, needles: &[&str]) -> Vec<String> {
+        self.wait_logs_without(needles, &[])
+    }
+
+    /// Like [`ServerProc::wait_logs`], panicking if a line containing any of `forbidden` comes
+    /// first.
+    pub fn wait_logs_without(&self, needles: &[&str], forbidden: &[&str]) -> Vec<String> {
+        let mut found: Vec<Option<String>> = vec![None; needles.len()];
+        let mut seen: Vec<String> = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while found.iter().any(Option::is_none) {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            let Ok(line) = self.log.recv_timeout(left) else {
+                break;
+            };
+            seen.push(line.clone());
+            if let Some(bad) = forbidden.iter().find(|f| line.contains(*f)) {
+                panic!(
+                    "server {} logged {bad:?} while waiting for {needles:?}: {line}\n\
+                     lines seen while waiting:\n{}",
+                    self.server_id,
+                    seen.join("\n")
+                );
+            }
+            for (slot, needle) in found.iter_mut().zip(needles) {
+                if slot.is_none() && line.contains(needle) {
+                    *slot = Some(line.clone());
+                }
+            }
+        }
+        let missing: Vec<&&str> = needles
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| f.is_none())
+            .map(|(n, _)| n)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "server {} never logged {missing:?}; lines seen while waiting:\n{}",
+            self.server_id,
+            seen.join("\n")
+        );
+        found.into_iter().map(Option::unwrap).collect()
+    }
+
+    /// Waits for a log line containing `needle`, panicking if a line containing any of
+    /// `forbidden` comes first. Returns the line.
+    pub fn wait_log_without(&self, needle: &str, forbidden: &[&str]) -> String {
+        self.wait_logs_without(&[needle], forbidden).remove(0)
     }
 }
