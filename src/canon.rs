@@ -10,7 +10,7 @@
 //! character written as `\uXXXX` — what Python's default `json.dumps(sort_keys=True,
 //! separators=(",", ":"))` produces. We never emit it.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::fmt::Write;
 
 /// Why a value has no canonical form.
@@ -36,6 +36,20 @@ pub fn canonical(value: &Value) -> Result<String, NotCanonical> {
 pub fn canonical_ascii(value: &Value) -> Result<String, NotCanonical> {
     let mut out = String::with_capacity(256);
     write_value(value, true, &mut out)?;
+    Ok(out)
+}
+
+/// The canonical form of a JSON object, without copying it into a [`Value`] first.
+pub fn canonical_object(map: &Map<String, Value>) -> Result<String, NotCanonical> {
+    let mut out = String::with_capacity(256);
+    write_object(map, false, &mut out)?;
+    Ok(out)
+}
+
+/// The ASCII-escaped variant of [`canonical_object`].
+pub fn canonical_object_ascii(map: &Map<String, Value>) -> Result<String, NotCanonical> {
+    let mut out = String::with_capacity(256);
+    write_object(map, true, &mut out)?;
     Ok(out)
 }
 
@@ -69,21 +83,28 @@ fn write_value(value: &Value, ascii: bool, out: &mut String) -> Result<(), NotCa
             }
             out.push(']');
         }
-        Value::Object(map) => {
-            // serde_json's default Map is a BTreeMap<String, _>: iteration is already ordered
-            // by `str`'s `Ord`, which is byte order of the UTF-8 encoding — what §3.3 asks for.
-            out.push('{');
-            for (i, (key, item)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_str(key, ascii, out);
-                out.push(':');
-                write_value(item, ascii, out)?;
-            }
-            out.push('}');
-        }
+        Value::Object(map) => write_object(map, ascii, out)?,
     }
+    Ok(())
+}
+
+fn write_object(
+    map: &Map<String, Value>,
+    ascii: bool,
+    out: &mut String,
+) -> Result<(), NotCanonical> {
+    // serde_json's default Map is a BTreeMap<String, _>: iteration is already ordered by
+    // `str`'s `Ord`, which is byte order of the UTF-8 encoding — what §3.3 asks for.
+    out.push('{');
+    for (i, (key, item)) in map.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_str(key, ascii, out);
+        out.push(':');
+        write_value(item, ascii, out)?;
+    }
+    out.push('}');
     Ok(())
 }
 

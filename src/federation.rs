@@ -131,7 +131,17 @@ pub struct Federation {
     rng: u64,
     /// `HEARTBEAT`'s payload `{}` never changes: signed once.
     heartbeat: Option<SignedPayload>,
+    /// The latest verified `SERVER_ANNOUNCE` of each server, as received: handed unchanged to
+    /// every new link. Servers re-announce every [`REANNOUNCE_EVERY`] heartbeats, so these stay
+    /// inside the peers' dedup window.
+    announces: HashMap<String, Text>,
+    /// Heartbeat rounds since our last announce.
+    rounds: u32,
 }
+
+/// Heartbeat rounds between our periodic `SERVER_ANNOUNCE`s (8 × 15 s = 2 minutes, well inside
+/// the 5-minute window in which a relayed copy is still accepted).
+const REANNOUNCE_EVERY: u32 = 8;
 
 impl Federation {
     pub fn new(cfg: FedConfig) -> Federation {
@@ -143,6 +153,8 @@ impl Federation {
             known: HashMap::new(),
             links: HashMap::new(),
             heartbeat: None,
+            announces: HashMap::new(),
+            rounds: 0,
         }
     }
 
@@ -460,10 +472,10 @@ impl Server {
                 self.id
             );
         }
-        if !self.link_up(now, conn, from, true, &host, port, &key) {
-            return;
-        }
+        // The welcome is verified: what it lists is worth learning even if this link loses the
+        // one-link-per-pair race (the surviving link was dialled by the other side).
         let from = from.to_string();
+        self.link_up(now, conn, &from, true, &host, port, &key);
         if let Some(Value::Array(servers)) = env.payload.get("servers") {
             for s in servers {
                 if let Some(s) = s.as_object() {
@@ -478,10 +490,6 @@ impl Server {
                 }
             }
         }
-        // §4.3: tell every linked server where we are.
-        let signed = self.sign(&self.hello_payload());
-        let text = self.own_broadcast(now, types::SERVER_ANNOUNCE, &signed);
-        self.send_links(text, None);
     }
 
     // ------------------------------------------------------------ being dialled (§4.3)
@@ -626,6 +634,22 @@ impl Server {
         }
         let by = if dialled_by_us { "us" } else { "them" };
         info!("link up with server {server_id} at ws://{host}:{port} (dialled by {by})");
+
+        // §4.3: tell every linked server where we are — first, so the new peer can verify what
+        // follows even when it learns of us only now. Then give the new peer the latest
+        // announce of every other server we know, unchanged: in a mesh that is not full, that
+        // is how servers two hops apart learn each other's keys whatever the start order.
+        self.announce_self(now);
+        let relayed: Vec<Text> = self
+            .fed
+            .announces
+            .iter()
+            .filter(|(id, _)| id.as_str() != server_id && **id != self.id)
+            .map(|(_, text)| text.clone())
+            .collect();
+        for text in relayed {
+            self.out.push(Action::Send { conn, text });
+        }
 
         // §4.3: after the link is up, our directory of online users, as USER_ADVERTISE.
         let adverts: Vec<SignedPayload> = self.adverts.values().cloned().collect();
@@ -817,7 +841,7 @@ impl Server {
                 ));
             }
         };
-        let canonical = canon::canonical(&Value::Object(env.payload.clone()))?;
+        let canonical = canon::canonical_object(&env.payload)?;
         let dedup_key = dedup::key(&env.kind, &env.from, &env.to, env.ts, &canonical);
         match self.fed.seen.check(&dedup_key, env.ts, now.wall_ms) {
             Ok(()) => {}
@@ -897,6 +921,13 @@ impl Server {
         }
     }
 
+    /// Sends our `SERVER_ANNOUNCE` to every link.
+    fn announce_self(&mut self, now: Time) {
+        let signed = self.sign(&self.hello_payload());
+        let text = self.own_broadcast(now, types::SERVER_ANNOUNCE, &signed);
+        self.send_links(text, None);
+    }
+
     fn on_announce(
         &mut self,
         now: Time,
@@ -915,6 +946,9 @@ impl Server {
             ));
         }
         let from = env.from.clone();
+        self.fed
+            .announces
+            .insert(from.clone(), Text::from(text.to_string()));
         if from != self.id {
             if !self.fed.known.contains_key(&from) {
                 info!("learned server {from} at ws://{host}:{port} from server {link}");
@@ -1055,6 +1089,13 @@ impl Server {
                     conn,
                     text: text.into(),
                 });
+            }
+        }
+        self.fed.rounds += 1;
+        if self.fed.rounds >= REANNOUNCE_EVERY {
+            self.fed.rounds = 0;
+            if !self.fed.links.is_empty() {
+                self.announce_self(now);
             }
         }
         self.out.push(Action::Timer {

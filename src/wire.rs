@@ -301,7 +301,7 @@ impl<'a> UserHello<'a> {
             Some(_) => return Err(WireError::field("meta", "must be an object")),
         };
         // meta travels in every directory frame to every user: keep it small.
-        if canon::canonical(&Value::Object(meta.clone()))?.len() > MAX_META_BYTES {
+        if canon::canonical_object(&meta)?.len() > MAX_META_BYTES {
             return Err(WireError::field("meta", "too large (at most 1024 bytes)"));
         }
         match meta.get("display_name") {
@@ -391,7 +391,7 @@ pub fn verify_payload_sig(
     payload: &Map<String, Value>,
     sig: &str,
 ) -> Result<bool, NotCanonical> {
-    let canonical = canon::canonical(&Value::Object(payload.clone()))?;
+    let canonical = canon::canonical_object(payload)?;
     verify_canonical(key, &canonical, payload, sig)
 }
 
@@ -411,7 +411,7 @@ pub fn verify_canonical(
     if canonical.is_ascii() {
         return Ok(false);
     }
-    let ascii = canon::canonical_ascii(&Value::Object(payload.clone()))?;
+    let ascii = canon::canonical_object_ascii(payload)?;
     Ok(key.verify_b64(ascii.as_bytes(), sig))
 }
 

@@ -547,6 +547,16 @@ impl Harness {
                     assert_eq!(env.ts, self.now.wall_ms);
                     got.push(conn);
                 }
+                // Every few rounds we re-announce ourselves (kept fresh for relaying).
+                Action::Send { text, .. }
+                    if text.as_str().contains("\"type\":\"SERVER_ANNOUNCE\"") =>
+                {
+                    let env = self.check(text.as_str());
+                    assert_eq!(
+                        (env.from.as_str(), env.to.as_str()),
+                        (self.id.as_str(), "*")
+                    );
+                }
                 other => rest.push(other),
             }
         }
@@ -1726,9 +1736,11 @@ fn inbound_join_welcome_lists_linked_servers_and_remote_users() {
         "every user online anywhere we know of"
     );
     assert!(h.frames_to(ca).is_empty());
+    let to_c = h.frames_to(lc);
     assert!(
-        h.frames_to(lc).is_empty(),
-        "nothing about srv-b's hello goes to srv-c"
+        to_c.iter()
+            .all(|f| f.kind == types::SERVER_ANNOUNCE && f.from == SRV),
+        "only our own announce goes to srv-c when srv-b links: {to_c:#?}"
     );
     h.clear();
     assert_eq!(h.heartbeat(), {

@@ -1,0 +1,325 @@
+//! Randomised bad input for the core (stands in for fuzzing, which needs a nightly toolchain
+//! this project does not have): thousands of mutated frames from an unauthenticated
+//! connection, from a logged-in user and from a linked peer server. The core must never panic,
+//! and must keep serving a healthy user afterwards. The seed is fixed so failures reproduce;
+//! set SOCP_ROBUSTNESS_SEED to explore others.
+
+mod common;
+
+use common::keys::test_key;
+use serde_json::{Map, Value, json};
+use socp::crypto::{PrivateKey, PublicKey};
+use socp::federation::{FedConfig, PeerSpec};
+use socp::server::{Action, ConnId, Input, Limits, Server, Time};
+use socp::store::Store;
+use socp::wire::{Envelope, SignedPayload, encode_frame};
+use std::sync::Arc;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+const TYPES: &[&str] = &[
+    "USER_HELLO",
+    "AUTH_RESPONSE",
+    "USER_REGISTER",
+    "USER_LOGIN",
+    "MSG_DIRECT",
+    "MSG_PUBLIC_CHANNEL",
+    "FILE_START",
+    "FILE_CHUNK",
+    "FILE_END",
+    "LIST_REQUEST",
+    "CTRL_CLOSE",
+    "SERVER_HELLO_JOIN",
+    "SERVER_HELLO_LINK",
+    "SERVER_WELCOME",
+    "SERVER_ANNOUNCE",
+    "SERVER_DELIVER",
+    "USER_ADVERTISE",
+    "USER_REMOVE",
+    "PUBLIC_CHANNEL_ADD",
+    "PUBLIC_CHANNEL_UPDATED",
+    "HEARTBEAT",
+    "ERROR",
+    "ACK",
+    "NOPE",
+    "",
+];
+
+fn random_value(rng: &mut Rng, depth: u32) -> Value {
+    match rng.below(if depth > 2 { 6 } else { 8 }) {
+        0 => Value::Null,
+        1 => json!(rng.below(2) == 0),
+        2 => json!(rng.next() as i64),
+        3 => json!(-1.5e300),
+        4 => json!(*rng.pick(&["", "alice", "srv-b", "*", "../..", "é😀", "\u{0}", "AAAA"])),
+        5 => json!("x".repeat(rng.below(3000))),
+        6 => Value::Array(
+            (0..rng.below(4))
+                .map(|_| random_value(rng, depth + 1))
+                .collect(),
+        ),
+        _ => {
+            let mut m = Map::new();
+            for _ in 0..rng.below(5) {
+                let k = *rng.pick(&[
+                    "user_id",
+                    "server_id",
+                    "pubkey",
+                    "meta",
+                    "ciphertext",
+                    "content_sig",
+                    "sender",
+                    "file_id",
+                    "index",
+                    "size",
+                    "sha256",
+                    "name",
+                    "nonce",
+                    "auth",
+                    "display_name",
+                    "host",
+                    "port",
+                    "users",
+                    "clients",
+                    "servers",
+                    "version",
+                    "add",
+                    "ts",
+                    "code",
+                    "detail",
+                    "msg_ref",
+                    "privkey_store",
+                ]);
+                m.insert(k.to_string(), random_value(rng, depth + 1));
+            }
+            Value::Object(m)
+        }
+    }
+}
+
+/// A frame: mostly well-formed envelopes with random payloads, sometimes raw junk.
+fn random_frame(rng: &mut Rng, from: &str, key: Option<&PrivateKey>, now: i64) -> String {
+    match rng.below(10) {
+        0 => "{not json".into(),
+        1 => json!([1, 2, 3]).to_string(),
+        2 => json!({"type": rng.pick(TYPES), "from": 5, "to": null}).to_string(),
+        _ => {
+            let payload = random_value(rng, 0);
+            let payload = if payload.is_object() {
+                payload
+            } else {
+                json!({"v": payload})
+            };
+            let kind = *rng.pick(TYPES);
+            let to = *rng.pick(&["", "srv-a", "srv-b", "alice", "bob", "*", "127.0.0.1:1"]);
+            let ts = if rng.below(4) == 0 {
+                rng.next() as i64
+            } else {
+                now
+            };
+            let signed = match (key, SignedPayload::unsigned(&payload)) {
+                (Some(k), Ok(_)) if rng.below(2) == 0 => SignedPayload::sign(&payload, k).unwrap(),
+                (_, Ok(s)) => s,
+                (_, Err(_)) => {
+                    // Non-canonical (floats): send it raw.
+                    return json!({"type": kind, "from": from, "to": to, "ts": ts,
+                                  "payload": payload, "sig": ""})
+                    .to_string();
+                }
+            };
+            encode_frame(kind, from, to, ts, &signed)
+        }
+    }
+}
+
+struct Harness {
+    server: Server,
+    now: Time,
+    next_conn: u64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let b_key = Arc::new(PublicKey::parse(test_key("server2").public_key().encoded()).unwrap());
+        let fed = FedConfig {
+            advertise_port: 9001,
+            bootstrap: vec![PeerSpec {
+                host: "127.0.0.1".into(),
+                port: 9002,
+                key: b_key,
+            }],
+            ..FedConfig::default()
+        };
+        let limits = Limits {
+            hello_timeout_ms: 30_000,
+            error_burst: 32,
+            error_refill_per_s: 4,
+            max_message_size: 65536,
+        };
+        let server = Server::new(
+            "srv-a".into(),
+            test_key("server1"),
+            limits,
+            Store::open_in_memory().unwrap(),
+        )
+        .with_federation(fed);
+        Harness {
+            server,
+            now: Time {
+                mono_ms: 0,
+                wall_ms: 1_800_000_000_000,
+            },
+            next_conn: 1,
+        }
+    }
+
+    fn input(&mut self, input: Input<'_>) -> Vec<Action> {
+        self.server.handle(self.now, input);
+        self.server.actions().collect()
+    }
+
+    fn open(&mut self) -> ConnId {
+        let conn = ConnId(self.next_conn << 32);
+        self.next_conn += 1;
+        self.input(Input::Opened { conn });
+        conn
+    }
+
+    fn texts_to(actions: &[Action], conn: ConnId) -> Vec<Envelope> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { conn: c, text } if *c == conn => Envelope::parse(text).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A user that completes the hello.
+    fn user(&mut self, id: &str, key: &PrivateKey) -> ConnId {
+        let conn = self.open();
+        let pk = key.public_key().encoded();
+        let hello =
+            SignedPayload::unsigned(&json!({"pubkey": pk, "meta": {"display_name": id}})).unwrap();
+        let acts = self.input(Input::Text {
+            conn,
+            text: &encode_frame("USER_HELLO", id, "", self.now.wall_ms, &hello),
+        });
+        let ch = Self::texts_to(&acts, conn)
+            .into_iter()
+            .find(|e| e.kind == "AUTH_CHALLENGE")
+            .unwrap();
+        let resp = json!({"nonce": ch.payload["nonce"], "server_id": "srv-a", "user_id": id});
+        let signed = SignedPayload::sign(&resp, key).unwrap();
+        let acts = self.input(Input::Text {
+            conn,
+            text: &encode_frame("AUTH_RESPONSE", id, "srv-a", self.now.wall_ms, &signed),
+        });
+        assert!(
+            Self::texts_to(&acts, conn)
+                .iter()
+                .any(|e| e.kind == "USER_HELLO_ACK")
+        );
+        conn
+    }
+
+    /// An inbound link from srv-b (pinned through the bootstrap list).
+    fn peer(&mut self, key: &PrivateKey) -> ConnId {
+        let conn = self.open();
+        let hello =
+            json!({"host": "127.0.0.1", "port": 9002, "pubkey": key.public_key().encoded()});
+        let signed = SignedPayload::sign(&hello, key).unwrap();
+        let acts = self.input(Input::Text {
+            conn,
+            text: &encode_frame(
+                "SERVER_HELLO_JOIN",
+                "srv-b",
+                "127.0.0.1:9001",
+                self.now.wall_ms,
+                &signed,
+            ),
+        });
+        assert!(
+            Self::texts_to(&acts, conn)
+                .iter()
+                .any(|e| e.kind == "SERVER_WELCOME")
+        );
+        conn
+    }
+}
+
+#[test]
+fn random_frames_never_crash_the_core_and_service_continues() {
+    let seed = std::env::var("SOCP_ROBUSTNESS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_1234_abcd_0001u64);
+    eprintln!("robustness seed {seed} (set SOCP_ROBUSTNESS_SEED to reproduce)");
+    let mut rng = Rng(seed | 1);
+    let mut h = Harness::new();
+    h.server.start(h.now);
+    let _ = h.server.actions().count();
+    let (alice_key, bob_key, b_key) = (test_key("user1"), test_key("user2"), test_key("server2"));
+    let alice = h.user("alice", &alice_key);
+    let bob = h.user("bob", &bob_key);
+    let peer = h.peer(&b_key);
+
+    for round in 0..6000 {
+        h.now.mono_ms += rng.below(50) as u64;
+        h.now.wall_ms += rng.below(50) as i64;
+        let (conn, from, key) = match rng.below(4) {
+            0 => (h.open(), "mallory", None),
+            1 => (alice, "alice", Some(&alice_key)),
+            2 => (peer, *rng.pick(&["srv-b", "srv-c", "srv-a"]), Some(&b_key)),
+            _ => (peer, "srv-b", Some(&b_key)),
+        };
+        let text = random_frame(&mut rng, from, key, h.now.wall_ms);
+        if rng.below(20) == 0 {
+            h.input(Input::Binary { conn });
+        } else {
+            h.input(Input::Text { conn, text: &text });
+        }
+        // Now and then the peer's or a stranger's connection goes away and comes back.
+        if round % 997 == 0 {
+            h.input(Input::Closed { conn });
+        }
+    }
+
+    // The core still serves: bob (re)connects if he was dropped, and alice reaches him.
+    let alice = h.user("carol", &test_key("user3"));
+    let bob_conn = if h.server.directory().get("bob").is_some() {
+        bob
+    } else {
+        h.user("bob", &bob_key)
+    };
+    let ct = socp::b64::encode(&bob_key.public_key().encrypt(b"still here").unwrap());
+    let ts = h.now.wall_ms;
+    let sig = socp::crypto::make_content_sig(&test_key("user3"), &ct, "carol", Some("bob"), ts);
+    let payload = json!({"ciphertext": ct, "sender_pub": test_key("user3").public_key().encoded(),
+                         "content_sig": sig});
+    let signed = SignedPayload::unsigned(&payload).unwrap();
+    let acts = h.input(Input::Text {
+        conn: alice,
+        text: &encode_frame("MSG_DIRECT", "carol", "bob", ts, &signed),
+    });
+    let got = Harness::texts_to(&acts, bob_conn);
+    assert!(
+        got.iter().any(|e| e.kind == "USER_DELIVER"),
+        "service stopped: {got:?}"
+    );
+}
