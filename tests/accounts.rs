@@ -47,8 +47,8 @@ fn password_file(dir: &TempDir, name: &str, password: &str) -> String {
 }
 
 #[test]
-fn register_then_log_in_from_a_fresh_client_and_chat() {
-    let server = ServerProc::start("server1", &[]);
+fn register_then_log_in_from_a_fresh_client_and_chat_with_bob_on_another_server() {
+    let (server, server_b) = common::proc::linked_pair(&[]);
     let first = TempDir::new("acct-a");
     let pw = password_file(&first, "pw", "correct horse battery");
     let (ok, out, err) = socp(
@@ -65,7 +65,7 @@ fn register_then_log_in_from_a_fresh_client_and_chat() {
     let fresh = TempDir::new("acct-b");
     let pw2 = password_file(&fresh, "pw", "correct horse battery");
     let bob_dir = TempDir::new("acct-bob");
-    let mut bob = common::proc::Line::start(&server, "bob", "user2", &bob_dir.0);
+    let mut bob = common::proc::Line::start(&server_b, "bob", "user2", &bob_dir.0);
     let (ok, out, err) = socp(
         &server,
         &fresh,

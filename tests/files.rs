@@ -3,54 +3,11 @@
 mod common;
 
 use common::keys::test_key;
-use common::proc::{Line, Raw, ServerProc, TempDir, frame, now_ms};
+use common::proc::{Line, Raw, ServerProc, TempDir, frame, linked_pair, now_ms};
 use serde_json::json;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-/// A free loopback port (bound, read, released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Servers A (server1) and B (server2), pinned to each other and linked.
-fn two_servers(extra_a: &[&str]) -> (ServerProc, ServerProc) {
-    let (pa, pb) = (free_port(), free_port());
-    let key = |n: &str| test_key(n).public_key().encoded().to_string();
-    let boot_b = format!("ws://127.0.0.1:{pb}#{}", key("server2"));
-    let boot_a = format!("ws://127.0.0.1:{pa}#{}", key("server1"));
-    let pa_s = pa.to_string();
-    let pb_s = pb.to_string();
-    let mut args_a = vec![
-        "--port",
-        &pa_s,
-        "--bootstrap",
-        &boot_b,
-        "--backoff-max-ms",
-        "300",
-    ];
-    args_a.extend_from_slice(extra_a);
-    let a = ServerProc::start("server1", &args_a);
-    let b = ServerProc::start(
-        "server2",
-        &[
-            "--port",
-            &pb_s,
-            "--bootstrap",
-            &boot_a,
-            "--backoff-max-ms",
-            "300",
-        ],
-    );
-    a.wait_log("link up with server srv-server2");
-    b.wait_log("link up with server srv-server1");
-    (a, b)
-}
 
 /// bob on B, with downloads in `dl`.
 fn bob(b: &ServerProc, dir: &TempDir, dl: &Path) -> Line {
@@ -122,7 +79,7 @@ fn bytes(n: usize, seed: u64) -> Vec<u8> {
 
 #[test]
 fn files_of_every_edge_size_round_trip_across_servers() {
-    let (a, b) = two_servers(&[]);
+    let (a, b) = linked_pair(&[]);
     let (adir, bdir) = (TempDir::new("fa"), TempDir::new("fb"));
     let dl = bdir.0.join("dl");
     let mut bob = bob(&b, &bdir, &dl);
@@ -150,7 +107,7 @@ fn files_of_every_edge_size_round_trip_across_servers() {
 
 #[test]
 fn a_hostile_name_lands_inside_the_downloads_directory_without_overwriting() {
-    let (a, b) = two_servers(&[]);
+    let (a, b) = linked_pair(&[]);
     let bdir = TempDir::new("fb");
     let dl = bdir.0.join("dl");
     std::fs::create_dir_all(&dl).unwrap();
@@ -209,7 +166,7 @@ fn send_raw_file(
 
 #[test]
 fn corrupted_chunks_bad_hashes_and_short_files_are_refused_and_nothing_is_left() {
-    let (a, b) = two_servers(&[]);
+    let (a, b) = linked_pair(&[]);
     let bdir = TempDir::new("fb");
     let dl = bdir.0.join("dl");
     let mut bob = bob(&b, &bdir, &dl);
@@ -305,7 +262,7 @@ fn corrupted_chunks_bad_hashes_and_short_files_are_refused_and_nothing_is_left()
 
 #[test]
 fn a_file_over_the_limit_is_refused_with_a_clear_message() {
-    let (a, b) = two_servers(&["--max-file-size", "1000"]);
+    let (a, b) = linked_pair(&["--max-file-size", "1000"]);
     let (adir, bdir) = (TempDir::new("fa"), TempDir::new("fb"));
     let dl = bdir.0.join("dl");
     let mut bob = bob(&b, &bdir, &dl);
@@ -332,7 +289,7 @@ fn a_file_over_the_limit_is_refused_with_a_clear_message() {
 
 #[test]
 fn a_sender_is_told_when_the_recipient_leaves_mid_transfer() {
-    let (a, b) = two_servers(&[]);
+    let (a, b) = linked_pair(&[]);
     let bdir = TempDir::new("fb");
     let dl = bdir.0.join("dl");
     let mut bob = bob(&b, &bdir, &dl);

@@ -537,3 +537,31 @@ impl ServerProc {
         self.wait_logs_without(&[needle], forbidden).remove(0)
     }
 }
+
+/// `--bootstrap` for the fixture server `key_name` listening on `port`.
+pub fn bootstrap(key_name: &str, port: u16) -> String {
+    format!(
+        "ws://127.0.0.1:{port}#{}",
+        test_key(key_name).public_key().encoded()
+    )
+}
+
+/// Servers A (server1) and B (server2), pinned to each other and linked; `extra_a` goes to A.
+pub fn linked_pair(extra_a: &[&str]) -> (ServerProc, ServerProc) {
+    let ports = free_ports(2);
+    let (boot_a, boot_b) = (
+        bootstrap("server1", ports[0]),
+        bootstrap("server2", ports[1]),
+    );
+    let mut args_a = vec!["--bootstrap", &boot_b, "--backoff-max-ms", "300"];
+    args_a.extend_from_slice(extra_a);
+    let a = ServerProc::start_on("server1", ports[0], &args_a);
+    let b = ServerProc::start_on(
+        "server2",
+        ports[1],
+        &["--bootstrap", &boot_a, "--backoff-max-ms", "300"],
+    );
+    a.wait_log("link up with server srv-server2");
+    b.wait_log("link up with server srv-server1");
+    (a, b)
+}
