@@ -1,0 +1,393 @@
+//! Scenario c, direct messages: cross-server DMs (sender and receiver on different servers) at
+//! a fixed rate R for D seconds, and optionally a ramp that raises R step by step.
+//!
+//! Message `j` is scheduled at `j / R` seconds after the start. Every message is encrypted and
+//! signed **before** the window opens (on all CPUs), so that during the window the event loop
+//! only writes frames: the load generator stays cheap and on time. Latency counts from each
+//! message's scheduled time, so a server that stalls cannot hide it by slowing the sender; if the
+//! loop itself sends late, that is reported as sender lag.
+
+use crate::bench::common::{
+    Mesh, Meter, MeterReading, Outcome, Sample, SampleKind, Samples, Trouble, all_ready, since,
+};
+use crate::bench::fleet::{Fleet, MsgKey, Note, msg_key, wall_ms};
+use crate::bench::stats::{Lat, Summary, round3};
+use serde_json::{Value, json};
+use socp::crypto::PrivateKey;
+use socp::wire::{self, SignedPayload, types};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A ready-to-send message.
+struct Pre {
+    offset: Duration,
+    sender: usize,
+    receiver: usize,
+    frame: String,
+    key: MsgKey,
+    plaintext: String,
+}
+
+/// For each steady client, a receiver on another server (the next such client), if any.
+fn pairs(fleet: &Fleet, steady: &[usize]) -> (Vec<(usize, usize)>, bool) {
+    let n = steady.len();
+    let mut cross = true;
+    let pairs = (0..n)
+        .map(|i| {
+            let s = steady[i];
+            let other = (1..n)
+                .map(|d| steady[(i + d) % n])
+                .find(|&r| fleet.clients[r].server != fleet.clients[s].server);
+            match other {
+                Some(r) => (s, r),
+                None => {
+                    cross = false;
+                    (s, steady[(i + 1) % n])
+                }
+            }
+        })
+        .collect();
+    (pairs, cross)
+}
+
+/// Encrypts and signs `count` messages at `rate` per second, on every CPU.
+fn precompute(
+    fleet: &Fleet,
+    pairs: &[(usize, usize)],
+    count: usize,
+    rate: f64,
+    tag: &str,
+) -> Vec<Pre> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = count.div_ceil(threads).max(1);
+    let ts = wall_ms();
+    // What the threads need of each client: its id and key.
+    let users: Vec<(String, Arc<PrivateKey>)> = (0..fleet.clients.len())
+        .map(|c| {
+            (
+                fleet.clients[c].user_id.clone(),
+                Arc::clone(fleet.key_of(c)),
+            )
+        })
+        .collect();
+    let build = |j: usize| -> Pre {
+        let (sender, receiver) = pairs[j % pairs.len()];
+        let ((sid, skey), (rid, rkey)) = (&users[sender], &users[receiver]);
+        let plaintext = format!("socp-bench dm {tag} #{j}");
+        let ct = rkey
+            .public_key()
+            .encrypt(plaintext.as_bytes())
+            .expect("OAEP encryption of a short text");
+        let ciphertext = socp::b64::encode(&ct);
+        let content_sig = socp::crypto::make_content_sig(skey, &ciphertext, sid, Some(rid), ts);
+        let payload = json!({
+            "ciphertext": ciphertext,
+            "sender_pub": skey.public_key().encoded(),
+            "content_sig": content_sig,
+        });
+        let signed = SignedPayload::unsigned(&payload).expect("strings only");
+        Pre {
+            offset: Duration::from_secs_f64(j as f64 / rate),
+            sender,
+            receiver,
+            frame: wire::encode_frame(types::MSG_DIRECT, sid, rid, ts, &signed),
+            key: msg_key(&ciphertext).expect("a 683-character ciphertext"),
+            plaintext,
+        }
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..count)
+            .step_by(chunk)
+            .map(|start| {
+                let build = &build;
+                scope.spawn(move || {
+                    (start..(start + chunk).min(count))
+                        .map(build)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("precompute thread"))
+            .collect()
+    })
+}
+
+/// One fixed-rate window.
+struct Window {
+    rate: f64,
+    sent: u64,
+    delivered: u64,
+    lost: u64,
+    latency: Lat,
+    lag: Lat,
+    active_s: f64,
+    precompute_s: f64,
+    meter: MeterReading,
+    trouble: Trouble,
+    samples: Value,
+}
+
+impl Window {
+    fn json(&self) -> Value {
+        json!({
+            "rate_per_s": round3(self.rate),
+            "sent": self.sent,
+            "delivered": self.delivered,
+            "lost": self.lost,
+            "latency_ms": {"delivery": self.latency.json()},
+            "sender_lag_ms": self.lag.json(),
+            "delivered_per_s": round3(self.delivered as f64 / self.active_s.max(1e-9)),
+            "active_s": round3(self.active_s),
+            "precompute_s": round3(self.precompute_s),
+            "cpu": self.meter.json(),
+            "trouble": self.trouble.json(),
+            "verified_samples": self.samples,
+        })
+    }
+}
+
+fn window(m: &mut Mesh, pairs: &[(usize, usize)], rate: f64, secs: f64, tag: &str) -> Window {
+    let count = ((rate * secs).round() as usize).max(1);
+    let pre_started = Instant::now();
+    let mut msgs = precompute(&m.fleet, pairs, count, rate, tag);
+    let precompute_s = pre_started.elapsed().as_secs_f64();
+    let index: HashMap<MsgKey, usize> = msgs.iter().enumerate().map(|(i, p)| (p.key, i)).collect();
+    let mut delivered = vec![false; msgs.len()];
+    let (mut latency, mut lag) = (Lat::default(), Lat::default());
+    let mut trouble = Trouble::default();
+    let mut samples = Samples::new(8);
+    let (mut sent, mut got) = (0u64, 0u64);
+    let mut last_rx: Option<Instant> = None;
+    let timeout = m.timeout();
+    let meter = Meter::start(&m.pids);
+    let t0 = Instant::now() + Duration::from_millis(100);
+    let last_sched = t0 + msgs.last().map_or(Duration::ZERO, |p| p.offset);
+    let mut next = 0usize;
+    loop {
+        let now = Instant::now();
+        let mut wrote = false;
+        while next < msgs.len() && t0 + msgs[next].offset <= now {
+            let frame = std::mem::take(&mut msgs[next].frame);
+            if m.fleet.send(msgs[next].sender, frame) {
+                sent += 1;
+            }
+            lag.record(since(now, t0 + msgs[next].offset));
+            next += 1;
+            wrote = true;
+        }
+        if wrote {
+            m.fleet.flush_dirty();
+        }
+        if next == msgs.len() && (got == sent || now > last_sched + timeout) {
+            break;
+        }
+        let wait = if next < msgs.len() {
+            (t0 + msgs[next].offset).saturating_duration_since(now)
+        } else {
+            Duration::from_millis(50)
+        };
+        if let Err(e) = m.fleet.turn(Some(wait.min(Duration::from_millis(50)))) {
+            trouble.examples.push(format!("poll: {e}"));
+            break;
+        }
+        for note in std::mem::take(&mut m.fleet.notes) {
+            match note {
+                Note::Message {
+                    client,
+                    key,
+                    at,
+                    text,
+                } => {
+                    let Some(&i) = index.get(&key) else { continue };
+                    if delivered[i] || msgs[i].receiver != client {
+                        continue;
+                    }
+                    delivered[i] = true;
+                    got += 1;
+                    last_rx = Some(at);
+                    latency.record(since(at, t0 + msgs[i].offset));
+                    if i % (msgs.len() / 8).max(1) == 0 {
+                        samples.push(Sample {
+                            recipient: client,
+                            text,
+                            what: SampleKind::Message {
+                                sender: msgs[i].sender,
+                                public: false,
+                                plaintext: msgs[i].plaintext.clone(),
+                            },
+                        });
+                    }
+                }
+                other => {
+                    trouble.note(&m.fleet, &other);
+                }
+            }
+        }
+    }
+    Window {
+        rate,
+        sent,
+        delivered: got,
+        lost: msgs.len() as u64 - got,
+        latency,
+        lag,
+        active_s: last_rx.map_or(0.0, |t| since(t, t0).as_secs_f64()),
+        precompute_s,
+        meter: meter.stop(),
+        trouble,
+        samples: samples.verify(&m.fleet),
+    }
+}
+
+pub fn run(m: &mut Mesh) -> Result<Outcome, String> {
+    all_ready(&m.fleet, &m.steady)?;
+    let (pairs, cross) = pairs(&m.fleet, &m.steady);
+    let w = window(m, &pairs, m.opts.rate, m.opts.duration_s, "fixed");
+    let s = w.latency.summary();
+    let lg = w.lag.summary();
+    let mut lines = vec![
+        format!(
+            "{} DMs at {:.0}/s for {:.0} s{}: {} delivered ({:.0}/s), {} lost; encrypted and \
+             signed beforehand in {:.1} s",
+            w.sent,
+            w.rate,
+            m.opts.duration_s,
+            if cross {
+                ", sender and receiver on different servers"
+            } else {
+                ", SAME server (only one server)"
+            },
+            w.delivered,
+            w.delivered as f64 / w.active_s.max(1e-9),
+            w.lost,
+            w.precompute_s
+        ),
+        format!(
+            "sender lag behind schedule: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            lg.p50, lg.p99, lg.max
+        ),
+        w.meter.line(),
+        format!(
+            "sampled frames fully verified: {}/{}",
+            w.samples["ok"], w.samples["checked"]
+        ),
+    ];
+    lines.extend(w.trouble.line());
+    let mut rows = vec![("delivery".to_string(), s)];
+    let mut json = w.json();
+    json["status"] = json!(if w.lost == 0 && w.trouble.is_clean() {
+        "ok"
+    } else {
+        "degraded"
+    });
+    json["cross_server"] = json!(cross);
+    json["duration_s"] = json!(m.opts.duration_s);
+    json["definition"] = json!(
+        "from each message's scheduled send time (message j at j/R s) until the receiver \
+         reads its USER_DELIVER; messages are precomputed, the window only sends"
+    );
+    json["ramp"] = Value::Null;
+    if m.opts.find_max_rate {
+        let mut tr = Trouble::default();
+        m.quiesce(Duration::from_secs(1), &mut tr)?;
+        let (ramp, ramp_rows, ramp_lines) = ramp(m, &pairs)?;
+        json["ramp"] = ramp;
+        rows.extend(ramp_rows);
+        lines.extend(ramp_lines);
+    }
+    Ok(Outcome {
+        name: "dm",
+        json,
+        rows,
+        lines,
+    })
+}
+
+/// Table rows: (metric, latency summary).
+type Rows = Vec<(String, Summary)>;
+
+/// `--find-max-rate`: steps at R, R*F, ...; a step passes when nothing is lost, the sender never
+/// lags more than `--max-lag-ms`, and its p99 is at most 2x the first step's.
+fn ramp(m: &mut Mesh, pairs: &[(usize, usize)]) -> Result<(Value, Rows, Vec<String>), String> {
+    let mut steps = Vec::new();
+    let mut rows = Vec::new();
+    let mut lines = Vec::new();
+    let mut base_p99: Option<f64> = None;
+    let mut best: Option<f64> = None;
+    let mut stop_reason = format!("all {} steps passed", m.opts.max_steps);
+    for step in 0..m.opts.max_steps {
+        let rate = m.opts.rate * m.opts.ramp_factor.powi(step as i32);
+        eprintln!(
+            "  [dm ramp] step {step}: {rate:.0}/s for {} s",
+            m.opts.step_duration_s
+        );
+        let w = window(
+            m,
+            pairs,
+            rate,
+            m.opts.step_duration_s,
+            &format!("ramp{step}"),
+        );
+        let s = w.latency.summary();
+        let lag_max = w.lag.summary().max;
+        let base = *base_p99.get_or_insert(s.p99);
+        let mut why = Vec::new();
+        if w.lost > 0 {
+            why.push(format!("{} lost", w.lost));
+        }
+        if !w.trouble.is_clean() {
+            why.push("errors or disconnects".to_string());
+        }
+        if lag_max > m.opts.max_lag_ms {
+            why.push(format!(
+                "sender lag {lag_max:.1} ms > {} ms",
+                m.opts.max_lag_ms
+            ));
+        }
+        if s.p99 > 2.0 * base {
+            why.push(format!(
+                "p99 {:.1} ms > 2 x first step's {base:.1} ms",
+                s.p99
+            ));
+        }
+        let pass = why.is_empty();
+        rows.push((format!("ramp {rate:.0}/s delivery"), s));
+        lines.push(format!(
+            "ramp step {step}: {rate:.0}/s -> p50 {:.1} ms, p99 {:.1} ms, lag max {lag_max:.1} \
+             ms, {} lost: {}; {}",
+            s.p50,
+            s.p99,
+            w.lost,
+            if pass { "PASS" } else { "FAIL" },
+            w.meter.line()
+        ));
+        let mut j = w.json();
+        j["step"] = json!(step);
+        j["pass"] = json!(pass);
+        j["fail_reasons"] = json!(why);
+        steps.push(j);
+        if pass {
+            best = Some(rate);
+        } else {
+            stop_reason = format!("step {step} ({rate:.0}/s) failed: {}", why.join(", "));
+            break;
+        }
+        let mut tr = Trouble::default();
+        m.quiesce(Duration::from_secs(1), &mut tr)?;
+    }
+    lines.push(match best {
+        Some(r) => format!("highest rate with bounded p99: {r:.0}/s ({stop_reason})"),
+        None => format!("no step passed ({stop_reason})"),
+    });
+    let json = json!({
+        "rule": "a step passes when every message is delivered, no errors, sender lag <= \
+                 max_lag_ms, and p99 <= 2 x the first step's p99",
+        "max_rate_per_s": best.map(round3),
+        "stop_reason": stop_reason,
+        "steps": steps,
+    });
+    Ok((json, rows, lines))
+}
