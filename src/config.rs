@@ -75,8 +75,8 @@ pub struct Config {
     /// Per-connection read buffer. Default 4096 bytes: allocated per connection, so it is the
     /// main per-idle-connection cost.
     pub read_buffer_size: usize,
-    /// Bytes queued for a connection that does not read before it is closed. Default 8 MiB:
-    /// big enough for a directory snapshot of several thousand users.
+    /// Bytes queued for a connection that does not read before it is closed. Default 32 MiB:
+    /// a directory snapshot is ~0.8 KiB per online user, so this holds one for ~40 000 users.
     pub max_write_buffer: usize,
     /// Errors answered per connection before further ones are dropped unanswered (every error
     /// costs a signature). Bucket size; it refills at [`Config::error_refill_per_s`].
@@ -126,7 +126,7 @@ impl Config {
             max_connections: 4096,
             max_message_size: 64 * 1024,
             read_buffer_size: 4096,
-            max_write_buffer: 8 << 20,
+            max_write_buffer: 32 << 20,
             error_burst: 32,
             error_refill_per_s: 4,
             max_peer_message_size: 16 << 20,
@@ -186,7 +186,7 @@ OPTIONS:
   --hello-timeout-ms MS   time allowed to finish the hello [default 30000]
   --handshake-timeout-ms MS  time allowed for the WebSocket handshake [default 10000]
   --max-write-buffer BYTES   bytes queued for a client that does not read before it
-                          is disconnected [default 8388608]
+                          is disconnected [default 33554432]
   --open-join             accept links from servers whose key is not pinned [env SOCP_OPEN_JOIN=1]
   --no-mesh               dial only --bootstrap peers, not every server learned of
   --advertise-host HOST   host peers should dial to reach us [env SOCP_ADVERTISE_HOST,

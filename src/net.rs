@@ -28,6 +28,48 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message, WebSocket};
 
+/// Largest WebSocket frame we send: bigger messages go as a fragmented message (RFC 6455 §5.4).
+/// tungstenite reserves its write buffer per frame and never shrinks it, so without this every
+/// connection would keep a buffer as large as the largest frame it was ever sent — a directory
+/// snapshot is ~0.8 KiB per online user, which made idle memory grow with users × connections.
+const FRAGMENT: usize = 4096;
+
+/// Writes `text` as one message, in frames of at most [`FRAGMENT`] bytes (zero-copy slices of
+/// the shared text). A frame that meets `WouldBlock` is still queued, so the rest follow it; the
+/// result is `WouldBlock` if any did.
+fn write_fragmented(ws: &mut WebSocket<TcpStream>, text: crate::wire::Text) -> Result<(), WsError> {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    if text.len() <= FRAGMENT {
+        return ws.write(Message::Text(text));
+    }
+    let bytes: &tungstenite::Bytes = text.as_ref();
+    let mut outcome = Ok(());
+    let mut start = 0;
+    while start < bytes.len() {
+        let end = (start + FRAGMENT).min(bytes.len());
+        let opcode = if start == 0 {
+            Data::Text
+        } else {
+            Data::Continue
+        };
+        let frame = Frame::message(
+            bytes.slice(start..end),
+            OpCode::Data(opcode),
+            end == bytes.len(),
+        );
+        match ws.write(Message::Frame(frame)) {
+            Ok(()) => {}
+            Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                outcome = Err(WsError::Io(e))
+            }
+            Err(e) => return Err(e),
+        }
+        start = end;
+    }
+    outcome
+}
+
 /// The listening socket.
 const LISTENER: Token = Token(usize::MAX - 1);
 /// The read end of the self-pipe that SIGINT/SIGTERM write to.
@@ -587,7 +629,7 @@ impl Net {
         let Io::Open(ws) = &mut self.conns[idx].io else {
             return;
         };
-        match ws.write(Message::Text(text)) {
+        match write_fragmented(ws, text) {
             Ok(()) => {
                 if self.conns[idx].blocked_since.is_some() {
                     self.hit_blocked = true;
