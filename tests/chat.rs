@@ -155,3 +155,32 @@ fn json_output_is_one_object_per_line() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_directory_larger_than_one_frame_arrives_whole() {
+    // Messages over 4 KiB are sent as fragmented WebSocket messages; six users make the
+    // LIST_RESPONSE about 5 KiB.
+    let server = ServerProc::start("server1", &[]);
+    let names = ["u1", "u2", "u3", "u4", "u5", "u6"];
+    let mut users: Vec<common::proc::Raw> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            common::proc::Raw::hello(
+                &server,
+                n,
+                &common::keys::test_key(&format!("user{}", i + 1)),
+            )
+        })
+        .collect();
+    // The first LIST_RESPONSE waiting for u1 is the one from its own hello; ask for a fresh one.
+    users[0].recv_kind("LIST_RESPONSE");
+    let listed = users[0].list(&server);
+    assert_eq!(listed, names.to_vec());
+    // And the line client reassembles it too.
+    let dir = TempDir::new("frag");
+    let mut alice = Line::start(&server, "alice", "user7", &dir.0);
+    alice.send("/list");
+    alice.expect("* 7 online:");
+    drop(users.drain(..));
+}
