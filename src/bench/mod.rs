@@ -207,7 +207,7 @@ fn mesh_scenarios(
         "--max-connections".to_string(),
         (4096).max(2 * n + 256).to_string(),
         "--max-write-buffer".to_string(),
-        (8usize << 20).max(n * 2048 + (1 << 20)).to_string(),
+        (32usize << 20).max(n * 2048 + (1 << 20)).to_string(),
     ];
     let mut set = None;
     let (urls, pids, links_s) = if opts.connect.is_empty() {
