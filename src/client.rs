@@ -683,8 +683,17 @@ impl Session {
             .str("pubkey")
             .ok()
             .or_else(|| meta.and_then(|m| m.get("pubkey")).and_then(Value::as_str))?;
-        let key = match PublicKey::parse(key_text) {
-            Ok(k) => Arc::new(k),
+        // Usually the key we already hold, in the same (canonical) encoding: skip the parse.
+        let known = self
+            .directory
+            .get(id)
+            .filter(|p| p.key.encoded() == key_text)
+            .map(|p| Arc::clone(&p.key));
+        let key = match known
+            .map(Ok)
+            .unwrap_or_else(|| PublicKey::parse(key_text).map(Arc::new))
+        {
+            Ok(k) => k,
             Err(e) => {
                 self.warn(&format!("ignoring user {id}: {e}"));
                 return None;
@@ -737,11 +746,9 @@ impl Session {
                 } else {
                     Some(self.me.user_id.as_str())
                 };
-                let sender_pub_matches = f
-                    .str("sender_pub")
-                    .ok()
-                    .and_then(|k| PublicKey::parse(k).ok())
-                    .is_some_and(|k| k == *peer.key);
+                let sender_pub_matches = f.str("sender_pub").is_ok_and(|k| {
+                    k == peer.key.encoded() || PublicKey::parse(k).is_ok_and(|k| k == *peer.key)
+                });
                 if !crypto::verify_content_sig(&peer.key, content_sig, ciphertext, sender, to, ts) {
                     Some("content signature does not verify".to_string())
                 } else if !sender_pub_matches {

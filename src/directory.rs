@@ -77,11 +77,6 @@ impl Directory {
             .collect()
     }
 
-    /// The local user on `conn`, if any.
-    pub fn local_user(&self, conn: ConnId) -> Option<&str> {
-        self.local.get(&conn).map(String::as_str)
-    }
-
     /// Connections of all local users.
     pub fn local_conns(&self) -> impl Iterator<Item = ConnId> + '_ {
         self.local.keys().copied()

@@ -184,3 +184,35 @@ fn a_directory_larger_than_one_frame_arrives_whole() {
     alice.expect("* 7 online:");
     drop(users.drain(..));
 }
+
+#[test]
+fn a_message_whose_content_signature_fails_is_shown_as_not_authentic() {
+    // The server passes content_sig through (§3.5); the receiving client must catch a bad one.
+    let server = ServerProc::start("server1", &[]);
+    let dir = TempDir::new("forged");
+    let mut bob = Line::start(&server, "bob", "user2", &dir.0);
+    let mallory_key = common::keys::test_key("user5");
+    let mut mallory = common::proc::Raw::hello(&server, "mallory", &mallory_key);
+    bob.expect("* mallory is online");
+    let bob_key = common::keys::test_key("user2");
+    let ts = common::proc::now_ms();
+    let ct = socp::b64::encode(&bob_key.public_key().encrypt(b"trust me").unwrap());
+    // Signed over other bytes than the ones sent.
+    let bad_sig =
+        socp::crypto::make_content_sig(&mallory_key, &ct, "mallory", Some("id-bob"), ts + 1);
+    let payload = serde_json::json!({"ciphertext": ct, "content_sig": bad_sig,
+                                     "sender_pub": mallory_key.public_key().encoded()});
+    let signed = socp::wire::SignedPayload::unsigned(&payload).unwrap();
+    mallory.send_text(&socp::wire::encode_frame(
+        "MSG_DIRECT",
+        "mallory",
+        "id-bob",
+        ts,
+        &signed,
+    ));
+    let line = bob.expect("[dm] mallory");
+    assert_eq!(
+        line,
+        "[dm] mallory (NOT AUTHENTIC: content signature does not verify): trust me"
+    );
+}
