@@ -682,6 +682,9 @@ impl Server {
         env: &Envelope,
     ) -> Result<(), WireError> {
         wire::check_id("to", &env.to)?;
+        // The user's payload is forwarded as it is (§9), so it must have a canonical form (no
+        // floats) before we sign what contains it.
+        crate::canon::canonical_object(&env.payload)?;
         let f = env.fields();
         f.id("file_id")?;
         match env.kind.as_str() {

@@ -323,3 +323,28 @@ fn random_frames_never_crash_the_core_and_service_continues() {
         "service stopped: {got:?}"
     );
 }
+
+#[test]
+fn a_file_frame_with_a_float_in_an_extra_field_is_refused_not_fatal() {
+    // Regression: the user's file payload is forwarded whole and signed by the server; a float
+    // anywhere in it has no canonical form (§3.3), which used to panic the server.
+    let mut h = Harness::new();
+    let (alice_key, bob_key) = (test_key("user1"), test_key("user2"));
+    let alice = h.user("alice", &alice_key);
+    let _bob = h.user("bob", &bob_key);
+    let start = json!({"file_id": "f1", "name": "x", "size": 1, "sha256": "0".repeat(64),
+                       "mode": "dm", "extra": 1.5});
+    let text = json!({"type": "FILE_START", "from": "alice", "to": "bob", "ts": h.now.wall_ms,
+                      "payload": start, "sig": ""})
+    .to_string();
+    let acts = h.input(Input::Text {
+        conn: alice,
+        text: &text,
+    });
+    let errors: Vec<_> = Harness::texts_to(&acts, alice)
+        .into_iter()
+        .filter(|e| e.kind == "ERROR")
+        .collect();
+    assert_eq!(errors.len(), 1, "{acts:?}");
+    assert_eq!(errors[0].payload["code"], "BAD_KEY");
+}
