@@ -127,7 +127,8 @@ fn template(kind: &str, rng: &mut Rng) -> Value {
             json!({"file_id": file_id, "index": 0, "ciphertext": ct, "content_sig": ct})
         }
         "FILE_END" => json!({"file_id": file_id}),
-        "USER_ADVERTISE" => json!({"user_id": "zed", "server_id": "srv-b", "pubkey": "x",
+        "USER_ADVERTISE" => json!({"user_id": "zed", "server_id": "srv-b",
+                                  "pubkey": test_key("user8").public_key().encoded(),
                                   "meta": {"display_name": "zed"}}),
         "SERVER_DELIVER" => json!({"user_id": "alice", "sender": "zed", "ciphertext": ct,
                                   "sender_pub": "x", "content_sig": ct, "ts": 1}),
@@ -151,10 +152,21 @@ fn random_frame(rng: &mut Rng, from: &str, key: Option<&PrivateKey>, now: i64) -
         let mut payload = template(kind, rng);
         let field = *rng.pick(&["file_id", "size", "index", "extra", "meta", "user_id", "ts"]);
         payload[field] = random_value(rng, 1);
-        let to = *rng.pick(&["bob", "bob", "bob", "alice", "srv-a", "srv-b"]);
-        return json!({"type": kind, "from": from, "to": to, "ts": now, "payload": payload,
-                      "sig": ""})
-        .to_string();
+        let to = *rng.pick(&["bob", "bob", "bob", "alice", "srv-a", "srv-a", "*"]);
+        // Signed when the sender has a key, so a peer's frames pass verification and reach
+        // the handlers behind it; non-canonical payloads go out raw (and must be refused).
+        return match (key, SignedPayload::unsigned(&payload)) {
+            (Some(k), Ok(_)) => encode_frame(
+                kind,
+                from,
+                to,
+                now,
+                &SignedPayload::sign(&payload, k).unwrap(),
+            ),
+            _ => json!({"type": kind, "from": from, "to": to, "ts": now, "payload": payload,
+                        "sig": ""})
+            .to_string(),
+        };
     }
     match rng.below(10) {
         0 => "{not json".into(),
