@@ -125,34 +125,39 @@ fn a_hostile_name_lands_inside_the_downloads_directory_without_overwriting() {
 
 /// Sends `data` to bob as a raw sender, chunking at 446 bytes; `tamper(index, payload)` may
 /// change each chunk's payload before it is sent.
+/// A FILE_CHUNK from alice to bob carrying `piece`, encrypted for bob and content-signed by
+/// alice; `tamper` may change the payload before it is framed.
+fn chunk_frame(
+    file_id: &str,
+    index: i64,
+    piece: &[u8],
+    tamper: impl FnOnce(&mut serde_json::Value),
+) -> String {
+    let ts = now_ms();
+    let ct = socp::b64::encode(&test_key("user2").public_key().encrypt(piece).unwrap());
+    let sig = socp::crypto::make_content_sig(&test_key("user1"), &ct, "alice", Some("id-bob"), ts);
+    let mut payload = json!({"file_id": file_id, "index": index, "ciphertext": ct,
+                             "content_sig": sig});
+    tamper(&mut payload);
+    let signed = socp::wire::SignedPayload::unsigned(&payload).unwrap();
+    socp::wire::encode_frame("FILE_CHUNK", "alice", "id-bob", ts, &signed)
+}
+
 fn send_raw_file(
     alice: &mut Raw,
     name: &str,
     data: &[u8],
     mut tamper: impl FnMut(i64, &mut serde_json::Value),
 ) -> String {
-    let key = test_key("user1");
-    let bob_key = test_key("user2");
     let file_id = socp::ids::new_uuid();
     let sha = socp::crypto::sha256_hex(data);
     let start = json!({"file_id": file_id, "name": name, "size": data.len(), "sha256": sha,
                        "mode": "dm"});
     alice.send_text(&frame("FILE_START", "alice", "id-bob", &start, None));
     for (i, piece) in data.chunks(446).enumerate() {
-        let ts = now_ms();
-        let ct = socp::b64::encode(&bob_key.public_key().encrypt(piece).unwrap());
-        let sig = socp::crypto::make_content_sig(&key, &ct, "alice", Some("id-bob"), ts);
-        let mut payload = json!({"file_id": file_id, "index": i, "ciphertext": ct,
-                                 "content_sig": sig});
-        tamper(i as i64, &mut payload);
-        let signed = socp::wire::SignedPayload::unsigned(&payload).unwrap();
-        alice.send_text(&socp::wire::encode_frame(
-            "FILE_CHUNK",
-            "alice",
-            "id-bob",
-            ts,
-            &signed,
-        ));
+        alice.send_text(&chunk_frame(&file_id, i as i64, piece, |p| {
+            tamper(i as i64, p)
+        }));
     }
     alice.send_text(&frame(
         "FILE_END",
@@ -190,24 +195,11 @@ fn corrupted_chunks_bad_hashes_and_short_files_are_refused_and_nothing_is_left()
     bob.expect("file corrupt.bin from alice rejected: chunk 2 has a bad signature");
 
     // A manifest whose hash is wrong: all chunks arrive, the SHA-256 does not match.
-    let key = test_key("user1");
-    let bob_key = test_key("user2");
     let file_id = socp::ids::new_uuid();
     let start = json!({"file_id": file_id, "name": "badhash.bin", "size": 3,
                        "sha256": "0".repeat(64), "mode": "dm"});
     alice.send_text(&frame("FILE_START", "alice", "id-bob", &start, None));
-    let ts = now_ms();
-    let ct = socp::b64::encode(&bob_key.public_key().encrypt(b"abc").unwrap());
-    let sig = socp::crypto::make_content_sig(&key, &ct, "alice", Some("id-bob"), ts);
-    let chunk = json!({"file_id": file_id, "index": 0, "ciphertext": ct, "content_sig": sig});
-    let signed = socp::wire::SignedPayload::unsigned(&chunk).unwrap();
-    alice.send_text(&socp::wire::encode_frame(
-        "FILE_CHUNK",
-        "alice",
-        "id-bob",
-        ts,
-        &signed,
-    ));
+    alice.send_text(&chunk_frame(&file_id, 0, b"abc", |_| {}));
     alice.send_text(&frame(
         "FILE_END",
         "alice",
@@ -222,18 +214,7 @@ fn corrupted_chunks_bad_hashes_and_short_files_are_refused_and_nothing_is_left()
     let start = json!({"file_id": file_id, "name": "short.bin", "size": 900,
                        "sha256": socp::crypto::sha256_hex(&[0u8; 900]), "mode": "dm"});
     alice.send_text(&frame("FILE_START", "alice", "id-bob", &start, None));
-    let ts = now_ms();
-    let ct = socp::b64::encode(&bob_key.public_key().encrypt(&[0u8; 446]).unwrap());
-    let sig = socp::crypto::make_content_sig(&key, &ct, "alice", Some("id-bob"), ts);
-    let skip = json!({"file_id": file_id, "index": 1, "ciphertext": ct, "content_sig": sig});
-    let signed = socp::wire::SignedPayload::unsigned(&skip).unwrap();
-    alice.send_text(&socp::wire::encode_frame(
-        "FILE_CHUNK",
-        "alice",
-        "id-bob",
-        ts,
-        &signed,
-    ));
+    alice.send_text(&chunk_frame(&file_id, 1, &[0u8; 446], |_| {}));
     let err = alice.recv_kind("ERROR");
     assert!(
         err.payload["detail"]

@@ -60,38 +60,9 @@ impl ServerProc {
         Self::start_in(dir, key, server_id, extra)
     }
 
-    /// Starts (or restarts) a server whose key file is already in `dir`.
+    /// Starts (or restarts) a server whose key file is already in `dir`, on any free port.
     pub fn start_in(dir: TempDir, key: PrivateKey, server_id: String, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_socp-server"))
-            .args(["--port", "0", "--data-dir"])
-            .arg(&dir.0)
-            .args(extra)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start socp-server");
-        let log = lines_of(child.stderr.take().unwrap());
-        let out = lines_of(child.stdout.take().unwrap());
-        let line = out
-            .recv_timeout(WAIT)
-            .expect("socp-server did not report its address");
-        let port = line
-            .split("127.0.0.1:")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        assert!(line.contains(&format!("server_id={server_id}")), "{line}");
-        ServerProc {
-            child,
-            port,
-            server_id,
-            key,
-            dir,
-            log,
-        }
+        Self::start_in_on(dir, key, server_id, 0, extra)
     }
 
     pub fn url(&self) -> String {
