@@ -871,8 +871,9 @@ impl Server {
                         "USER_ADVERTISE server_id differs from its sender",
                     ));
                 }
-                self.learn_remote_user(now, &env.payload, Some(&env.from));
+                // Forward first: the other servers' work then overlaps with ours.
                 self.forward(text, link);
+                self.learn_remote_user(now, &env.payload, Some(&env.from));
                 Ok(())
             }
             types::USER_REMOVE => {
@@ -884,13 +885,13 @@ impl Server {
                         "USER_REMOVE server_id differs from its sender",
                     ));
                 }
+                self.forward(text, link);
                 if self.dir.remove_if_hosted_by(user_id, server_id).is_some() {
                     debug!("user {user_id} offline at server {server_id}");
                     let payload = json!({"user_id": user_id, "server_id": server_id});
                     self.broadcast_local(now, types::USER_REMOVE, &payload);
                     self.transfers_user_gone(now, user_id);
                 }
-                self.forward(text, link);
                 Ok(())
             }
             types::PUBLIC_CHANNEL_ADD => {

@@ -607,6 +607,12 @@ impl Net {
         loop {
             self.actions.extend(self.core.actions());
             let Some(action) = self.actions.pop_front() else {
+                // Writes are eager, so the frames above have left: now the deferred part.
+                if self.core.has_deferred() {
+                    let now = self.now();
+                    self.core.run_deferred(now);
+                    continue;
+                }
                 return;
             };
             match action {

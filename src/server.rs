@@ -21,7 +21,7 @@ use crate::wire::{
 };
 use log::{debug, info, warn};
 use serde_json::{Map, Value, json};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 /// Identifies one connection for its whole life; never reused (the net layer puts a generation
@@ -233,7 +233,20 @@ pub struct Server {
     /// The signed `LIST_RESPONSE` payload for the directory version it was built at: the
     /// payload changes only when the directory does, so repeated requests cost no signature.
     list_cache: Option<(i64, SignedPayload)>,
+    /// Work an input left for later, oldest first; see [`Deferred`].
+    deferred: VecDeque<Deferred>,
     pub(crate) out: Vec<Action>,
+}
+
+/// Work that is part of handling an input but need not delay that input's other frames. The
+/// net layer writes those first, then calls [`Server::run_deferred`] before it handles anything
+/// else, so the order of frames on every connection is the same as if it had been done at once.
+#[derive(Debug)]
+enum Deferred {
+    /// The rest of a login (§5.2 step 4): the newcomer's `USER_HELLO_ACK`, `LIST_RESPONSE`
+    /// and `PUBLIC_CHANNEL_SNAPSHOT`, and the channel update to the other servers. Deferred so
+    /// that the `USER_ADVERTISE` leaves first: three signatures sooner.
+    Welcome { conn: ConnId, user_id: String },
 }
 
 impl Server {
@@ -254,6 +267,7 @@ impl Server {
             channel,
             error_sigs: ErrorSigs::default(),
             list_cache: None,
+            deferred: VecDeque::new(),
             fed: Federation::new(FedConfig::default()),
             adverts: HashMap::new(),
             login_names: HashMap::new(),
@@ -303,6 +317,7 @@ impl Server {
 
     /// Feeds one input.
     pub fn handle(&mut self, now: Time, input: Input<'_>) {
+        self.run_deferred(now);
         match input {
             Input::Opened { conn } => {
                 self.add_conn(now, conn, State::Fresh);
@@ -600,17 +615,46 @@ impl Server {
             },
         );
         self.channel.bump();
-        let ack = json!({"user_id": user_id, "server_id": self.id});
-        self.send_signed(now, conn, types::USER_HELLO_ACK, &user_id, &ack);
-        // §7 login-order independence: the snapshot comes before any other traffic.
-        self.send_list(now, conn, &user_id);
-        self.send_channel_snapshot(now, conn, &user_id);
+        // The advert first: everyone else waits for it, and it is what presence latency
+        // measures. The newcomer's own frames follow.
         let entry = self.dir.get(&user_id).expect("inserted above");
         let advert = self.sign(&Directory::entry_json(&user_id, entry));
         let text = self.own_broadcast(now, types::USER_ADVERTISE, &advert);
         self.adverts.insert(user_id.clone(), advert);
         self.broadcast(text, Some(conn), None);
-        self.announce_channel(now, Some(&user_id));
+        // The newcomer's frames (the snapshot is the costliest frame there is: every user
+        // online, signed) are built once the advert is on its way; see [`Deferred`].
+        self.deferred.push_back(Deferred::Welcome { conn, user_id });
+    }
+
+    /// Whether work is waiting for [`Server::run_deferred`].
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Runs the work an input left for later (see [`Deferred`]); its actions join the queue.
+    /// The net layer calls this once it has written the input's actions. [`Server::handle`]
+    /// also calls it first, so deferred work always completes before the next input is seen.
+    pub fn run_deferred(&mut self, now: Time) {
+        while let Some(work) = self.deferred.pop_front() {
+            match work {
+                Deferred::Welcome { conn, user_id } => {
+                    let still_here = matches!(
+                        self.state(conn),
+                        Some(State::User { user_id: u }) if *u == user_id
+                    );
+                    if still_here {
+                        // §7 login-order independence: no other frame reaches the newcomer
+                        // before its snapshot, because no input is handled in between.
+                        let ack = json!({"user_id": user_id, "server_id": self.id});
+                        self.send_signed(now, conn, types::USER_HELLO_ACK, &user_id, &ack);
+                        self.send_list(now, conn, &user_id);
+                        self.send_channel_snapshot(now, conn, &user_id);
+                    }
+                    self.announce_channel(now, Some(&user_id));
+                }
+            }
+        }
     }
 
     fn name_in_use(&mut self, now: Time, conn: ConnId) -> Result<(), WireError> {
@@ -878,8 +922,10 @@ impl Server {
         except_user: Option<ConnId>,
         except_link: Option<&str>,
     ) {
+        // Links first: the other servers still have work to do (verify, re-sign, fan out),
+        // which then overlaps with our writes to local users.
         let users = self.dir.local_conns().filter(|c| Some(*c) != except_user);
-        let targets: Vec<ConnId> = users.chain(self.fed.link_conns(except_link)).collect();
+        let targets: Vec<ConnId> = self.fed.link_conns(except_link).chain(users).collect();
         for conn in targets {
             self.out.push(Action::Send {
                 conn,

@@ -77,8 +77,16 @@ impl Harness {
 
     fn input(&mut self, input: Input<'_>) {
         self.server.handle(self.now, input);
+        self.server.run_deferred(self.now); // as the net layer does after writing
         self.outbox.extend(self.server.actions());
         assert!(!self.server.has_actions());
+    }
+
+    /// Feeds one frame and leaves the work the core deferred pending (the net layer runs it
+    /// only after writing the frame's actions).
+    fn send_only(&mut self, c: ConnId, text: &str) {
+        self.server.handle(self.now, Input::Text { conn: c, text });
+        self.outbox.extend(self.server.actions());
     }
 
     fn open(&mut self, c: ConnId) {
@@ -480,6 +488,50 @@ fn login_order_independence() {
         assert!(h.frames_to(c2).is_empty());
         assert_eq!(h.list(c1, first), ["alice", "bob"]);
     }
+}
+
+#[test]
+fn the_advert_leaves_before_the_newcomers_snapshot_and_nothing_overtakes_the_snapshot() {
+    let mut h = Harness::new();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let (ca, cb) = (conn(1), conn(2));
+    h.login(ca, "alice", &alice);
+    h.clear();
+    h.open(cb);
+    h.timers();
+    let ch = h.challenge(cb, "bob", &bob);
+    let resp = h.user_frame(
+        types::AUTH_RESPONSE,
+        "bob",
+        SRV,
+        &auth_payload(&ch, "bob"),
+        Some(&bob),
+    );
+    h.send_only(cb, &resp);
+
+    // What the hello produces at once: the advert to the others; the newcomer's frames wait.
+    assert!(h.server.has_deferred());
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
+    assert!(h.frames_to(cb).is_empty());
+
+    // Alice answers before the net layer got round to the deferred part: the core finishes
+    // bob's login first, so his snapshot still comes before anything else (§7).
+    let ts = h.now.wall_ms;
+    let payload = message_payload(&alice, bob.public_key(), "alice", Some("bob"), ts, "hi");
+    let dm = user_frame_at(types::MSG_DIRECT, "alice", "bob", ts, &payload, None);
+    h.send_only(ca, &dm);
+    assert!(!h.server.has_deferred());
+    let to_bob = h.frames_to(cb);
+    assert_eq!(
+        kinds(&to_bob),
+        [
+            types::USER_HELLO_ACK,
+            types::LIST_RESPONSE,
+            types::PUBLIC_CHANNEL_SNAPSHOT,
+            types::USER_DELIVER
+        ]
+    );
+    assert_eq!(list_ids(&to_bob[1]), ["alice", "bob"]);
 }
 
 #[test]

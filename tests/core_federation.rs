@@ -217,6 +217,7 @@ impl Harness {
 
     fn input(&mut self, input: Input<'_>) {
         self.server.handle(self.now, input);
+        self.server.run_deferred(self.now); // as the net layer does after writing
         self.outbox.extend(self.server.actions());
         assert!(!self.server.has_actions());
     }

@@ -249,6 +249,7 @@ impl Harness {
 
     fn input(&mut self, input: Input<'_>) -> Vec<Action> {
         self.server.handle(self.now, input);
+        self.server.run_deferred(self.now);
         self.server.actions().collect()
     }
 

@@ -583,6 +583,17 @@ impl Fleet {
         if !wanted {
             return;
         }
+        // Presence is what every client receives at once (a fan-out of N frames read by this
+        // one thread): find its user without parsing the whole frame. Sampled frames are still
+        // parsed and verified in full (`Samples::verify`).
+        if let Some(kind @ (types::USER_ADVERTISE | types::USER_REMOVE)) = kind
+            && let Some(id) = fast_user_id(&text)
+        {
+            if let Some(&user) = self.ids.get(id) {
+                self.on_presence(idx, user, kind == types::USER_ADVERTISE, at, text);
+            }
+            return;
+        }
         let env = match Envelope::parse(&text) {
             Ok(env) => env,
             Err(e) => {
@@ -620,22 +631,8 @@ impl Fleet {
                 let Some(&user) = self.ids.get(id) else {
                     return; // not one of ours
                 };
-                if env.kind == types::USER_ADVERTISE {
-                    self.set_known(idx, user, true);
-                    self.notes.push(Note::Advertise {
-                        client: idx,
-                        user,
-                        at,
-                        text,
-                    });
-                } else {
-                    self.set_known(idx, user, false);
-                    self.notes.push(Note::Remove {
-                        client: idx,
-                        user,
-                        at,
-                    });
-                }
+                let online = env.kind == types::USER_ADVERTISE;
+                self.on_presence(idx, user, online, at, text);
             }
             types::USER_DELIVER | types::MSG_PUBLIC_CHANNEL => {
                 if let Some(key) = env
@@ -662,6 +659,22 @@ impl Fleet {
             }
             _ => {}
         }
+    }
+
+    /// A `USER_ADVERTISE` (`online`) or `USER_REMOVE` for one of our users reached `idx`.
+    fn on_presence(&mut self, idx: usize, user: usize, online: bool, at: Instant, text: Utf8Bytes) {
+        self.set_known(idx, user, online);
+        let client = idx;
+        self.notes.push(if online {
+            Note::Advertise {
+                client,
+                user,
+                at,
+                text,
+            }
+        } else {
+            Note::Remove { client, user, at }
+        });
     }
 
     fn set_known(&mut self, idx: usize, user: usize, online: bool) {
@@ -751,9 +764,38 @@ fn fast_kind(text: &str) -> Option<&str> {
     (!kind.contains('\\')).then_some(kind)
 }
 
+/// The payload's `user_id` of a presence frame in our server's form: canonical JSON sorts it
+/// last among the payload's keys, and only the base64url `sig` follows, so its last
+/// `"user_id":"` is the one. `None` (parse it instead) for anything unusual.
+fn fast_user_id(text: &str) -> Option<&str> {
+    const KEY: &str = "\"user_id\":\"";
+    let start = text.rfind(KEY)? + KEY.len();
+    let rest = &text[start..];
+    let end = rest.find('"')?;
+    let id = &rest[..end];
+    let tail = &rest[end..];
+    let plain = !id.contains('\\') && tail.starts_with("\"},\"sig\":\"");
+    plain.then_some(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_user_id_finds_the_payloads_user_only_in_our_form() {
+        let advert = r#"{"type":"USER_ADVERTISE","from":"s","to":"*","ts":1,"payload":{"meta":{"user_id":"x"},"pubkey":"k","server_id":"s","user_id":"bench-3"},"sig":"abc"}"#;
+        assert_eq!(fast_user_id(advert), Some("bench-3"));
+        let remove = r#"{"type":"USER_REMOVE","from":"s","to":"*","ts":1,"payload":{"server_id":"s","user_id":"bench-j0"},"sig":"abc"}"#;
+        assert_eq!(fast_user_id(remove), Some("bench-j0"));
+        // Anything else is left to the full parser.
+        let escaped = r#"{"type":"USER_REMOVE","payload":{"user_id":"a"b"},"sig":"x"}"#;
+        assert_eq!(fast_user_id(escaped), None);
+        let reordered =
+            r#"{"type":"USER_REMOVE","payload":{"user_id":"a","server_id":"s"},"sig":"x"}"#;
+        assert_eq!(fast_user_id(reordered), None);
+        assert_eq!(fast_user_id(r#"{"type":"USER_REMOVE"}"#), None);
+    }
 
     #[test]
     fn fast_kind_reads_our_form_only() {
