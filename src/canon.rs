@@ -88,6 +88,14 @@ fn write_value(value: &Value, ascii: bool, out: &mut String) -> Result<(), NotCa
     Ok(())
 }
 
+/// Appends the canonical form of a JSON object to `out`.
+pub fn write_canonical_object(
+    map: &Map<String, Value>,
+    out: &mut String,
+) -> Result<(), NotCanonical> {
+    write_object(map, false, out)
+}
+
 fn write_object(
     map: &Map<String, Value>,
     ascii: bool,
@@ -110,7 +118,20 @@ fn write_object(
 
 fn write_str(s: &str, ascii: bool, out: &mut String) {
     out.push('"');
-    for c in s.chars() {
+    let mut rest = s;
+    loop {
+        // Most text needs no escape at all: copy it in runs, not a char at a time.
+        let plain = rest
+            .bytes()
+            .position(|b| b == b'"' || b == b'\\' || b < 0x20 || (ascii && b >= 0x7f))
+            .unwrap_or(rest.len());
+        out.push_str(&rest[..plain]);
+        rest = &rest[plain..];
+        // `plain` stopped at an ASCII byte or at the first byte of a character: a boundary.
+        let Some(c) = rest.chars().next() else {
+            break;
+        };
+        rest = &rest[c.len_utf8()..];
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
@@ -123,13 +144,12 @@ fn write_str(s: &str, ascii: bool, out: &mut String) {
                 write!(out, "\\u{:04x}", c as u32).expect("writing to a String cannot fail")
             }
             // Python's ensure_ascii escapes everything outside printable ASCII, DEL included.
-            c if ascii && !(' '..='~').contains(&c) => {
+            c => {
                 let mut units = [0u16; 2];
                 for unit in c.encode_utf16(&mut units) {
                     write!(out, "\\u{unit:04x}").expect("writing to a String cannot fail");
                 }
             }
-            c => out.push(c),
         }
     }
     out.push('"');
@@ -178,6 +198,19 @@ mod tests {
             r#"{"k":"\u00e9\ud83d\ude00\u007f/","\u00e9":1}"#
         );
         assert_eq!(canonical(&v).unwrap(), "{\"k\":\"é😀\u{7f}/\",\"é\":1}");
+    }
+
+    #[test]
+    fn escapes_at_the_edges_and_empty_strings() {
+        let v = json!({"": "", "e": "\"x\n", "f": "\u{1}", "g": "😀"});
+        assert_eq!(
+            canonical(&v).unwrap(),
+            "{\"\":\"\",\"e\":\"\\\"x\\n\",\"f\":\"\\u0001\",\"g\":\"😀\"}"
+        );
+        assert_eq!(
+            canonical_ascii(&v).unwrap(),
+            r#"{"":"","e":"\"x\n","f":"\u0001","g":"\ud83d\ude00"}"#
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! The directory is plain data: it does no I/O and no crypto. Users are kept in a `BTreeMap`
 //! so `LIST_RESPONSE` (sorted by `user_id`) needs no sort.
 
+use crate::canon::{self, NotCanonical};
 use crate::crypto::PublicKey;
 use crate::server::ConnId;
 use serde_json::{Map, Value, json};
@@ -111,6 +112,34 @@ impl Directory {
         })
     }
 
+    /// The canonical text of the `LIST_RESPONSE` payload `{users, version}` (§5.5), written
+    /// straight from the entries: with thousands of users online this is the largest payload
+    /// a server builds, once per login, and no intermediate JSON tree is needed for it.
+    /// Equal to `canon::canonical(&json!({"users": self.list_json(), "version": version}))`.
+    pub fn list_canonical(&self, version: i64) -> Result<String, NotCanonical> {
+        let mut out = String::with_capacity(64 + self.users.len() * 900);
+        out.push_str("{\"users\":[");
+        for (i, (id, e)) in self.users.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            // Keys in byte order: meta, pubkey, server_id, user_id.
+            out.push_str("{\"meta\":");
+            canon::write_canonical_object(&e.meta, &mut out)?;
+            out.push_str(",\"pubkey\":");
+            canon::write_string(e.pubkey.encoded(), &mut out);
+            out.push_str(",\"server_id\":");
+            canon::write_string(&e.server_id, &mut out);
+            out.push_str(",\"user_id\":");
+            canon::write_string(id, &mut out);
+            out.push('}');
+        }
+        out.push_str("],\"version\":");
+        out.push_str(&version.to_string());
+        out.push('}');
+        Ok(out)
+    }
+
     /// Every online user, sorted by `user_id` (§5.5 `LIST_RESPONSE.users`).
     pub fn list_json(&self) -> Value {
         Value::Array(
@@ -119,5 +148,43 @@ impl Directory {
                 .map(|(id, e)| Self::entry_json(id, e))
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::PrivateKey;
+
+    #[test]
+    fn list_canonical_is_the_canonical_form_of_list_json() {
+        let private = PrivateKey::from_pem(include_str!("../tests/fixtures/keys/user1.pem"));
+        let key = Arc::clone(private.unwrap().public_key());
+        let mut dir = Directory::default();
+        assert_eq!(
+            dir.list_canonical(0).unwrap(),
+            canon::canonical(&json!({"users": dir.list_json(), "version": 0})).unwrap()
+        );
+        let metas = [
+            json!({}),
+            json!({"display_name": "Zoë \"q\"", "z": [1, {"b": 2, "a": -3}], "a": null}),
+            json!({"pubkey": "x", "display_name": "tab\there"}),
+        ];
+        for (i, (id, meta)) in ["zed", "Bob", "émile"].iter().zip(metas).enumerate() {
+            let Value::Object(meta) = meta else {
+                unreachable!()
+            };
+            let entry = Entry {
+                server_id: format!("srv-{i}"),
+                local: (i == 1).then_some(ConnId(7)),
+                pubkey: Arc::clone(&key),
+                meta,
+            };
+            dir.insert(id, entry);
+        }
+        let version = dir.version();
+        let expected =
+            canon::canonical(&json!({"users": dir.list_json(), "version": version})).unwrap();
+        assert_eq!(dir.list_canonical(version).unwrap(), expected);
     }
 }

@@ -137,6 +137,24 @@ pub struct Federation {
     announces: HashMap<String, Text>,
     /// Heartbeat rounds since our last announce.
     rounds: u32,
+    /// Public-channel changes not yet told to the other servers (see [`CHANNEL_BATCH_MS`]).
+    channel_news: Option<ChannelNews>,
+}
+
+/// Membership changes of the public channel are told to the other servers at most once per
+/// this many ms (§8: `PUBLIC_CHANNEL_ADD`, then `PUBLIC_CHANNEL_UPDATED`). Batched, they cost
+/// two signatures per burst of logins and logouts instead of up to two per login, and they
+/// stay out of the moments where a login's own frames are signed and sent. Nothing waits
+/// for them: members are the online users, which travel as presence at once.
+pub const CHANNEL_BATCH_MS: u64 = 100;
+
+/// Public-channel changes since the last announcement.
+#[derive(Debug)]
+struct ChannelNews {
+    /// The channel version before the first of these changes (`if_version` of the ADD).
+    if_version: i64,
+    /// Users who joined (logged in here), in order.
+    added: Vec<String>,
 }
 
 /// Heartbeat rounds between our periodic `SERVER_ANNOUNCE`s (8 × 15 s = 2 minutes, well inside
@@ -155,6 +173,7 @@ impl Federation {
             heartbeat: None,
             announces: HashMap::new(),
             rounds: 0,
+            channel_news: None,
         }
     }
 
@@ -1036,18 +1055,51 @@ impl Server {
         }
     }
 
-    /// Tells linked servers about a membership change of the public channel (§8).
-    pub(crate) fn announce_channel(&mut self, now: Time, added: Option<&str>) {
+    /// The public channel changed (its version was just bumped; `added` logged in here): the
+    /// linked servers hear of it within [`CHANNEL_BATCH_MS`], together with any other change.
+    pub(crate) fn channel_changed(&mut self, now: Time, added: Option<&str>) {
+        if self.fed.links.is_empty() {
+            return; // a link that comes up gets the version then (link_up)
+        }
+        let news = match &mut self.fed.channel_news {
+            Some(news) => news,
+            None => {
+                self.out.push(Action::Timer {
+                    at_ms: now.mono_ms + CHANNEL_BATCH_MS,
+                    timer: Timer::Channel,
+                });
+                self.fed.channel_news.insert(ChannelNews {
+                    if_version: self.channel.version() - 1,
+                    added: Vec::new(),
+                })
+            }
+        };
+        if let Some(user_id) = added
+            && !news.added.iter().any(|id| id == user_id)
+        {
+            news.added.push(user_id.to_string());
+        }
+    }
+
+    /// [`Timer::Channel`]: tells linked servers about the channel changes since the last time
+    /// (§8): one `PUBLIC_CHANNEL_ADD` for the users who joined and are still online, then
+    /// `PUBLIC_CHANNEL_UPDATED` with the version now.
+    pub(crate) fn on_channel_timer(&mut self, now: Time) {
+        let Some(news) = self.fed.channel_news.take() else {
+            return;
+        };
         if self.fed.links.is_empty() {
             return;
         }
-        let version = self.channel.version();
-        if let Some(user_id) = added {
-            let payload = json!({"add": [user_id], "if_version": version - 1});
+        let mut added = news.added;
+        added.retain(|id| self.dir.get(id).is_some_and(|e| e.local.is_some()));
+        if !added.is_empty() {
+            let payload = json!({"add": added, "if_version": news.if_version});
             let signed = self.sign(&payload);
             let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_ADD, &signed);
             self.send_links(text, None);
         }
+        let version = self.channel.version();
         let payload = json!({"version": version, "wraps": []});
         let signed = self.sign(&payload);
         let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);

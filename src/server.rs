@@ -78,6 +78,8 @@ pub enum Timer {
     Heartbeat,
     /// Abort file transfers that went idle (§9).
     Transfers,
+    /// Tell the other servers about public-channel changes, batched (§8).
+    Channel,
 }
 
 /// What the core asks the net layer to do, in order.
@@ -343,6 +345,7 @@ impl Server {
             Input::Timer(Timer::Welcome(conn)) => self.on_welcome_deadline(now, conn),
             Input::Timer(Timer::Heartbeat) => self.on_heartbeat(now),
             Input::Timer(Timer::Transfers) => self.on_transfer_sweep(now),
+            Input::Timer(Timer::Channel) => self.on_channel_timer(now),
             Input::Timer(Timer::Hello(conn)) => {
                 let pending = matches!(
                     self.conns.get(&conn).map(|c| &c.state),
@@ -651,7 +654,7 @@ impl Server {
                         self.send_list(now, conn, &user_id);
                         self.send_channel_snapshot(now, conn, &user_id);
                     }
-                    self.announce_channel(now, Some(&user_id));
+                    self.channel_changed(now, Some(&user_id));
                 }
             }
         }
@@ -816,8 +819,11 @@ impl Server {
         let signed = match &self.list_cache {
             Some((v, signed)) if *v == version => signed,
             _ => {
-                let payload = json!({"users": self.dir.list_json(), "version": version});
-                let signed = self.sign(&payload);
+                let canonical = match self.dir.list_canonical(version) {
+                    Ok(c) => c,
+                    Err(e) => return warn!("cannot build LIST_RESPONSE: {e}"),
+                };
+                let signed = SignedPayload::sign_canonical(canonical, &self.key);
                 &self.list_cache.insert((version, signed)).1
             }
         };
@@ -853,7 +859,7 @@ impl Server {
                     let text = self.own_broadcast(now, types::USER_REMOVE, &signed);
                     self.broadcast(text, None, None);
                     self.channel.bump();
-                    self.announce_channel(now, None);
+                    self.channel_changed(now, None);
                 }
             }
             State::Dialling { target } => self.dial_ended(now, target, "connection closed"),

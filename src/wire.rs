@@ -351,9 +351,13 @@ pub struct SignedPayload {
 impl SignedPayload {
     /// Canonicalises and signs `payload`.
     pub fn sign(payload: &Value, key: &crate::crypto::PrivateKey) -> Result<Self, NotCanonical> {
-        let canonical = canon::canonical(payload)?;
+        Ok(Self::sign_canonical(canon::canonical(payload)?, key))
+    }
+
+    /// Signs a payload already in canonical form (the caller built it with [`canon`]).
+    pub fn sign_canonical(canonical: String, key: &crate::crypto::PrivateKey) -> Self {
         let sig = key.sign_b64(canonical.as_bytes());
-        Ok(SignedPayload { canonical, sig })
+        SignedPayload { canonical, sig }
     }
 
     /// An unsigned payload (`sig: ""`), as users may send to their own server (§3.4).

@@ -13,7 +13,7 @@ use common::keys::test_key;
 use serde_json::{Map, Value, json};
 use socp::canon;
 use socp::crypto::{self, PrivateKey, PublicKey};
-use socp::federation::{FedConfig, PeerSpec};
+use socp::federation::{CHANNEL_BATCH_MS, FedConfig, PeerSpec};
 use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::store::Store;
 use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
@@ -1847,5 +1847,77 @@ fn our_flooded_delivery_coming_back_is_dropped() {
     h.assert_silent();
     // srv-d floods it back to us: dropped, not relayed to srv-b again.
     h.send(ld, &to_d[0].0);
+    h.assert_silent();
+}
+
+#[test]
+fn channel_changes_reach_the_links_batched_after_the_adverts() {
+    let mut h = Harness::new();
+    h.clear();
+    let b = srv_b();
+    let lb = h.link_out(0, &b);
+    h.clear();
+    let start = h.now.mono_ms;
+
+    // Two logins: each advert leaves at once, the channel news waits for one timer.
+    let (alice, carol) = (test_key("user1"), test_key("user3"));
+    let ca = h.login("alice", &alice);
+    let first = h.timers();
+    assert_eq!(
+        first,
+        [(start + CHANNEL_BATCH_MS, Timer::Channel)],
+        "one timer for the batch"
+    );
+    h.advance(30);
+    let cc = h.login("carol", &carol);
+    assert!(
+        !h.timers().iter().any(|(_, t)| *t == Timer::Channel),
+        "no second timer while one is armed"
+    );
+    let to_link = h.frames_to(lb);
+    assert_eq!(
+        kinds(&to_link),
+        [types::USER_ADVERTISE, types::USER_ADVERTISE],
+        "{to_link:#?}"
+    );
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
+    h.assert_silent();
+
+    h.advance_to(start + CHANNEL_BATCH_MS);
+    h.fire(Timer::Channel);
+    let news = h.frames_to(lb);
+    assert_eq!(
+        kinds(&news),
+        [types::PUBLIC_CHANNEL_ADD, types::PUBLIC_CHANNEL_UPDATED],
+        "{news:#?}"
+    );
+    let version = news[1].payload["version"].as_i64().unwrap();
+    assert_eq!(news[0].payload["add"], json!(["alice", "carol"]));
+    assert_eq!(news[0].payload["if_version"], json!(version - 2));
+    assert_eq!(news[1].payload["wraps"], json!([]));
+    h.assert_silent();
+    // Fired again with nothing new: nothing.
+    h.fire(Timer::Channel);
+    h.assert_silent();
+
+    // A logout is news too, without an ADD; a user who came and went within one batch is
+    // not announced as added.
+    h.input(Input::Closed { conn: cc });
+    assert_eq!(kinds(&h.frames_to(lb)), [types::USER_REMOVE]);
+    let dave = test_key("user4");
+    let cd = h.login("dave", &dave);
+    h.input(Input::Closed { conn: cd });
+    assert_eq!(
+        h.timers()
+            .iter()
+            .filter(|(_, t)| *t == Timer::Channel)
+            .count(),
+        1
+    );
+    h.clear();
+    h.fire(Timer::Channel);
+    let news = h.frames_to(lb);
+    assert_eq!(kinds(&news), [types::PUBLIC_CHANNEL_UPDATED], "{news:#?}");
+    assert_eq!(news[0].payload["version"], json!(version + 3));
     h.assert_silent();
 }
