@@ -23,6 +23,8 @@ pub struct Mesh<'a> {
     /// Measured cost of one PSS signature and one OAEP encryption, in ms (crypto floor).
     pub sign_ms: f64,
     pub encrypt_ms: f64,
+    /// 2 signatures + 1 verification (p50s), in ms: the crypto on a cross-server DM's path.
+    pub dm_floor_ms: f64,
 }
 
 impl Mesh<'_> {
@@ -537,4 +539,49 @@ pub fn since(at: Instant, since: Instant) -> Duration {
 /// A latency row for the table.
 pub fn row(metric: &str, lat: &Lat) -> (String, Summary) {
     (metric.to_string(), lat.summary())
+}
+
+/// Wakes the fleet's event loop at given instants, to within the OS's sleep precision (tens of
+/// µs). `mio`'s poll timeout has millisecond resolution and rounds up, so a sender woken by it
+/// would leave every message up to 1 ms late — and, the schedule being open-loop, that lag
+/// would count as the server's latency. The loop still polls with a timeout as a fallback.
+pub struct Pacer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pacer {
+    /// `times` in ascending order.
+    pub fn start(waker: std::sync::Arc<mio::Waker>, times: Vec<Instant>) -> Pacer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            for at in times {
+                // Sleep in slices so that `stop` is noticed within 50 ms.
+                while let Some(left) = at.checked_duration_since(Instant::now()) {
+                    if flag.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(left.min(Duration::from_millis(50)));
+                }
+                if flag.load(Ordering::Relaxed) || waker.wake().is_err() {
+                    return;
+                }
+            }
+        });
+        Pacer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

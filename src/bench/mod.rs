@@ -96,6 +96,8 @@ fn run(opts: &Opts, command_line: Vec<String>) -> Result<bool, String> {
     let floor = crypto_floor(200);
     let sign_ms = floor.sign.summary().mean;
     let encrypt_ms = floor.encrypt.summary().mean;
+    // Issue 5's DM target: p50 under 2 signatures + 1 verification + 1 ms (typical costs).
+    let dm_floor_ms = 2.0 * floor.sign.summary().p50 + floor.verify.summary().p50;
 
     let server_bin = match &opts.server_bin {
         Some(p) => p.clone(),
@@ -129,7 +131,7 @@ fn run(opts: &Opts, command_line: Vec<String>) -> Result<bool, String> {
     let mut failed = false;
 
     if opts.scenarios.mesh() {
-        match mesh_scenarios(opts, &server_bin, sign_ms, encrypt_ms) {
+        match mesh_scenarios(opts, &server_bin, sign_ms, encrypt_ms, dm_floor_ms) {
             Ok((servers, setup, mut outs)) => {
                 servers_json = servers;
                 setup_json = setup;
@@ -199,6 +201,7 @@ fn mesh_scenarios(
     server_bin: &std::path::Path,
     sign_ms: f64,
     encrypt_ms: f64,
+    dm_floor_ms: f64,
 ) -> Result<MeshResult, String> {
     let n = opts.clients;
     let timeout = Duration::from_secs_f64(opts.timeout_s);
@@ -293,6 +296,7 @@ fn mesh_scenarios(
         steady,
         sign_ms,
         encrypt_ms,
+        dm_floor_ms,
     };
     let mut outs = Vec::new();
     type Scenario = fn(&mut Mesh) -> Result<Outcome, String>;

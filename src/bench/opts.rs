@@ -39,7 +39,7 @@ OPTIONS:
   --rate R                direct messages per second [200]
   --duration S            seconds of direct messages [10]
   --find-max-rate         also ramp the DM rate up in steps (see below)
-  --ramp-factor F         rate multiplier per step [1.5]
+  --ramp-factor F         rate multiplier per step [1.2]
   --step-duration S       seconds per ramp step [5]
   --max-steps N           ramp steps at most [8]
   --max-lag-ms MS         a step whose sender fell this far behind schedule fails [10]
@@ -54,9 +54,11 @@ OPTIONS:
   --keep-logs             keep the servers' data directories (logs) and print where
   -h, --help              this help
 
-RAMP (--find-max-rate): runs dm steps at R, R*F, R*F^2, ... and reports the highest rate whose
-step passed: every message delivered, the sender never more than --max-lag-ms behind schedule,
-and p99 latency at most 2x the p99 of the first step.
+RAMP (--find-max-rate): runs dm steps at R, R*F, R*F^2, ... while the rate is SUSTAINED: every
+message delivered, the sender never more than --max-lag-ms behind schedule, and latency not
+growing within the step (the second half's median at most 2x the first half's). It reports the
+highest sustained rate, and the highest rate up to which every step's p99 also stayed within 2x
+the first step's p99 (a stricter reading: queueing without unbounded growth).
 
 Everything runs on this machine: the servers, the clients and the senders share its CPUs, and
 the report shows each one's CPU time so you can see who was the bottleneck.
@@ -162,7 +164,7 @@ impl Default for Opts {
             rate: 200.0,
             duration_s: 10.0,
             find_max_rate: false,
-            ramp_factor: 1.5,
+            ramp_factor: 1.2,
             step_duration_s: 5.0,
             max_steps: 8,
             max_lag_ms: 10.0,

@@ -11,7 +11,7 @@
 //! because the next login must wait for it: the servers refuse an id still listed as online.
 
 use crate::bench::common::{
-    Mesh, Meter, Outcome, Sample, SampleKind, Samples, Trouble, all_ready, row, since,
+    Mesh, Meter, Outcome, Pacer, Sample, SampleKind, Samples, Trouble, all_ready, row, since,
 };
 use crate::bench::fleet::{Note, Phase};
 use crate::bench::stats::{Lat, round3};
@@ -55,6 +55,7 @@ pub fn run(m: &mut Mesh) -> Result<Outcome, String> {
     let mut step = Step::Wait;
     let mut k = 0usize;
     let sched = |k: usize| t0 + interval * k as u32;
+    let _pacer = Pacer::start(m.fleet.waker(), (0..k_total).map(sched).collect());
     let (mut count, mut ev_first, mut ev_last) = (0usize, None::<Instant>, None::<Instant>);
     let (mut joiner_ready, mut joiner_closed) = (false, false);
     let mut logout_at = t0;
