@@ -34,18 +34,48 @@ use tungstenite::{Error as WsError, Message, WebSocket};
 /// snapshot is ~0.8 KiB per online user, which made idle memory grow with users × connections.
 const FRAGMENT: usize = 4096;
 
-/// Writes `text` as one message, in frames of at most [`FRAGMENT`] bytes (zero-copy slices of
-/// the shared text). A frame that meets `WouldBlock` is still queued, so the rest follow it; the
-/// result is `WouldBlock` if any did.
-fn write_fragmented(ws: &mut WebSocket<TcpStream>, text: crate::wire::Text) -> Result<(), WsError> {
+/// Messages for one connection that its socket has not taken yet. While a socket refuses
+/// data, what follows waits here as the shared [`Text`](crate::wire::Text) it was sent as (a
+/// broadcast is one allocation for all its recipients), not copied into tungstenite's write
+/// buffer, which would keep that size for as long as the connection lives. tungstenite holds
+/// at most the one frame that met `WouldBlock`.
+#[derive(Default)]
+struct Outbox {
+    /// Messages in order, each with how many of its bytes tungstenite already has.
+    queue: VecDeque<(crate::wire::Text, usize)>,
+    /// Bytes waiting in `queue`.
+    bytes: usize,
+}
+
+/// What writing a message (from byte `offset`) to tungstenite came to.
+enum Wrote {
+    /// All of it is written.
+    All,
+    /// The socket refused data: tungstenite holds the frame that met `WouldBlock`; the
+    /// message's bytes from this offset on still have to be written.
+    Blocked(usize),
+}
+
+/// Writes `text` from byte `offset` as one message, in frames of at most [`FRAGMENT`] bytes
+/// (zero-copy slices of the shared text; the first frame of a fragmented message says `Text`,
+/// the others `Continue`). Stops at the first frame that meets `WouldBlock`.
+fn write_from(
+    ws: &mut WebSocket<TcpStream>,
+    text: &crate::wire::Text,
+    offset: usize,
+) -> Result<Wrote, WsError> {
     use tungstenite::protocol::frame::Frame;
     use tungstenite::protocol::frame::coding::{Data, OpCode};
-    if text.len() <= FRAGMENT {
-        return ws.write(Message::Text(text));
+    let blocked = |e: &WsError| matches!(e, WsError::Io(e) if e.kind() == ErrorKind::WouldBlock);
+    if offset == 0 && text.len() <= FRAGMENT {
+        return match ws.write(Message::Text(text.clone())) {
+            Ok(()) => Ok(Wrote::All),
+            Err(e) if blocked(&e) => Ok(Wrote::Blocked(text.len())),
+            Err(e) => Err(e),
+        };
     }
     let bytes: &tungstenite::Bytes = text.as_ref();
-    let mut outcome = Ok(());
-    let mut start = 0;
+    let mut start = offset;
     while start < bytes.len() {
         let end = (start + FRAGMENT).min(bytes.len());
         let opcode = if start == 0 {
@@ -60,14 +90,63 @@ fn write_fragmented(ws: &mut WebSocket<TcpStream>, text: crate::wire::Text) -> R
         );
         match ws.write(Message::Frame(frame)) {
             Ok(()) => {}
-            Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
-                outcome = Err(WsError::Io(e))
-            }
+            Err(e) if blocked(&e) => return Ok(Wrote::Blocked(end)),
             Err(e) => return Err(e),
         }
         start = end;
     }
-    outcome
+    Ok(Wrote::All)
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn push(&mut self, text: crate::wire::Text, offset: usize) {
+        if offset < text.len() {
+            self.bytes += text.len() - offset;
+            self.queue.push_back((text, offset));
+        }
+    }
+
+    /// Hands queued messages to tungstenite until one meets `WouldBlock` (`Ok(false)`) or the
+    /// queue is empty (`Ok(true)`). Call only when tungstenite's own buffer is flushed.
+    fn pump(&mut self, ws: &mut WebSocket<TcpStream>) -> Result<bool, WsError> {
+        while let Some((text, offset)) = self.queue.front_mut() {
+            let before = *offset;
+            match write_from(ws, text, before)? {
+                Wrote::All => {
+                    self.bytes -= text.len() - before;
+                    self.queue.pop_front();
+                }
+                Wrote::Blocked(next) => {
+                    self.bytes -= next - before;
+                    *offset = next;
+                    if next == text.len() {
+                        self.queue.pop_front();
+                    }
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Hands everything to tungstenite, whatever the socket takes (before a close frame,
+    /// which must come last). Gives up at the first error other than `WouldBlock`.
+    fn spill(&mut self, ws: &mut WebSocket<TcpStream>) {
+        while let Some((text, mut offset)) = self.queue.pop_front() {
+            while offset < text.len() {
+                match write_from(ws, &text, offset) {
+                    Ok(Wrote::All) => break,
+                    Ok(Wrote::Blocked(next)) => offset = next,
+                    Err(_) => return self.queue.clear(),
+                }
+            }
+        }
+        self.bytes = 0;
+    }
 }
 
 /// The listening socket.
@@ -116,6 +195,8 @@ struct Conn {
     blocked_since: Option<u64>,
     /// We stopped reading this connection because its frames fed a blocked one.
     paused: bool,
+    /// What the socket has not taken yet, beyond the frame tungstenite holds.
+    out: Outbox,
 }
 
 /// Timers of the net layer; the core's own ride inside [`NetTimer::Core`].
@@ -154,6 +235,8 @@ pub struct Net {
     hit_blocked: bool,
     /// A connection blocked this long is a reader that does not keep up: it is closed.
     slow_reader_timeout_ms: u64,
+    /// Bytes that may wait for one connection before it is closed as not reading.
+    max_write_buffer: usize,
     /// Scratch space for expired timers and core actions.
     fired: Vec<NetTimer>,
     actions: VecDeque<Action>,
@@ -213,6 +296,7 @@ impl Net {
             paused: Vec::new(),
             hit_blocked: false,
             slow_reader_timeout_ms: cfg.slow_reader_timeout_ms,
+            max_write_buffer: cfg.max_write_buffer,
             fired: Vec::new(),
             actions: VecDeque::new(),
             shutting_down: false,
@@ -341,6 +425,7 @@ impl Net {
             discard: false,
             dirty: false,
             blocked_since: None,
+            out: Outbox::default(),
             paused: false,
         });
         let at = self.mono_ms() + self.handshake_timeout_ms;
@@ -632,18 +717,28 @@ impl Net {
         let Some(idx) = self.index_of(id) else {
             return;
         };
-        let Io::Open(ws) = &mut self.conns[idx].io else {
+        let conn = &mut self.conns[idx];
+        let Io::Open(ws) = &mut conn.io else {
             return;
         };
-        match write_fragmented(ws, text) {
-            Ok(()) => {
-                if self.conns[idx].blocked_since.is_some() {
-                    self.hit_blocked = true;
-                }
-                self.mark_dirty(idx);
+        if conn.blocked_since.is_some() || !conn.out.is_empty() {
+            // The socket is full: wait in line, in order, without a copy.
+            conn.out.push(text, 0);
+            self.hit_blocked = true;
+            if conn.out.bytes > self.max_write_buffer {
+                info!(
+                    "conn {}: not reading, {} bytes waiting; closing",
+                    id, conn.out.bytes
+                );
+                self.drop_conn(idx);
             }
-            // Queued in tungstenite's buffer; flushed on the next writable event.
-            Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+            return;
+        }
+        match write_from(ws, &text, 0) {
+            Ok(Wrote::All) => self.mark_dirty(idx),
+            // The rest waits for the next writable event.
+            Ok(Wrote::Blocked(next)) => {
+                conn.out.push(text, next);
                 self.hit_blocked = true;
                 self.mark_blocked(idx);
                 self.mark_dirty(idx);
@@ -706,11 +801,13 @@ impl Net {
             conn.dirty = false;
             let closing = matches!(conn.io, Io::Closing(_));
             let result = match &mut conn.io {
-                Io::Open(ws) | Io::Closing(ws) => ws.flush(),
+                // tungstenite's buffer written out: hand it what waits.
+                Io::Open(ws) | Io::Closing(ws) => ws.flush().and_then(|()| conn.out.pump(ws)),
                 _ => continue,
             };
             match result {
-                Ok(()) => self.unblocked(idx),
+                Ok(true) => self.unblocked(idx),
+                Ok(false) => self.mark_blocked(idx),
                 // Kept in tungstenite's buffer; the writable event brings us back.
                 Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => self.mark_blocked(idx),
                 Err(WsError::ConnectionClosed) if closing => self.drop_conn(idx),
@@ -742,6 +839,8 @@ impl Net {
         let Io::Open(mut ws) = std::mem::replace(&mut conn.io, Io::Gone) else {
             unreachable!("checked above")
         };
+        // Whatever waits goes before the close frame.
+        conn.out.spill(&mut ws);
         let sent = match code {
             None => true,
             Some((code, reason)) => {
