@@ -727,7 +727,7 @@ impl Net {
             self.hit_blocked = true;
             if conn.out.bytes > self.max_write_buffer {
                 info!(
-                    "conn {}: not reading, {} bytes waiting; closing",
+                    "conn {}: not reading, write buffer full ({} bytes waiting); closing",
                     id, conn.out.bytes
                 );
                 self.drop_conn(idx);
