@@ -18,6 +18,7 @@
 //! measured is said so in the output (and is `null` in the JSON).
 
 mod common;
+mod compare;
 mod dm;
 mod fleet;
 mod idle;
@@ -46,6 +47,15 @@ pub fn main() -> ExitCode {
         Ok(Parsed::Help) => {
             print!("{}", opts::USAGE);
             return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Compare(before, after)) => {
+            return match compare::run(&before, &after) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("socp-bench: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Err(e) => {
             eprintln!("socp-bench: {e}\nTry 'socp-bench --help'.");

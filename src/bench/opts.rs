@@ -52,6 +52,8 @@ OPTIONS:
   --id-prefix P           prefix of the benchmark's user ids [bench]
   --json PATH             results file [bench-results.json]
   --keep-logs             keep the servers' data directories (logs) and print where
+  --compare BEFORE AFTER  compare two results files (latency, rates, CPU, memory side by side,
+                          regressions over 10 % marked); runs nothing
   -h, --help              this help
 
 RAMP (--find-max-rate): runs dm steps at R, R*F, R*F^2, ... while the rate is SUSTAINED: every
@@ -182,6 +184,8 @@ impl Default for Opts {
 
 pub enum Parsed {
     Run(Box<Opts>),
+    /// `--compare BEFORE AFTER`: compare two results files; nothing is run.
+    Compare(PathBuf, PathBuf),
     Help,
 }
 
@@ -206,6 +210,14 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Parse
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
             Short('h') | Long("help") => return Ok(Parsed::Help),
+            Long("compare") => {
+                let before = p.value().map_err(s)?.into();
+                let after = p
+                    .value()
+                    .map_err(|_| "--compare needs two files: BEFORE.json AFTER.json".to_string())?
+                    .into();
+                return Ok(Parsed::Compare(before, after));
+            }
             Long("servers") => o.servers = num("--servers", p.value().map_err(s)?)?,
             Long("connect") => o.connect.push(string(p.value().map_err(s)?)?),
             Long("pid") => o.pids.push(num("--pid", p.value().map_err(s)?)?),
