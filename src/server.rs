@@ -246,8 +246,9 @@ pub struct Server {
 #[derive(Debug)]
 enum Deferred {
     /// The rest of a login (§5.2 step 4): the newcomer's `USER_HELLO_ACK`, `LIST_RESPONSE`
-    /// and `PUBLIC_CHANNEL_SNAPSHOT`, and the channel update to the other servers. Deferred so
-    /// that the `USER_ADVERTISE` leaves first: three signatures sooner.
+    /// and `PUBLIC_CHANNEL_SNAPSHOT` (three signatures, one over every online user), and the
+    /// channel change noted for the other servers. Deferred so that the `USER_ADVERTISE`
+    /// leaves first.
     Welcome { conn: ConnId, user_id: String },
 }
 
