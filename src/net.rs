@@ -911,7 +911,8 @@ impl Net {
         if was_open {
             self.gone.push_back(Gone::Closed(conn.id));
         } else if let Some(target) = conn.dial {
-            self.gone.push_back(Gone::DialFailed(target, reason.to_string()));
+            self.gone
+                .push_back(Gone::DialFailed(target, reason.to_string()));
         }
         if self.shutting_down && self.conns.is_empty() {
             self.shutdown_done = true;

@@ -291,11 +291,14 @@ pub fn run(m: &mut Mesh) -> Result<Outcome, String> {
             w.precompute_s
         ),
         format!(
-            "p50 {:.2} ms; the crypto on its path (2 signatures + 1 verification) costs {:.2} \
-             ms: {:+.2} ms beyond it (target: under 1 ms)",
+            "p50 {:.2} ms; the crypto on its path (2 signatures + 1 verification) costs {:.2} ms \
+             on an idle machine, {:.2} ms with every CPU signing: {:+.2} / {:+.2} ms beyond it \
+             (target: under 1 ms)",
             s.p50,
-            m.dm_floor_ms,
-            s.p50 - m.dm_floor_ms
+            m.dm_floor_ms[0],
+            m.dm_floor_ms[1],
+            s.p50 - m.dm_floor_ms[0],
+            s.p50 - m.dm_floor_ms[1],
         ),
         format!(
             "sender lag behind schedule: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
@@ -316,8 +319,14 @@ pub fn run(m: &mut Mesh) -> Result<Outcome, String> {
         "degraded"
     });
     json["cross_server"] = json!(cross);
-    json["crypto_floor_ms"] = json!(round3(m.dm_floor_ms));
-    json["p50_above_floor_ms"] = json!(round3(s.p50 - m.dm_floor_ms));
+    json["crypto_floor_ms"] = json!({
+        "idle_machine": round3(m.dm_floor_ms[0]),
+        "all_cpus_signing": round3(m.dm_floor_ms[1]),
+    });
+    json["p50_above_floor_ms"] = json!({
+        "idle_machine": round3(s.p50 - m.dm_floor_ms[0]),
+        "all_cpus_signing": round3(s.p50 - m.dm_floor_ms[1]),
+    });
     json["duration_s"] = json!(m.opts.duration_s);
     json["definition"] = json!(
         "from each message's scheduled send time (message j at j/R s) until the receiver \
