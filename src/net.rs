@@ -1022,3 +1022,78 @@ impl Net {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Text;
+    use tungstenite::protocol::Role;
+
+    /// Three messages, the middle one far larger than the socket buffers, written the way
+    /// `Net::send` and `Net::flush_dirty` do while the peer is not reading yet: each arrives
+    /// whole and in order, and what the socket cannot take waits in the outbox.
+    #[test]
+    fn the_outbox_keeps_messages_whole_and_in_order_across_a_full_socket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let reader = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut ws = WebSocket::from_raw_socket(stream, Role::Client, None);
+            std::thread::sleep(Duration::from_millis(300)); // let the writer's socket fill
+            (0..3)
+                .map(|_| match ws.read().expect("read") {
+                    Message::Text(t) => t.to_string(),
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect::<Vec<String>>()
+        });
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.set_nonblocking(true).expect("non-blocking");
+        let config = WebSocketConfig::default().write_buffer_size(0);
+        let mut ws =
+            WebSocket::from_raw_socket(TcpStream::from_std(stream), Role::Server, Some(config));
+
+        let big: String = (0..32 << 20)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let texts = ["first".to_string(), big, "last".to_string()];
+        let mut out = Outbox::default();
+        let mut blocked = false;
+        for t in &texts {
+            let text = Text::from(t.clone());
+            if blocked || !out.is_empty() {
+                out.push(text, 0);
+                continue;
+            }
+            match write_from(&mut ws, &text, 0).expect("write") {
+                Wrote::All => {}
+                Wrote::Blocked(next) => {
+                    blocked = true;
+                    out.push(text, next);
+                }
+            }
+        }
+        assert!(blocked && !out.is_empty(), "32 MiB did not fill the socket");
+        assert!(
+            out.bytes > 16 << 20,
+            "the rest waits in the outbox: {}",
+            out.bytes
+        );
+
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(Instant::now() < deadline, "the outbox never drained");
+            let flushed = match ws.flush() {
+                Ok(()) => out.pump(&mut ws).expect("pump"),
+                Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => false,
+                Err(e) => panic!("flush: {e}"),
+            };
+            if flushed && ws.flush().is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(out.bytes, 0);
+        assert_eq!(reader.join().expect("reader"), texts);
+    }
+}
