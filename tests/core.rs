@@ -223,6 +223,12 @@ impl Harness {
         frames.into_iter().next().unwrap()
     }
 
+    /// Step 3 of §5.2: the correct `AUTH_RESPONSE` to challenge `ch`, signed by `key`.
+    fn auth_response(&self, user_id: &str, key: &PrivateKey, ch: &Envelope) -> String {
+        let payload = auth_payload(ch, user_id);
+        self.user_frame(types::AUTH_RESPONSE, user_id, SRV, &payload, Some(key))
+    }
+
     /// Steps 3–4 of §5.2 for a challenge: sends a correct `AUTH_RESPONSE` and returns every frame
     /// that came back, asserting the first is the `USER_HELLO_ACK`.
     fn respond(
@@ -232,13 +238,7 @@ impl Harness {
         key: &PrivateKey,
         ch: &Envelope,
     ) -> Vec<Envelope> {
-        let resp = self.user_frame(
-            types::AUTH_RESPONSE,
-            user_id,
-            SRV,
-            &auth_payload(ch, user_id),
-            Some(key),
-        );
+        let resp = self.auth_response(user_id, key, ch);
         self.send(c, &resp);
         let frames = self.frames_to(c);
         assert!(!frames.is_empty(), "no answer to AUTH_RESPONSE");
@@ -500,13 +500,7 @@ fn the_advert_leaves_before_the_newcomers_snapshot_and_nothing_overtakes_the_sna
     h.open(cb);
     h.timers();
     let ch = h.challenge(cb, "bob", &bob);
-    let resp = h.user_frame(
-        types::AUTH_RESPONSE,
-        "bob",
-        SRV,
-        &auth_payload(&ch, "bob"),
-        Some(&bob),
-    );
+    let resp = h.auth_response("bob", &bob, &ch);
     h.send_only(cb, &resp);
 
     // What the hello produces at once: the advert to the others; the newcomer's frames wait.
@@ -958,13 +952,7 @@ fn racing_hellos_for_one_id_the_second_response_gets_name_in_use() {
     let ch1 = h.challenge(c1, "alice", &alice);
     let ch2 = h.challenge(c2, "alice", &alice);
     h.respond(c1, "alice", &alice, &ch1);
-    let f = h.user_frame(
-        types::AUTH_RESPONSE,
-        "alice",
-        SRV,
-        &auth_payload(&ch2, "alice"),
-        Some(&alice),
-    );
+    let f = h.auth_response("alice", &alice, &ch2);
     h.send(c2, &f);
     assert_error(&h.frames_to(c2), "NAME_IN_USE", "");
     assert_eq!(h.closes(c2), [close::POLICY]);
