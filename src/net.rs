@@ -104,7 +104,8 @@ impl Outbox {
     }
 
     fn push(&mut self, text: crate::wire::Text, offset: usize) {
-        if offset < text.len() {
+        // (An empty message at offset 0 is still a message to send.)
+        if offset < text.len() || offset == 0 {
             self.bytes += text.len() - offset;
             self.queue.push_back((text, offset));
         }
@@ -141,7 +142,10 @@ impl Outbox {
                 match write_from(ws, &text, offset) {
                     Ok(Wrote::All) => break,
                     Ok(Wrote::Blocked(next)) => offset = next,
-                    Err(_) => return self.queue.clear(),
+                    Err(_) => {
+                        self.queue.clear();
+                        break;
+                    }
                 }
             }
         }
@@ -746,14 +750,7 @@ impl Net {
             // The socket is full: wait in line, in order, without a copy.
             conn.out.push(text, 0);
             self.hit_blocked = true;
-            if conn.out.bytes > self.max_write_buffer {
-                info!(
-                    "conn {}: not reading, write buffer full ({} bytes waiting); closing",
-                    id, conn.out.bytes
-                );
-                self.drop_conn(idx);
-            }
-            return;
+            return self.check_waiting(idx);
         }
         match write_from(ws, &text, 0) {
             Ok(Wrote::All) => self.mark_dirty(idx),
@@ -763,6 +760,7 @@ impl Net {
                 self.hit_blocked = true;
                 self.mark_blocked(idx);
                 self.mark_dirty(idx);
+                self.check_waiting(idx);
             }
             Err(WsError::WriteBufferFull(_)) => {
                 info!("conn {}: not reading, write buffer full; closing", id);
@@ -772,6 +770,20 @@ impl Net {
                 debug!("conn {}: write: {e}", id);
                 self.drop_conn(idx);
             }
+        }
+    }
+
+    /// Closes a connection with more than `max_write_buffer` bytes waiting for it.
+    fn check_waiting(&mut self, idx: usize) {
+        let Some(conn) = self.conns.get(idx) else {
+            return;
+        };
+        if conn.out.bytes > self.max_write_buffer {
+            info!(
+                "conn {}: not reading, write buffer full ({} bytes waiting); closing",
+                conn.id, conn.out.bytes
+            );
+            self.drop_conn(idx);
         }
     }
 

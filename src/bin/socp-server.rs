@@ -21,8 +21,9 @@ use std::sync::atomic::AtomicBool;
 /// --scenario idle`). Setting the threshold fixes it at 128 KiB (glibc's initial value).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_large_allocations_out_of_the_heap() {
-    // SAFETY: mallopt only changes a malloc tuning parameter; it is called before any other
-    // thread exists, and M_MMAP_THRESHOLD with a positive value is valid on every glibc.
+    // SAFETY: mallopt only changes a malloc tuning parameter (glibc serialises it with its own
+    // locks); it is called at start-up, and M_MMAP_THRESHOLD with a positive value is valid on
+    // every glibc.
     let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
     if ok != 1 {
         log::warn!("could not set malloc's mmap threshold; idle memory may be higher");
@@ -33,8 +34,8 @@ fn keep_large_allocations_out_of_the_heap() {
 fn keep_large_allocations_out_of_the_heap() {}
 
 fn main() -> ExitCode {
-    keep_large_allocations_out_of_the_heap();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    keep_large_allocations_out_of_the_heap();
     let env = |name: &str| std::env::var(name).ok();
     let cfg = match config::parse_server_args(std::env::args_os().skip(1), &env) {
         Ok(Command::Help) => {
