@@ -237,6 +237,8 @@ pub struct Server {
     list_cache: Option<(i64, SignedPayload)>,
     /// Work an input left for later, oldest first; see [`Deferred`].
     deferred: VecDeque<Deferred>,
+    /// `AUTH_CHALLENGE`s signed ahead of need: (nonce, signed payload).
+    challenges: Vec<(String, SignedPayload)>,
     pub(crate) out: Vec<Action>,
 }
 
@@ -250,7 +252,16 @@ enum Deferred {
     /// channel change noted for the other servers. Deferred so that the `USER_ADVERTISE`
     /// leaves first.
     Welcome { conn: ConnId, user_id: String },
+    /// Sign one `AUTH_CHALLENGE` ahead of need (see [`CHALLENGE_POOL`]).
+    Challenge,
 }
+
+/// Signed challenges kept ready. A hello takes one, so its answer waits for no signature, and
+/// the deferred work signs a replacement while the user computes its response: a login's
+/// path is one signature shorter. Each nonce is random, kept only in memory and used once; a
+/// hello still costs one signature, as before, so draining the pool gains an attacker nothing.
+/// The pool grows by one per hello that finds it empty, up to this size (bursts of logins).
+const CHALLENGE_POOL: usize = 4;
 
 impl Server {
     /// A core for server `id` with key `key`, persisting to `store`.
@@ -271,6 +282,7 @@ impl Server {
             error_sigs: ErrorSigs::default(),
             list_cache: None,
             deferred: VecDeque::new(),
+            challenges: Vec::new(),
             fed: Federation::new(FedConfig::default()),
             adverts: HashMap::new(),
             login_names: HashMap::new(),
@@ -294,6 +306,7 @@ impl Server {
     /// Arms the start-up work: a dial to every configured and remembered peer, heartbeats.
     pub fn start(&mut self, now: Time) {
         self.fed_start(now);
+        self.deferred.push_back(Deferred::Challenge);
     }
 
     pub fn id(&self) -> &str {
@@ -520,13 +533,24 @@ impl Server {
         if self.dir.get(user_id).is_some() {
             return self.name_in_use(now, conn);
         }
-        let nonce = crate::b64::encode(&crate::crypto::random_bytes::<32>());
-        let payload = json!({
-            "nonce": nonce,
-            "server_id": self.id,
-            "server_pubkey": self.key.public_key().encoded(),
+        // A challenge signed ahead of need, if there is one; the next is signed once this
+        // one is on its way, while the user signs its answer.
+        let (nonce, signed) = match self.challenges.pop() {
+            Some(ready) => ready,
+            None => self.new_challenge(),
+        };
+        self.deferred.push_back(Deferred::Challenge);
+        let text = wire::encode_frame(
+            types::AUTH_CHALLENGE,
+            &self.id,
+            user_id,
+            now.wall_ms,
+            &signed,
+        );
+        self.out.push(Action::Send {
+            conn,
+            text: text.into(),
         });
-        self.send_signed(now, conn, types::AUTH_CHALLENGE, user_id, &payload);
         self.set_state(
             conn,
             State::Challenged(Box::new(Challenge {
@@ -537,6 +561,18 @@ impl Server {
             })),
         );
         Ok(())
+    }
+
+    /// A fresh `AUTH_CHALLENGE` payload `{nonce, server_id, server_pubkey}` (§5.2 step 2),
+    /// signed. It names no user, so it can be made before anyone asks for it.
+    fn new_challenge(&self) -> (String, SignedPayload) {
+        let nonce = crate::b64::encode(&crate::crypto::random_bytes::<32>());
+        let payload = json!({
+            "nonce": nonce,
+            "server_id": self.id,
+            "server_pubkey": self.key.public_key().encoded(),
+        });
+        (nonce, self.sign(&payload))
     }
 
     fn on_auth_response(
@@ -656,6 +692,12 @@ impl Server {
                         self.send_channel_snapshot(now, conn, &user_id);
                     }
                     self.channel_changed(now, Some(&user_id));
+                }
+                Deferred::Challenge => {
+                    if self.challenges.len() < CHALLENGE_POOL {
+                        let ready = self.new_challenge();
+                        self.challenges.push(ready);
+                    }
                 }
             }
         }

@@ -941,6 +941,40 @@ fn second_connection_for_an_online_user_gets_name_in_use_and_is_closed() {
 }
 
 #[test]
+fn challenges_signed_ahead_are_each_used_once() {
+    // Challenges are signed ahead of need (a pool refilled after each hello): every hello
+    // still gets its own nonce, and a nonce answers only the connection it was sent to.
+    let mut h = Harness::new();
+    let mut nonces = std::collections::HashSet::new();
+    let keys: Vec<PrivateKey> = (1..=6).map(|i| test_key(&format!("user{i}"))).collect();
+    let mut challenges = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let c = conn(i as u64 + 1);
+        h.open(c);
+        let ch = h.challenge(c, &format!("u{i}"), key);
+        assert!(
+            nonces.insert(str_field(&ch, "nonce").to_string()),
+            "nonce reused"
+        );
+        challenges.push(ch);
+    }
+    // u0 answers with u1's challenge: refused; then with its own: accepted.
+    let wrong = h.auth_response("u0", &keys[0], &challenges[1]);
+    h.send(conn(1), &wrong);
+    assert_error(&h.frames_to(conn(1)), "INVALID_SIG", "");
+    let ch = h.challenge(conn(1), "u0", &keys[0]);
+    assert!(
+        nonces.insert(str_field(&ch, "nonce").to_string()),
+        "nonce reused"
+    );
+    h.respond(conn(1), "u0", &keys[0], &ch);
+    for i in 1..keys.len() {
+        let c = conn(i as u64 + 1);
+        h.respond(c, &format!("u{i}"), &keys[i], &challenges[i]);
+    }
+}
+
+#[test]
 fn racing_hellos_for_one_id_the_second_response_gets_name_in_use() {
     let mut h = Harness::new();
     let alice = test_key("user1");
