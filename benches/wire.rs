@@ -25,13 +25,12 @@ const TS: i64 = 1_760_000_000_123;
 fn user_deliver_payload() -> Value {
     let sender = PrivateKey::from_pem(SENDER_PEM).expect("fixture key parses");
     let recipient = PrivateKey::from_pem(RECIPIENT_PEM).expect("fixture key parses");
-    let ciphertext = socp::b64::encode(
-        &recipient
-            .public_key()
-            .encrypt(b"hello bob, this is a typical short chat message")
-            .expect("encrypt"),
-    );
-    let content_sig = crypto::make_content_sig(&sender, &ciphertext, SENDER, Some(RECIPIENT), TS);
+    let ct = recipient
+        .public_key()
+        .encrypt(b"hello bob, this is a typical short chat message")
+        .expect("encrypt");
+    let ciphertext = socp::b64::encode(&ct);
+    let content_sig = crypto::make_content_sig(&sender, &ct, SENDER, Some(RECIPIENT), TS);
     json!({
         "ciphertext": ciphertext,
         "sender": SENDER,

@@ -508,13 +508,14 @@ impl Session {
         {
             // Distinct ts per piece keeps each frame distinct for duplicate suppression (§6).
             let ts = now_ms + i as i64;
-            let ciphertext = match peer.key.encrypt(piece.as_bytes()) {
-                Ok(ct) => crate::b64::encode(&ct),
+            let ct = match peer.key.encrypt(piece.as_bytes()) {
+                Ok(ct) => ct,
                 Err(e) => return self.warn(&format!("cannot encrypt for {to}: {e}")),
             };
+            let ciphertext = crate::b64::encode(&ct);
             let sig_to = if public { None } else { Some(to) };
             let content_sig =
-                crypto::make_content_sig(&self.me.key, &ciphertext, &self.me.user_id, sig_to, ts);
+                crypto::make_content_sig(&self.me.key, &ct, &self.me.user_id, sig_to, ts);
             let payload = json!({
                 "ciphertext": ciphertext,
                 "sender_pub": self.me.key.public_key().encoded(),

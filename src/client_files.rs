@@ -261,8 +261,8 @@ impl Session {
                 produced += 1;
                 continue;
             }
-            let ciphertext = match o.key.encrypt(&piece[..n]) {
-                Ok(ct) => crate::b64::encode(&ct),
+            let ct = match o.key.encrypt(&piece[..n]) {
+                Ok(ct) => ct,
                 Err(e) => {
                     let o = self.files.outgoing.remove(i);
                     self.events
@@ -270,13 +270,9 @@ impl Session {
                     continue;
                 }
             };
-            let content_sig = crypto::make_content_sig(
-                &self.me.key,
-                &ciphertext,
-                &self.me.user_id,
-                Some(&o.to),
-                now_ms,
-            );
+            let ciphertext = crate::b64::encode(&ct);
+            let content_sig =
+                crypto::make_content_sig(&self.me.key, &ct, &self.me.user_id, Some(&o.to), now_ms);
             let payload = json!({"file_id": o.file_id, "index": o.next_index,
                                  "ciphertext": ciphertext, "content_sig": content_sig});
             o.next_index += 1;

@@ -414,20 +414,25 @@ impl KeyCache {
     }
 }
 
-/// The bytes a `content_sig` covers (§3.5): `ciphertext` (the base64url string as sent) ‖ `from`
-/// ‖ `to` ‖ decimal `ts` for a direct message or file chunk; without `to` (`None`) for the
-/// public channel. UTF-8, no separators.
-pub fn content_sig_message(ciphertext_b64: &str, from: &str, to: Option<&str>, ts: i64) -> Vec<u8> {
-    content_sig_bytes(ciphertext_b64.as_bytes(), from, to, ts)
+/// The bytes a `content_sig` covers (§3.5), in the form we emit: the **decoded ciphertext
+/// bytes** ‖ `from` ‖ `to` ‖ decimal `ts` for a direct message or file chunk; without `to`
+/// (`None`) for the public channel. UTF-8, no separators. This is the form the deployed
+/// Python clients sign and the only one they verify.
+pub fn content_sig_message(ciphertext: &[u8], from: &str, to: Option<&str>, ts: i64) -> Vec<u8> {
+    joined(ciphertext, from, to, ts, b"")
 }
 
-fn content_sig_bytes(ciphertext: &[u8], from: &str, to: Option<&str>, ts: i64) -> Vec<u8> {
+/// `ciphertext` ‖ `from` [‖ `to`] ‖ decimal `ts`, with `sep` between every two fields.
+fn joined(ciphertext: &[u8], from: &str, to: Option<&str>, ts: i64, sep: &[u8]) -> Vec<u8> {
     let ts = ts.to_string();
-    let to = to.unwrap_or("");
-    let mut msg = Vec::with_capacity(ciphertext.len() + from.len() + to.len() + ts.len());
-    msg.extend_from_slice(ciphertext);
-    msg.extend_from_slice(from.as_bytes());
-    msg.extend_from_slice(to.as_bytes());
+    let fields = [ciphertext, from.as_bytes()]
+        .into_iter()
+        .chain(to.map(str::as_bytes));
+    let mut msg = Vec::with_capacity(ciphertext.len() + 128);
+    for field in fields {
+        msg.extend_from_slice(field);
+        msg.extend_from_slice(sep);
+    }
     msg.extend_from_slice(ts.as_bytes());
     msg
 }
@@ -435,16 +440,18 @@ fn content_sig_bytes(ciphertext: &[u8], from: &str, to: Option<&str>, ts: i64) -
 /// Signs [`content_sig_message`] with the sender's key (§3.5); base64url.
 pub fn make_content_sig(
     key: &PrivateKey,
-    ciphertext_b64: &str,
+    ciphertext: &[u8],
     from: &str,
     to: Option<&str>,
     ts: i64,
 ) -> String {
-    key.sign_b64(&content_sig_message(ciphertext_b64, from, to, ts))
+    key.sign_b64(&content_sig_message(ciphertext, from, to, ts))
 }
 
-/// Checks a `content_sig` (§3.5): first over the ciphertext string as sent, then (the *Accept*
-/// fallback) over the decoded ciphertext bytes in its place.
+/// Checks a `content_sig` (§3.5) over the ciphertext as it arrived (base64url text). The form
+/// we emit is tried first (decoded bytes), then the *Accept* fallbacks, each binding the same
+/// fields: the base64url string in place of the bytes; that string form with `|` between the
+/// fields; the canonical JSON of `{ciphertext, from, to, ts}` (`to` absent for the channel).
 pub fn verify_content_sig(
     key: &PublicKey,
     sig_b64: &str,
@@ -456,9 +463,25 @@ pub fn verify_content_sig(
     let Some(sig) = b64::decode(sig_b64) else {
         return false;
     };
-    key.verify(&content_sig_message(ciphertext_b64, from, to, ts), &sig)
-        || b64::decode(ciphertext_b64)
-            .is_some_and(|ct| key.verify(&content_sig_bytes(&ct, from, to, ts), &sig))
+    let text = ciphertext_b64.as_bytes();
+    b64::decode(ciphertext_b64)
+        .is_some_and(|ct| key.verify(&content_sig_message(&ct, from, to, ts), &sig))
+        || key.verify(&joined(text, from, to, ts, b""), &sig)
+        || key.verify(&joined(text, from, to, ts, b"|"), &sig)
+        || content_sig_json(ciphertext_b64, from, to, ts)
+            .is_some_and(|json| key.verify(json.as_bytes(), &sig))
+}
+
+/// The canonical JSON (§3.3) form of the fields a `content_sig` binds.
+fn content_sig_json(ciphertext_b64: &str, from: &str, to: Option<&str>, ts: i64) -> Option<String> {
+    let mut fields = serde_json::Map::new();
+    fields.insert("ciphertext".into(), ciphertext_b64.into());
+    fields.insert("from".into(), from.into());
+    if let Some(to) = to {
+        fields.insert("to".into(), to.into());
+    }
+    fields.insert("ts".into(), ts.into());
+    crate::canon::canonical_object(&fields).ok()
 }
 
 /// SHA-256 of `data`.
@@ -674,21 +697,22 @@ mod tests {
     }
 
     #[test]
-    fn content_sig_both_forms() {
+    fn content_sig_emits_the_bytes_form_and_accepts_every_listed_form() {
         let k = key("user1");
         let pk = k.public_key();
-        let ct = b64::encode(b"ciphertext bytes");
+        let raw = b"ciphertext bytes";
+        let ct = b64::encode(raw);
         assert_eq!(
-            content_sig_message(&ct, "alice", Some("bob"), 1234),
-            format!("{ct}alicebob1234").into_bytes()
+            content_sig_message(raw, "alice", Some("bob"), 1234),
+            [&raw[..], b"alicebob1234"].concat()
         );
         assert_eq!(
-            content_sig_message(&ct, "alice", None, -5),
-            format!("{ct}alice-5").into_bytes()
+            content_sig_message(raw, "alice", None, -5),
+            [&raw[..], b"alice-5"].concat()
         );
 
-        // Our form: the base64url string as sent.
-        let sig = make_content_sig(&k, &ct, "alice", Some("bob"), 1234);
+        // Our form: the decoded bytes (§3.5), bound to every field.
+        let sig = make_content_sig(&k, raw, "alice", Some("bob"), 1234);
         assert!(verify_content_sig(
             pk,
             &sig,
@@ -697,23 +721,24 @@ mod tests {
             Some("bob"),
             1234
         ));
-        assert!(!verify_content_sig(
+        // Padded or standard-alphabet ciphertext text decodes to the same bytes.
+        let padded = base64::engine::general_purpose::STANDARD.encode(raw);
+        assert!(verify_content_sig(
             pk,
             &sig,
-            &ct,
-            "alice",
-            Some("eve"),
-            1234
-        ));
-        assert!(!verify_content_sig(
-            pk,
-            &sig,
-            &ct,
+            &padded,
             "alice",
             Some("bob"),
-            1235
+            1234
         ));
-        assert!(!verify_content_sig(pk, &sig, &ct, "alice", None, 1234));
+        for (from, to, ts) in [
+            ("alice", Some("eve"), 1234),
+            ("alice", Some("bob"), 1235),
+            ("alice", None, 1234),
+            ("mallory", Some("bob"), 1234),
+        ] {
+            assert!(!verify_content_sig(pk, &sig, &ct, from, to, ts));
+        }
         assert!(!verify_content_sig(
             pk,
             "***",
@@ -722,11 +747,74 @@ mod tests {
             Some("bob"),
             1234
         ));
+        let other_ct = b64::encode(b"other bytes");
+        assert!(!verify_content_sig(
+            pk,
+            &sig,
+            &other_ct,
+            "alice",
+            Some("bob"),
+            1234
+        ));
 
-        // Fallback form: decoded ciphertext bytes in place of the string.
-        let alt = k.sign_b64(&content_sig_bytes(b"ciphertext bytes", "alice", None, 99));
-        assert!(verify_content_sig(pk, &alt, &ct, "alice", None, 99));
-        assert!(!verify_content_sig(pk, &alt, &ct, "alice", None, 98));
+        // Accepted fallbacks, each binding the same fields.
+        let text_form = k.sign_b64(format!("{ct}alicebob77").as_bytes());
+        assert!(verify_content_sig(
+            pk,
+            &text_form,
+            &ct,
+            "alice",
+            Some("bob"),
+            77
+        ));
+        assert!(!verify_content_sig(
+            pk,
+            &text_form,
+            &ct,
+            "alice",
+            Some("bob"),
+            78
+        ));
+        let piped = k.sign_b64(format!("{ct}|alice|bob|77").as_bytes());
+        assert!(verify_content_sig(
+            pk,
+            &piped,
+            &ct,
+            "alice",
+            Some("bob"),
+            77
+        ));
+        assert!(!verify_content_sig(
+            pk,
+            &piped,
+            &ct,
+            "alice",
+            Some("bo"),
+            77
+        ));
+        let piped_public = k.sign_b64(format!("{ct}|alice|77").as_bytes());
+        assert!(verify_content_sig(
+            pk,
+            &piped_public,
+            &ct,
+            "alice",
+            None,
+            77
+        ));
+        let json_form = format!(r#"{{"ciphertext":"{ct}","from":"alice","to":"bob","ts":77}}"#);
+        let json_sig = k.sign_b64(json_form.as_bytes());
+        assert!(verify_content_sig(
+            pk,
+            &json_sig,
+            &ct,
+            "alice",
+            Some("bob"),
+            77
+        ));
+        assert!(!verify_content_sig(pk, &json_sig, &ct, "alice", None, 77));
+        let json_public = format!(r#"{{"ciphertext":"{ct}","from":"alice","ts":77}}"#);
+        let json_sig = k.sign_b64(json_public.as_bytes());
+        assert!(verify_content_sig(pk, &json_sig, &ct, "alice", None, 77));
 
         // Python's vectors: DM in the fallback form (salt 478), public in the string form.
         let v = interop();

@@ -34,16 +34,14 @@ impl Healthy {
     fn check(&mut self, text: &str) {
         let alice_key = test_key("user1");
         let ct = crate::common::proc::now_ms(); // distinct per call
-        let ciphertext = socp::b64::encode(
-            &self
-                .bob_key
-                .public_key()
-                .encrypt(format!("{text} {ct}").as_bytes())
-                .unwrap(),
-        );
+        let raw = self
+            .bob_key
+            .public_key()
+            .encrypt(format!("{text} {ct}").as_bytes())
+            .unwrap();
+        let ciphertext = socp::b64::encode(&raw);
         let ts = common::proc::now_ms();
-        let content_sig =
-            crypto::make_content_sig(&alice_key, &ciphertext, "alice", Some("bob"), ts);
+        let content_sig = crypto::make_content_sig(&alice_key, &raw, "alice", Some("bob"), ts);
         let payload = json!({"ciphertext": ciphertext, "sender_pub": alice_key.public_key().encoded(),
                              "content_sig": content_sig});
         let signed = socp::wire::SignedPayload::unsigned(&payload).unwrap();

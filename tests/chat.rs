@@ -196,10 +196,11 @@ fn a_message_whose_content_signature_fails_is_shown_as_not_authentic() {
     bob.expect("* mallory is online");
     let bob_key = common::keys::test_key("user2");
     let ts = common::proc::now_ms();
-    let ct = socp::b64::encode(&bob_key.public_key().encrypt(b"trust me").unwrap());
+    let raw = bob_key.public_key().encrypt(b"trust me").unwrap();
+    let ct = socp::b64::encode(&raw);
     // Signed over other bytes than the ones sent.
     let bad_sig =
-        socp::crypto::make_content_sig(&mallory_key, &ct, "mallory", Some("id-bob"), ts + 1);
+        socp::crypto::make_content_sig(&mallory_key, &raw, "mallory", Some("id-bob"), ts + 1);
     let payload = serde_json::json!({"ciphertext": ct, "content_sig": bad_sig,
                                      "sender_pub": mallory_key.public_key().encoded()});
     let signed = socp::wire::SignedPayload::unsigned(&payload).unwrap();

@@ -134,8 +134,9 @@ fn chunk_frame(
     tamper: impl FnOnce(&mut serde_json::Value),
 ) -> String {
     let ts = now_ms();
-    let ct = socp::b64::encode(&test_key("user2").public_key().encrypt(piece).unwrap());
-    let sig = socp::crypto::make_content_sig(&test_key("user1"), &ct, "alice", Some("id-bob"), ts);
+    let raw = test_key("user2").public_key().encrypt(piece).unwrap();
+    let ct = socp::b64::encode(&raw);
+    let sig = socp::crypto::make_content_sig(&test_key("user1"), &raw, "alice", Some("id-bob"), ts);
     let mut payload = json!({"file_id": file_id, "index": index, "ciphertext": ct,
                              "content_sig": sig});
     tamper(&mut payload);

@@ -420,14 +420,13 @@ fn a_killed_server_comes_back_with_its_links_and_users() {
 
 /// Sends a `MSG_DIRECT` from `raw` (key `key`) to user `to` (fixture key `to_key`).
 fn send_raw_dm(raw: &mut Raw, key: &PrivateKey, to: &str, to_key: &str) {
-    let ciphertext = socp::b64::encode(
-        &test_key(to_key)
-            .public_key()
-            .encrypt(b"are you there")
-            .unwrap(),
-    );
+    let ct = test_key(to_key)
+        .public_key()
+        .encrypt(b"are you there")
+        .unwrap();
+    let ciphertext = socp::b64::encode(&ct);
     let ts = now_ms();
-    let content_sig = socp::crypto::make_content_sig(key, &ciphertext, &raw.user_id, Some(to), ts);
+    let content_sig = socp::crypto::make_content_sig(key, &ct, &raw.user_id, Some(to), ts);
     let payload = json!({"ciphertext": ciphertext, "sender_pub": key.public_key().encoded(),
                          "content_sig": content_sig});
     let signed = SignedPayload::unsigned(&payload).unwrap();

@@ -371,9 +371,10 @@ fn random_frames_never_crash_the_core_and_service_continues() {
     } else {
         h.user("bob", &bob_key)
     };
-    let ct = socp::b64::encode(&bob_key.public_key().encrypt(b"still here").unwrap());
+    let raw = bob_key.public_key().encrypt(b"still here").unwrap();
+    let ct = socp::b64::encode(&raw);
     let ts = h.now.wall_ms;
-    let sig = socp::crypto::make_content_sig(&test_key("user3"), &ct, "carol", Some("bob"), ts);
+    let sig = socp::crypto::make_content_sig(&test_key("user3"), &raw, "carol", Some("bob"), ts);
     let payload = json!({"ciphertext": ct, "sender_pub": test_key("user3").public_key().encoded(),
                          "content_sig": sig});
     let signed = SignedPayload::unsigned(&payload).unwrap();

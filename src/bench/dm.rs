@@ -81,7 +81,7 @@ fn precompute(
             .encrypt(plaintext.as_bytes())
             .expect("OAEP encryption of a short text");
         let ciphertext = socp::b64::encode(&ct);
-        let content_sig = socp::crypto::make_content_sig(skey, &ciphertext, sid, Some(rid), ts);
+        let content_sig = socp::crypto::make_content_sig(skey, &ct, sid, Some(rid), ts);
         let payload = json!({
             "ciphertext": ciphertext,
             "sender_pub": skey.public_key().encoded(),

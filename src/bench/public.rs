@@ -61,12 +61,12 @@ fn producer(jobs: Receiver<Job>, out: Sender<Produced>, waker: Arc<Waker>) {
         let sender_pub = job.key.public_key().encoded().to_string();
         for (recipient, rid, pubkey) in job.recipients {
             let plaintext = format!("socp-bench /all event {} to {rid}", job.event);
-            let ciphertext = match pubkey.encrypt(plaintext.as_bytes()) {
-                Ok(ct) => socp::b64::encode(&ct),
-                Err(_) => continue, // counted as never delivered
+            let Ok(ct) = pubkey.encrypt(plaintext.as_bytes()) else {
+                continue; // counted as never delivered
             };
+            let ciphertext = socp::b64::encode(&ct);
             let content_sig =
-                socp::crypto::make_content_sig(&job.key, &ciphertext, &job.sender_id, None, ts);
+                socp::crypto::make_content_sig(&job.key, &ct, &job.sender_id, None, ts);
             let payload = json!({
                 "ciphertext": ciphertext,
                 "sender_pub": sender_pub,
