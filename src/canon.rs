@@ -53,6 +53,16 @@ pub fn canonical_object_ascii(map: &Map<String, Value>) -> Result<String, NotCan
     Ok(out)
 }
 
+/// Whether every number in `value` is an integer, so that it has a canonical form (§3.3).
+pub fn integers_only(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => n.is_i64() || n.is_u64(),
+        Value::Array(items) => items.iter().all(integers_only),
+        Value::Object(map) => map.values().all(integers_only),
+        _ => true,
+    }
+}
+
 /// Writes `s` as a canonical JSON string literal (quotes included).
 pub fn write_string(s: &str, out: &mut String) {
     write_str(s, false, out);

@@ -139,6 +139,10 @@ pub struct Federation {
     rounds: u32,
     /// Public-channel changes not yet told to the other servers (see [`CHANNEL_BATCH_MS`]).
     channel_news: Option<ChannelNews>,
+    /// §7: the newest signed presence `ts` applied per (hosting server, user); older adverts
+    /// and removes are ignored. Bounded like the seen-cache: an entry older than the window
+    /// can go, since a frame that old is refused anyway.
+    presence: HashMap<(String, String), i64>,
 }
 
 /// Membership changes of the public channel are told to the other servers at most once per
@@ -174,7 +178,37 @@ impl Federation {
             announces: HashMap::new(),
             rounds: 0,
             channel_news: None,
+            presence: HashMap::new(),
         }
+    }
+
+    /// The server id of dial target `t`, once known.
+    pub(crate) fn target_id(&self, t: u32) -> Option<String> {
+        self.targets.get(t as usize).and_then(|t| t.id.clone())
+    }
+
+    /// The freshness window of frames between servers (§6), in ms.
+    pub(crate) fn cfg_window_ms(&self) -> i64 {
+        self.cfg.dedup_window_ms as i64
+    }
+
+    /// §7 ordering: whether presence for `user_id` from `server_id` signed at `ts` is at least
+    /// as new as the newest applied; if so, it becomes the newest.
+    fn presence_is_newest(&mut self, server_id: &str, user_id: &str, ts: i64, now: Time) -> bool {
+        let key = (server_id.to_string(), user_id.to_string());
+        if let Some(&newest) = self.presence.get(&key) {
+            if ts < newest {
+                return false;
+            }
+        } else if self.presence.len() >= self.cfg.dedup_max_entries {
+            let oldest = now.wall_ms.saturating_sub(self.cfg.dedup_window_ms as i64);
+            self.presence.retain(|_, t| *t >= oldest);
+            if self.presence.len() >= self.cfg.dedup_max_entries {
+                return true; // a flood of presence: ordered by the window and dedup alone
+            }
+        }
+        self.presence.insert(key, ts);
+        true
     }
 
     /// Connections of every live link but `except`.
@@ -186,20 +220,6 @@ impl Federation {
             .iter()
             .filter(move |(id, _)| Some(id.as_str()) != except)
             .map(|(_, l)| l.conn)
-    }
-
-    /// Records a frame we originate as seen, so a copy flooded back to us is dropped.
-    pub(crate) fn remember(
-        &mut self,
-        kind: &str,
-        from: &str,
-        to: &str,
-        ts: i64,
-        canonical: &str,
-        now: Time,
-    ) {
-        self.seen
-            .insert(dedup::key(kind, from, to, ts, canonical), ts, now.wall_ms);
     }
 
     /// Ids of the servers we have a live link to, sorted.
@@ -269,6 +289,15 @@ impl Server {
     // ------------------------------------------------------------ start and dialling (§4.4)
 
     pub(crate) fn fed_start(&mut self, now: Time) {
+        // §6 *Across restarts*: frames seen before a restart are still duplicates.
+        match self.store.seen_entries(now.wall_ms) {
+            Ok(entries) => {
+                for (key, until) in entries {
+                    self.fed.seen.restore(key, until);
+                }
+            }
+            Err(e) => warn!("could not read the seen-cache: {e}"),
+        }
         match self.store.servers() {
             Ok(records) => {
                 for rec in records
@@ -504,8 +533,10 @@ impl Server {
         }
         if let Some(Value::Array(clients)) = env.payload.get("clients") {
             for c in clients {
-                if let Some(c) = c.as_object() {
-                    self.learn_remote_user(now, c, None);
+                if let Some(c) = c.as_object()
+                    && let Err(e) = self.learn_remote_user(now, c, &from, None)
+                {
+                    info!("SERVER_WELCOME from {from}: {}", e.detail);
                 }
             }
         }
@@ -671,15 +702,20 @@ impl Server {
         }
 
         // §4.3: after the link is up, our directory of online users, as USER_ADVERTISE.
-        let adverts: Vec<SignedPayload> = self.adverts.values().cloned().collect();
-        for signed in adverts {
-            let text = self.own_broadcast(now, types::USER_ADVERTISE, &signed);
-            self.out.push(Action::Send { conn, text });
+        // Each advert is signed once and reused while its `ts` is well inside the peers'
+        // freshness window (§6); an older one is signed again with a fresh `ts`.
+        let users: Vec<String> = self.adverts.keys().cloned().collect();
+        for user_id in users {
+            if let Some(signed) = self.advert(now, &user_id) {
+                let text = self.own_broadcast(now, types::USER_ADVERTISE, &signed);
+                self.out.push(Action::Send { conn, text });
+            }
         }
         let payload = json!({"version": self.channel.version(), "wraps": []});
-        let signed = self.sign(&payload);
-        let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);
-        self.out.push(Action::Send { conn, text });
+        if let Some(signed) = self.sign(&payload) {
+            let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);
+            self.out.push(Action::Send { conn, text });
+        }
         true
     }
 
@@ -773,15 +809,33 @@ impl Server {
         self.ensure_target(now, &id, &host, port, &key);
     }
 
-    /// Records a remote user `{user_id, server_id, pubkey, meta}` and tells local users.
-    /// With `from`, the entry must be hosted by that server (§7).
-    fn learn_remote_user(&mut self, now: Time, entry: &Map<String, Value>, from: Option<&str>) {
+    /// Records a remote user `{user_id, server_id, pubkey, meta}` told by server `sender`, and
+    /// tells local users. An entry without `server_id` is hosted by `sender` (§4.3 *Accept*);
+    /// an `advert` (`Some((frame text, link it came on))`) must be, and is forwarded to the
+    /// other links once it is accepted, before it is re-signed for local users (§7). Refused, and logged (§7 *A user stays where it is*): a claim
+    /// on a user hosted by another live linked server, and a key other than the one this
+    /// server knows for the id (bound here, or first seen from the mesh).
+    fn learn_remote_user(
+        &mut self,
+        now: Time,
+        entry: &Map<String, Value>,
+        sender: &str,
+        advert: Option<(&str, &str)>,
+    ) -> Result<(), WireError> {
         let f = Fields(entry);
-        let (Ok(user_id), Ok(server_id)) = (f.id("user_id"), f.id("server_id")) else {
-            return debug!("ignoring a malformed directory entry");
+        let user_id = f.id("user_id")?;
+        let server_id = match entry.get("server_id") {
+            None => sender,
+            Some(_) => f.id("server_id")?,
         };
-        if server_id == self.id || from.is_some_and(|s| s != server_id) {
-            return;
+        if advert.is_some() && server_id != sender {
+            return Err(WireError::new(
+                ErrorCode::InvalidSig,
+                "USER_ADVERTISE server_id differs from its sender",
+            ));
+        }
+        if server_id == self.id {
+            return Ok(());
         }
         let meta = entry
             .get("meta")
@@ -794,21 +848,38 @@ impl Server {
             .ok()
             .or_else(|| meta.get("pubkey").and_then(Value::as_str))
         else {
-            return debug!("directory entry for {user_id} has no key");
+            return Err(WireError::field("pubkey", "missing"));
         };
-        let pubkey = match self.keys.get(key_text) {
-            Ok(k) => k,
-            Err(e) => return info!("ignoring user {user_id}: {e}"),
-        };
+        let pubkey = self.parse_key("pubkey", key_text)?;
         if let Some(existing) = self.dir.get(user_id) {
             if existing.local.is_some() {
-                return; // online here: ours wins
+                info!("server {sender} claims user {user_id}, who is online here: refused");
+                return Err(WireError::new(
+                    ErrorCode::NameInUse,
+                    format!("user {user_id} is online at server {}", self.id),
+                ));
             }
-            if existing.server_id == server_id && existing.pubkey == pubkey && existing.meta == meta
+            if existing.server_id != server_id && self.fed.links.contains_key(&existing.server_id) {
+                warn!(
+                    "server {sender} claims user {user_id} for server {server_id}, but live \
+                     server {} hosts it: refused",
+                    existing.server_id
+                );
+                return Err(WireError::new(
+                    ErrorCode::NameInUse,
+                    format!("user {user_id} is online at server {}", existing.server_id),
+                ));
+            }
+            if existing.pubkey == pubkey && existing.server_id == server_id && existing.meta == meta
             {
-                return; // nothing new
+                // Nothing new here; a server behind us may not know it yet.
+                if let Some((text, link)) = advert {
+                    self.forward(text, link);
+                }
+                return Ok(());
             }
         }
+        self.check_user_key(user_id, &pubkey, sender)?;
         let entry = Entry {
             server_id: server_id.to_string(),
             local: None,
@@ -818,7 +889,53 @@ impl Server {
         let relay = Directory::entry_json(user_id, &entry);
         self.dir.insert(user_id, entry);
         debug!("user {user_id} online at server {server_id}");
+        // Forward first: the other servers' work then overlaps with ours.
+        if let Some((text, link)) = advert {
+            self.forward(text, link);
+        }
         self.broadcast_local(now, types::USER_ADVERTISE, &relay);
+        Ok(())
+    }
+
+    /// §7: a user id's key, once known here, does not change through gossip. The first key
+    /// seen for a remote user is remembered in the database, so a restart does not forget it.
+    fn check_user_key(
+        &mut self,
+        user_id: &str,
+        pubkey: &Arc<PublicKey>,
+        sender: &str,
+    ) -> Result<(), WireError> {
+        let refused = |why: &str| {
+            warn!("server {sender} gave user {user_id} another key than {why}: refused");
+            Err(WireError::new(
+                ErrorCode::BadKey,
+                format!("user {user_id} has another key"),
+            ))
+        };
+        if let Some(known) = self.dir.get(user_id) {
+            return if known.pubkey == *pubkey {
+                Ok(())
+            } else {
+                refused("the one it is online with")
+            };
+        }
+        match self.store.known_user_key(user_id) {
+            Ok(Some(known)) => match self.keys.get(&known) {
+                Ok(known) if known == *pubkey => Ok(()),
+                _ => refused("the one known here"),
+            },
+            Ok(None) => {
+                if let Err(e) = self.store.remember_user_key(user_id, pubkey.encoded()) {
+                    warn!("could not remember the key of user {user_id}: {e}");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The directory check above still holds; availability over a lookup.
+                warn!("could not look up the key of user {user_id}: {e}");
+                Ok(())
+            }
+        }
     }
 
     // ------------------------------------------------------------ frames from peers
@@ -861,8 +978,17 @@ impl Server {
             }
         };
         let canonical = canon::canonical_object(&env.payload)?;
-        let dedup_key = dedup::key(&env.kind, &env.from, &env.to, env.ts, &canonical);
-        match self.fed.seen.check(&dedup_key, env.ts, now.wall_ms) {
+        // §6: judged on what the signature covers. A payload with its own `ts` is fresh by that
+        // `ts` and the same frame whatever its envelope says; one without keeps the envelope's.
+        let payload_ts = match env.payload.get("ts") {
+            None => None,
+            Some(_) => Some(env.fields().i64("ts")?),
+        };
+        let ts = payload_ts.unwrap_or(env.ts);
+        let dedup_key = dedup::key(
+            &env.kind, &env.from, &env.to, env.ts, payload_ts, &canonical,
+        );
+        match self.fed.seen.check(&dedup_key, ts, now.wall_ms) {
             Ok(()) => {}
             Err(Stale::Duplicate) => return Ok(()),
             Err(Stale::OutOfWindow) => {
@@ -879,30 +1005,34 @@ impl Server {
                 format!("{} signature does not verify", env.kind),
             ));
         }
-        self.fed.seen.insert(dedup_key, env.ts, now.wall_ms);
+        let until = self.fed.seen.insert(dedup_key, ts, now.wall_ms);
+        if payload_ts.is_some()
+            && let Err(e) = self.store.remember_seen(&dedup_key, until)
+        {
+            warn!("could not save a seen-cache entry: {e}");
+        }
         match env.kind.as_str() {
             types::HEARTBEAT => Ok(()),
             types::SERVER_ANNOUNCE => self.on_announce(now, env, key, link, text),
-            types::USER_ADVERTISE => {
-                if env.fields().str("server_id")? != env.from {
-                    return Err(WireError::new(
-                        ErrorCode::InvalidSig,
-                        "USER_ADVERTISE server_id differs from its sender",
-                    ));
-                }
-                // Forward first: the other servers' work then overlaps with ours.
-                self.forward(text, link);
-                self.learn_remote_user(now, &env.payload, Some(&env.from));
-                Ok(())
-            }
-            types::USER_REMOVE => {
+            types::USER_ADVERTISE | types::USER_REMOVE => {
                 let f = env.fields();
                 let (user_id, server_id) = (f.id("user_id")?, f.str("server_id")?);
                 if server_id != env.from {
                     return Err(WireError::new(
                         ErrorCode::InvalidSig,
-                        "USER_REMOVE server_id differs from its sender",
+                        format!("{} server_id differs from its sender", env.kind),
                     ));
+                }
+                // §7: presence older than the newest applied for that user is ignored.
+                if let Some(ts) = payload_ts
+                    && !self.fed.presence_is_newest(server_id, user_id, ts, now)
+                {
+                    debug!("ignoring {} for {user_id}: older than the last", env.kind);
+                    return Ok(());
+                }
+                if env.kind == types::USER_ADVERTISE {
+                    let advert = Some((text, link));
+                    return self.learn_remote_user(now, &env.payload, &env.from, advert);
                 }
                 self.forward(text, link);
                 if self.dir.remove_if_hosted_by(user_id, server_id).is_some() {
@@ -943,9 +1073,10 @@ impl Server {
 
     /// Sends our `SERVER_ANNOUNCE` to every link.
     fn announce_self(&mut self, now: Time) {
-        let signed = self.sign(&self.hello_payload());
-        let text = self.own_broadcast(now, types::SERVER_ANNOUNCE, &signed);
-        self.send_links(text, None);
+        if let Some(signed) = self.sign(&self.hello_payload()) {
+            let text = self.own_broadcast(now, types::SERVER_ANNOUNCE, &signed);
+            self.send_links(text, None);
+        }
     }
 
     fn on_announce(
@@ -1011,6 +1142,9 @@ impl Server {
         };
         let mut payload = env.payload.clone();
         payload.remove("user_id");
+        // §6 *Accept*: the standard's own form carries the original `ts` in the envelope only;
+        // the user's frame always has it in the payload (§5.5), where `content_sig` needs it.
+        payload.entry("ts").or_insert_with(|| Value::from(env.ts));
         let kind = match env.kind.as_str() {
             types::SERVER_DELIVER => types::USER_DELIVER,
             other => other,
@@ -1095,15 +1229,17 @@ impl Server {
         added.retain(|id| self.dir.get(id).is_some_and(|e| e.local.is_some()));
         if !added.is_empty() {
             let payload = json!({"add": added, "if_version": news.if_version});
-            let signed = self.sign(&payload);
-            let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_ADD, &signed);
-            self.send_links(text, None);
+            if let Some(signed) = self.sign(&payload) {
+                let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_ADD, &signed);
+                self.send_links(text, None);
+            }
         }
         let version = self.channel.version();
         let payload = json!({"version": version, "wraps": []});
-        let signed = self.sign(&payload);
-        let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);
-        self.send_links(text, None);
+        if let Some(signed) = self.sign(&payload) {
+            let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);
+            self.send_links(text, None);
+        }
     }
 
     /// Heartbeats to every link; links silent too long are declared dead (§4.4).
@@ -1120,15 +1256,10 @@ impl Server {
             warn!("link to server {id} silent for {silent} ms: declaring it dead");
             self.close(now, conn, close::GOING_AWAY, "link dead");
         }
-        if !self.fed.links.is_empty() {
-            let signed = match &self.fed.heartbeat {
-                Some(s) => s.clone(),
-                None => {
-                    let s = self.sign(&json!({}));
-                    self.fed.heartbeat = Some(s.clone());
-                    s
-                }
-            };
+        if !self.fed.links.is_empty()
+            && let Some(signed) = self.fed.heartbeat.clone().or_else(|| self.sign(&json!({})))
+        {
+            self.fed.heartbeat = Some(signed.clone());
             let links: Vec<(String, ConnId)> = self
                 .fed
                 .links
@@ -1143,6 +1274,9 @@ impl Server {
                     text: text.into(),
                 });
             }
+        }
+        if let Err(e) = self.store.forget_seen(now.wall_ms) {
+            warn!("could not prune the saved seen-cache: {e}");
         }
         self.fed.rounds += 1;
         if self.fed.rounds >= REANNOUNCE_EVERY {

@@ -224,9 +224,9 @@ pub struct Server {
     pub(crate) dir: Directory,
     pub(crate) channel: PublicChannel,
     pub(crate) fed: Federation,
-    /// The signed `USER_ADVERTISE` payload of each local user: constant while the user is
-    /// online, so every link that comes up gets it without a new signature.
-    pub(crate) adverts: HashMap<String, SignedPayload>,
+    /// The signed `USER_ADVERTISE` payload of each local user and its `ts`: reused for every
+    /// link that comes up while the `ts` is fresh (see [`Server::advert`]).
+    pub(crate) adverts: HashMap<String, (i64, SignedPayload)>,
     /// Login attempts per display name (§5.3), bounded.
     pub(crate) login_names: HashMap<String, Bucket>,
     /// File transfers under way from local users (§9).
@@ -535,9 +535,11 @@ impl Server {
         }
         // A challenge signed ahead of need, if there is one; the next is signed once this
         // one is on its way, while the user signs its answer.
-        let (nonce, signed) = match self.challenges.pop() {
-            Some(ready) => ready,
-            None => self.new_challenge(),
+        let Some((nonce, signed)) = self.challenges.pop().or_else(|| self.new_challenge()) else {
+            return Err(WireError::new(
+                ErrorCode::Timeout,
+                "cannot sign a challenge",
+            ));
         };
         self.deferred.push_back(Deferred::Challenge);
         let text = wire::encode_frame(
@@ -565,14 +567,14 @@ impl Server {
 
     /// A fresh `AUTH_CHALLENGE` payload `{nonce, server_id, server_pubkey}` (§5.2 step 2),
     /// signed. It names no user, so it can be made before anyone asks for it.
-    fn new_challenge(&self) -> (String, SignedPayload) {
+    fn new_challenge(&self) -> Option<(String, SignedPayload)> {
         let nonce = crate::b64::encode(&crate::crypto::random_bytes::<32>());
         let payload = json!({
             "nonce": nonce,
             "server_id": self.id,
             "server_pubkey": self.key.public_key().encoded(),
         });
-        (nonce, self.sign(&payload))
+        Some((nonce, self.sign(&payload)?))
     }
 
     fn on_auth_response(
@@ -657,14 +659,32 @@ impl Server {
         self.channel.bump();
         // The advert first: everyone else waits for it, and it is what presence latency
         // measures. The newcomer's own frames follow.
-        let entry = self.dir.get(&user_id).expect("inserted above");
-        let advert = self.sign(&Directory::entry_json(&user_id, entry));
-        let text = self.own_broadcast(now, types::USER_ADVERTISE, &advert);
-        self.adverts.insert(user_id.clone(), advert);
-        self.broadcast(text, Some(conn), None);
+        if let Some(advert) = self.advert(now, &user_id) {
+            let text = self.own_broadcast(now, types::USER_ADVERTISE, &advert);
+            self.broadcast(text, Some(conn), None);
+        }
         // The newcomer's frames (the snapshot is the costliest frame there is: every user
         // online, signed) are built once the advert is on its way; see [`Deferred`].
         self.deferred.push_back(Deferred::Welcome { conn, user_id });
+    }
+
+    /// The signed `USER_ADVERTISE` of local user `user_id`: `{user_id, server_id, pubkey, meta,
+    /// ts}` (§7). The signed `ts` orders presence and dates it for the peers' freshness window
+    /// (§6), so a cached advert is reused only while it is younger than half that window.
+    pub(crate) fn advert(&mut self, now: Time, user_id: &str) -> Option<SignedPayload> {
+        let fresh_for = self.fed.cfg_window_ms() / 2;
+        if let Some((ts, signed)) = self.adverts.get(user_id)
+            && now.wall_ms.saturating_sub(*ts) < fresh_for
+        {
+            return Some(signed.clone());
+        }
+        let entry = self.dir.get(user_id).filter(|e| e.local.is_some())?;
+        let mut payload = Directory::entry_json(user_id, entry);
+        payload["ts"] = Value::from(now.wall_ms);
+        let signed = self.sign(&payload)?;
+        self.adverts
+            .insert(user_id.to_string(), (now.wall_ms, signed.clone()));
+        Some(signed)
     }
 
     /// Whether work is waiting for [`Server::run_deferred`].
@@ -694,8 +714,9 @@ impl Server {
                     self.channel_changed(now, Some(&user_id));
                 }
                 Deferred::Challenge => {
-                    if self.challenges.len() < CHALLENGE_POOL {
-                        let ready = self.new_challenge();
+                    if self.challenges.len() < CHALLENGE_POOL
+                        && let Some(ready) = self.new_challenge()
+                    {
                         self.challenges.push(ready);
                     }
                 }
@@ -772,9 +793,8 @@ impl Server {
         env: &Envelope,
     ) -> Result<(), WireError> {
         wire::check_id("to", &env.to)?;
-        // The user's payload is forwarded as it is (§9), so it must have a canonical form (no
-        // floats) before we sign what contains it.
-        crate::canon::canonical_object(&env.payload)?;
+        // The user's payload is forwarded as it is (§9): it is canonical, as every payload
+        // that passed Envelope::parse is.
         let f = env.fields();
         f.id("file_id")?;
         match env.kind.as_str() {
@@ -845,11 +865,10 @@ impl Server {
         // 2./3. the hosting server, over its link or by flooding every link.
         let host = entry.server_id.clone();
         payload.insert("user_id".into(), Value::from(target));
-        let signed = self.sign(&Value::Object(payload));
-        let ts = now.wall_ms;
-        self.fed
-            .remember(server_kind, &self.id, &host, ts, &signed.canonical, now);
-        let text = wire::encode_frame(server_kind, &self.id, &host, ts, &signed).into();
+        let Some(signed) = self.sign(&Value::Object(payload)) else {
+            return Err(not_found());
+        };
+        let text = wire::encode_frame(server_kind, &self.id, &host, now.wall_ms, &signed).into();
         if self.send_toward(&host, text, None) {
             Ok(())
         } else {
@@ -897,10 +916,13 @@ impl Server {
                     info!("user {user_id} offline (conn {})", conn);
                     self.adverts.remove(&user_id);
                     self.transfers_user_gone(now, &user_id);
-                    let payload = json!({"user_id": user_id, "server_id": self.id});
-                    let signed = self.sign(&payload);
-                    let text = self.own_broadcast(now, types::USER_REMOVE, &signed);
-                    self.broadcast(text, None, None);
+                    // The signed `ts` orders it after the user's advert (§7).
+                    let payload =
+                        json!({"user_id": user_id, "server_id": self.id, "ts": now.wall_ms});
+                    if let Some(signed) = self.sign(&payload) {
+                        let text = self.own_broadcast(now, types::USER_REMOVE, &signed);
+                        self.broadcast(text, None, None);
+                    }
                     self.channel.bump();
                     self.channel_changed(now, None);
                 }
@@ -955,7 +977,9 @@ impl Server {
         to: &str,
         payload: &Value,
     ) {
-        let signed = self.sign(payload);
+        let Some(signed) = self.sign(payload) else {
+            return;
+        };
         let text = wire::encode_frame(kind, &self.id, to, now.wall_ms, &signed);
         self.out.push(Action::Send {
             conn,
@@ -983,11 +1007,9 @@ impl Server {
         }
     }
 
-    /// Encodes a broadcast (`to: "*"`) that we originate, and records it as seen so that it is
-    /// dropped if the mesh floods it back to us.
-    pub(crate) fn own_broadcast(&mut self, now: Time, kind: &str, signed: &SignedPayload) -> Text {
-        self.fed
-            .remember(kind, &self.id, "*", now.wall_ms, &signed.canonical, now);
+    /// Encodes a broadcast (`to: "*"`) that we originate. (A copy the mesh floods back to us
+    /// is dropped by its `from`, before the seen-cache.)
+    pub(crate) fn own_broadcast(&self, now: Time, kind: &str, signed: &SignedPayload) -> Text {
         wire::encode_frame(kind, &self.id, "*", now.wall_ms, signed).into()
     }
 
@@ -997,7 +1019,9 @@ impl Server {
         if targets.is_empty() {
             return;
         }
-        let signed = self.sign(payload);
+        let Some(signed) = self.sign(payload) else {
+            return;
+        };
         let text: Text = wire::encode_frame(kind, &self.id, "*", now.wall_ms, &signed).into();
         for conn in targets {
             self.out.push(Action::Send {
@@ -1007,9 +1031,18 @@ impl Server {
         }
     }
 
-    pub(crate) fn sign(&self, payload: &Value) -> SignedPayload {
-        // Every payload we build holds only strings, integers, arrays and objects.
-        SignedPayload::sign(payload, &self.key).expect("our payloads are canonical")
+    /// Signs a payload we send (§3.4). Every payload the core builds holds only strings,
+    /// integers, arrays and objects, and every payload it takes from a frame passed the edge's
+    /// check for non-integer numbers ([`Envelope::parse`], §3.3), so this cannot fail; if it
+    /// ever did, the frame is not sent and the bug is logged instead of crashing the server.
+    pub(crate) fn sign(&self, payload: &Value) -> Option<SignedPayload> {
+        match SignedPayload::sign(payload, &self.key) {
+            Ok(signed) => Some(signed),
+            Err(e) => {
+                log::error!("not sending a payload without a canonical form ({e}): a bug");
+                None
+            }
+        }
     }
 
     /// Sends `ERROR {code, detail}` while the connection's error budget lasts (§10).
@@ -1025,13 +1058,18 @@ impl Server {
             debug!("conn {}: error budget spent, not answering {err}", conn);
             return;
         }
+        // An error to a linked server is addressed to it, never "" (§6).
         let to = match &c.state {
             State::User { user_id } => user_id.clone(),
             State::Challenged(ch) => ch.user_id.clone(),
+            State::Peer { server_id } => server_id.clone(),
+            State::Dialling { target } => self.fed.target_id(*target).unwrap_or_default(),
             _ => String::new(),
         };
         let payload = json!({"code": err.code.as_str(), "detail": err.detail});
-        let canonical = crate::canon::canonical(&payload).expect("strings only");
+        let Ok(canonical) = crate::canon::canonical(&payload) else {
+            return; // strings only: cannot happen
+        };
         let sig = match self.error_sigs.0.get(&canonical) {
             Some(sig) => sig.clone(),
             None => {

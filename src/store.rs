@@ -126,6 +126,11 @@ pub struct ServerRecord {
 /// The server's database handle (§11). Owned by the net layer; single-threaded use.
 pub struct Store {
     conn: Connection,
+    /// A second connection to the same file for the seen-cache (§6 *Across restarts*), with
+    /// `synchronous=NORMAL`: one row per frame from another server must not cost an fsync.
+    /// A WAL commit without fsync survives the process being killed, which is what a replay
+    /// after a restart needs; an OS crash may lose the last few. `None` in memory.
+    seen: Option<Connection>,
 }
 
 impl fmt::Debug for Store {
@@ -137,7 +142,7 @@ impl fmt::Debug for Store {
 }
 
 /// The schema version this code writes; `PRAGMA user_version` holds the version on disk.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a statement waits for a lock held by another connection before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -192,6 +197,24 @@ CREATE TABLE IF NOT EXISTS server_meta (
 );
 ";
 
+/// Schema version 2: what guards against replays and key substitution across restarts.
+///
+/// - `seen_frames`: the seen-cache entries of frames from other servers whose payload carries
+///   its own `ts` (§6): a replay after a restart is still a duplicate until the entry expires.
+/// - `peer_user_keys`: the key first seen for each user hosted elsewhere (§7 *A user stays
+///   where it is*): gossip never changes it, across restarts too.
+const SCHEMA_V2: &str = "
+CREATE TABLE IF NOT EXISTS seen_frames (
+    key      BLOB PRIMARY KEY NOT NULL,
+    until_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS peer_user_keys (
+    user_id    TEXT PRIMARY KEY NOT NULL,
+    pubkey     TEXT NOT NULL,
+    first_seen INTEGER NOT NULL
+);
+";
+
 const USER_COLUMNS: &str = "user_id, pubkey, privkey_store, pake_password, meta, version";
 
 impl Store {
@@ -204,7 +227,11 @@ impl Store {
         }
         create_private_file(path)?;
         let conn = Connection::open(path)?;
-        let store = Store::init(conn)?;
+        let mut store = Store::init(conn)?;
+        let seen = Connection::open(path)?;
+        seen.busy_timeout(BUSY_TIMEOUT)?;
+        seen.pragma_update(None, "synchronous", "NORMAL")?;
+        store.seen = Some(seen);
         // SQLite gives the -wal and -shm files the main file's mode; an older file made with a
         // looser mode is tightened here.
         restrict_permissions(path)?;
@@ -230,7 +257,7 @@ impl Store {
         // FULL: in WAL mode each commit fsyncs the WAL, so a committed account survives power
         // loss (§11 "durable before the client is told").
         conn.pragma_update(None, "synchronous", "FULL")?;
-        let store = Store { conn };
+        let store = Store { conn, seen: None };
         store.migrate()?;
         Ok(store)
     }
@@ -248,7 +275,10 @@ impl Store {
         if on_disk < 1 {
             tx.execute_batch(SCHEMA_V1)?;
         }
-        // Later versions: `if on_disk < 2 { ... }` here.
+        if on_disk < 2 {
+            tx.execute_batch(SCHEMA_V2)?;
+        }
+        // Later versions: `if on_disk < 3 { ... }` here.
         if on_disk != SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -480,6 +510,67 @@ impl Store {
         self.conn
             .prepare_cached("UPDATE groups SET version = MAX(version, ?1) WHERE group_id = ?2")?
             .execute(params![v, PUBLIC_GROUP])?;
+        Ok(())
+    }
+
+    /// Records a seen-cache entry kept until `until_ms` (wall ms, §6 *Across restarts*).
+    pub fn remember_seen(&self, key: &[u8; 32], until_ms: i64) -> Result<(), StoreError> {
+        self.seen
+            .as_ref()
+            .unwrap_or(&self.conn)
+            .prepare_cached("INSERT OR IGNORE INTO seen_frames (key, until_ms) VALUES (?1, ?2)")?
+            .execute(params![&key[..], until_ms])?;
+        Ok(())
+    }
+
+    /// Deletes the entries expired at `now_ms`, then returns those left, oldest expiry first.
+    pub fn seen_entries(&self, now_ms: i64) -> Result<Vec<([u8; 32], i64)>, StoreError> {
+        self.forget_seen(now_ms)?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key, until_ms FROM seen_frames ORDER BY until_ms")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, until) = row?;
+            if let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) {
+                out.push((key, until));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the seen-cache entries expired at `now_ms`.
+    pub fn forget_seen(&self, now_ms: i64) -> Result<(), StoreError> {
+        self.seen
+            .as_ref()
+            .unwrap_or(&self.conn)
+            .prepare_cached("DELETE FROM seen_frames WHERE until_ms < ?1")?
+            .execute([now_ms])?;
+        Ok(())
+    }
+
+    /// The key known for `user_id`: the one it is bound to here (§5.2), else the one first seen
+    /// for it from another server (§7).
+    pub fn known_user_key(&self, user_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT pubkey FROM users WHERE user_id = ?1
+                 UNION ALL SELECT pubkey FROM peer_user_keys WHERE user_id = ?1 LIMIT 1",
+            )?
+            .query_row([user_id], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Remembers `pubkey` as the key of remote user `user_id`, unless one is known already.
+    pub fn remember_user_key(&self, user_id: &str, pubkey: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO peer_user_keys (user_id, pubkey, first_seen)
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![user_id, pubkey, unix_ms()])?;
         Ok(())
     }
 

@@ -137,6 +137,9 @@ impl Envelope {
             Some(Value::String(s)) => s,
             _ => return Err(WireError::new(ErrorCode::UnknownType, "missing type")),
         };
+        if is_legacy_account_frame(&kind, &obj) {
+            return Err(WireError::new(ErrorCode::BadKey, LEGACY_ACCOUNTS));
+        }
         let mut string = |name: &str| match obj.remove(name) {
             Some(Value::String(s)) => Ok(s),
             Some(_) => Err(envelope_error(name, "must be a string")),
@@ -161,6 +164,12 @@ impl Envelope {
             Some(_) => return Err(envelope_error("payload", "must be an object")),
             None => return Err(envelope_error("payload", "missing")),
         };
+        // §3.3: a payload with a non-integer number has no canonical form. Refused here, at
+        // the one edge every frame passes, so whatever the core takes from a frame into a
+        // payload it signs is canonical by construction.
+        if !payload.values().all(canon::integers_only) {
+            return Err(NotCanonical.into());
+        }
         Ok(Envelope {
             kind,
             from,
@@ -174,6 +183,27 @@ impl Envelope {
     /// Typed access to the payload's fields.
     pub fn fields(&self) -> Fields<'_> {
         Fields(&self.payload)
+    }
+}
+
+/// The answer to the account frames of the deployed Python servers' clients (§5.3): they send
+/// a plaintext password and prove no key, which this server does not accept.
+pub const LEGACY_ACCOUNTS: &str = "this server does not accept password accounts that send \
+    the password itself: it needs the challenge-response login of SOCP \
+    (USER_HELLO, AUTH_CHALLENGE, AUTH_RESPONSE signed by your key, PROTOCOL §5.2) and, for \
+    accounts, USER_REGISTER {user_id, pubkey, privkey_store, auth, meta} signed by the new key \
+    or USER_LOGIN {display_name, auth} with auth = PBKDF2 of the password (§5.3); use a \
+    client that speaks it, such as socp";
+
+/// Whether an account frame is of the scheme §5.3 refuses: a `password` in the payload, or no
+/// `auth` (the plaintext-password clients send `{user_id, password}` and often no envelope).
+fn is_legacy_account_frame(kind: &str, obj: &Map<String, Value>) -> bool {
+    if kind != types::USER_REGISTER && kind != types::USER_LOGIN {
+        return false;
+    }
+    match obj.get("payload") {
+        Some(Value::Object(p)) => p.contains_key("password") || !p.contains_key("auth"),
+        _ => false,
     }
 }
 

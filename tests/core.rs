@@ -325,8 +325,9 @@ fn message_payload(
     ts: i64,
     text: &str,
 ) -> Value {
-    let ct = socp::b64::encode(&recipient.encrypt(text.as_bytes()).unwrap());
-    let content_sig = crypto::make_content_sig(sender, &ct, from, to, ts);
+    let raw = recipient.encrypt(text.as_bytes()).unwrap();
+    let ct = socp::b64::encode(&raw);
+    let content_sig = crypto::make_content_sig(sender, &raw, from, to, ts);
     json!({
         "ciphertext": ct,
         "sender_pub": sender.public_key().encoded(),
@@ -479,10 +480,12 @@ fn login_order_independence() {
         assert_eq!(str_field(adv, "server_id"), SRV);
         assert_eq!(str_field(adv, "pubkey"), key(second).public_key().encoded());
         assert_eq!(adv.payload["meta"]["display_name"], "tester");
+        // §7: presence carries its signed ts, which orders it and dates it (§6).
         assert_eq!(
             keys_of(&adv.payload),
-            ["meta", "pubkey", "server_id", "user_id"]
+            ["meta", "pubkey", "server_id", "ts", "user_id"]
         );
+        assert_eq!(adv.payload["ts"], h.now.wall_ms);
 
         // Nothing else is pending for anyone.
         assert!(h.frames_to(c2).is_empty());
@@ -1258,7 +1261,7 @@ fn closing_a_user_sends_one_user_remove() {
     assert_eq!(got[0].to, "*");
     assert_eq!(
         Value::Object(got[0].payload.clone()),
-        json!({"user_id": "bob", "server_id": SRV})
+        json!({"user_id": "bob", "server_id": SRV, "ts": h.now.wall_ms})
     );
     assert!(
         h.drain().is_empty(),

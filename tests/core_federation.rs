@@ -158,7 +158,15 @@ impl Harness {
     }
 
     fn with(id: &str, f: impl FnOnce(&mut FedConfig)) -> Harness {
-        let store = Store::open_in_memory().unwrap();
+        let now = Time {
+            mono_ms: MONO0,
+            wall_ms: WALL0,
+        };
+        Harness::with_store(id, Store::open_in_memory().unwrap(), now, f)
+    }
+
+    /// A server "srv-a" on `store`, started at `now` (a restart, when the store is reused).
+    fn with_store(id: &str, store: Store, now: Time, f: impl FnOnce(&mut FedConfig)) -> Harness {
         let mut cfg = FedConfig {
             bootstrap: vec![spec("server2", 9002)],
             advertise_port: OUR_PORT,
@@ -167,10 +175,6 @@ impl Harness {
         f(&mut cfg);
         let mut server =
             Server::new(id.into(), test_key("server1"), limits(), store).with_federation(cfg);
-        let now = Time {
-            mono_ms: MONO0,
-            wall_ms: WALL0,
-        };
         server.start(now);
         let server_pub = server.public_key().clone();
         let peer_pubs = [
@@ -454,8 +458,9 @@ impl Harness {
         to_key: &PublicKey,
     ) -> (Value, i64) {
         let ts = self.now.wall_ms - 1_234;
-        let ct = socp::b64::encode(&to_key.encrypt(b"hello over the mesh").unwrap());
-        let content_sig = crypto::make_content_sig(key, &ct, from, Some(to), ts);
+        let raw = to_key.encrypt(b"hello over the mesh").unwrap();
+        let ct = socp::b64::encode(&raw);
+        let content_sig = crypto::make_content_sig(key, &raw, from, Some(to), ts);
         let payload = json!({
             "ciphertext": ct,
             "sender_pub": key.public_key().encoded(),
@@ -885,10 +890,13 @@ fn welcome_clients_are_advertised_locally_and_reachable_by_dm() {
         .filter(|f| f.kind == types::USER_ADVERTISE)
         .collect();
     assert_eq!(ours.len(), 1, "{to_link:#?}");
-    assert_eq!(
-        Value::Object(ours[0].payload.clone()),
-        client_entry("alice", SRV, &alice)
+    let mut alice_entry = client_entry("alice", SRV, &alice);
+    alice_entry["ts"] = ours[0].payload["ts"].clone();
+    assert!(
+        alice_entry["ts"].is_i64(),
+        "presence we emit carries a signed ts (§7)"
     );
+    assert_eq!(Value::Object(ours[0].payload.clone()), alice_entry);
     assert_eq!(ours[0].to, "*");
     h.assert_silent();
 
@@ -1303,6 +1311,34 @@ fn user_remove_deletes_only_if_entry_still_points_to_that_server() {
     assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
     h.clear();
     h.advance(10);
+    let srv_c_claims_bob = cc.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &client_entry("bob", "srv-c", &bob),
+    );
+    // §7: a user stays where it is while its live server has not removed it.
+    h.send(lc, &srv_c_claims_bob);
+    assert!(h.frames_to(ca).is_empty(), "the claim is refused");
+    let err = h.frames_to(lc);
+    assert_eq!(kinds(&err), [types::ERROR]);
+    assert_eq!(err[0].payload["code"], "NAME_IN_USE");
+    assert_eq!(
+        err[0].to, "srv-c",
+        "an error to a server is addressed to it"
+    );
+    h.clear();
+    // srv-b removes bob (the deployed servers' form, without ts); then srv-c may host him.
+    let f = b.frame(
+        types::USER_REMOVE,
+        "*",
+        h.now.wall_ms,
+        &json!({"user_id": "bob", "server_id": "srv-b"}),
+    );
+    h.send(lb, &f);
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_REMOVE]);
+    h.clear();
+    h.advance(10);
     let f = cc.frame(
         types::USER_ADVERTISE,
         "*",
@@ -1314,6 +1350,7 @@ fn user_remove_deletes_only_if_entry_still_points_to_that_server() {
     assert_eq!(kinds(&got), [types::USER_ADVERTISE]);
     assert_eq!(got[0].payload["server_id"], "srv-c");
     h.clear();
+    h.advance(10);
 
     // A late USER_REMOVE from srv-b: the entry points to srv-c now, so it stays.
     let f = b.frame(
@@ -1368,8 +1405,9 @@ fn deliver_payload(
     recipient: &PublicKey,
     ts: i64,
 ) -> Value {
-    let ct = socp::b64::encode(&recipient.encrypt(b"relayed").unwrap());
-    let content_sig = crypto::make_content_sig(sender_key, &ct, sender, Some(user_id), ts);
+    let raw = recipient.encrypt(b"relayed").unwrap();
+    let ct = socp::b64::encode(&raw);
+    let content_sig = crypto::make_content_sig(sender_key, &raw, sender, Some(user_id), ts);
     json!({
         "user_id": user_id,
         "ciphertext": ct,
@@ -1422,7 +1460,13 @@ fn server_deliver_is_relayed_unchanged_or_delivered_locally() {
     h.send(lb, &f);
     h.assert_silent();
 
+    // §6: the same signed payload with another envelope `to` (or `ts`) is the same frame.
+    let readdressed = b.frame(types::SERVER_DELIVER, "srv-x", ts + 7, &p);
+    h.send(lb, &readdressed);
+    h.assert_silent();
+
     // To a server we have no link to: flooded to every link but the one it came from.
+    let p = deliver_payload("carol", "bob", &bob, carol.public_key(), ts + 1);
     let f = b.frame(types::SERVER_DELIVER, "srv-x", ts, &p);
     h.send(lb, &f);
     let relayed = h.sent_to(lc);
@@ -1920,4 +1964,289 @@ fn channel_changes_reach_the_links_batched_after_the_adverts() {
     assert_eq!(kinds(&news), [types::PUBLIC_CHANNEL_UPDATED], "{news:#?}");
     assert_eq!(news[0].payload["version"], json!(version + 3));
     h.assert_silent();
+}
+
+// -------------------------------------------------------------------- 10. trust at the edges (§6, §7)
+
+/// bob's directory entry as srv-b emits it, with its signed `ts` (§7).
+fn entry_at(user_id: &str, server_id: &str, key: &PrivateKey, ts: i64) -> Value {
+    let mut entry = client_entry(user_id, server_id, key);
+    entry["ts"] = json!(ts);
+    entry
+}
+
+/// srv-a with alice logged in and a link to srv-b, which hosts bob.
+fn alice_and_bob_at_srv_b(
+    h: &mut Harness,
+    alice: &PrivateKey,
+    bob: &PrivateKey,
+) -> (ConnId, ConnId) {
+    let ca = h.login("alice", alice);
+    let lb = h.link_out(0, &srv_b());
+    let ts = h.now.wall_ms;
+    h.send(
+        lb,
+        &srv_b().frame(
+            types::USER_ADVERTISE,
+            "*",
+            ts,
+            &entry_at("bob", "srv-b", bob, ts),
+        ),
+    );
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
+    h.clear();
+    (ca, lb)
+}
+
+#[test]
+fn a_delivery_is_judged_on_its_signed_ts_whatever_its_envelope_says() {
+    let mut h = Harness::new();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let (ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
+    let b = srv_b();
+
+    let ts = h.now.wall_ms;
+    let p = deliver_payload("alice", "bob", &bob, alice.public_key(), ts);
+    h.send(lb, &b.frame(types::SERVER_DELIVER, SRV, ts, &p));
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_DELIVER]);
+
+    // The same signed payload with a fresh envelope ts, a minute later: a duplicate.
+    h.advance(60_000);
+    h.send(lb, &b.frame(types::SERVER_DELIVER, SRV, h.now.wall_ms, &p));
+    h.assert_silent();
+
+    // A payload signed 10 minutes ago in a fresh envelope: outside the window.
+    let old = deliver_payload(
+        "alice",
+        "bob",
+        &bob,
+        alice.public_key(),
+        h.now.wall_ms - 600_000,
+    );
+    h.send(
+        lb,
+        &b.frame(types::SERVER_DELIVER, SRV, h.now.wall_ms, &old),
+    );
+    h.assert_silent();
+
+    // Whatever ts a peer puts in the envelope, nothing overflows (debug builds panicked).
+    for ts in [i64::MIN, i64::MAX] {
+        h.send(lb, &b.frame(types::HEARTBEAT, SRV, ts, &json!({})));
+        let odd = deliver_payload("alice", "bob", &bob, alice.public_key(), ts);
+        h.send(lb, &b.frame(types::SERVER_DELIVER, SRV, ts, &odd));
+        h.assert_silent();
+    }
+}
+
+#[test]
+fn a_replay_after_a_restart_is_refused_and_keys_are_remembered() {
+    let dir = common::proc::TempDir::new("fed-restart");
+    let path = dir.0.join("socp.db");
+    let (alice, bob, mallory) = (test_key("user1"), test_key("user2"), test_key("user3"));
+    let start = Time {
+        mono_ms: MONO0,
+        wall_ms: WALL0,
+    };
+    let mut h = Harness::with_store(SRV, Store::open(&path).unwrap(), start, |_| {});
+    let (ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
+    let ts = h.now.wall_ms;
+    let p = deliver_payload("alice", "bob", &bob, alice.public_key(), ts);
+    let dm = srv_b().frame(types::SERVER_DELIVER, SRV, ts, &p);
+    h.send(lb, &dm);
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_DELIVER]);
+    let stopped = h.now;
+    drop(h);
+
+    let later = Time {
+        mono_ms: MONO0,
+        wall_ms: stopped.wall_ms + 5_000,
+    };
+    let mut h = Harness::with_store(SRV, Store::open(&path).unwrap(), later, |_| {});
+    let (ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
+    // The frame delivered before the restart, replayed: still a duplicate.
+    h.send(lb, &dm);
+    h.assert_silent();
+    // A new one gets through.
+    let ts = h.now.wall_ms;
+    let p = deliver_payload("alice", "bob", &bob, alice.public_key(), ts);
+    h.send(lb, &srv_b().frame(types::SERVER_DELIVER, SRV, ts, &p));
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_DELIVER]);
+
+    // bob leaves; the key first seen for him survived the restart: another key is refused.
+    let b = srv_b();
+    h.advance(10);
+    let ts = h.now.wall_ms;
+    let remove = json!({"user_id": "bob", "server_id": "srv-b", "ts": ts});
+    h.send(lb, &b.frame(types::USER_REMOVE, "*", ts, &remove));
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_REMOVE]);
+    h.advance(10);
+    let ts = h.now.wall_ms;
+    let swapped = entry_at("bob", "srv-b", &mallory, ts);
+    h.send(lb, &b.frame(types::USER_ADVERTISE, "*", ts, &swapped));
+    assert!(h.frames_to(ca).is_empty(), "the swapped key is not relayed");
+    let err = h.frames_to(lb);
+    assert_eq!(kinds(&err), [types::ERROR]);
+    assert_eq!(err[0].payload["code"], "BAD_KEY");
+    assert_eq!(h.list(ca, "alice"), ["alice"]);
+}
+
+#[test]
+fn presence_is_ordered_by_its_signed_ts_and_replays_do_not_revive_a_user() {
+    let mut h = Harness::new();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let (ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
+    let b = srv_b();
+    // alice_and_bob_at_srv_b advertised bob at this ts.
+    let t1 = h.now.wall_ms;
+    h.advance(1_000);
+    let t2 = h.now.wall_ms;
+    let remove = json!({"user_id": "bob", "server_id": "srv-b", "ts": t2});
+    h.send(lb, &b.frame(types::USER_REMOVE, "*", t2, &remove));
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_REMOVE]);
+    h.advance(1_000);
+
+    // The old advert replayed in a fresh envelope: the same signed payload, a duplicate.
+    let replay = b.frame(
+        types::USER_ADVERTISE,
+        "*",
+        h.now.wall_ms,
+        &entry_at("bob", "srv-b", &bob, t1),
+    );
+    h.send(lb, &replay);
+    h.assert_silent();
+    // Another advert signed before the remove: older than the newest applied, ignored.
+    let stale = entry_at("bob", "srv-b", &bob, t1 + 500);
+    h.send(
+        lb,
+        &b.frame(types::USER_ADVERTISE, "*", h.now.wall_ms, &stale),
+    );
+    h.assert_silent();
+    assert_eq!(h.list(ca, "alice"), ["alice"]);
+    // A newer one is applied.
+    let fresh = entry_at("bob", "srv-b", &bob, h.now.wall_ms);
+    h.send(
+        lb,
+        &b.frame(types::USER_ADVERTISE, "*", h.now.wall_ms, &fresh),
+    );
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
+}
+
+#[test]
+fn a_linked_server_can_neither_take_over_a_user_nor_change_its_key() {
+    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    let (alice, bob, mallory) = (test_key("user1"), test_key("user2"), test_key("user3"));
+    let (ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
+    let (b, c) = (srv_b(), srv_c());
+    let lc = h.link_in(&c);
+    h.clear();
+
+    // srv-c claims bob, with its own key for him: refused while srv-b hosts him.
+    h.advance(10);
+    let ts = h.now.wall_ms;
+    h.send(
+        lc,
+        &c.frame(
+            types::USER_ADVERTISE,
+            "*",
+            ts,
+            &entry_at("bob", "srv-c", &mallory, ts),
+        ),
+    );
+    assert!(h.frames_to(ca).is_empty(), "alice is not told of the claim");
+    let err = h.frames_to(lc);
+    assert_eq!(kinds(&err), [types::ERROR]);
+    assert_eq!(err[0].payload["code"], "NAME_IN_USE");
+    assert_eq!(err[0].to, "srv-c");
+    h.assert_silent();
+    // srv-b itself cannot give bob another key either.
+    h.send(
+        lb,
+        &b.frame(
+            types::USER_ADVERTISE,
+            "*",
+            ts,
+            &entry_at("bob", "srv-b", &mallory, ts),
+        ),
+    );
+    assert!(h.frames_to(ca).is_empty());
+    assert_eq!(h.frames_to(lb)[0].payload["code"], "BAD_KEY");
+    h.assert_silent();
+
+    // bob leaves srv-b. srv-c still cannot bring him back with another key...
+    h.advance(10);
+    let ts = h.now.wall_ms;
+    let remove = json!({"user_id": "bob", "server_id": "srv-b", "ts": ts});
+    h.send(lb, &b.frame(types::USER_REMOVE, "*", ts, &remove));
+    assert_eq!(kinds(&h.frames_to(ca)), [types::USER_REMOVE]);
+    h.clear(); // the remove, forwarded to srv-c
+    h.send(
+        lc,
+        &c.frame(
+            types::USER_ADVERTISE,
+            "*",
+            ts,
+            &entry_at("bob", "srv-c", &mallory, ts),
+        ),
+    );
+    assert!(h.frames_to(ca).is_empty());
+    assert_eq!(h.frames_to(lc)[0].payload["code"], "BAD_KEY");
+    // ...but may host him with his own.
+    h.send(
+        lc,
+        &c.frame(
+            types::USER_ADVERTISE,
+            "*",
+            ts,
+            &entry_at("bob", "srv-c", &bob, ts),
+        ),
+    );
+    let got = h.frames_to(ca);
+    assert_eq!(kinds(&got), [types::USER_ADVERTISE]);
+    assert_eq!(got[0].payload["server_id"], "srv-c");
+    assert_eq!(got[0].payload["pubkey"], bob.public_key().encoded());
+}
+
+#[test]
+fn welcome_clients_without_server_id_are_users_of_its_sender_after_every_start() {
+    let dir = common::proc::TempDir::new("fed-welcome");
+    let path = dir.0.join("socp.db");
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    for restart in [false, true] {
+        let start = Time {
+            mono_ms: MONO0,
+            wall_ms: WALL0 + if restart { 60_000 } else { 0 },
+        };
+        let mut h = Harness::with_store(SRV, Store::open(&path).unwrap(), start, |_| {});
+        let ca = h.login("alice", &alice);
+        h.clear();
+        let b = srv_b();
+        let c = h.dial(0, 9002);
+        // The deployed servers' form: {user_id, host, port, pubkey}, no server_id (§4.3).
+        let deployed = json!({"user_id": "bob", "host": HOST, "port": 9002,
+                              "pubkey": bob.public_key().encoded()});
+        h.welcome(c, &b, json!([]), json!([deployed]));
+        let got = h.frames_to(ca);
+        assert_eq!(kinds(&got), [types::USER_ADVERTISE], "restart {restart}");
+        assert_eq!(got[0].payload["server_id"], "srv-b");
+        h.clear();
+
+        // bob's DM in the standard's form: no payload.ts, the original ts in the envelope.
+        let ts = h.now.wall_ms - 20;
+        let mut p = deliver_payload("alice", "bob", &bob, alice.public_key(), ts);
+        p.as_object_mut().unwrap().remove("ts");
+        h.send(c, &b.frame(types::SERVER_DELIVER, SRV, ts, &p));
+        let got = h.frames_to(ca);
+        assert_eq!(kinds(&got), [types::USER_DELIVER], "{got:#?}");
+        let f = &got[0].payload;
+        assert_eq!(f["ts"], ts, "the envelope's ts is carried into the payload");
+        assert!(crypto::verify_content_sig(
+            bob.public_key(),
+            f["content_sig"].as_str().unwrap(),
+            f["ciphertext"].as_str().unwrap(),
+            "bob",
+            Some("alice"),
+            ts,
+        ));
+        h.assert_silent();
+    }
 }
