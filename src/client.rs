@@ -76,7 +76,8 @@ impl Identity {
     }
 }
 
-/// Server keys pinned per URL (trust on first use), kept in a small JSON file.
+/// Keys pinned on first use, kept in a small JSON file: servers' keys per URL
+/// (`server-pins.json`), and users' keys per user id (`user-pins.json` beside it, §7).
 #[derive(Debug, Default)]
 pub struct Pins {
     path: Option<std::path::PathBuf>,
@@ -96,21 +97,34 @@ impl Pins {
         }
     }
 
-    /// Checks `key` against the pin for `url`; pins it when there is none. Returns the old pin
+    /// The pins file `name` in the same directory as this one (in memory when this one is).
+    pub fn sibling(&self, name: &str) -> Pins {
+        match self.path.as_deref().and_then(Path::parent) {
+            Some(dir) => Pins::load(&dir.join(name)),
+            None => Pins::default(),
+        }
+    }
+
+    /// Checks `key` against the pin for `what`; pins it when there is none. Returns the old pin
     /// when it differs (the caller warns; the pin is not replaced silently).
-    pub fn check(&mut self, url: &str, key: &str) -> Option<String> {
-        match self.pins.get(url) {
+    pub fn check(&mut self, what: &str, key: &str) -> Option<String> {
+        match self.pins.get(what) {
             Some(old) if old == key => None,
             Some(old) => Some(old.clone()),
             None => {
-                self.pins.insert(url.to_string(), key.to_string());
-                if let Some(path) = &self.path {
-                    let text = serde_json::to_string_pretty(&self.pins).unwrap_or_default();
-                    if let Err(e) = std::fs::write(path, text) {
-                        log::warn!("cannot save server pin to {}: {e}", path.display());
-                    }
-                }
+                self.replace(what, key);
                 None
+            }
+        }
+    }
+
+    /// Pins `key` for `what`, replacing any pin: only on the person's explicit word.
+    pub fn replace(&mut self, what: &str, key: &str) {
+        self.pins.insert(what.to_string(), key.to_string());
+        if let Some(path) = &self.path {
+            let text = serde_json::to_string_pretty(&self.pins).unwrap_or_default();
+            if let Err(e) = std::fs::write(path, text) {
+                log::warn!("cannot save a key pin to {}: {e}", path.display());
             }
         }
     }
@@ -306,6 +320,11 @@ pub struct Session {
     pub me: Identity,
     url: String,
     pins: Pins,
+    /// Users' keys, pinned on first sight (§7).
+    user_pins: Pins,
+    /// Users whose key differs from their pin: user id → the new key (encoded). Nothing is
+    /// sent to them, and nothing from them is authentic, until the person says `/trust`.
+    changed_keys: BTreeMap<String, String>,
     server: Option<(String, Arc<PublicKey>)>,
     authenticated: bool,
     /// The directory snapshot that follows the hello has arrived: names can be resolved.
@@ -330,6 +349,7 @@ commands:
   /tell <name|id> <text> a private message
   /all <text>            a message to everyone online
   /file <name|id> <path> send a file
+  /trust <name|id>       accept a user's changed key (after checking it with them)
   /help                  this help
   /quit                  leave";
 
@@ -338,7 +358,9 @@ impl Session {
         Session {
             me,
             url: url.to_string(),
+            user_pins: pins.sibling("user-pins.json"),
             pins,
+            changed_keys: BTreeMap::new(),
             server: None,
             authenticated: false,
             ready: false,
@@ -426,6 +448,10 @@ impl Session {
                 },
                 _ => self.warn("usage: /tell <name|id> <text>"),
             },
+            "/trust" => match self.resolve(rest.trim()) {
+                Ok(id) => self.trust(&id),
+                Err(e) => self.events.push(Event::Warning(e)),
+            },
             "/file" => match rest.split_once(' ') {
                 Some((who, path)) if !path.trim().is_empty() => {
                     self.start_file(who, path.trim(), now_ms)
@@ -456,6 +482,31 @@ impl Session {
             _ => self.warn("to send a message, use /tell <name> <text> or /all <text>"),
         }
         Outcome::Continue
+    }
+
+    /// `/trust`: pins the key the directory now has for `user_id` in place of the old pin.
+    fn trust(&mut self, user_id: &str) {
+        let name = self.name_of(user_id);
+        match self.changed_keys.remove(user_id) {
+            Some(key) => {
+                self.user_pins.replace(user_id, &key);
+                self.events.push(Event::Notice(format!(
+                    "the new key of {name} ({user_id}) is now trusted"
+                )));
+            }
+            None => self.events.push(Event::Notice(format!(
+                "the key of {name} ({user_id}) has not changed; nothing to trust"
+            ))),
+        }
+    }
+
+    /// Why nothing may be sent to or accepted from `user_id`: its key differs from the one
+    /// pinned for it and the person has not accepted the new one (§7).
+    pub(crate) fn key_problem(&self, user_id: &str) -> Option<String> {
+        self.changed_keys.contains_key(user_id).then(|| {
+            let name = self.name_of(user_id);
+            format!("the key of {name} changed and is not trusted; check it, then /trust {name}")
+        })
     }
 
     fn warn(&mut self, text: &str) {
@@ -502,6 +553,9 @@ impl Session {
         let Some(peer) = self.directory.get(to).cloned() else {
             return self.warn(&format!("no user {to} is online"));
         };
+        if let Some(problem) = self.key_problem(to) {
+            return self.warn(&format!("not sent: {problem}"));
+        }
         for (i, piece) in split_utf8(text, crypto::MAX_PLAINTEXT)
             .into_iter()
             .enumerate()
@@ -705,6 +759,30 @@ impl Session {
             .and_then(Value::as_str)
             .filter(|n| crate::ids::is_valid_display_name(n))
             .map(str::to_string);
+        // §7: a user's key is pinned on first sight and never replaced silently.
+        let changed = if id == self.me.user_id {
+            None
+        } else {
+            self.user_pins.check(id, key.encoded())
+        };
+        if changed.is_none() {
+            self.changed_keys.remove(id); // back to the pinned key
+        }
+        if let Some(old) = changed
+            && self.changed_keys.get(id).map(String::as_str) != Some(key.encoded())
+        {
+            self.changed_keys
+                .insert(id.to_string(), key.encoded().to_string());
+            let shown = name.clone().unwrap_or_else(|| id.to_string());
+            self.warn(&format!(
+                "THE KEY OF {shown} ({id}) HAS CHANGED (was {}..., now {}...). Someone may be \
+                 impersonating {shown}. Nothing will be sent to {shown}, and nothing from \
+                 {shown} shown as authentic, until you check the new key with them and type \
+                 /trust {shown}",
+                old.chars().take(24).collect::<String>(),
+                key.encoded().chars().take(24).collect::<String>(),
+            ));
+        }
         self.directory.insert(
             id.to_string(),
             Peer {
@@ -750,7 +828,16 @@ impl Session {
                 let sender_pub_matches = f.str("sender_pub").is_ok_and(|k| {
                     k == peer.key.encoded() || PublicKey::parse(k).is_ok_and(|k| k == *peer.key)
                 });
-                if !crypto::verify_content_sig(&peer.key, content_sig, ciphertext, sender, to, ts) {
+                if let Some(problem) = self.key_problem(sender) {
+                    Some(problem)
+                } else if !crypto::verify_content_sig(
+                    &peer.key,
+                    content_sig,
+                    ciphertext,
+                    sender,
+                    to,
+                    ts,
+                ) {
                     Some("content signature does not verify".to_string())
                 } else if !sender_pub_matches {
                     Some("sender_pub differs from the directory's key".to_string())

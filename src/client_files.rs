@@ -150,6 +150,11 @@ impl Session {
                 .events
                 .push(Event::Warning(format!("no user {who} is online")));
         };
+        if let Some(problem) = self.key_problem(&to) {
+            return self
+                .events
+                .push(Event::Warning(format!("file not sent: {problem}")));
+        }
         let path = Path::new(path);
         let (size, sha256) = match sha256_of_file(path) {
             Ok(v) => v,
@@ -371,6 +376,9 @@ impl Session {
         key: (String, String),
         now_ms: i64,
     ) -> Result<(), String> {
+        if let Some(problem) = self.key_problem(&key.0) {
+            return Err(problem);
+        }
         let f = env.fields();
         let size = f.i64("size").map_err(|e| e.to_string())?;
         let sha256 = f

@@ -1,0 +1,162 @@
+//! The client's protocol session (`socp::client::Session`) fed frames by hand, as a server —
+//! honest or not — would send them (no sockets): what the client shows and what it refuses.
+
+mod common;
+
+use common::keys::test_key;
+use common::proc::TempDir;
+use serde_json::{Value, json};
+use socp::client::{Identity, Pins, Session};
+use socp::crypto::{self, PrivateKey};
+use socp::wire::{Envelope, SignedPayload, encode_frame, types};
+
+const SRV: &str = "srv-a";
+const TS: i64 = 1_800_000_000_000;
+
+/// A session for alice (user1) whose pins live in `dir`, past its hello, with `others` in the
+/// directory snapshot.
+fn alice_with(dir: &TempDir, others: &[(&str, &PrivateKey)]) -> Session {
+    let me = Identity {
+        user_id: "alice".into(),
+        display_name: "alice".into(),
+        key: test_key("user1"),
+    };
+    let pins = Pins::load(&dir.0.join("server-pins.json"));
+    let mut s = Session::new(me, "ws://test", pins);
+    s.hello(TS);
+    let challenge = json!({"nonce": "bm9uY2U", "server_id": SRV,
+                           "server_pubkey": test_key("server1").public_key().encoded()});
+    s.on_frame(&server_frame(types::AUTH_CHALLENGE, &challenge), TS);
+    s.on_frame(
+        &server_frame(
+            types::USER_HELLO_ACK,
+            &json!({"user_id": "alice", "server_id": SRV}),
+        ),
+        TS,
+    );
+    let mut users = vec![entry("alice", &test_key("user1"))];
+    users.extend(others.iter().map(|(id, key)| entry(id, key)));
+    let list = json!({"users": users, "version": 1});
+    s.on_frame(&server_frame(types::LIST_RESPONSE, &list), TS);
+    assert!(s.ready());
+    s.outbox.clear();
+    shown(&mut s);
+    s
+}
+
+fn entry(user_id: &str, key: &PrivateKey) -> Value {
+    json!({"user_id": user_id, "server_id": SRV, "pubkey": key.public_key().encoded(),
+           "meta": {"display_name": user_id}})
+}
+
+/// A frame from the server, signed with its key (server1).
+fn server_frame(kind: &str, payload: &Value) -> String {
+    let signed = SignedPayload::sign(payload, &test_key("server1")).unwrap();
+    encode_frame(kind, SRV, "alice", TS, &signed)
+}
+
+/// A DM from `from` to alice, signed with `key`, as the server delivers it.
+fn dm_from(from: &str, key: &PrivateKey, text: &str, ts: i64) -> String {
+    let raw = test_key("user1")
+        .public_key()
+        .encrypt(text.as_bytes())
+        .unwrap();
+    let payload = json!({
+        "ciphertext": socp::b64::encode(&raw),
+        "sender": from,
+        "sender_pub": key.public_key().encoded(),
+        "content_sig": crypto::make_content_sig(key, &raw, from, Some("alice"), ts),
+        "ts": ts,
+    });
+    server_frame(types::USER_DELIVER, &payload)
+}
+
+/// The events so far, as the human lines the client prints.
+fn shown(s: &mut Session) -> Vec<String> {
+    s.events.drain(..).map(|e| e.human("alice")).collect()
+}
+
+fn sent_kinds(s: &mut Session) -> Vec<String> {
+    s.outbox
+        .drain(..)
+        .map(|f| Envelope::parse(&f).unwrap().kind)
+        .collect()
+}
+
+#[test]
+fn a_changed_user_key_is_a_loud_warning_and_blocks_both_ways_until_trusted() {
+    let dir = TempDir::new("session-pins");
+    let (bob, mallory) = (test_key("user2"), test_key("user3"));
+    let mut s = alice_with(&dir, &[("bob", &bob)]);
+    s.command("/tell bob hi", TS);
+    assert_eq!(sent_kinds(&mut s), [types::MSG_DIRECT]);
+
+    // The server now says bob has another key.
+    s.on_frame(
+        &server_frame(types::USER_ADVERTISE, &entry("bob", &mallory)),
+        TS,
+    );
+    let warned = shown(&mut s).join("\n");
+    assert!(
+        warned.contains("THE KEY OF bob (bob) HAS CHANGED"),
+        "{warned}"
+    );
+    assert!(warned.contains("/trust bob"), "{warned}");
+
+    // Nothing goes to bob, and a message signed with the new key is not authentic.
+    s.command("/tell bob are you there", TS);
+    assert!(
+        s.outbox.is_empty(),
+        "nothing is sent to a user whose key changed"
+    );
+    assert!(shown(&mut s).join("\n").contains("not sent"));
+    s.command("/all hello", TS);
+    assert!(s.outbox.is_empty(), "nor any /all copy");
+    shown(&mut s);
+    s.on_frame(&dm_from("bob", &mallory, "it is me", TS + 1), TS);
+    let got = shown(&mut s);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].starts_with("[dm] bob (NOT AUTHENTIC: the key of bob changed"),
+        "{got:?}"
+    );
+
+    // The pin survives a restart of the client: the new key is still not trusted.
+    let mut s = alice_with(&dir, &[("bob", &mallory)]);
+    // (alice_with drained the snapshot's events; the warning was among them.)
+    s.command("/tell bob hi", TS);
+    assert!(s.outbox.is_empty());
+    shown(&mut s);
+
+    // The person accepts the new key explicitly: then it is used, and pinned for good.
+    s.command("/trust bob", TS);
+    assert!(
+        shown(&mut s)
+            .join("\n")
+            .contains("new key of bob (bob) is now trusted")
+    );
+    s.command("/tell bob hi", TS);
+    assert_eq!(sent_kinds(&mut s), [types::MSG_DIRECT]);
+    s.on_frame(&dm_from("bob", &mallory, "thanks", TS + 2), TS);
+    assert_eq!(shown(&mut s), ["[dm] bob: thanks"]);
+    let pins: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.0.join("user-pins.json")).unwrap())
+            .unwrap();
+    assert_eq!(pins["bob"], mallory.public_key().encoded());
+}
+
+#[test]
+fn a_first_seen_key_is_pinned_without_a_warning() {
+    let dir = TempDir::new("session-first");
+    let bob = test_key("user2");
+    let mut s = alice_with(&dir, &[]);
+    s.on_frame(
+        &server_frame(types::USER_ADVERTISE, &entry("bob", &bob)),
+        TS,
+    );
+    assert_eq!(shown(&mut s), ["* bob is online (bob on srv-a)"]);
+    s.on_frame(&dm_from("bob", &bob, "hello", TS + 1), TS);
+    assert_eq!(shown(&mut s), ["[dm] bob: hello"]);
+    s.command("/trust bob", TS);
+    assert!(shown(&mut s).join("\n").contains("has not changed"));
+}
