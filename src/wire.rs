@@ -485,6 +485,38 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_with_a_non_integer_number_anywhere_is_refused_at_the_edge() {
+        // §3.3: such a payload has no canonical form, so nothing in it may reach a signature.
+        for payload in [
+            r#"{"x":1.5}"#,
+            r#"{"meta":{"deep":[1,{"f":2.0}]}}"#,
+            r#"{"ok":"1.5","n":1e3}"#,
+        ] {
+            let text = format!(r#"{{"type":"X","from":"a","to":"b","ts":1,"payload":{payload}}}"#);
+            let e = Envelope::parse(&text).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadKey, "{payload}");
+            assert!(e.detail.contains("non-integer"), "{}", e.detail);
+        }
+        let fine = r#"{"type":"X","from":"a","to":"b","ts":1,"payload":{"n":-3,"b":[true,null]}}"#;
+        assert!(Envelope::parse(fine).is_ok());
+    }
+
+    #[test]
+    fn the_deployed_clients_account_frames_are_told_what_we_speak() {
+        for text in [
+            r#"{"type":"USER_REGISTER","ts":1,"payload":{"user_id":"a","password":"pw"}}"#,
+            r#"{"type":"USER_LOGIN","from":"a","to":"","ts":1,"payload":{"user_id":"a","password":"pw"},"sig":""}"#,
+        ] {
+            let e = Envelope::parse(text).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadKey);
+            assert_eq!(e.detail, LEGACY_ACCOUNTS);
+        }
+        // Our own account frames are not caught.
+        let ours = r#"{"type":"USER_LOGIN","from":"","to":"","ts":1,"payload":{"display_name":"a","auth":"x"},"sig":""}"#;
+        assert!(Envelope::parse(ours).is_ok());
+    }
+
+    #[test]
     fn field_errors_name_the_field() {
         let p = json!({"ciphertext": 5, "sender_pub": "k", "content_sig": "AA"});
         let Value::Object(m) = p else { unreachable!() };
