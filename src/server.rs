@@ -22,6 +22,7 @@ use crate::wire::{
 use log::{debug, info, warn};
 use serde_json::{Map, Value, json};
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// Identifies one connection for its whole life; never reused (the net layer puts a generation
@@ -46,8 +47,9 @@ pub struct Time {
 /// What the net layer reports.
 #[derive(Debug)]
 pub enum Input<'a> {
-    /// An accepted connection finished its WebSocket handshake.
-    Opened { conn: ConnId },
+    /// An accepted connection finished its WebSocket handshake. `peer` is the address it comes
+    /// from: login attempts are budgeted per source address (PROTOCOL.md §5.3).
+    Opened { conn: ConnId, peer: IpAddr },
     /// One text message.
     Text { conn: ConnId, text: &'a str },
     /// One binary message (not part of the profile, §1).
@@ -166,6 +168,8 @@ pub(crate) struct Conn {
     errors: Bucket,
     /// Login attempts on this connection (§5.3).
     pub(crate) logins: Bucket,
+    /// Where an accepted connection comes from (§5.3 login budgets); `None` for one we dialled.
+    pub(crate) peer: Option<IpAddr>,
 }
 
 /// A token bucket. Errors cost a signature each, so a connection that keeps provoking them is
@@ -335,8 +339,11 @@ impl Server {
     pub fn handle(&mut self, now: Time, input: Input<'_>) {
         self.run_deferred(now);
         match input {
-            Input::Opened { conn } => {
+            Input::Opened { conn, peer } => {
                 self.add_conn(now, conn, State::Fresh);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.peer = Some(peer);
+                }
                 self.out.push(Action::Timer {
                     at_ms: now.mono_ms + self.limits.hello_timeout_ms,
                     timer: Timer::Hello(conn),
@@ -400,6 +407,7 @@ impl Server {
                 state,
                 errors: Bucket::new(self.limits.error_burst, now.mono_ms),
                 logins: Bucket::new(crate::login::CONN_BURST, now.mono_ms),
+                peer: None,
             },
         );
     }

@@ -14,9 +14,12 @@ use socp::crypto::{self, PrivateKey, PublicKey};
 use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::store::Store;
 use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 const SRV: &str = "srv";
+/// Where accepted connections come from unless a test says otherwise (§5.3 login budgets).
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 // -------------------------------------------------------------------- harness
 
@@ -90,7 +93,12 @@ impl Harness {
     }
 
     fn open(&mut self, c: ConnId) {
-        self.input(Input::Opened { conn: c });
+        self.open_from(c, LOOPBACK);
+    }
+
+    /// Opens `c` as accepted from `peer`.
+    fn open_from(&mut self, c: ConnId, peer: IpAddr) {
+        self.input(Input::Opened { conn: c, peer });
     }
 
     fn send(&mut self, c: ConnId, text: &str) {
@@ -1624,3 +1632,4 @@ fn error_budget_with_a_refill_rate_above_1000_per_second_does_not_panic() {
     h.send(c, "garbage");
     assert_error(&h.frames_to(c), "UNKNOWN_TYPE", "");
 }
+
