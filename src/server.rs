@@ -231,8 +231,8 @@ pub struct Server {
     /// The signed `USER_ADVERTISE` payload of each local user: constant while the user is
     /// online, so every link that comes up gets it without a new signature.
     pub(crate) adverts: HashMap<String, SignedPayload>,
-    /// Login attempts per display name (§5.3), bounded.
-    pub(crate) login_names: HashMap<String, Bucket>,
+    /// Login budgets per source, per (name, source) and per name (§5.3), bounded.
+    pub(crate) login_budgets: crate::login::LoginBudgets,
     /// File transfers under way from local users (§9).
     pub(crate) transfers: Transfers,
     error_sigs: ErrorSigs,
@@ -289,7 +289,7 @@ impl Server {
             challenges: Vec::new(),
             fed: Federation::new(FedConfig::default()),
             adverts: HashMap::new(),
-            login_names: HashMap::new(),
+            login_budgets: Default::default(),
             transfers: Transfers::new(TransferLimits::default()),
             out: Vec::new(),
         }

@@ -177,7 +177,7 @@ fn an_account_survives_kill_9_right_after_registering() {
 }
 
 #[test]
-fn login_attempts_are_rate_limited_per_connection_and_per_name() {
+fn login_attempts_are_rate_limited_per_connection_and_per_name_and_address() {
     let server = ServerProc::start("server1", &[]);
     let bad = socp::account::auth_token("guess", "victim");
     let attempt = |raw: &mut Raw, name: &str| {
@@ -195,7 +195,7 @@ fn login_attempts_are_rate_limited_per_connection_and_per_name() {
     }
     assert!(attempt(&mut raw, "n5").starts_with("too many login attempts"));
 
-    // Per name: 10 attempts from anywhere, then refused even on fresh connections.
+    // Per name from one address: 10 attempts, then refused even on fresh connections.
     for _ in 0..2 {
         let mut raw = Raw::connect(&server);
         for _ in 0..5 {
