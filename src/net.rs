@@ -465,10 +465,14 @@ impl Net {
         };
         match mid.handshake() {
             Ok(ws) => {
+                // Login budgets are per source address (§5.3). A socket whose peer address is
+                // gone is already dead: nothing it sent will be read.
+                let unknown = std::net::Ipv4Addr::UNSPECIFIED.into();
+                let peer = ws.get_ref().peer_addr().map_or(unknown, |a| a.ip());
                 conn.io = Io::Open(ws);
                 let id = conn.id;
                 let now = self.now();
-                self.core.handle(now, Input::Opened { conn: id });
+                self.core.handle(now, Input::Opened { conn: id, peer });
                 self.apply_actions();
                 self.read_frames(idx);
             }

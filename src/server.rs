@@ -22,6 +22,7 @@ use crate::wire::{
 use log::{debug, info, warn};
 use serde_json::{Map, Value, json};
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// Identifies one connection for its whole life; never reused (the net layer puts a generation
@@ -46,8 +47,9 @@ pub struct Time {
 /// What the net layer reports.
 #[derive(Debug)]
 pub enum Input<'a> {
-    /// An accepted connection finished its WebSocket handshake.
-    Opened { conn: ConnId },
+    /// An accepted connection finished its WebSocket handshake. `peer` is the address it comes
+    /// from: login attempts are budgeted per source address (PROTOCOL.md §5.3).
+    Opened { conn: ConnId, peer: IpAddr },
     /// One text message.
     Text { conn: ConnId, text: &'a str },
     /// One binary message (not part of the profile, §1).
@@ -166,6 +168,8 @@ pub(crate) struct Conn {
     errors: Bucket,
     /// Login attempts on this connection (§5.3).
     pub(crate) logins: Bucket,
+    /// Where an accepted connection comes from (§5.3 login budgets); `None` for one we dialled.
+    pub(crate) peer: Option<IpAddr>,
 }
 
 /// A token bucket. Errors cost a signature each, so a connection that keeps provoking them is
@@ -227,8 +231,8 @@ pub struct Server {
     /// The signed `USER_ADVERTISE` payload of each local user and its `ts`: reused for every
     /// link that comes up while the `ts` is fresh (see [`Server::advert`]).
     pub(crate) adverts: HashMap<String, (i64, SignedPayload)>,
-    /// Login attempts per display name (§5.3), bounded.
-    pub(crate) login_names: HashMap<String, Bucket>,
+    /// Login budgets per source, per (name, source) and per name (§5.3), bounded.
+    pub(crate) login_budgets: crate::login::LoginBudgets,
     /// File transfers under way from local users (§9).
     pub(crate) transfers: Transfers,
     error_sigs: ErrorSigs,
@@ -285,7 +289,7 @@ impl Server {
             challenges: Vec::new(),
             fed: Federation::new(FedConfig::default()),
             adverts: HashMap::new(),
-            login_names: HashMap::new(),
+            login_budgets: Default::default(),
             transfers: Transfers::new(TransferLimits::default()),
             out: Vec::new(),
         }
@@ -335,8 +339,11 @@ impl Server {
     pub fn handle(&mut self, now: Time, input: Input<'_>) {
         self.run_deferred(now);
         match input {
-            Input::Opened { conn } => {
+            Input::Opened { conn, peer } => {
                 self.add_conn(now, conn, State::Fresh);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.peer = Some(peer);
+                }
                 self.out.push(Action::Timer {
                     at_ms: now.mono_ms + self.limits.hello_timeout_ms,
                     timer: Timer::Hello(conn),
@@ -400,6 +407,7 @@ impl Server {
                 state,
                 errors: Bucket::new(self.limits.error_burst, now.mono_ms),
                 logins: Bucket::new(crate::login::CONN_BURST, now.mono_ms),
+                peer: None,
             },
         );
     }

@@ -178,7 +178,7 @@ fn an_account_survives_kill_9_right_after_registering() {
 }
 
 #[test]
-fn login_attempts_are_rate_limited_per_connection_and_per_name() {
+fn login_attempts_are_rate_limited_per_connection_and_per_name_and_address() {
     let server = ServerProc::start("server1", &[]);
     let bad = socp::account::auth_token("guess", "victim");
     let attempt = |raw: &mut Raw, name: &str| {
@@ -196,7 +196,7 @@ fn login_attempts_are_rate_limited_per_connection_and_per_name() {
     }
     assert!(attempt(&mut raw, "n5").starts_with("too many login attempts"));
 
-    // Per name: 10 attempts from anywhere, then refused even on fresh connections.
+    // Per name from one address: 10 attempts, then refused even on fresh connections.
     for _ in 0..2 {
         let mut raw = Raw::connect(&server);
         for _ in 0..5 {
@@ -234,4 +234,44 @@ fn the_password_never_reaches_the_server() {
         "the password is in the server's files"
     );
     assert!(text.contains("dave"), "the account should be stored");
+}
+
+/// `USER_REGISTER` for `name` on a fresh connection, signed by the fixture key `key_name`;
+/// returns the reply.
+fn register_raw(server: &ServerProc, name: &str, key_name: &str) -> socp::wire::Envelope {
+    let key = common::keys::test_key(key_name);
+    let user_id = format!("id-{name}");
+    let payload = json!({
+        "user_id": user_id,
+        "pubkey": key.public_key().encoded(),
+        "privkey_store": "c2VhbGVk",
+        "auth": socp::b64::encode(&[7; 32]),
+        "meta": {"display_name": name},
+    });
+    let mut raw = Raw::connect(server);
+    raw.send_text(&frame("USER_REGISTER", &user_id, "", &payload, Some(&key)));
+    raw.recv()
+}
+
+/// Issue "storage that disappears is not noticed": with socp.db and its -wal/-shm deleted while
+/// the server ran, registrations kept being acknowledged and were gone after a restart. §11: an
+/// account write is durable before the client is told it succeeded, so the server must refuse.
+#[test]
+fn a_registration_is_refused_once_the_database_files_are_deleted() {
+    let server = ServerProc::start("server1", &[]);
+    assert_eq!(
+        register_raw(&server, "before", "user1").kind,
+        "USER_REGISTERED"
+    );
+    for suffix in ["", "-wal", "-shm"] {
+        let path = server.dir.0.join(format!("socp.db{suffix}"));
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    let reply = register_raw(&server, "after", "user2");
+    assert_eq!(reply.kind, "ERROR", "{reply:?}");
+    assert_eq!(reply.payload["code"], "TIMEOUT");
+    assert_eq!(reply.payload["detail"], "storage unavailable, try again");
+    server.wait_log("no longer the file at");
+    // Still refused: nothing is acknowledged into a database that the next start will not open.
+    assert_eq!(register_raw(&server, "later", "user3").kind, "ERROR");
 }

@@ -14,9 +14,12 @@ use socp::crypto::{self, PrivateKey, PublicKey};
 use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::store::Store;
 use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 const SRV: &str = "srv";
+/// Where accepted connections come from unless a test says otherwise (§5.3 login budgets).
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 // -------------------------------------------------------------------- harness
 
@@ -90,7 +93,12 @@ impl Harness {
     }
 
     fn open(&mut self, c: ConnId) {
-        self.input(Input::Opened { conn: c });
+        self.open_from(c, LOOPBACK);
+    }
+
+    /// Opens `c` as accepted from `peer`.
+    fn open_from(&mut self, c: ConnId, peer: IpAddr) {
+        self.input(Input::Opened { conn: c, peer });
     }
 
     fn send(&mut self, c: ConnId, text: &str) {
@@ -1626,4 +1634,183 @@ fn error_budget_with_a_refill_rate_above_1000_per_second_does_not_panic() {
     h.advance(1);
     h.send(c, "garbage");
     assert_error(&h.frames_to(c), "UNKNOWN_TYPE", "");
+}
+
+// -------------------------------------------------------------------- login budgets (§5.3)
+//
+// Issue "anyone can lock an account out": one wrong guess per second from fresh connections kept
+// the owner from logging in, because the only per-name budget was shared by everyone. §5.3: a
+// stranger cannot lock an account out, and guessing stays bounded.
+
+/// `auth` for the tests: any 32 bytes (the server never sees a password, §5.3).
+fn test_auth(byte: u8) -> String {
+    socp::b64::encode(&[byte; 32])
+}
+
+/// Registers account `name` (user id `user_id`, key `key`) with `auth` on a fresh connection.
+fn register_account(h: &mut Harness, c: ConnId, name: &str, user_id: &str, key: &PrivateKey) {
+    h.open_from(c, "192.0.2.1".parse().unwrap());
+    let payload = json!({
+        "user_id": user_id,
+        "pubkey": key.public_key().encoded(),
+        "privkey_store": "c2VhbGVk",
+        "auth": test_auth(7),
+        "meta": {"display_name": name},
+    });
+    let frame = h.user_frame(types::USER_REGISTER, user_id, "", &payload, Some(key));
+    h.send(c, &frame);
+    let frames = h.frames_to(c);
+    assert_eq!(kinds(&frames), [types::USER_REGISTERED], "{frames:#?}");
+    h.closed(c);
+    h.clear();
+}
+
+/// One `USER_LOGIN` for `name` on a fresh connection `c` from `peer`, then the connection
+/// closes. Returns "ok" for `USER_LOGGED_IN`, else the `ERROR` detail.
+fn login_attempt(h: &mut Harness, c: ConnId, peer: IpAddr, name: &str, auth: &str) -> String {
+    h.open_from(c, peer);
+    let payload = json!({"display_name": name, "auth": auth});
+    let frame = h.user_frame(types::USER_LOGIN, "", "", &payload, None);
+    h.send(c, &frame);
+    let frames = h.frames_to(c);
+    h.closed(c);
+    h.clear();
+    assert_eq!(frames.len(), 1, "{frames:#?}");
+    match frames[0].kind.as_str() {
+        types::USER_LOGGED_IN => "ok".into(),
+        types::ERROR => frames[0].payload["detail"].as_str().unwrap().into(),
+        other => panic!("unexpected answer {other}"),
+    }
+}
+
+fn limited(answer: &str) -> bool {
+    answer.starts_with("too many login attempts")
+}
+
+#[test]
+fn a_guesser_at_the_max_rate_from_one_address_cannot_lock_the_owner_out() {
+    let mut h = Harness::new();
+    register_account(&mut h, conn(1), "alice", "alice-id", &test_key("user1"));
+    let attacker: IpAddr = "203.0.113.66".parse().unwrap();
+    let owner: IpAddr = "198.51.100.7".parse().unwrap();
+    let (mut n, mut owner_ok, mut owner_tries, mut guesses) = (10, 0, 0, 0);
+    // Ten wrong guesses a second from fresh connections (a new connection has a full budget)
+    // for two minutes; the owner logs in from its own address every 10 s meanwhile.
+    for step in 0..1200u64 {
+        n += 1;
+        let answer = login_attempt(&mut h, conn(n), attacker, "alice", &test_auth(1));
+        assert_ne!(answer, "ok");
+        guesses += u64::from(!limited(&answer));
+        if step % 100 == 99 {
+            n += 1;
+            owner_tries += 1;
+            if login_attempt(&mut h, conn(n), owner, "alice", &test_auth(7)) == "ok" {
+                owner_ok += 1;
+            }
+        }
+        h.advance(100);
+    }
+    assert_eq!(owner_ok, owner_tries, "the owner was locked out");
+    // The guesser spent only its own address's budget for the name.
+    let bound = u64::from(socp::login::PAIR_BURST) + 120_000 / socp::login::PAIR_REFILL_MS;
+    assert!(
+        guesses <= bound,
+        "{guesses} guesses answered, bound {bound}"
+    );
+}
+
+/// Counts the attempts (fresh connections from `peer(i)` for name `name(i)`, one every
+/// `every_ms` for `steps` steps) that were answered rather than refused by a budget.
+fn answered(
+    h: &mut Harness,
+    first_conn: u64,
+    steps: u64,
+    every_ms: u64,
+    peer: impl Fn(u64) -> IpAddr,
+    name: impl Fn(u64) -> String,
+) -> u64 {
+    let mut answered = 0;
+    for i in 0..steps {
+        let answer = login_attempt(h, conn(first_conn + i), peer(i), &name(i), &test_auth(1));
+        if !limited(&answer) {
+            assert_eq!(answer, "invalid credentials");
+            answered += 1;
+        }
+        h.advance(every_ms);
+    }
+    answered
+}
+
+#[test]
+fn one_address_is_bounded_whatever_names_it_guesses() {
+    use socp::login::{PAIR_BURST, PAIR_REFILL_MS, SOURCE_BURST, SOURCE_REFILL_MS};
+    let mut h = Harness::new();
+    register_account(&mut h, conn(1), "alice", "alice-id", &test_key("user1"));
+    let (steps, every_ms) = (600, 100); // 60 s at ten attempts a second
+    let span = steps * every_ms;
+    let one: IpAddr = "203.0.113.9".parse().unwrap();
+    // Spraying names from one address: bounded by the address's budget.
+    // Every other attempt writes the address as IPv4-mapped IPv6: still the same source.
+    let mapped: IpAddr = "::ffff:203.0.113.9".parse().unwrap();
+    let peer = |i: u64| if i.is_multiple_of(2) { one } else { mapped };
+    let got = answered(&mut h, 100, steps, every_ms, peer, |i| format!("n{i}"));
+    let bound = u64::from(SOURCE_BURST) + span / SOURCE_REFILL_MS;
+    assert!(
+        got <= bound,
+        "{got} answered from one address, bound {bound}"
+    );
+
+    // One name from one address: bounded by the (name, address) budget.
+    let other: IpAddr = "203.0.113.10".parse().unwrap();
+    let got = answered(
+        &mut h,
+        10_000,
+        steps,
+        every_ms,
+        |_| other,
+        |_| "alice".into(),
+    );
+    let bound = u64::from(PAIR_BURST) + span / PAIR_REFILL_MS;
+    assert!(got <= bound, "{got} answered for one name, bound {bound}");
+
+    // IPv6: every address of one /64 is one source.
+    let got = answered(
+        &mut h,
+        20_000,
+        steps,
+        every_ms,
+        |i| {
+            IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 1, 2, 0, 0, 0, i as u16,
+            ))
+        },
+        |i| format!("m{i}"),
+    );
+    let bound = u64::from(SOURCE_BURST) + span / SOURCE_REFILL_MS;
+    assert!(got <= bound, "{got} answered from one /64, bound {bound}");
+}
+
+#[test]
+fn many_addresses_guessing_one_name_are_bounded_by_the_name_ceiling() {
+    use socp::login::{NAME_BURST, NAME_REFILL_MS};
+    let mut h = Harness::new();
+    register_account(&mut h, conn(1), "alice", "alice-id", &test_key("user1"));
+    let (steps, every_ms) = (3000, 20); // 60 s at fifty attempts a second
+    // Every attempt from another address (IPv4 and IPv6 /64s).
+    let peer = |i: u64| -> IpAddr {
+        if i.is_multiple_of(2) {
+            IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i as u32))
+        } else {
+            IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 0, i as u16, 0, 0, 0, 1,
+            ))
+        }
+    };
+    let got = answered(&mut h, 100, steps, every_ms, peer, |_| "alice".into());
+    let bound = u64::from(NAME_BURST) + steps * every_ms / NAME_REFILL_MS;
+    assert!(
+        got <= bound,
+        "{got} guesses at one name answered, bound {bound}"
+    );
+    assert!(got > 0);
 }

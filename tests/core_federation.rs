@@ -17,6 +17,7 @@ use socp::federation::{CHANNEL_BATCH_MS, FedConfig, PeerSpec};
 use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::store::Store;
 use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 const SRV: &str = "srv-a";
@@ -24,6 +25,13 @@ const HOST: &str = "127.0.0.1";
 const OUR_PORT: u16 = 9001;
 const WALL0: i64 = 1_800_000_000_000;
 const MONO0: u64 = 5_000;
+/// An accepted connection from loopback (§5.3: login budgets are per source address).
+fn opened(conn: ConnId) -> Input<'static> {
+    Input::Opened {
+        conn,
+        peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
+    }
+}
 
 // -------------------------------------------------------------------- peers
 
@@ -381,7 +389,7 @@ impl Harness {
 
     fn login(&mut self, user_id: &str, key: &PrivateKey) -> ConnId {
         let c = self.fresh_conn();
-        self.input(Input::Opened { conn: c });
+        self.input(opened(c));
         self.outbox
             .retain(|a| !matches!(a, Action::Timer { timer: Timer::Hello(x), .. } if *x == c));
         let hello = user_frame_at(
@@ -519,7 +527,7 @@ impl Harness {
     /// An inbound link from `peer` opened with `SERVER_HELLO_LINK` (no reply expected).
     fn link_in(&mut self, peer: &Peer) -> ConnId {
         let c = self.fresh_conn();
-        self.input(Input::Opened { conn: c });
+        self.input(opened(c));
         let f = peer.frame(
             types::SERVER_HELLO_LINK,
             &self.id.clone(),
@@ -938,7 +946,7 @@ fn inbound_hello_from_unpinned_key_is_refused() {
     let d = Peer::new("srv-d", "server4", 9004);
     for kind in [types::SERVER_HELLO_JOIN, types::SERVER_HELLO_LINK] {
         let c = h.fresh_conn();
-        h.input(Input::Opened { conn: c });
+        h.input(opened(c));
         let f = d.frame(kind, "127.0.0.1:9001", h.now.wall_ms, &d.hello_payload());
         h.send(c, &f);
         assert_error(&h.frames_to(c), "BAD_KEY");
@@ -959,7 +967,7 @@ fn inbound_hello_join_from_pinned_key_gets_welcome() {
 
     let b = srv_b();
     let c = h.fresh_conn();
-    h.input(Input::Opened { conn: c });
+    h.input(opened(c));
     h.timers();
     let f = b.frame(
         types::SERVER_HELLO_JOIN,
@@ -1003,7 +1011,7 @@ fn inbound_hello_join_from_pinned_key_gets_welcome() {
     let impostor = Peer::new("srv-b", "server3", 9002);
     for kind in [types::SERVER_HELLO_JOIN, types::SERVER_HELLO_LINK] {
         let c2 = h.fresh_conn();
-        h.input(Input::Opened { conn: c2 });
+        h.input(opened(c2));
         let f = impostor.frame(
             kind,
             "127.0.0.1:9001",
@@ -1029,7 +1037,7 @@ fn inbound_hello_with_key_not_matching_pin_is_refused_even_when_key_is_pinned_el
     h.clear();
     let impostor = Peer::new("srv-b", "server3", 9003);
     let c2 = h.fresh_conn();
-    h.input(Input::Opened { conn: c2 });
+    h.input(opened(c2));
     let f = impostor.frame(
         types::SERVER_HELLO_LINK,
         SRV,
@@ -1049,7 +1057,7 @@ fn open_join_accepts_an_unknown_server() {
     h.clear();
     let d = Peer::new("srv-d", "server4", 9004);
     let c = h.fresh_conn();
-    h.input(Input::Opened { conn: c });
+    h.input(opened(c));
     h.timers();
     let f = d.frame(
         types::SERVER_HELLO_JOIN,
@@ -1550,7 +1558,7 @@ fn both_links(h: &mut Harness, inbound_first: bool) -> (ConnId, ConnId) {
         assert!(h.closes(out).is_empty());
         h.clear();
         inbound = h.fresh_conn();
-        h.input(Input::Opened { conn: inbound });
+        h.input(opened(inbound));
         let f = b.frame(
             types::SERVER_HELLO_LINK,
             &h.id.clone(),
@@ -1760,7 +1768,7 @@ fn inbound_join_welcome_lists_linked_servers_and_remote_users() {
 
     let b = srv_b();
     let lb = h.fresh_conn();
-    h.input(Input::Opened { conn: lb });
+    h.input(opened(lb));
     let f = b.frame(
         types::SERVER_HELLO_JOIN,
         "127.0.0.1:9001",

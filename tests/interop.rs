@@ -139,7 +139,8 @@ impl Mesh {
     fn open(&mut self) -> ConnId {
         let conn = ConnId(self.next << 32);
         self.next += 1;
-        self.input(Input::Opened { conn });
+        let peer = std::net::Ipv4Addr::LOCALHOST.into();
+        self.input(Input::Opened { conn, peer });
         conn
     }
 

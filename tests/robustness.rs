@@ -13,7 +13,16 @@ use socp::federation::{FedConfig, PeerSpec};
 use socp::server::{Action, ConnId, Input, Limits, Server, Time};
 use socp::store::Store;
 use socp::wire::{Envelope, SignedPayload, encode_frame};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+
+/// An accepted connection from loopback (§5.3: login budgets are per source address).
+fn opened(conn: ConnId) -> Input<'static> {
+    Input::Opened {
+        conn,
+        peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
+    }
+}
 
 struct Rng(u64);
 
@@ -256,7 +265,7 @@ impl Harness {
     fn open(&mut self) -> ConnId {
         let conn = ConnId(self.next_conn << 32);
         self.next_conn += 1;
-        self.input(Input::Opened { conn });
+        self.input(opened(conn));
         conn
     }
 
