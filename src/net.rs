@@ -197,7 +197,7 @@ struct Conn {
     dirty: bool,
     /// The socket refused data (`WouldBlock`): the peer reads slower than we write. Since when.
     blocked_since: Option<u64>,
-    /// We stopped reading this connection because its frames fed a blocked one.
+    /// We stopped reading this connection because frames routed for it fed a blocked one.
     paused: bool,
     /// What the socket has not taken yet, beyond the frame tungstenite holds.
     out: Outbox,
@@ -239,9 +239,14 @@ pub struct Net {
     dirty: Vec<usize>,
     /// Connections whose read budget ran out with data possibly left.
     backlog: Vec<usize>,
-    /// Connections not read while something they feed is blocked (backpressure).
+    /// Connections not read while a connection their routed frames go to is blocked
+    /// (backpressure).
     paused: Vec<usize>,
-    /// Set when a send went to a blocked connection, while handling one input.
+    /// Set when a frame routed for the input's sender ([`Action::Route`]) went to a blocked
+    /// connection, while handling one input. Broadcasts and the server's own frames never set
+    /// it: they wait in the blocked connection's outbox (bounded by `max_write_buffer`), and
+    /// whoever caused them is not slowed down (issue "trust at the edges": a login, which
+    /// broadcasts to every user, waited for a user who never reads).
     hit_blocked: bool,
     /// A connection blocked this long is a reader that does not keep up: it is closed.
     slow_reader_timeout_ms: u64,
@@ -634,8 +639,9 @@ impl Net {
                     );
                     self.apply_actions();
                     if std::mem::take(&mut self.hit_blocked) {
-                        // Backpressure: what this connection sends cannot leave as fast as
-                        // it arrives. Stop reading it until the blocked connection drains.
+                        // Backpressure: what this connection sends to others cannot leave
+                        // as fast as it arrives. Stop reading it until the blocked
+                        // connection drains.
                         if let Some(conn) = self.conns.get_mut(idx)
                             && !conn.paused
                         {
@@ -726,7 +732,8 @@ impl Net {
                 return;
             };
             match action {
-                Action::Send { conn, text } => self.send(conn, text),
+                Action::Send { conn, text } => self.send(conn, text, false),
+                Action::Route { conn, text } => self.send(conn, text, true),
                 Action::Close { conn, code, reason } => {
                     if let Some(idx) = self.index_of(conn) {
                         self.start_closing(idx, Some((code, reason)));
@@ -738,7 +745,10 @@ impl Net {
         }
     }
 
-    fn send(&mut self, id: ConnId, text: crate::wire::Text) {
+    /// Writes `text` to connection `id`, or queues it behind what the socket has not taken.
+    /// `routed`: a frame the core routes for the input's sender ([`Action::Route`]); only
+    /// those pause the input's connection when `id` is blocked (see `hit_blocked`).
+    fn send(&mut self, id: ConnId, text: crate::wire::Text, routed: bool) {
         let Some(idx) = self.index_of(id) else {
             return;
         };
@@ -749,7 +759,7 @@ impl Net {
         if conn.blocked_since.is_some() || !conn.out.is_empty() {
             // The socket is full: wait in line, in order, without a copy.
             conn.out.push(text, 0);
-            self.hit_blocked = true;
+            self.hit_blocked |= routed;
             return self.check_waiting(idx);
         }
         match write_from(ws, &text, 0) {
@@ -757,7 +767,7 @@ impl Net {
             // The rest waits for the next writable event.
             Ok(Wrote::Blocked(next)) => {
                 conn.out.push(text, next);
-                self.hit_blocked = true;
+                self.hit_blocked |= routed;
                 self.mark_blocked(idx);
                 self.mark_dirty(idx);
                 self.check_waiting(idx);
