@@ -153,6 +153,32 @@ impl Outbox {
     }
 }
 
+/// The close frame a read error calls for when the peer broke RFC 6455 (§7.4.1): 1007 for a
+/// text message that is not UTF-8 (§8.1), 1002 for a frame that breaks the framing rules
+/// (reserved bits set, §5.2; an unmasked client frame, §5.1; bad opcodes, fragmentation,
+/// control frames or close payload, §5.4-5.5). None for the rest (a reset, an I/O error):
+/// those end the connection without a frame.
+fn violation(e: &WsError) -> Option<(u16, &'static str)> {
+    use tungstenite::error::ProtocolError as P;
+    match e {
+        WsError::Utf8(_) => Some((CloseCode::Invalid.into(), "invalid UTF-8")),
+        WsError::Protocol(
+            P::NonZeroReservedBits
+            | P::UnmaskedFrameFromClient
+            | P::MaskedFrameFromServer
+            | P::FragmentedControlFrame
+            | P::ControlFrameTooBig
+            | P::UnknownControlFrameType(_)
+            | P::UnknownDataFrameType(_)
+            | P::UnexpectedContinueFrame
+            | P::ExpectedFragment(_)
+            | P::InvalidOpcode(_)
+            | P::InvalidCloseSequence,
+        ) => Some((CloseCode::Protocol.into(), "protocol error")),
+        _ => None,
+    }
+}
+
 /// The listening socket.
 const LISTENER: Token = Token(usize::MAX - 1);
 /// The read end of the self-pipe that SIGINT/SIGTERM write to.
@@ -684,8 +710,22 @@ impl Net {
                     return self.discard_input(idx);
                 }
                 Err(e) => {
-                    debug!("conn {id}: read: {e}");
-                    self.drop_conn(idx);
+                    let Some(code) = violation(&e) else {
+                        debug!("conn {id}: read: {e}");
+                        self.drop_conn(idx);
+                        return;
+                    };
+                    // RFC 6455 §7.1.7: the peer broke the protocol; fail the connection with
+                    // a close frame that says how (issue "trust at the edges"), not a bare
+                    // TCP close. tungstenite must not read again (its codec may hold part of
+                    // the refused frame): from now on only raw bytes are read and dropped.
+                    info!("conn {id}: {e}; closing with {}", code.0);
+                    self.conns[idx].discard = true;
+                    self.start_closing(idx, Some(code));
+                    self.discard_input(idx);
+                    // The core forgot the connection: what it says about that (a
+                    // USER_REMOVE) goes out now.
+                    self.apply_actions();
                     return;
                 }
             }
