@@ -268,12 +268,12 @@ pub struct Net {
     /// Connections not read while a connection their routed frames go to is blocked
     /// (backpressure).
     paused: Vec<usize>,
-    /// Set when a frame routed for the input's sender ([`Action::Route`]) went to a blocked
-    /// connection, while handling one input. Broadcasts and the server's own frames never set
-    /// it: they wait in the blocked connection's outbox (bounded by `max_write_buffer`), and
+    /// Blocked connections that frames routed for the input's sender ([`Action::Route`]) went
+    /// to, while handling one input. Broadcasts and the server's own frames are not counted:
+    /// they wait in the blocked connection's outbox (bounded by `max_write_buffer`), and
     /// whoever caused them is not slowed down (issue "trust at the edges": a login, which
     /// broadcasts to every user, waited for a user who never reads).
-    hit_blocked: bool,
+    hit_blocked: Vec<ConnId>,
     /// A connection blocked this long is a reader that does not keep up: it is closed.
     slow_reader_timeout_ms: u64,
     /// Bytes that may wait for one connection before it is closed as not reading.
@@ -343,7 +343,7 @@ impl Net {
             dirty: Vec::new(),
             backlog: Vec::new(),
             paused: Vec::new(),
-            hit_blocked: false,
+            hit_blocked: Vec::new(),
             slow_reader_timeout_ms: cfg.slow_reader_timeout_ms,
             max_write_buffer: cfg.max_write_buffer,
             fired: Vec::new(),
@@ -655,7 +655,7 @@ impl Net {
             let now = self.now();
             match result {
                 Ok(Message::Text(text)) if !closing => {
-                    self.hit_blocked = false;
+                    self.hit_blocked.clear();
                     self.core.handle(
                         now,
                         Input::Text {
@@ -664,7 +664,7 @@ impl Net {
                         },
                     );
                     self.apply_actions();
-                    if std::mem::take(&mut self.hit_blocked) {
+                    if self.hit_still_blocked() {
                         // Backpressure: what this connection sends to others cannot leave
                         // as fast as it arrives. Stop reading it until the blocked
                         // connection drains.
@@ -799,7 +799,9 @@ impl Net {
         if conn.blocked_since.is_some() || !conn.out.is_empty() {
             // The socket is full: wait in line, in order, without a copy.
             conn.out.push(text, 0);
-            self.hit_blocked |= routed;
+            if routed {
+                self.hit_blocked.push(id);
+            }
             return self.check_waiting(idx);
         }
         match write_from(ws, &text, 0) {
@@ -807,7 +809,9 @@ impl Net {
             // The rest waits for the next writable event.
             Ok(Wrote::Blocked(next)) => {
                 conn.out.push(text, next);
-                self.hit_blocked |= routed;
+                if routed {
+                    self.hit_blocked.push(id);
+                }
                 self.mark_blocked(idx);
                 self.mark_dirty(idx);
                 self.check_waiting(idx);
@@ -821,6 +825,18 @@ impl Net {
                 self.drop_conn(idx);
             }
         }
+    }
+
+    /// Whether a blocked connection that frames routed for the input just handled went to
+    /// still is. One closed meanwhile (past the write limit) resumes nobody later: pausing the
+    /// sender behind it would pause it for good (issue "trust at the edges").
+    fn hit_still_blocked(&mut self) -> bool {
+        let blocked = self.hit_blocked.iter().any(|&id| {
+            self.index_of(id)
+                .is_some_and(|idx| self.conns[idx].blocked_since.is_some())
+        });
+        self.hit_blocked.clear();
+        blocked
     }
 
     /// Closes a connection with more than `max_write_buffer` bytes waiting for it.

@@ -193,3 +193,70 @@ fn a_dm_sender_to_a_user_who_never_reads_is_paused_until_she_reads() {
     drop(dms.join().unwrap());
     assert!(got > 100, "only {got} DMs filled the socket?");
 }
+
+/// A `FILE_START` from `user_id` to carol carrying `pad` bytes in an extra field (forwarded as
+/// it is, §9): one routed frame of about that size.
+fn big_file_start(user_id: &str, pad: usize) -> String {
+    let start = json!({"file_id": socp::ids::new_uuid(), "name": "x.bin", "size": 10,
+                       "sha256": "0".repeat(64), "mode": "dm", "note": "n".repeat(pad)});
+    frame("FILE_START", user_id, "carol", &start, None)
+}
+
+/// A sender whose routed frame takes a stalled reader past the write limit: the reader is
+/// closed on the spot, and the sender must not stay paused behind a connection that is gone
+/// (nothing would ever resume it).
+#[test]
+fn a_sender_whose_frame_overflows_a_stalled_reader_is_not_left_paused() {
+    let server = ServerProc::start(
+        "server1",
+        &[
+            "--slow-reader-timeout-ms",
+            "20000",
+            "--max-write-buffer",
+            "131072",
+        ],
+    );
+    let _carol = Raw::hello(&server, "carol", &test_key("user3"));
+    let alice = Raw::hello(&server, "alice", &test_key("user1"));
+    let alice_conn = conn_of(&server, "alice");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (_dms, _) = send_dms(alice, "carol", stop.clone(), common::proc::now_ms());
+    server.wait_log(&format!("conn {alice_conn}: paused"));
+    stop.store(true, Ordering::SeqCst);
+
+    // Two 50 KB frames wait for carol (their senders paused), within the 128 KiB limit ...
+    let mut senders = Vec::new();
+    for (user_id, key) in [("bob", "user2"), ("dave", "user4"), ("erin", "user5")] {
+        let mut raw = Raw::hello(&server, user_id, &test_key(key));
+        raw.recv_kind("PUBLIC_CHANNEL_SNAPSHOT");
+        senders.push((conn_of(&server, user_id), raw));
+    }
+    for (conn, raw) in &mut senders[..2] {
+        let f = big_file_start(&raw.user_id.clone(), 50_000);
+        raw.send_text(&f);
+        server.wait_log(&format!("conn {conn}: paused"));
+    }
+    // ... and erin's third takes her past it: carol is closed.
+    let (_, erin) = &mut senders[2];
+    erin.send_text(&big_file_start("erin", 50_000));
+    server.wait_log("not reading, write buffer full");
+
+    let patience = Duration::from_secs(5);
+    erin.ws.get_mut().set_read_timeout(Some(patience)).unwrap();
+    let asked = Instant::now();
+    erin.send_text(&frame(
+        "LIST_REQUEST",
+        "erin",
+        &server.server_id,
+        &json!({}),
+        None,
+    ));
+    loop {
+        match next_frame(erin) {
+            Ok(env) if env.kind == "LIST_RESPONSE" => break,
+            Ok(_) => {}
+            Err(e) => panic!("erin is not read any more ({e}): paused behind a closed reader"),
+        }
+    }
+    assert!(asked.elapsed() < patience, "{:?}", asked.elapsed());
+}
