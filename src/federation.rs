@@ -1121,7 +1121,7 @@ impl Server {
     ) -> Result<(), WireError> {
         if env.to != self.id {
             // Relay unchanged toward `to`, never back where it came from.
-            if !self.send_toward(&env.to, Text::from(text.to_string()), Some(link)) {
+            if !self.route_toward(&env.to, Text::from(text.to_string()), Some(link)) {
                 debug!("no route to server {} for a relayed {}", env.to, env.kind);
             }
             return Ok(());
@@ -1149,25 +1149,28 @@ impl Server {
             types::SERVER_DELIVER => types::USER_DELIVER,
             other => other,
         };
-        self.send_signed(now, dest, kind, user_id, &Value::Object(payload));
+        self.route_signed(now, dest, kind, user_id, &Value::Object(payload));
         Ok(())
     }
 
     // ------------------------------------------------------------ sending between servers
 
     /// Sends `text` toward server `host`: over its link, else to every link (§6 steps 2–3),
-    /// never to `except`. Returns whether it went anywhere.
-    pub(crate) fn send_toward(&mut self, host: &str, text: Text, except: Option<&str>) -> bool {
-        if Some(host) != except
-            && let Some(link) = self.fed.links.get(host)
-        {
-            self.out.push(Action::Send {
-                conn: link.conn,
-                text,
+    /// never to `except`. Returns whether it went anywhere. Only for frames `route()` carries
+    /// (a delivery, a channel copy, a file frame, or one relayed unchanged): they are
+    /// flow-controlled ([`Action::Route`]), unlike broadcasts to every link.
+    pub(crate) fn route_toward(&mut self, host: &str, text: Text, except: Option<&str>) -> bool {
+        let conns: Vec<ConnId> = match self.fed.links.get(host) {
+            Some(link) if Some(host) != except => vec![link.conn],
+            _ => self.fed.link_conns(except).collect(),
+        };
+        for &conn in &conns {
+            self.out.push(Action::Route {
+                conn,
+                text: text.clone(),
             });
-            return true;
         }
-        self.send_links(text, except) > 0
+        !conns.is_empty()
     }
 
     /// Sends `text` to every linked server but `except`; returns how many.

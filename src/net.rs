@@ -153,6 +153,32 @@ impl Outbox {
     }
 }
 
+/// The close frame a read error calls for when the peer broke RFC 6455 (§7.4.1): 1007 for a
+/// text message that is not UTF-8 (§8.1), 1002 for a frame that breaks the framing rules
+/// (reserved bits set, §5.2; an unmasked client frame, §5.1; bad opcodes, fragmentation,
+/// control frames or close payload, §5.4-5.5). None for the rest (a reset, an I/O error):
+/// those end the connection without a frame.
+fn violation(e: &WsError) -> Option<(u16, &'static str)> {
+    use tungstenite::error::ProtocolError as P;
+    match e {
+        WsError::Utf8(_) => Some((CloseCode::Invalid.into(), "invalid UTF-8")),
+        WsError::Protocol(
+            P::NonZeroReservedBits
+            | P::UnmaskedFrameFromClient
+            | P::MaskedFrameFromServer
+            | P::FragmentedControlFrame
+            | P::ControlFrameTooBig
+            | P::UnknownControlFrameType(_)
+            | P::UnknownDataFrameType(_)
+            | P::UnexpectedContinueFrame
+            | P::ExpectedFragment(_)
+            | P::InvalidOpcode(_)
+            | P::InvalidCloseSequence,
+        ) => Some((CloseCode::Protocol.into(), "protocol error")),
+        _ => None,
+    }
+}
+
 /// The listening socket.
 const LISTENER: Token = Token(usize::MAX - 1);
 /// The read end of the self-pipe that SIGINT/SIGTERM write to.
@@ -197,7 +223,7 @@ struct Conn {
     dirty: bool,
     /// The socket refused data (`WouldBlock`): the peer reads slower than we write. Since when.
     blocked_since: Option<u64>,
-    /// We stopped reading this connection because its frames fed a blocked one.
+    /// We stopped reading this connection because frames routed for it fed a blocked one.
     paused: bool,
     /// What the socket has not taken yet, beyond the frame tungstenite holds.
     out: Outbox,
@@ -239,10 +265,15 @@ pub struct Net {
     dirty: Vec<usize>,
     /// Connections whose read budget ran out with data possibly left.
     backlog: Vec<usize>,
-    /// Connections not read while something they feed is blocked (backpressure).
+    /// Connections not read while a connection their routed frames go to is blocked
+    /// (backpressure).
     paused: Vec<usize>,
-    /// Set when a send went to a blocked connection, while handling one input.
-    hit_blocked: bool,
+    /// Blocked connections that frames routed for the input's sender ([`Action::Route`]) went
+    /// to, while handling one input. Broadcasts and the server's own frames are not counted:
+    /// they wait in the blocked connection's outbox (bounded by `max_write_buffer`), and
+    /// whoever caused them is not slowed down (issue "trust at the edges": a login, which
+    /// broadcasts to every user, waited for a user who never reads).
+    hit_blocked: Vec<ConnId>,
     /// A connection blocked this long is a reader that does not keep up: it is closed.
     slow_reader_timeout_ms: u64,
     /// Bytes that may wait for one connection before it is closed as not reading.
@@ -312,7 +343,7 @@ impl Net {
             dirty: Vec::new(),
             backlog: Vec::new(),
             paused: Vec::new(),
-            hit_blocked: false,
+            hit_blocked: Vec::new(),
             slow_reader_timeout_ms: cfg.slow_reader_timeout_ms,
             max_write_buffer: cfg.max_write_buffer,
             fired: Vec::new(),
@@ -628,7 +659,7 @@ impl Net {
             let now = self.now();
             match result {
                 Ok(Message::Text(text)) if !closing => {
-                    self.hit_blocked = false;
+                    self.hit_blocked.clear();
                     self.core.handle(
                         now,
                         Input::Text {
@@ -637,9 +668,10 @@ impl Net {
                         },
                     );
                     self.apply_actions();
-                    if std::mem::take(&mut self.hit_blocked) {
-                        // Backpressure: what this connection sends cannot leave as fast as
-                        // it arrives. Stop reading it until the blocked connection drains.
+                    if self.hit_still_blocked() {
+                        // Backpressure: what this connection sends to others cannot leave
+                        // as fast as it arrives. Stop reading it until the blocked
+                        // connection drains.
                         if let Some(conn) = self.conns.get_mut(idx)
                             && !conn.paused
                         {
@@ -682,8 +714,22 @@ impl Net {
                     return self.discard_input(idx);
                 }
                 Err(e) => {
-                    debug!("conn {id}: read: {e}");
-                    self.drop_conn(idx);
+                    let Some(code) = violation(&e) else {
+                        debug!("conn {id}: read: {e}");
+                        self.drop_conn(idx);
+                        return;
+                    };
+                    // RFC 6455 §7.1.7: the peer broke the protocol; fail the connection with
+                    // a close frame that says how (issue "trust at the edges"), not a bare
+                    // TCP close. tungstenite must not read again (its codec may hold part of
+                    // the refused frame): from now on only raw bytes are read and dropped.
+                    info!("conn {id}: {e}; closing with {}", code.0);
+                    self.conns[idx].discard = true;
+                    self.start_closing(idx, Some(code));
+                    self.discard_input(idx);
+                    // The core forgot the connection: what it says about that (a
+                    // USER_REMOVE) goes out now.
+                    self.apply_actions();
                     return;
                 }
             }
@@ -730,7 +776,8 @@ impl Net {
                 return;
             };
             match action {
-                Action::Send { conn, text } => self.send(conn, text),
+                Action::Send { conn, text } => self.send(conn, text, false),
+                Action::Route { conn, text } => self.send(conn, text, true),
                 Action::Close { conn, code, reason } => {
                     if let Some(idx) = self.index_of(conn) {
                         self.start_closing(idx, Some((code, reason)));
@@ -742,7 +789,10 @@ impl Net {
         }
     }
 
-    fn send(&mut self, id: ConnId, text: crate::wire::Text) {
+    /// Writes `text` to connection `id`, or queues it behind what the socket has not taken.
+    /// `routed`: a frame the core routes for the input's sender ([`Action::Route`]); only
+    /// those pause the input's connection when `id` is blocked (see `hit_blocked`).
+    fn send(&mut self, id: ConnId, text: crate::wire::Text, routed: bool) {
         let Some(idx) = self.index_of(id) else {
             return;
         };
@@ -753,7 +803,9 @@ impl Net {
         if conn.blocked_since.is_some() || !conn.out.is_empty() {
             // The socket is full: wait in line, in order, without a copy.
             conn.out.push(text, 0);
-            self.hit_blocked = true;
+            if routed {
+                self.hit_blocked.push(id);
+            }
             return self.check_waiting(idx);
         }
         match write_from(ws, &text, 0) {
@@ -761,7 +813,9 @@ impl Net {
             // The rest waits for the next writable event.
             Ok(Wrote::Blocked(next)) => {
                 conn.out.push(text, next);
-                self.hit_blocked = true;
+                if routed {
+                    self.hit_blocked.push(id);
+                }
                 self.mark_blocked(idx);
                 self.mark_dirty(idx);
                 self.check_waiting(idx);
@@ -775,6 +829,18 @@ impl Net {
                 self.drop_conn(idx);
             }
         }
+    }
+
+    /// Whether a blocked connection that frames routed for the input just handled went to
+    /// still is. One closed meanwhile (past the write limit) resumes nobody later: pausing the
+    /// sender behind it would pause it for good (issue "trust at the edges").
+    fn hit_still_blocked(&mut self) -> bool {
+        let blocked = self.hit_blocked.iter().any(|&id| {
+            self.index_of(id)
+                .is_some_and(|idx| self.conns[idx].blocked_since.is_some())
+        });
+        self.hit_blocked.clear();
+        blocked
     }
 
     /// Closes a connection with more than `max_write_buffer` bytes waiting for it.

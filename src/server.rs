@@ -91,6 +91,17 @@ pub enum Action {
         conn: ConnId,
         text: Text,
     },
+    /// Like `Send`, for a frame `route()` carries for the sender of the input being handled
+    /// (§6: a DM, a public-channel copy, a file frame, or one relayed toward another server).
+    /// Only these are flow-controlled: while `conn` does not take data, the net layer stops
+    /// reading the connection the input came from. What the server originates to many
+    /// (presence, channel news, heartbeats, errors) is a `Send`: it never pauses the one whose
+    /// input caused it (issue "trust at the edges": one user who never reads froze every
+    /// newcomer, whose login broadcasts a `USER_ADVERTISE` to that user too).
+    Route {
+        conn: ConnId,
+        text: Text,
+    },
     /// Close with this WebSocket close code. The core has already forgotten the connection.
     Close {
         conn: ConnId,
@@ -867,7 +878,7 @@ impl Server {
         };
         // 1. a local user.
         if let Some(dest) = entry.local {
-            self.send_signed(now, dest, local_kind, target, &Value::Object(payload));
+            self.route_signed(now, dest, local_kind, target, &Value::Object(payload));
             return Ok(());
         }
         // 2./3. the hosting server, over its link or by flooding every link.
@@ -877,10 +888,25 @@ impl Server {
             return Err(not_found());
         };
         let text = wire::encode_frame(server_kind, &self.id, &host, now.wall_ms, &signed).into();
-        if self.send_toward(&host, text, None) {
+        if self.route_toward(&host, text, None) {
             Ok(())
         } else {
             Err(not_found())
+        }
+    }
+
+    /// Signs `payload` and sends it to one connection as a frame `route()` carries for the
+    /// input's sender: flow-controlled (see [`Action::Route`]).
+    pub(crate) fn route_signed(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        kind: &str,
+        to: &str,
+        payload: &Value,
+    ) {
+        if let Some(text) = self.signed_frame(now, kind, to, payload) {
+            self.out.push(Action::Route { conn, text });
         }
     }
 
@@ -985,14 +1011,15 @@ impl Server {
         to: &str,
         payload: &Value,
     ) {
-        let Some(signed) = self.sign(payload) else {
-            return;
-        };
-        let text = wire::encode_frame(kind, &self.id, to, now.wall_ms, &signed);
-        self.out.push(Action::Send {
-            conn,
-            text: text.into(),
-        });
+        if let Some(text) = self.signed_frame(now, kind, to, payload) {
+            self.out.push(Action::Send { conn, text });
+        }
+    }
+
+    /// One frame from us, `payload` signed (see [`Server::sign`]).
+    fn signed_frame(&self, now: Time, kind: &str, to: &str, payload: &Value) -> Option<Text> {
+        let signed = self.sign(payload)?;
+        Some(wire::encode_frame(kind, &self.id, to, now.wall_ms, &signed).into())
     }
 
     /// Sends one frame to every local user but `except_user` and every linked server but

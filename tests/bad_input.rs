@@ -314,3 +314,74 @@ fn a_client_that_never_reads_is_disconnected_without_harming_others() {
     );
     ok.check("after a slow reader");
 }
+
+/// One client frame as raw bytes: FIN, opcode text, `rsv` (0-7) in the reserved bits, and a
+/// mask unless `masked` is false. Payloads here are under 126 bytes.
+fn raw_text_frame(payload: &[u8], rsv: u8, masked: bool) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut out = vec![0x80 | (rsv << 4) | 0x1];
+    if !masked {
+        out.push(payload.len() as u8);
+        out.extend_from_slice(payload);
+        return out;
+    }
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    out.push(0x80 | payload.len() as u8);
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// After a valid WebSocket handshake (and, with `user`, a hello), writes `bytes` to the socket
+/// as they are; returns the close code the server answers with.
+fn close_code_for_raw(server: &ServerProc, user: bool, bytes: &[u8]) -> u16 {
+    let mut raw = if user {
+        Raw::hello(server, "carol", &test_key("user3"))
+    } else {
+        Raw::connect(server)
+    };
+    raw.ws.get_mut().write_all(bytes).unwrap();
+    raw.expect_close()
+}
+
+/// RFC 6455 §8.1: a text message that is not UTF-8 fails the connection with 1007.
+#[test]
+fn invalid_utf8_in_a_text_frame_is_closed_with_1007() {
+    let server = ServerProc::start("server1", &[]);
+    let mut ok = Healthy::new(&server);
+    let bad = raw_text_frame(b"{\"type\":\"\xc3\x28\xff\"}", 0, true);
+    assert_eq!(close_code_for_raw(&server, false, &bad), 1007);
+    assert_eq!(close_code_for_raw(&server, true, &bad), 1007);
+    ok.check("after invalid UTF-8");
+}
+
+/// RFC 6455 §5.2: reserved bits set with no extension negotiated fail the connection: 1002.
+#[test]
+fn a_frame_with_reserved_bits_set_is_closed_with_1002() {
+    let server = ServerProc::start("server1", &[]);
+    let mut ok = Healthy::new(&server);
+    for rsv in [0b100, 0b010, 0b001] {
+        let bad = raw_text_frame(b"{}", rsv, true);
+        assert_eq!(
+            close_code_for_raw(&server, false, &bad),
+            1002,
+            "rsv {rsv:03b}"
+        );
+    }
+    assert_eq!(
+        close_code_for_raw(&server, true, &raw_text_frame(b"{}", 0b100, true)),
+        1002
+    );
+    ok.check("after reserved bits");
+}
+
+/// RFC 6455 §5.1: a server closes the connection on an unmasked client frame: 1002.
+#[test]
+fn an_unmasked_client_frame_is_closed_with_1002() {
+    let server = ServerProc::start("server1", &[]);
+    let mut ok = Healthy::new(&server);
+    let bad = raw_text_frame(b"{}", 0, false);
+    assert_eq!(close_code_for_raw(&server, false, &bad), 1002);
+    assert_eq!(close_code_for_raw(&server, true, &bad), 1002);
+    ok.check("after an unmasked frame");
+}

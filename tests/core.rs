@@ -121,7 +121,7 @@ impl Harness {
     fn drain(&mut self) -> Vec<Action> {
         let actions = std::mem::take(&mut self.outbox);
         for a in &actions {
-            if let Action::Send { text, .. } = a {
+            if let Action::Send { text, .. } | Action::Route { text, .. } = a {
                 self.check(text.as_str());
             }
         }
@@ -159,7 +159,9 @@ impl Harness {
         let mut rest = Vec::new();
         for a in std::mem::take(&mut self.outbox) {
             match a {
-                Action::Send { conn, text } if conn == c => mine.push(text.as_str().to_owned()),
+                Action::Send { conn, text } | Action::Route { conn, text } if conn == c => {
+                    mine.push(text.as_str().to_owned())
+                }
                 other => rest.push(other),
             }
         }
@@ -1813,4 +1815,71 @@ fn many_addresses_guessing_one_name_are_bounded_by_the_name_ceiling() {
         "{got} guesses at one name answered, bound {bound}"
     );
     assert!(got > 0);
+}
+
+// -------------------------------------------------------------------- flow control
+
+/// The kinds of the frames in `actions`: those the net layer flow-controls (`Route`, §6
+/// routing for the input's sender) and the rest (`Send`).
+fn routed_and_sent(actions: &[Action]) -> (Vec<String>, Vec<String>) {
+    let kind = |text: &socp::wire::Text| Envelope::parse(text.as_str()).unwrap().kind;
+    let (mut routed, mut sent) = (Vec::new(), Vec::new());
+    for a in actions {
+        match a {
+            Action::Route { text, .. } => routed.push(kind(text)),
+            Action::Send { text, .. } => sent.push(kind(text)),
+            _ => {}
+        }
+    }
+    (routed, sent)
+}
+
+/// Issue "trust at the edges": only what `route()` carries for a user (DMs, channel copies,
+/// file frames) may pause that user when the recipient does not read; a login's broadcast and
+/// the server's answers never do.
+#[test]
+fn only_routed_frames_are_flow_controlled() {
+    let mut h = Harness::new();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    let (ca, cb) = (conn(1), conn(2));
+    h.login(ca, "alice", &alice);
+    h.clear();
+
+    // bob's login: the USER_ADVERTISE to alice and bob's own frames are not flow-controlled.
+    h.open(cb);
+    h.clear();
+    let ch = h.challenge(cb, "bob", &bob);
+    let resp = h.auth_response("bob", &bob, &ch);
+    h.send(cb, &resp);
+    let (routed, sent) = routed_and_sent(&h.drain());
+    assert!(routed.is_empty(), "{routed:?}");
+    assert!(
+        sent.contains(&types::USER_ADVERTISE.to_string()),
+        "{sent:?}"
+    );
+
+    // A DM and a channel copy from alice to bob are.
+    let ts = h.now.wall_ms;
+    for kind in [types::MSG_DIRECT, types::MSG_PUBLIC_CHANNEL] {
+        let to = if kind == types::MSG_DIRECT {
+            Some("bob")
+        } else {
+            None
+        };
+        let p = message_payload(&alice, bob.public_key(), "alice", to, ts, "hi");
+        h.send(ca, &user_frame_at(kind, "alice", "bob", ts, &p, None));
+    }
+    let (routed, sent) = routed_and_sent(&h.drain());
+    assert_eq!(routed, [types::USER_DELIVER, types::MSG_PUBLIC_CHANNEL]);
+    assert!(sent.is_empty(), "{sent:?}");
+
+    // alice's own answers (a LIST_RESPONSE, an ERROR) are not.
+    h.send(
+        ca,
+        &h.user_frame(types::LIST_REQUEST, "alice", SRV, &json!({}), None),
+    );
+    h.send(ca, "garbage");
+    let (routed, sent) = routed_and_sent(&h.drain());
+    assert!(routed.is_empty(), "{routed:?}");
+    assert_eq!(sent, [types::LIST_RESPONSE, types::ERROR]);
 }

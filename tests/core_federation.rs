@@ -275,7 +275,7 @@ impl Harness {
     fn drain(&mut self) -> Vec<Action> {
         let actions = std::mem::take(&mut self.outbox);
         for a in &actions {
-            if let Action::Send { text, .. } = a {
+            if let Action::Send { text, .. } | Action::Route { text, .. } = a {
                 self.check(text.as_str());
             }
         }
@@ -297,13 +297,26 @@ impl Harness {
         assert!(rest.is_empty(), "unexpected actions: {rest:#?}");
     }
 
+    /// The connections of the pending flow-controlled sends ([`Action::Route`]), in order.
+    fn routed(&self) -> Vec<ConnId> {
+        self.outbox
+            .iter()
+            .filter_map(|a| match a {
+                Action::Route { conn, .. } => Some(*conn),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Takes the frames sent to `c`: (exact text, parsed and verified envelope).
     fn sent_to(&mut self, c: ConnId) -> Vec<(String, Envelope)> {
         let mut mine = Vec::new();
         let mut rest = Vec::new();
         for a in std::mem::take(&mut self.outbox) {
             match a {
-                Action::Send { conn, text } if conn == c => mine.push(text.as_str().to_owned()),
+                Action::Send { conn, text } | Action::Route { conn, text } if conn == c => {
+                    mine.push(text.as_str().to_owned())
+                }
                 other => rest.push(other),
             }
         }
@@ -1458,6 +1471,11 @@ fn server_deliver_is_relayed_unchanged_or_delivered_locally() {
     let p = deliver_payload("carol", "bob", &bob, carol.public_key(), ts);
     let f = b.frame(types::SERVER_DELIVER, "srv-c", ts, &p);
     h.send(lb, &f);
+    assert_eq!(
+        h.routed(),
+        [lc],
+        "flow-controlled: it is srv-b's frame (issue \"trust at the edges\")"
+    );
     let relayed = h.sent_to(lc);
     assert_eq!(relayed.len(), 1, "{relayed:#?}");
     assert_eq!(relayed[0].0, f, "relayed unchanged");
@@ -1477,6 +1495,7 @@ fn server_deliver_is_relayed_unchanged_or_delivered_locally() {
     let p = deliver_payload("carol", "bob", &bob, carol.public_key(), ts + 1);
     let f = b.frame(types::SERVER_DELIVER, "srv-x", ts, &p);
     h.send(lb, &f);
+    assert_eq!(h.routed(), [lc]);
     let relayed = h.sent_to(lc);
     assert_eq!(relayed.len(), 1);
     assert_eq!(relayed[0].0, f);
@@ -1487,6 +1506,7 @@ fn server_deliver_is_relayed_unchanged_or_delivered_locally() {
     let p = deliver_payload("alice", "bob", &bob, alice.public_key(), ts);
     let f = b.frame(types::SERVER_DELIVER, SRV, ts, &p);
     h.send(lb, &f);
+    assert_eq!(h.routed(), [ca]);
     let got = h.frames_to(ca);
     assert_eq!(kinds(&got), [types::USER_DELIVER], "{got:#?}");
     let d = &got[0];
@@ -1823,6 +1843,10 @@ fn broadcasts_are_forwarded_unchanged_and_flood_back_is_dropped() {
         &client_entry("bob", "srv-b", &bob),
     );
     h.send(lb, &f);
+    assert!(
+        h.routed().is_empty(),
+        "a broadcast never pauses the link it came from"
+    );
     let fwd = h.sent_to(lc);
     assert_eq!(fwd.len(), 1, "{fwd:#?}");
     assert_eq!(fwd[0].0, f, "forwarded unchanged");

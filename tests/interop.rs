@@ -114,7 +114,7 @@ impl Mesh {
             moved |= !actions.is_empty();
             for a in actions {
                 match a {
-                    Action::Send { conn, text } => {
+                    Action::Send { conn, text } | Action::Route { conn, text } => {
                         let env = Envelope::parse(text.as_str()).unwrap();
                         if conn == self.link {
                             self.to_link.push(env);
@@ -173,7 +173,7 @@ impl Mesh {
     }
 
     /// A frame from srv-py on the link.
-    fn from_peer(&mut self, text: &str) {
+    fn peer_sends(&mut self, text: &str) {
         self.input(Input::Text {
             conn: self.link,
             text,
@@ -226,7 +226,7 @@ fn deployed_servers_users_and_ours_see_each_other_as_authentic() {
     mesh.shown(alice);
 
     // Their WELCOME (salt-478 signature, ASCII-escaped JSON, clients without server_id).
-    mesh.from_peer(v["welcome"].as_str().unwrap());
+    mesh.peer_sends(v["welcome"].as_str().unwrap());
     assert!(mesh.closes.is_empty(), "{:?}", mesh.closes);
     assert_eq!(
         mesh.shown(alice),
@@ -234,7 +234,7 @@ fn deployed_servers_users_and_ours_see_each_other_as_authentic() {
     );
 
     // Their SERVER_DELIVER in the standard's form, content_sig over the bytes (salt 478).
-    mesh.from_peer(v["deliver"].as_str().unwrap());
+    mesh.peer_sends(v["deliver"].as_str().unwrap());
     let text = v["deliver_text"].as_str().unwrap();
     assert_eq!(mesh.shown(alice), [format!("[dm] pyalice: {text}")]);
 

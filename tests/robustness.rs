@@ -273,7 +273,9 @@ impl Harness {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Send { conn: c, text } if *c == conn => Envelope::parse(text).ok(),
+                Action::Send { conn: c, text } | Action::Route { conn: c, text } if *c == conn => {
+                    Envelope::parse(text).ok()
+                }
                 _ => None,
             })
             .collect()
