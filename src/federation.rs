@@ -730,7 +730,7 @@ impl Server {
         for user_id in &gone {
             if self.dir.remove_if_hosted_by(user_id, server_id).is_some() {
                 let payload = json!({"user_id": user_id, "server_id": server_id});
-                self.broadcast_local(now, types::USER_REMOVE, &payload);
+                self.broadcast_local(now, types::USER_REMOVE, &payload, None);
                 self.transfers_user_gone(now, user_id);
             }
         }
@@ -893,7 +893,8 @@ impl Server {
         if let Some((text, link)) = advert {
             self.forward(text, link);
         }
-        self.broadcast_local(now, types::USER_ADVERTISE, &relay);
+        let original = advert.map(|(text, _)| text);
+        self.broadcast_local(now, types::USER_ADVERTISE, &relay, original);
         Ok(())
     }
 
@@ -1038,7 +1039,7 @@ impl Server {
                 if self.dir.remove_if_hosted_by(user_id, server_id).is_some() {
                     debug!("user {user_id} offline at server {server_id}");
                     let payload = json!({"user_id": user_id, "server_id": server_id});
-                    self.broadcast_local(now, types::USER_REMOVE, &payload);
+                    self.broadcast_local(now, types::USER_REMOVE, &payload, Some(text));
                     self.transfers_user_gone(now, user_id);
                 }
                 Ok(())
@@ -1056,7 +1057,7 @@ impl Server {
             | types::MSG_PUBLIC_CHANNEL
             | types::FILE_START
             | types::FILE_CHUNK
-            | types::FILE_END => self.on_peer_delivery(now, env, link, text),
+            | types::FILE_END => self.on_peer_delivery(now, env, link, text, &canonical),
             types::SERVER_WELCOME | types::SERVER_HELLO_JOIN | types::SERVER_HELLO_LINK => {
                 debug!("ignoring {} on an established link", env.kind);
                 Ok(())
@@ -1118,6 +1119,7 @@ impl Server {
         env: &Envelope,
         link: &str,
         text: &str,
+        canonical: &str,
     ) -> Result<(), WireError> {
         if env.to != self.id {
             // Relay unchanged toward `to`, never back where it came from.
@@ -1140,15 +1142,27 @@ impl Server {
             debug!("{} for {user_id}, who is not here: dropped", env.kind);
             return Ok(());
         };
+        let kind = match env.kind.as_str() {
+            types::SERVER_DELIVER => types::USER_DELIVER,
+            other => other,
+        };
+        // §5.6: a user who takes other servers' signatures gets the payload that server signed,
+        // unchanged (its `from` and `sig`; only `type` and `to` change): no signature here.
+        // Only when the payload is complete: one without `ts` is re-signed with it.
+        if self.is_peer_sig(dest) && env.payload.contains_key("ts") {
+            let signed = SignedPayload {
+                canonical: canonical.to_string(),
+                sig: env.sig.clone(),
+            };
+            let text = wire::encode_frame(kind, &env.from, user_id, env.ts, &signed).into();
+            self.out.push(Action::Route { conn: dest, text });
+            return Ok(());
+        }
         let mut payload = env.payload.clone();
         payload.remove("user_id");
         // §6 *Accept*: the standard's own form carries the original `ts` in the envelope only;
         // the user's frame always has it in the payload (§5.5), where `content_sig` needs it.
         payload.entry("ts").or_insert_with(|| Value::from(env.ts));
-        let kind = match env.kind.as_str() {
-            types::SERVER_DELIVER => types::USER_DELIVER,
-            other => other,
-        };
         self.route_signed(now, dest, kind, user_id, &Value::Object(payload));
         Ok(())
     }

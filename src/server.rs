@@ -171,6 +171,7 @@ pub(crate) struct Challenge {
     pubkey: Arc<PublicKey>,
     meta: Map<String, Value>,
     nonce: String,
+    peer_sig: bool,
 }
 
 #[derive(Debug)]
@@ -181,6 +182,8 @@ pub(crate) struct Conn {
     pub(crate) logins: Bucket,
     /// Where an accepted connection comes from (§5.3 login budgets); `None` for one we dialled.
     pub(crate) peer: Option<IpAddr>,
+    /// A user who announced `peer-sig` (§5.6): frames other servers signed reach it unchanged.
+    pub(crate) peer_sig: bool,
 }
 
 /// A token bucket. Errors cost a signature each, so a connection that keeps provoking them is
@@ -419,6 +422,7 @@ impl Server {
                 errors: Bucket::new(self.limits.error_burst, now.mono_ms),
                 logins: Bucket::new(crate::login::CONN_BURST, now.mono_ms),
                 peer: None,
+                peer_sig: false,
             },
         );
     }
@@ -579,6 +583,7 @@ impl Server {
                 pubkey,
                 meta: hello.meta,
                 nonce,
+                peer_sig: hello.peer_sig,
             })),
         );
         Ok(())
@@ -657,9 +662,13 @@ impl Server {
             user_id,
             pubkey,
             meta,
+            peer_sig,
             ..
         } = ch;
         info!("user {user_id} online (conn {})", conn);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.peer_sig = peer_sig;
+        }
         self.set_state(
             conn,
             State::User {
@@ -1048,22 +1057,49 @@ impl Server {
         wire::encode_frame(kind, &self.id, "*", now.wall_ms, signed).into()
     }
 
-    /// Sends a frame (signed by us, `to: "*"`) to every local user.
-    pub(crate) fn broadcast_local(&mut self, now: Time, kind: &str, payload: &Value) {
-        let targets: Vec<ConnId> = self.dir.local_conns().collect();
-        if targets.is_empty() {
+    /// Sends a frame (`to: "*"`) to every local user: `payload` signed by us, or, to users who
+    /// take frames signed by other servers (§5.6), `original` — the frame a linked server
+    /// signed, unchanged. Nothing is signed when every local user takes `original`.
+    pub(crate) fn broadcast_local(
+        &mut self,
+        now: Time,
+        kind: &str,
+        payload: &Value,
+        original: Option<&str>,
+    ) {
+        let mut resigned = Vec::new();
+        let mut unchanged = Vec::new();
+        for conn in self.dir.local_conns() {
+            match original {
+                Some(_) if self.is_peer_sig(conn) => unchanged.push(conn),
+                _ => resigned.push(conn),
+            }
+        }
+        if let Some(original) = original.filter(|_| !unchanged.is_empty()) {
+            let text = Text::from(original.to_string());
+            for conn in unchanged {
+                let text = text.clone();
+                self.out.push(Action::Send { conn, text });
+            }
+        }
+        if resigned.is_empty() {
             return;
         }
         let Some(signed) = self.sign(payload) else {
             return;
         };
         let text: Text = wire::encode_frame(kind, &self.id, "*", now.wall_ms, &signed).into();
-        for conn in targets {
+        for conn in resigned {
             self.out.push(Action::Send {
                 conn,
                 text: text.clone(),
             });
         }
+    }
+
+    /// Whether `conn` is a user who announced `peer-sig` (§5.6).
+    pub(crate) fn is_peer_sig(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn).is_some_and(|c| c.peer_sig)
     }
 
     /// Signs a payload we send (§3.4). Every payload the core builds holds only strings,

@@ -109,6 +109,10 @@ pub mod types {
     pub const CTRL_CLOSE: &str = "CTRL_CLOSE";
 }
 
+/// The capability a client names in `USER_HELLO.caps` to take frames signed by other servers
+/// unchanged (§5.6).
+pub const CAP_PEER_SIG: &str = "peer-sig";
+
 /// A parsed incoming frame (§1 *Envelope*).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
@@ -319,6 +323,8 @@ pub struct UserHello<'a> {
     pub enc_pubkey: Option<&'a str>,
     /// `meta` as sent, with a validated `display_name` when present.
     pub meta: Map<String, Value>,
+    /// `caps` names `"peer-sig"` (§5.6): the client takes frames signed by other servers.
+    pub peer_sig: bool,
 }
 
 impl<'a> UserHello<'a> {
@@ -344,10 +350,19 @@ impl<'a> UserHello<'a> {
                 ));
             }
         }
+        // Unknown capabilities, and a `caps` that is not a list of strings, are ignored.
+        let peer_sig =
+            f.0.get("caps")
+                .and_then(Value::as_array)
+                .is_some_and(|caps| {
+                    caps.iter()
+                        .any(|c| c.as_str() == Some(crate::wire::CAP_PEER_SIG))
+                });
         Ok(UserHello {
             pubkey,
             enc_pubkey,
             meta,
+            peer_sig,
         })
     }
 }
