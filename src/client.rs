@@ -317,7 +317,7 @@ impl Event {
                 let names: Vec<&str> = to.iter().map(|(_, name)| name.as_str()).collect();
                 match (command, file) {
                     (_, Some((file, size))) => {
-                        format!("* sent file {file} ({size} bytes) to {}", names.join(", "))
+                        format!("* sent {file} ({size} bytes) to {}", names.join(", "))
                     }
                     (&"all", _) => {
                         let each = if *parts > 1 {

@@ -275,7 +275,7 @@ fn sent_events_say_to_whom_and_how_many_copies() {
         "* sent to bob\n",
         "* sent to carol in 2 parts\n",
         "* sent to 2 users: bob, carol\n",
-        "* sent file note.txt (10 bytes) to bob\n",
+        "* sent note.txt (10 bytes) to bob\n",
     ] {
         assert!(run.out.contains(line), "no {line:?} in {run:?}");
     }

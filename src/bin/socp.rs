@@ -188,13 +188,17 @@ fn parse_args() -> Result<Option<Args>, String> {
     if let Mode::KeyFile(name) | Mode::Account { name, .. } = &mode {
         check_name(name)?;
     }
+    let server = server.unwrap_or_else(|| "ws://127.0.0.1:8765".into());
+    if !server.starts_with("ws://") {
+        return Err(format!("server URL {server:?} must start with ws://"));
+    }
     let default_data_dir = data_dir.is_none();
     let data_dir = data_dir.unwrap_or_else(|| {
         let env = |n: &str| std::env::var(n).ok().filter(|_| n != "SOCP_DATA_DIR");
         socp::config::default_data_dir(&env, "socp")
     });
     Ok(Some(Args {
-        server: server.unwrap_or_else(|| "ws://127.0.0.1:8765".into()),
+        server,
         mode,
         password_file,
         key,
