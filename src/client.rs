@@ -640,7 +640,8 @@ impl Session {
         for id in to {
             let before = self.outbox.len();
             self.send_text(id, text, now_ms, command == "all");
-            // send_text queues every part, or warns and queues none of them.
+            // send_text queues one frame per part, or warns and stops: a recipient counts as
+            // sent to only when every part was queued.
             if self.outbox.len() - before == parts {
                 sent.push((id.clone(), self.name_of(id)));
             }

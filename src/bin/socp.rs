@@ -844,7 +844,7 @@ fn event_loop(
                             let _ = close_gracefully(ws, &mut poll, session, printer);
                             return Err(Fatal::new(
                                 Exit::Credentials,
-                                format!("the server refused the login: {code}: {detail}"),
+                                format!("the server refused the hello: {code}: {detail}"),
                             ));
                         }
                         if !was_ready && session.ready() {
