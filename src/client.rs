@@ -105,6 +105,11 @@ impl Pins {
         }
     }
 
+    /// The key pinned for `url`, if any.
+    pub fn get(&self, url: &str) -> Option<&str> {
+        self.pins.get(url).map(String::as_str)
+    }
+
     /// Checks `key` against the pin for `what`; pins it when there is none. Returns the old pin
     /// when it differs (the caller warns; the pin is not replaced silently).
     pub fn check(&mut self, what: &str, key: &str) -> Option<String> {
@@ -136,6 +141,76 @@ pub struct Peer {
     pub server_id: String,
     pub name: Option<String>,
     pub key: Arc<PublicKey>,
+}
+
+/// Stable codes of local warnings (`Event::Warning`), for scripts: the `detail` is English and
+/// may change, the code does not. The first group means a command of yours failed
+/// ([`Event::is_failure`]).
+pub mod warning {
+    /// A command used wrongly (`/tell` without text, …).
+    pub const USAGE: &str = "USAGE";
+    pub const UNKNOWN_COMMAND: &str = "UNKNOWN_COMMAND";
+    /// A line that is not a command (text must go through `/tell` or `/all`).
+    pub const NOT_A_COMMAND: &str = "NOT_A_COMMAND";
+    /// No online user has that name or id.
+    pub const NO_SUCH_USER: &str = "NO_SUCH_USER";
+    /// Several online users have that name: use an id.
+    pub const AMBIGUOUS_NAME: &str = "AMBIGUOUS_NAME";
+    /// `/all` with nobody else online.
+    pub const NO_RECIPIENTS: &str = "NO_RECIPIENTS";
+    pub const ENCRYPT_FAILED: &str = "ENCRYPT_FAILED";
+    /// `/file`: the file cannot be read.
+    pub const FILE_UNREADABLE: &str = "FILE_UNREADABLE";
+    /// `/file`: larger than `--max-file-size`.
+    pub const FILE_TOO_LARGE: &str = "FILE_TOO_LARGE";
+    /// `/file`: the file changed while being sent.
+    pub const FILE_CHANGED: &str = "FILE_CHANGED";
+    /// `/file`: the server ended the transfer.
+    pub const FILE_FAILED: &str = "FILE_FAILED";
+
+    /// A file someone sent us was refused (and deleted).
+    pub const FILE_REJECTED: &str = "FILE_REJECTED";
+    /// A message to us could not be decrypted.
+    pub const UNDECRYPTABLE: &str = "UNDECRYPTABLE";
+    /// A frame from the server that is malformed or unexpected (ignored).
+    pub const BAD_FRAME: &str = "BAD_FRAME";
+    /// A frame whose server signature does not verify (ignored).
+    pub const BAD_SERVER_SIG: &str = "BAD_SERVER_SIG";
+    /// The server's key is unusable.
+    pub const BAD_SERVER_KEY: &str = "BAD_SERVER_KEY";
+    /// The server's key differs from the one pinned for its URL.
+    pub const SERVER_KEY_CHANGED: &str = "SERVER_KEY_CHANGED";
+    /// A directory entry with an unusable key (that user is ignored).
+    pub const BAD_USER_KEY: &str = "BAD_USER_KEY";
+    /// The key file can be read by other users of this machine.
+    pub const KEY_FILE_PERMISSIONS: &str = "KEY_FILE_PERMISSIONS";
+    /// The data directory cannot be created: server pins are not saved.
+    pub const DATA_DIR: &str = "DATA_DIR";
+    /// A user's key differs from the one pinned for them (§7): `/trust` after checking it.
+    pub const USER_KEY_CHANGED: &str = "USER_KEY_CHANGED";
+    /// `/tell`, `/all` or `/file` refused: the recipient's changed key is not trusted yet.
+    pub const KEY_NOT_TRUSTED: &str = "KEY_NOT_TRUSTED";
+    /// `/login` or `/register` typed before logging in did not work (type it again).
+    pub const LOGIN_FAILED: &str = "LOGIN_FAILED";
+
+    /// Whether a warning with `code` means a command failed.
+    pub fn is_failure(code: &str) -> bool {
+        matches!(
+            code,
+            USAGE
+                | UNKNOWN_COMMAND
+                | NOT_A_COMMAND
+                | NO_SUCH_USER
+                | AMBIGUOUS_NAME
+                | NO_RECIPIENTS
+                | ENCRYPT_FAILED
+                | FILE_UNREADABLE
+                | FILE_TOO_LARGE
+                | FILE_CHANGED
+                | FILE_FAILED
+                | KEY_NOT_TRUSTED
+        )
+    }
 }
 
 /// Something to show the person (or the script).
@@ -172,9 +247,26 @@ pub enum Event {
         code: String,
         detail: String,
     },
-    Warning(String),
+    /// Something the client noticed: a stable code (see [`warning`]) and English detail.
+    Warning {
+        code: &'static str,
+        detail: String,
+    },
     /// Something the client did that the person should know about.
     Notice(String),
+    /// The answer to `/help`.
+    Help(&'static str),
+    /// A command's frames were handed to the server: `/tell` and `/file` to one user, `/all`
+    /// to every other member online. An `error` may still follow if the server cannot deliver.
+    Sent {
+        command: &'static str,
+        /// (user_id, name) of each recipient.
+        to: Vec<(String, String)>,
+        /// Messages per recipient (a long text is split); 1 for a file.
+        parts: usize,
+        /// The file's name and size, for `/file`.
+        file: Option<(String, u64)>,
+    },
     /// How far a file transfer has come.
     Progress {
         sending: bool,
@@ -232,8 +324,32 @@ impl Event {
                 out
             }
             Event::ServerError { code, detail } => format!("! {code}: {detail}"),
-            Event::Warning(w) => format!("! warning: {w}"),
+            Event::Warning { detail, .. } => format!("! warning: {detail}"),
             Event::Notice(n) => format!("* {n}"),
+            Event::Help(text) => text.to_string(),
+            Event::Sent {
+                command,
+                to,
+                parts,
+                file,
+            } => {
+                let names: Vec<&str> = to.iter().map(|(_, name)| name.as_str()).collect();
+                match (command, file) {
+                    (_, Some((file, size))) => {
+                        format!("* sent {file} ({size} bytes) to {}", names.join(", "))
+                    }
+                    (&"all", _) => {
+                        let each = if *parts > 1 {
+                            format!(" ({parts} parts each)")
+                        } else {
+                            String::new()
+                        };
+                        format!("* sent to {} users: {}{each}", to.len(), names.join(", "))
+                    }
+                    _ if *parts > 1 => format!("* sent to {} in {parts} parts", names.join(", ")),
+                    _ => format!("* sent to {}", names.join(", ")),
+                }
+            }
             Event::Progress {
                 sending,
                 name,
@@ -287,8 +403,27 @@ impl Event {
             Event::ServerError { code, detail } => {
                 json!({"event": "error", "code": code, "detail": detail})
             }
-            Event::Warning(w) => json!({"event": "warning", "detail": w}),
+            Event::Warning { code, detail } => {
+                json!({"event": "warning", "code": code, "detail": detail})
+            }
             Event::Notice(n) => json!({"event": "notice", "detail": n}),
+            Event::Help(text) => json!({"event": "help", "text": text}),
+            Event::Sent {
+                command,
+                to,
+                parts,
+                file,
+            } => {
+                let mut v = json!({"event": "sent", "command": command,
+                    "to": to.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+                    "names": to.iter().map(|(_, name)| name).collect::<Vec<_>>(),
+                    "copies": to.len(), "parts": parts});
+                if let Some((name, size)) = file {
+                    v["file"] = json!(name);
+                    v["size"] = json!(size);
+                }
+                v
+            }
             Event::Progress {
                 sending,
                 name,
@@ -303,6 +438,16 @@ impl Event {
                 size,
             } => json!({"event": "file", "from": from, "name": name, "path": path, "size": size}),
             Event::Closed => json!({"event": "closed"}),
+        }
+    }
+
+    /// Whether this says a command of ours failed: an `ERROR` from the server (it answers
+    /// something we sent) or a local warning of the failure kind ([`warning::is_failure`]).
+    pub fn is_failure(&self) -> bool {
+        match self {
+            Event::ServerError { .. } => true,
+            Event::Warning { code, .. } => warning::is_failure(code),
+            _ => false,
         }
     }
 }
@@ -435,32 +580,34 @@ impl Session {
                 self.push_frame(types::CTRL_CLOSE, &server, now_ms, &json!({}), false);
                 return Outcome::Quit;
             }
-            "/help" => self.warn_plain(HELP),
+            "/help" => self.events.push(Event::Help(HELP)),
             "/list" => {
                 self.lists_requested += 1;
                 let server = self.server_id();
                 self.push_frame(types::LIST_REQUEST, &server, now_ms, &json!({}), false);
             }
             "/tell" => match rest.split_once(' ') {
-                Some((who, text)) if !text.is_empty() => match self.resolve(who) {
-                    Ok(id) => self.send_text(&id, text, now_ms, false),
-                    Err(e) => self.events.push(Event::Warning(e)),
-                },
-                _ => self.warn("usage: /tell <name|id> <text>"),
+                Some((who, text)) if !text.is_empty() => {
+                    if let Some(id) = self.resolve_or_warn(who) {
+                        self.send_texts("tell", &[id], text, now_ms);
+                    }
+                }
+                _ => self.warn(warning::USAGE, "usage: /tell <name|id> <text>"),
             },
-            "/trust" => match self.resolve(rest.trim()) {
-                Ok(id) => self.trust(&id),
-                Err(e) => self.events.push(Event::Warning(e)),
-            },
+            "/trust" => {
+                if let Some(id) = self.resolve_or_warn(rest.trim()) {
+                    self.trust(&id);
+                }
+            }
             "/file" => match rest.split_once(' ') {
                 Some((who, path)) if !path.trim().is_empty() => {
                     self.start_file(who, path.trim(), now_ms)
                 }
-                _ => self.warn("usage: /file <name|id> <path>"),
+                _ => self.warn(warning::USAGE, "usage: /file <name|id> <path>"),
             },
             "/all" => {
                 if rest.is_empty() {
-                    self.warn("usage: /all <text>");
+                    self.warn(warning::USAGE, "usage: /all <text>");
                 } else {
                     let members: Vec<String> = self
                         .directory
@@ -469,17 +616,23 @@ impl Session {
                         .cloned()
                         .collect();
                     if members.is_empty() {
-                        self.warn("no other member of the public channel is online");
-                    }
-                    for id in members {
-                        self.send_text(&id, rest, now_ms, true);
+                        self.warn(
+                            warning::NO_RECIPIENTS,
+                            "no other member of the public channel is online",
+                        );
+                    } else {
+                        self.send_texts("all", &members, rest, now_ms);
                     }
                 }
             }
-            other if other.starts_with('/') => {
-                self.warn(&format!("unknown command {other}; try /help"))
-            }
-            _ => self.warn("to send a message, use /tell <name> <text> or /all <text>"),
+            other if other.starts_with('/') => self.warn(
+                warning::UNKNOWN_COMMAND,
+                &format!("unknown command {other}; try /help"),
+            ),
+            _ => self.warn(
+                warning::NOT_A_COMMAND,
+                "to send a message, use /tell <name> <text> or /all <text>",
+            ),
         }
         Outcome::Continue
     }
@@ -509,12 +662,55 @@ impl Session {
         })
     }
 
-    fn warn(&mut self, text: &str) {
-        self.events.push(Event::Warning(text.to_string()));
+    pub(crate) fn warn(&mut self, code: &'static str, text: &str) {
+        self.events.push(Event::Warning {
+            code,
+            detail: text.to_string(),
+        });
     }
 
-    fn warn_plain(&mut self, text: &str) {
-        self.events.push(Event::Warning(text.to_string()));
+    /// [`Session::resolve`], or a warning saying why not (`NO_SUCH_USER`, `AMBIGUOUS_NAME`).
+    pub(crate) fn resolve_or_warn(&mut self, who: &str) -> Option<String> {
+        match self.resolve(who) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                let code = if self
+                    .directory
+                    .values()
+                    .any(|p| p.name.as_deref() == Some(who))
+                {
+                    warning::AMBIGUOUS_NAME
+                } else {
+                    warning::NO_SUCH_USER
+                };
+                self.warn(code, &e);
+                None
+            }
+        }
+    }
+
+    /// `text` to each of `to` ([`Session::send_text`]), then one `Sent` event naming those it
+    /// went to.
+    fn send_texts(&mut self, command: &'static str, to: &[String], text: &str, now_ms: i64) {
+        let parts = split_utf8(text, crypto::MAX_PLAINTEXT).len();
+        let mut sent = Vec::new();
+        for id in to {
+            let before = self.outbox.len();
+            self.send_text(id, text, now_ms, command == "all");
+            // send_text queues one frame per part, or warns and stops: a recipient counts as
+            // sent to only when every part was queued.
+            if self.outbox.len() - before == parts {
+                sent.push((id.clone(), self.name_of(id)));
+            }
+        }
+        if !sent.is_empty() {
+            self.events.push(Event::Sent {
+                command,
+                to: sent,
+                parts,
+                file: None,
+            });
+        }
     }
 
     fn server_id(&self) -> String {
@@ -551,10 +747,10 @@ impl Session {
     /// Encrypts `text` for `to` (split into 446-byte pieces) and queues the frames.
     fn send_text(&mut self, to: &str, text: &str, now_ms: i64, public: bool) {
         let Some(peer) = self.directory.get(to).cloned() else {
-            return self.warn(&format!("no user {to} is online"));
+            return self.warn(warning::NO_SUCH_USER, &format!("no user {to} is online"));
         };
         if let Some(problem) = self.key_problem(to) {
-            return self.warn(&format!("not sent: {problem}"));
+            return self.warn(warning::KEY_NOT_TRUSTED, &format!("not sent: {problem}"));
         }
         for (i, piece) in split_utf8(text, crypto::MAX_PLAINTEXT)
             .into_iter()
@@ -564,7 +760,12 @@ impl Session {
             let ts = now_ms + i as i64;
             let ct = match peer.key.encrypt(piece.as_bytes()) {
                 Ok(ct) => ct,
-                Err(e) => return self.warn(&format!("cannot encrypt for {to}: {e}")),
+                Err(e) => {
+                    return self.warn(
+                        warning::ENCRYPT_FAILED,
+                        &format!("cannot encrypt for {to}: {e}"),
+                    );
+                }
             };
             let ciphertext = crate::b64::encode(&ct);
             let sig_to = if public { None } else { Some(to) };
@@ -588,21 +789,54 @@ impl Session {
     pub fn on_frame(&mut self, text: &str, now_ms: i64) {
         let env = match Envelope::parse(text) {
             Ok(env) => env,
-            Err(e) => return self.warn(&format!("unreadable frame from the server: {e}")),
+            Err(e) => {
+                return self.warn(
+                    warning::BAD_FRAME,
+                    &format!("unreadable frame from the server: {e}"),
+                );
+            }
         };
         if env.kind == types::AUTH_CHALLENGE {
             return self.on_challenge(&env, now_ms);
         }
         let Some((_, server_key)) = &self.server else {
-            return self.warn(&format!("{} before AUTH_CHALLENGE; ignored", env.kind));
+            if env.kind == types::ERROR {
+                // The server refused our hello before showing its key: the pin, if any, checks
+                // it; otherwise it is shown as unverified (it can only end this session).
+                let verified = self.pins.get(&self.url).is_some_and(|pin| {
+                    PublicKey::parse(pin).is_ok_and(|key| {
+                        matches!(
+                            wire::verify_payload_sig(&key, &env.payload, &env.sig),
+                            Ok(true)
+                        )
+                    })
+                });
+                let f = env.fields();
+                let detail = f.str("detail").unwrap_or("");
+                return self.events.push(Event::ServerError {
+                    code: f.str("code").unwrap_or("ERROR").to_string(),
+                    detail: if verified {
+                        detail.to_string()
+                    } else {
+                        format!("{detail} (unverified: sent before the server's key)")
+                    },
+                });
+            }
+            return self.warn(
+                warning::BAD_FRAME,
+                &format!("{} before AUTH_CHALLENGE; ignored", env.kind),
+            );
         };
         match wire::verify_payload_sig(server_key, &env.payload, &env.sig) {
             Ok(true) => {}
             _ => {
-                return self.warn(&format!(
-                    "{} from {} has a bad server signature; ignored",
-                    env.kind, env.from
-                ));
+                return self.warn(
+                    warning::BAD_SERVER_SIG,
+                    &format!(
+                        "{} from {} has a bad server signature; ignored",
+                        env.kind, env.from
+                    ),
+                );
             }
         }
         match env.kind.as_str() {
@@ -647,7 +881,10 @@ impl Session {
                 }
             }
             types::HEARTBEAT => {}
-            other => self.warn(&format!("ignoring unexpected {other} from the server")),
+            other => self.warn(
+                warning::BAD_FRAME,
+                &format!("ignoring unexpected {other} from the server"),
+            ),
         }
     }
 
@@ -656,27 +893,38 @@ impl Session {
         let (Ok(nonce), Ok(server_id), Ok(server_pub)) =
             (f.str("nonce"), f.str("server_id"), f.str("server_pubkey"))
         else {
-            return self.warn("malformed AUTH_CHALLENGE");
+            return self.warn(warning::BAD_FRAME, "malformed AUTH_CHALLENGE");
         };
         let key = match PublicKey::parse(server_pub) {
             Ok(k) => Arc::new(k),
-            Err(e) => return self.warn(&format!("server key rejected: {e}")),
+            Err(e) => {
+                return self.warn(
+                    warning::BAD_SERVER_KEY,
+                    &format!("server key rejected: {e}"),
+                );
+            }
         };
         if !matches!(
             wire::verify_payload_sig(&key, &env.payload, &env.sig),
             Ok(true)
         ) {
-            return self.warn("AUTH_CHALLENGE signature does not verify; not answering");
+            return self.warn(
+                warning::BAD_SERVER_SIG,
+                "AUTH_CHALLENGE signature does not verify; not answering",
+            );
         }
         if let Some(old) = self.pins.check(&self.url, key.encoded()) {
-            self.warn(&format!(
-                "the key of server {} CHANGED since last time (was {}..., now {}...). \
+            self.warn(
+                warning::SERVER_KEY_CHANGED,
+                &format!(
+                    "the key of server {} CHANGED since last time (was {}..., now {}...). \
                  If the operator did not rotate it, someone may be impersonating the server. \
                  To accept the new key, remove its entry from the pins file.",
-                self.url,
-                &old.chars().take(24).collect::<String>(),
-                &key.encoded()[..24]
-            ));
+                    self.url,
+                    &old.chars().take(24).collect::<String>(),
+                    &key.encoded()[..24]
+                ),
+            );
         }
         let server_id = server_id.to_string();
         let payload = json!({"nonce": nonce, "server_id": server_id, "user_id": self.me.user_id});
@@ -686,7 +934,7 @@ impl Session {
 
     fn on_list(&mut self, env: &Envelope) {
         let Some(Value::Array(users)) = env.payload.get("users") else {
-            return self.warn("LIST_RESPONSE without users");
+            return self.warn(warning::BAD_FRAME, "LIST_RESPONSE without users");
         };
         self.directory.clear();
         for user in users {
@@ -750,7 +998,7 @@ impl Session {
         {
             Ok(k) => k,
             Err(e) => {
-                self.warn(&format!("ignoring user {id}: {e}"));
+                self.warn(warning::BAD_USER_KEY, &format!("ignoring user {id}: {e}"));
                 return None;
             }
         };
@@ -774,14 +1022,17 @@ impl Session {
             self.changed_keys
                 .insert(id.to_string(), key.encoded().to_string());
             let shown = name.clone().unwrap_or_else(|| id.to_string());
-            self.warn(&format!(
-                "THE KEY OF {shown} ({id}) HAS CHANGED (was {}..., now {}...). Someone may be \
+            self.warn(
+                warning::USER_KEY_CHANGED,
+                &format!(
+                    "THE KEY OF {shown} ({id}) HAS CHANGED (was {}..., now {}...). Someone may be \
                  impersonating {shown}. Nothing will be sent to {shown}, and nothing from \
                  {shown} shown as authentic, until you check the new key with them and type \
                  /trust {shown}",
-                old.chars().take(24).collect::<String>(),
-                key.encoded().chars().take(24).collect::<String>(),
-            ));
+                    old.chars().take(24).collect::<String>(),
+                    key.encoded().chars().take(24).collect::<String>(),
+                ),
+            );
         }
         self.directory.insert(
             id.to_string(),
@@ -809,12 +1060,18 @@ impl Session {
             f.str("content_sig"),
             f.i64("ts"),
         ) else {
-            return self.warn(&format!("malformed {} from the server", env.kind));
+            return self.warn(
+                warning::BAD_FRAME,
+                &format!("malformed {} from the server", env.kind),
+            );
         };
         let text = match crate::b64::decode(ciphertext).map(|ct| self.me.key.decrypt(&ct)) {
             Some(Ok(plain)) => String::from_utf8_lossy(&plain).into_owned(),
             _ => {
-                return self.warn(&format!("a message from {sender} could not be decrypted"));
+                return self.warn(
+                    warning::UNDECRYPTABLE,
+                    &format!("a message from {sender} could not be decrypted"),
+                );
             }
         };
         let problem = match self.directory.get(sender) {

@@ -9,7 +9,7 @@
 //! and SHA-256 must match the manifest; only then is the file published under its sanitised name,
 //! never over an existing file. Anything else deletes the partial file and says why.
 
-use crate::client::{Event, Session};
+use crate::client::{Event, Session, warning};
 use crate::crypto::{self, MAX_PLAINTEXT, PublicKey};
 use crate::transfer::WINDOW;
 use crate::wire::{Envelope, types};
@@ -141,44 +141,45 @@ fn hex(bytes: &[u8]) -> String {
 impl Session {
     /// `/file <name|id> <path>`: the manifest now, the chunks as [`Session::pump`] is called.
     pub(crate) fn start_file(&mut self, who: &str, path: &str, now_ms: i64) {
-        let to = match self.resolve(who) {
-            Ok(id) => id,
-            Err(e) => return self.events.push(Event::Warning(e)),
+        let Some(to) = self.resolve_or_warn(who) else {
+            return;
         };
         let Some(peer) = self.directory.get(&to).cloned() else {
-            return self
-                .events
-                .push(Event::Warning(format!("no user {who} is online")));
+            return self.warn(warning::NO_SUCH_USER, &format!("no user {who} is online"));
         };
         if let Some(problem) = self.key_problem(&to) {
-            return self
-                .events
-                .push(Event::Warning(format!("file not sent: {problem}")));
+            return self.warn(
+                warning::KEY_NOT_TRUSTED,
+                &format!("file not sent: {problem}"),
+            );
         }
         let path = Path::new(path);
         let (size, sha256) = match sha256_of_file(path) {
             Ok(v) => v,
             Err(e) => {
-                return self.events.push(Event::Warning(format!(
-                    "cannot read {}: {e}",
-                    path.display()
-                )));
+                return self.warn(
+                    warning::FILE_UNREADABLE,
+                    &format!("cannot read {}: {e}", path.display()),
+                );
             }
         };
         if size > self.max_file_size {
-            return self.events.push(Event::Warning(format!(
-                "{} is {size} bytes; the limit is {} bytes",
-                path.display(),
-                self.max_file_size
-            )));
+            return self.warn(
+                warning::FILE_TOO_LARGE,
+                &format!(
+                    "{} is {size} bytes; the limit is {} bytes",
+                    path.display(),
+                    self.max_file_size
+                ),
+            );
         }
         let reader = match File::open(path) {
             Ok(f) => BufReader::with_capacity(64 * 1024, f),
             Err(e) => {
-                return self.events.push(Event::Warning(format!(
-                    "cannot read {}: {e}",
-                    path.display()
-                )));
+                return self.warn(
+                    warning::FILE_UNREADABLE,
+                    &format!("cannot read {}: {e}", path.display()),
+                );
             }
         };
         let name = sanitize_name(&path.file_name().unwrap_or_default().to_string_lossy());
@@ -234,10 +235,10 @@ impl Session {
                 Ok(n) => n,
                 Err(e) => {
                     let o = self.files.outgoing.remove(i);
-                    self.events.push(Event::Warning(format!(
-                        "file {} to {}: read failed: {e}",
-                        o.name, o.to_name
-                    )));
+                    self.warn(
+                        warning::FILE_UNREADABLE,
+                        &format!("file {} to {}: read failed: {e}", o.name, o.to_name),
+                    );
                     continue;
                 }
             };
@@ -252,15 +253,20 @@ impl Session {
                     false,
                 );
                 let event = if o.sent == o.size {
-                    Event::Notice(format!(
-                        "sent {} ({} bytes) to {}",
-                        o.name, o.size, o.to_name
-                    ))
+                    Event::Sent {
+                        command: "file",
+                        to: vec![(o.to.clone(), o.to_name.clone())],
+                        parts: 1,
+                        file: Some((o.name.clone(), o.size)),
+                    }
                 } else {
-                    Event::Warning(format!(
-                        "file {} changed while being sent; {} will reject it",
-                        o.name, o.to_name
-                    ))
+                    Event::Warning {
+                        code: warning::FILE_CHANGED,
+                        detail: format!(
+                            "file {} changed while being sent; {} will reject it",
+                            o.name, o.to_name
+                        ),
+                    }
                 };
                 self.events.push(event);
                 produced += 1;
@@ -270,8 +276,7 @@ impl Session {
                 Ok(ct) => ct,
                 Err(e) => {
                     let o = self.files.outgoing.remove(i);
-                    self.events
-                        .push(Event::Warning(format!("file {}: {e}", o.name)));
+                    self.warn(warning::ENCRYPT_FAILED, &format!("file {}: {e}", o.name));
                     continue;
                 }
             };
@@ -326,10 +331,10 @@ impl Session {
             .position(|o| detail.contains(&o.file_id))
         {
             let o = self.files.outgoing.remove(i);
-            self.events.push(Event::Warning(format!(
-                "file {} to {} failed: {detail}",
-                o.name, o.to_name
-            )));
+            self.warn(
+                warning::FILE_FAILED,
+                &format!("file {} to {} failed: {detail}", o.name, o.to_name),
+            );
         }
     }
 
@@ -337,10 +342,10 @@ impl Session {
     pub(crate) fn on_file_frame(&mut self, env: &Envelope, now_ms: i64) {
         let f = env.fields();
         let (Ok(file_id), Ok(sender)) = (f.str("file_id"), f.str("sender")) else {
-            return self.events.push(Event::Warning(format!(
-                "malformed {} from the server",
-                env.kind
-            )));
+            return self.warn(
+                warning::BAD_FRAME,
+                &format!("malformed {} from the server", env.kind),
+            );
         };
         let key = (sender.to_string(), file_id.to_string());
         if self.files.rejected.contains(&key) {
@@ -365,8 +370,10 @@ impl Session {
             if env.kind != types::FILE_END && self.files.rejected.len() < 1024 {
                 self.files.rejected.insert(key);
             }
-            self.events
-                .push(Event::Warning(format!("file {name} rejected: {why}")));
+            self.warn(
+                warning::FILE_REJECTED,
+                &format!("file {name} rejected: {why}"),
+            );
         }
     }
 

@@ -556,6 +556,23 @@ impl Server {
         if self.dir.get(user_id).is_some() {
             return self.name_in_use(now, conn);
         }
+        // A registered account owns its name (names are unique per server): another user id
+        // may not call itself that.
+        if let Some(Value::String(name)) = hello.meta.get("display_name")
+            && let Some(account) = self
+                .store
+                .user_by_display_name(name)
+                .map_err(|e| store_error(&e))?
+            && account.user_id != user_id
+        {
+            let err = WireError::new(
+                ErrorCode::NameInUse,
+                format!("display name {name} belongs to a registered account"),
+            );
+            self.error(now, conn, &err);
+            self.close(now, conn, close::POLICY, "display name taken");
+            return Ok(());
+        }
         // A challenge signed ahead of need, if there is one; the next is signed once this
         // one is on its way, while the user signs its answer.
         let Some((nonce, signed)) = self.challenges.pop().or_else(|| self.new_challenge()) else {

@@ -2,42 +2,23 @@
 
 mod common;
 
-use common::proc::{Raw, ServerProc, TempDir, WAIT, frame};
+use common::proc::{Raw, Run, ServerProc, TempDir, frame, run_socp};
 use serde_json::json;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// Runs `socp ARGS` against `server` with `input` on stdin; returns (success, stdout, stderr).
 fn socp(server: &ServerProc, dir: &TempDir, args: &[&str], input: &str) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_socp"))
-        .args(["--server", &server.url(), "--data-dir"])
-        .arg(&dir.0)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "socp {args:?} did not exit"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let run = socp_run(server, dir, args, input);
+    (run.code == Some(0), run.out, run.err)
+}
+
+/// Runs `socp --server URL --data-dir DIR ARGS` to completion.
+fn socp_run(server: &ServerProc, dir: &TempDir, args: &[&str], input: &str) -> Run {
+    let url = server.url();
+    let data = dir.0.to_string_lossy().into_owned();
+    let mut all = vec!["--server", &url, "--data-dir", &data];
+    all.extend_from_slice(args);
+    run_socp(&all, input, &[])
 }
 
 fn password_file(dir: &TempDir, name: &str, password: &str) -> String {
@@ -94,7 +75,7 @@ fn register_then_log_in_from_a_fresh_client_and_chat_with_bob_on_another_server(
 fn wrong_password_and_unknown_name_get_identical_answers() {
     let server = ServerProc::start("server1", &[]);
     let dir = TempDir::new("acct-same");
-    let pw = password_file(&dir, "pw", "s3cret");
+    let pw = password_file(&dir, "pw", "s3cret-pw");
     assert!(
         socp(
             &server,
@@ -106,7 +87,7 @@ fn wrong_password_and_unknown_name_get_identical_answers() {
     );
 
     let wrong = socp::account::auth_token("not it", "alice");
-    let unknown = socp::account::auth_token("s3cret", "nobody");
+    let unknown = socp::account::auth_token("s3cret-pw", "nobody");
     let mut answers = Vec::new();
     for (name, auth) in [("alice", wrong), ("nobody", unknown)] {
         let mut raw = Raw::connect(&server);
@@ -123,7 +104,7 @@ fn wrong_password_and_unknown_name_get_identical_answers() {
     // The right password works through the same frames.
     let mut raw = Raw::connect(&server);
     let login =
-        json!({"display_name": "alice", "auth": socp::account::auth_token("s3cret", "alice")});
+        json!({"display_name": "alice", "auth": socp::account::auth_token("s3cret-pw", "alice")});
     raw.send_text(&frame("USER_LOGIN", "", "", &login, None));
     let ok = raw.recv_kind("USER_LOGGED_IN");
     assert!(ok.payload["privkey_store"].as_str().unwrap().len() > 100);
@@ -133,7 +114,7 @@ fn wrong_password_and_unknown_name_get_identical_answers() {
 fn a_display_name_is_registered_once() {
     let server = ServerProc::start("server1", &[]);
     let dir = TempDir::new("acct-twice");
-    let pw = password_file(&dir, "pw", "pw-one");
+    let pw = password_file(&dir, "pw", "password-one");
     assert!(
         socp(
             &server,
@@ -143,7 +124,7 @@ fn a_display_name_is_registered_once() {
         )
         .0
     );
-    let pw2 = password_file(&dir, "pw2", "pw-two");
+    let pw2 = password_file(&dir, "pw2", "password-two");
     let (ok, _, err) = socp(
         &server,
         &dir,
@@ -152,13 +133,24 @@ fn a_display_name_is_registered_once() {
     );
     assert!(!ok);
     assert!(err.contains("NAME_IN_USE"), "{err}");
+    let run = socp_run(
+        &server,
+        &dir,
+        &["--register", "alice", "--password-file", &pw2],
+        "",
+    );
+    assert_eq!(
+        run.code,
+        Some(5),
+        "a name taken is a credentials failure: {run:?}"
+    );
 }
 
 #[test]
 fn an_account_survives_kill_9_right_after_registering() {
     let server = ServerProc::start("server1", &[]);
     let dir = TempDir::new("acct-durable");
-    let pw = password_file(&dir, "pw", "durable");
+    let pw = password_file(&dir, "pw", "durable-pw");
     let (ok, out, _) = socp(
         &server,
         &dir,
@@ -274,4 +266,266 @@ fn a_registration_is_refused_once_the_database_files_are_deleted() {
     server.wait_log("no longer the file at");
     // Still refused: nothing is acknowledged into a database that the next start will not open.
     assert_eq!(register_raw(&server, "later", "user3").kind, "ERROR");
+}
+
+// -------------------------------------------------------------------- passwords and exit codes
+
+#[test]
+fn register_refuses_a_password_shorter_than_8_characters() {
+    let server = ServerProc::start("server1", &[]);
+    let dir = TempDir::new("acct-short");
+    let pw = password_file(&dir, "pw", "1234567");
+    let run = socp_run(
+        &server,
+        &dir,
+        &["--register", "alice", "--password-file", &pw],
+        "",
+    );
+    assert_eq!(run.code, Some(5), "{run:?}");
+    assert!(run.err.contains("too short"), "{run:?}");
+    assert!(run.err.contains("at least 8 characters"), "{run:?}");
+    // Nothing was registered: the name is still free.
+    let pw = password_file(&dir, "pw8", "12345678");
+    let run = socp_run(
+        &server,
+        &dir,
+        &["--register", "alice", "--password-file", &pw],
+        "",
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.out.contains("* registered alice as "), "{run:?}");
+}
+
+#[test]
+fn an_account_with_a_short_password_from_before_the_rule_still_logs_in() {
+    let server = ServerProc::start("server1", &[]);
+    let dir = TempDir::new("acct-old");
+    let key = common::keys::test_key("user3");
+    let register = json!({
+        "user_id": "id-old",
+        "pubkey": key.public_key().encoded(),
+        "privkey_store": socp::account::seal_private_key(&key, "short"),
+        "auth": socp::account::auth_token("short", "old"),
+        "meta": {"display_name": "old"},
+    });
+    let mut raw = Raw::connect(&server);
+    raw.send_text(&frame("USER_REGISTER", "id-old", "", &register, Some(&key)));
+    raw.recv_kind("USER_REGISTERED");
+    let pw = password_file(&dir, "pw", "short");
+    let run = socp_run(
+        &server,
+        &dir,
+        &["--login", "old", "--password-file", &pw],
+        "",
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.out.contains("* connected as old (id-old)"), "{run:?}");
+}
+
+/// Runs `argv` under a pseudo-terminal (python3's `pty`): for each `(prompt, answer)` waits for
+/// `prompt` in the output, then types `answer`. Returns the exit code and the whole output, or
+/// `None` when python3 is not available.
+fn under_pty(argv: &[&str], steps: &[(&str, &str)]) -> Option<(i32, String)> {
+    const SCRIPT: &str = r#"
+import json, os, pty, select, sys, time
+steps = json.loads(sys.argv[1])
+argv = sys.argv[2:]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+out = b""
+deadline = time.time() + 30
+def read_some():
+    global out
+    r, _, _ = select.select([fd], [], [], 0.2)
+    if r:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return False
+        if not data:
+            return False
+        out += data
+    return time.time() < deadline
+pos = 0
+for want, answer in steps:
+    while want.encode() not in out[pos:]:
+        if not read_some():
+            break
+    if want.encode() not in out[pos:]:
+        break
+    pos = out.index(want.encode(), pos) + len(want)
+    time.sleep(0.3)  # as a person would: after the prompt, once echo is off
+    os.write(fd, (answer + "\n").encode())
+while read_some():
+    pass
+if time.time() >= deadline:
+    os.kill(pid, 9)
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+    let steps = serde_json::to_string(steps).unwrap();
+    let out = Command::new("python3")
+        .args(["-c", SCRIPT, &steps])
+        .args(argv)
+        .output()
+        .ok()?;
+    Some((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+#[test]
+fn register_at_a_terminal_asks_for_the_password_twice() {
+    let server = ServerProc::start("server1", &[]);
+    let dir = TempDir::new("acct-tty");
+    let url = server.url();
+    let data = dir.0.to_string_lossy().into_owned();
+    let argv = [
+        env!("CARGO_BIN_EXE_socp"),
+        "--server",
+        &url,
+        "--data-dir",
+        &data,
+        "--register",
+        "alice",
+    ];
+    let Some((code, out)) = under_pty(
+        &argv,
+        &[("New password", "password-one"), ("Repeat", "password-two")],
+    ) else {
+        eprintln!("skipped: python3 is not available");
+        return;
+    };
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("passwords do not match"), "{out}");
+    assert!(!out.contains("password-one"), "echoed: {out}");
+
+    let (code, out) = under_pty(&argv, &[("New password", "2short")]).unwrap();
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("password too short"), "{out}");
+
+    let (code, out) = under_pty(
+        &argv,
+        &[
+            ("New password", "password-one"),
+            ("Repeat", "password-one"),
+            ("connected as alice", "/quit"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("* registered alice as "), "{out}");
+}
+
+#[test]
+fn login_on_a_fresh_machine_creates_the_data_directory_and_pins_the_server() {
+    let server = ServerProc::start("server1", &[]);
+    let first = TempDir::new("acct-first");
+    let pw = password_file(&first, "pw", "correct horse battery");
+    let run = socp_run(
+        &server,
+        &first,
+        &["--register", "alice", "--password-file", &pw],
+        "",
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+
+    let fresh = TempDir::new("acct-fresh");
+    let data = fresh.0.join("not").join("yet");
+    let url = server.url();
+    let run = run_socp(
+        &[
+            "--server",
+            &url,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--login",
+            "alice",
+            "--password-file",
+            &pw,
+        ],
+        "",
+        &[],
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(!run.err.contains("cannot save server pin"), "{run:?}");
+    assert!(data.join("server-pins.json").exists(), "{run:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+}
+
+#[test]
+fn bad_credentials_exit_5() {
+    let server = ServerProc::start("server1", &[]);
+    let dir = TempDir::new("acct-bad");
+    let pw = password_file(&dir, "pw", "correct horse battery");
+    assert_eq!(
+        socp_run(
+            &server,
+            &dir,
+            &["--register", "alice", "--password-file", &pw],
+            ""
+        )
+        .code,
+        Some(0)
+    );
+    let wrong = password_file(&dir, "wrong", "not the password");
+    let run = socp_run(
+        &server,
+        &dir,
+        &["--login", "alice", "--password-file", &wrong],
+        "",
+    );
+    assert_eq!(run.code, Some(5), "{run:?}");
+    assert!(run.err.contains("invalid credentials"), "{run:?}");
+
+    let run = socp_run(
+        &server,
+        &dir,
+        &["--login", "alice", "--password-file", &wrong, "--json"],
+        "",
+    );
+    assert_eq!(run.code, Some(5), "{run:?}");
+    let fatal: serde_json::Value = serde_json::from_str(run.out.trim()).expect("one JSON line");
+    assert_eq!(fatal["event"], "fatal");
+    assert_eq!(fatal["code"], "BAD_CREDENTIALS");
+    assert_eq!(fatal["exit"], 5);
+}
+
+#[test]
+fn a_key_file_user_cannot_take_a_registered_accounts_name() {
+    let server = ServerProc::start("server1", &[]);
+    let dir = TempDir::new("acct-squat");
+    let pw = password_file(&dir, "pw", "correct horse battery");
+    assert_eq!(
+        socp_run(
+            &server,
+            &dir,
+            &["--register", "alice", "--password-file", &pw],
+            ""
+        )
+        .code,
+        Some(0)
+    );
+    // Another key (a key file on some machine) calling itself alice.
+    let key = common::keys::test_key("user2");
+    let body = json!({"user_id": "id-squatter", "display_name": "alice",
+                      "private_key": key.to_pem()});
+    std::fs::write(dir.0.join("alice.json"), body.to_string()).unwrap();
+    let run = socp_run(&server, &dir, &["--name", "alice"], "/tell alice hi\n");
+    assert_eq!(run.code, Some(5), "{run:?}");
+    assert!(run.out.contains("NAME_IN_USE"), "{run:?}");
+    assert!(!run.out.contains("* connected as"), "{run:?}");
+    // The account itself still logs in.
+    let run = socp_run(
+        &server,
+        &dir,
+        &["--login", "alice", "--password-file", &pw],
+        "",
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::proc::{Line, ServerProc, TempDir};
+use common::proc::{Line, Run, ServerProc, TempDir, run_socp};
 use std::time::Duration;
 
 fn two_users_chat(first: &str, second: &str) {
@@ -124,6 +124,12 @@ fn json_output_is_one_object_per_line() {
     let key_file = serde_json::json!({"user_id": "id-bob", "display_name": "bob",
                                       "private_key": key.to_pem()});
     std::fs::write(dir.0.join("bob.json"), key_file.to_string()).unwrap();
+    use std::os::unix::fs::PermissionsExt; // as the client creates it (else a warning comes first)
+    std::fs::set_permissions(
+        dir.0.join("bob.json"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_socp"))
         .args([
             "--server",
@@ -216,4 +222,272 @@ fn a_message_whose_content_signature_fails_is_shown_as_not_authentic() {
         line,
         "[dm] mallory (NOT AUTHENTIC: content signature does not verify): trust me"
     );
+}
+
+// -------------------------------------------------------------------- scripting: exit codes
+
+/// Writes the fixture key `key_name` as `name`'s key file in `dir` (as `Line::start` does).
+fn place_key(dir: &std::path::Path, name: &str, key_name: &str) {
+    let key = common::keys::test_key(key_name);
+    let body = serde_json::json!({"user_id": format!("id-{name}"), "display_name": name,
+                                  "private_key": key.to_pem()});
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, body.to_string()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// `socp --server URL --name alice --data-dir DIR EXTRA…`, alice's key placed in DIR.
+fn alice(server: &ServerProc, dir: &TempDir, extra: &[&str], input: &str) -> Run {
+    place_key(&dir.0, "alice", "user1");
+    let url = server.url();
+    let data = dir.0.to_string_lossy().into_owned();
+    let mut args = vec!["--server", &url, "--name", "alice", "--data-dir", &data];
+    args.extend_from_slice(extra);
+    run_socp(&args, input, &[])
+}
+
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+#[test]
+fn sent_events_say_to_whom_and_how_many_copies() {
+    let server = ServerProc::start("server1", &[]);
+    let dir = TempDir::new("sent");
+    let downloads = TempDir::new("sent-dl");
+    let dl = downloads.0.to_string_lossy().into_owned();
+    let mut bob = Line::start_args(&server, "bob", "user2", &dir.0, &["--downloads", &dl]);
+    let mut carol = Line::start(&server, "carol", "user3", &dir.0);
+    bob.expect("* carol is online");
+    let file = dir.0.join("note.txt");
+    std::fs::write(&file, "hello file").unwrap();
+    let long = "y".repeat(500);
+    let input = format!(
+        "/tell bob hi\n/tell carol {long}\n/all hello all\n/file bob {}\n",
+        file.display()
+    );
+
+    let run = alice(&server, &dir, &[], &input);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    for line in [
+        "* sent to bob\n",
+        "* sent to carol in 2 parts\n",
+        "* sent to 2 users: bob, carol\n",
+        "* sent note.txt (10 bytes) to bob\n",
+    ] {
+        assert!(run.out.contains(line), "no {line:?} in {run:?}");
+    }
+    bob.expect("[dm] alice: hi");
+    carol.expect("[all] alice: hello all");
+
+    let run = alice(&server, &dir, &["--json"], &input);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let sent: Vec<serde_json::Value> = json_lines(&run.out)
+        .into_iter()
+        .filter(|e| e["event"] == "sent")
+        .collect();
+    assert_eq!(sent.len(), 4, "{run:?}");
+    assert_eq!(
+        sent[0],
+        serde_json::json!({"event": "sent", "command": "tell", "to": ["id-bob"],
+                           "names": ["bob"], "copies": 1, "parts": 1})
+    );
+    assert_eq!(sent[1]["to"], serde_json::json!(["id-carol"]));
+    assert_eq!(sent[1]["parts"], 2);
+    assert_eq!(sent[2]["command"], "all");
+    assert_eq!(sent[2]["to"], serde_json::json!(["id-bob", "id-carol"]));
+    assert_eq!(sent[2]["names"], serde_json::json!(["bob", "carol"]));
+    assert_eq!(sent[2]["copies"], 2);
+    assert_eq!(sent[3]["command"], "file");
+    assert_eq!(sent[3]["to"], serde_json::json!(["id-bob"]));
+    assert_eq!(sent[3]["copies"], 1);
+    assert_eq!(sent[3]["file"], "note.txt");
+    assert_eq!(sent[3]["size"], 10);
+}
+
+#[test]
+fn a_failed_command_exits_1_after_running_the_rest() {
+    let server = ServerProc::start("server1", &[]);
+    let dir = TempDir::new("fail");
+    let mut bob = Line::start(&server, "bob", "user2", &dir.0);
+    for bad in [
+        "/tell nobody hi",
+        "/file nobody /etc/hostname",
+        "/file bob /no/such/file",
+        "/tell bob",
+        "/frobnicate",
+        "just text",
+    ] {
+        let run = alice(
+            &server,
+            &dir,
+            &[],
+            &format!("{bad}\n/tell bob after {bad}\n"),
+        );
+        assert_eq!(run.code, Some(1), "{bad}: {run:?}");
+        assert!(run.out.contains("! warning: "), "{bad}: {run:?}");
+        // The rest of the script still ran.
+        bob.expect(&format!("[dm] alice: after {bad}"));
+    }
+    // Success is 0.
+    let run = alice(&server, &dir, &[], "/tell bob fine\n/list\n");
+    assert_eq!(run.code, Some(0), "{run:?}");
+}
+
+#[test]
+fn the_server_going_away_mid_session_exits_3() {
+    let mut server = ServerProc::start("server1", &[]);
+    let dir = TempDir::new("gone");
+    let mut alice = Line::start(&server, "alice", "user1", &dir.0);
+    server.terminate(); // closes every connection with 1001
+    alice.expect("* disconnected");
+    assert_eq!(alice.wait_exit().code(), Some(3));
+
+    let server = ServerProc::start("server1", &[]);
+    let mut alice = Line::start(&server, "alice", "user1", &dir.0);
+    let mut server = server;
+    server.kill9(); // no close frame: the connection just ends
+    assert_eq!(alice.wait_exit().code(), Some(3), "{:?}", alice.seen);
+}
+
+#[test]
+fn cannot_connect_exits_4_and_says_so_in_json_too() {
+    let port = common::proc::free_ports(1)[0];
+    let dir = TempDir::new("noconn");
+    place_key(&dir.0, "alice", "user1");
+    let url = format!("ws://127.0.0.1:{port}");
+    let data = dir.0.to_string_lossy().into_owned();
+    let args = ["--server", &url, "--name", "alice", "--data-dir", &data];
+    let run = run_socp(&args, "", &[]);
+    assert_eq!(run.code, Some(4), "{run:?}");
+    assert!(run.err.contains("cannot connect"), "{run:?}");
+
+    let mut json = args.to_vec();
+    json.push("--json");
+    let run = run_socp(&json, "", &[]);
+    assert_eq!(run.code, Some(4), "{run:?}");
+    let events = json_lines(&run.out);
+    assert_eq!(events.len(), 1, "{run:?}");
+    assert_eq!(events[0]["event"], "fatal");
+    assert_eq!(events[0]["code"], "CANNOT_CONNECT");
+    assert_eq!(events[0]["exit"], 4);
+    assert!(events[0]["detail"].as_str().unwrap().contains(&url));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["--bogus"][..],
+        &["--name", "bad name!"],
+        &["--name", "a", "--login", "b"],
+    ] {
+        let run = run_socp(args, "", &[]);
+        assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
+        assert!(run.err.contains("socp --help"), "{run:?}");
+    }
+    let run = run_socp(&["--bogus", "--json"], "", &[]);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    let events = json_lines(&run.out);
+    assert_eq!(events[0]["event"], "fatal");
+    assert_eq!(events[0]["code"], "USAGE");
+}
+
+#[test]
+fn json_warnings_carry_a_stable_code_and_help_is_not_a_warning() {
+    let server = ServerProc::start("server1", &[]);
+    let dir = TempDir::new("codes");
+    let run = alice(
+        &server,
+        &dir,
+        &["--json"],
+        "/help\n/tell nobody hi\n/frobnicate\n/all hi\n",
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let events = json_lines(&run.out);
+    let help = events.iter().find(|e| e["event"] == "help").expect("help");
+    assert!(help["text"].as_str().unwrap().contains("/tell"), "{help}");
+    let codes: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "warning")
+        .map(|e| e["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["NO_SUCH_USER", "UNKNOWN_COMMAND", "NO_RECIPIENTS"]);
+
+    let run = alice(&server, &dir, &[], "/help\n");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.out.contains("\n  /tell"), "{run:?}");
+    assert!(!run.out.contains("warning"), "{run:?}");
+}
+
+#[test]
+fn a_key_file_readable_by_others_is_warned_about() {
+    let server = ServerProc::start("server1", &[]);
+    let dir = TempDir::new("perm");
+    place_key(&dir.0, "alice", "user1");
+    use std::os::unix::fs::PermissionsExt;
+    let key = dir.0.join("alice.json");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let url = server.url();
+    let data = dir.0.to_string_lossy().into_owned();
+    let args = [
+        "--server",
+        &url,
+        "--name",
+        "alice",
+        "--data-dir",
+        &data,
+        "--json",
+    ];
+    let run = run_socp(&args, "", &[]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let events = json_lines(&run.out);
+    let warning = events
+        .iter()
+        .find(|e| e["event"] == "warning")
+        .expect("a warning");
+    assert_eq!(warning["code"], "KEY_FILE_PERMISSIONS", "{run:?}");
+    assert!(
+        warning["detail"].as_str().unwrap().contains("chmod 600"),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn the_client_reads_socp_client_data_dir_not_the_servers_variable() {
+    let server = ServerProc::start("server1", &[]);
+    let (mine, servers, home) = (
+        TempDir::new("cdir"),
+        TempDir::new("sdir"),
+        TempDir::new("home"),
+    );
+    place_key(&mine.0, "alice", "user1");
+    let url = server.url();
+    let env = [
+        ("SOCP_CLIENT_DATA_DIR", mine.0.to_str().unwrap()),
+        ("SOCP_DATA_DIR", servers.0.to_str().unwrap()),
+        ("HOME", home.0.to_str().unwrap()),
+        ("XDG_DATA_HOME", ""),
+    ];
+    let run = run_socp(&["--server", &url, "--name", "alice"], "", &env);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.out.contains("* connected as alice (id-alice)"),
+        "{run:?}"
+    );
+    assert!(mine.0.join("server-pins.json").exists());
+    assert_eq!(std::fs::read_dir(&servers.0).unwrap().count(), 0);
+
+    // A key left in the server's variable's folder is not silently replaced by a new one.
+    let env = [
+        ("SOCP_DATA_DIR", mine.0.to_str().unwrap()),
+        ("HOME", home.0.to_str().unwrap()),
+        ("XDG_DATA_HOME", ""),
+    ];
+    let run = run_socp(&["--server", &url, "--name", "alice"], "", &env);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.err.contains("SOCP_CLIENT_DATA_DIR"), "{run:?}");
+    assert!(!home.0.join(".local/share/socp/alice.json").exists());
 }

@@ -1007,6 +1007,77 @@ fn racing_hellos_for_one_id_the_second_response_gets_name_in_use() {
     assert_eq!(h.list(c1, "alice"), ["alice"]);
 }
 
+#[test]
+fn a_registered_accounts_name_is_refused_to_other_user_ids() {
+    // README: display names are unique per server. An account owns its name; a key-file user
+    // (another user id) saying it is called that is refused, the account itself is not.
+    let mut h = Harness::new();
+    let (owner, other) = (test_key("user1"), test_key("user2"));
+    let (c1, c2, c3) = (conn(1), conn(2), conn(3));
+    h.open(c1);
+    h.clear();
+    let register = json!({
+        "user_id": "acct-alice",
+        "pubkey": owner.public_key().encoded(),
+        "privkey_store": socp::b64::encode(b"sealed elsewhere"),
+        "auth": socp::account::auth_token("a long password", "alice"),
+        "meta": {"display_name": "alice"},
+    });
+    let f = h.user_frame(
+        types::USER_REGISTER,
+        "acct-alice",
+        "",
+        &register,
+        Some(&owner),
+    );
+    h.send(c1, &f);
+    assert_eq!(kinds(&h.frames_to(c1)), [types::USER_REGISTERED]);
+
+    let hello_as = |key: &PrivateKey, name: &str| {
+        let pubkey = key.public_key().encoded();
+        json!({"client": "t", "pubkey": pubkey, "enc_pubkey": pubkey,
+               "meta": {"display_name": name}})
+    };
+    h.open(c2);
+    h.clear();
+    let f = h.user_frame(
+        types::USER_HELLO,
+        "squatter",
+        "",
+        &hello_as(&other, "alice"),
+        None,
+    );
+    h.send(c2, &f);
+    assert_error(&h.frames_to(c2), "NAME_IN_USE", "alice");
+    assert_eq!(h.closes(c2), [close::POLICY]);
+
+    // The account's own user id may use it; names compare exactly, and key-only names are
+    // not reserved.
+    h.open(c3);
+    h.clear();
+    let f = h.user_frame(
+        types::USER_HELLO,
+        "acct-alice",
+        "",
+        &hello_as(&owner, "alice"),
+        None,
+    );
+    h.send(c3, &f);
+    assert_eq!(kinds(&h.frames_to(c3)), [types::AUTH_CHALLENGE]);
+    let c4 = conn(4);
+    h.open(c4);
+    h.clear();
+    let f = h.user_frame(
+        types::USER_HELLO,
+        "squatter",
+        "",
+        &hello_as(&other, "Alice"),
+        None,
+    );
+    h.send(c4, &f);
+    assert_eq!(kinds(&h.frames_to(c4)), [types::AUTH_CHALLENGE]);
+}
+
 // -------------------------------------------------------------------- 9. weak keys (§3.1)
 
 #[test]

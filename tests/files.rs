@@ -22,6 +22,17 @@ fn bob(b: &ServerProc, dir: &TempDir, dl: &Path) -> Line {
 
 /// alice on A sends `path` to bob and leaves once it is sent; returns her output.
 fn alice_sends(a: &ServerProc, dir: &TempDir, path: &Path, extra: &[&str]) -> String {
+    alice_sends_exit(a, dir, path, extra, 0)
+}
+
+/// [`alice_sends`], asserting the client's exit status (1: the `/file` failed).
+fn alice_sends_exit(
+    a: &ServerProc,
+    dir: &TempDir,
+    path: &Path,
+    extra: &[&str],
+    status: i32,
+) -> String {
     let key = test_key("user1");
     let key_file = json!({"user_id": "id-alice", "display_name": "alice",
                           "private_key": key.to_pem()});
@@ -45,9 +56,11 @@ fn alice_sends(a: &ServerProc, dir: &TempDir, path: &Path, extra: &[&str]) -> St
             child.wait_with_output()
         })
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
+    assert_eq!(
+        out.status.code(),
+        Some(status),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -250,13 +263,14 @@ fn a_file_over_the_limit_is_refused_with_a_clear_message() {
     let mut bob = bob(&b, &bdir, &dl);
     let src = adir.0.join("big.bin");
     std::fs::write(&src, bytes(5000, 3)).unwrap();
-    let out = alice_sends(&a, &adir, &src, &[]);
+    // A refused file is a failed command: exit status 1.
+    let out = alice_sends_exit(&a, &adir, &src, &[], 1);
     assert!(
         out.contains("file larger than this server's limit of 1000 bytes"),
         "{out}"
     );
     // The client's own limit refuses before anything is sent.
-    let out = alice_sends(&a, &adir, &src, &["--max-file-size", "100"]);
+    let out = alice_sends_exit(&a, &adir, &src, &["--max-file-size", "100"], 1);
     assert!(
         out.contains("is 5000 bytes; the limit is 100 bytes"),
         "{out}"

@@ -137,6 +137,7 @@ fn a_changed_user_key_is_a_loud_warning_and_blocks_both_ways_until_trusted() {
     );
     s.command("/tell bob hi", TS);
     assert_eq!(sent_kinds(&mut s), [types::MSG_DIRECT]);
+    assert_eq!(shown(&mut s), ["* sent to bob"]);
     s.on_frame(&dm_from("bob", &mallory, "thanks", TS + 2), TS);
     assert_eq!(shown(&mut s), ["[dm] bob: thanks"]);
     let pins: Value =

@@ -281,6 +281,9 @@ impl Line {
         let path = dir.join(format!("{name}.json"));
         if !path.exists() {
             std::fs::write(&path, key_file.to_string()).unwrap();
+            // As the client creates its key files (else it warns that others can read it).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         let mut child = Command::new(env!("CARGO_BIN_EXE_socp"))
             .args(["--server", &server.url(), "--name", name, "--data-dir"])
@@ -535,4 +538,67 @@ pub fn linked_pair(extra_a: &[&str]) -> (ServerProc, ServerProc) {
     a.wait_log("link up with server srv-server2");
     b.wait_log("link up with server srv-server1");
     (a, b)
+}
+
+/// How a `socp` run ended: its exit code and everything it printed.
+pub struct Run {
+    /// `None` when killed by a signal.
+    pub code: Option<i32>,
+    pub out: String,
+    pub err: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.out, self.err
+        )
+    }
+}
+
+/// Runs `socp ARGS` to completion with `input` on stdin and `env` added to its environment
+/// (`SOCP_*` variables of the test process are removed first). Panics if it does not exit.
+pub fn run_socp(args: &[&str], input: &str, env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_socp"));
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("SOCP_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    let mut child = cmd.spawn().expect("start socp");
+    let mut stdin = child.stdin.take().unwrap();
+    // The client may exit before reading its input (a usage error): ignore a broken pipe.
+    let _ = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    let out = lines_of(child.stdout.take().unwrap());
+    let err = lines_of(child.stderr.take().unwrap());
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "socp {args:?} did not exit; printed {:?} {:?}",
+                out.try_iter().collect::<Vec<_>>(),
+                err.try_iter().collect::<Vec<_>>()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let collect = |rx: Receiver<String>| rx.iter().map(|l| l + "\n").collect::<String>();
+    Run {
+        code: status.code(),
+        out: collect(out),
+        err: collect(err),
+    }
 }
