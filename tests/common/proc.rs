@@ -42,6 +42,8 @@ impl Drop for TempDir {
 pub struct ServerProc {
     pub child: Child,
     pub port: u16,
+    /// It serves `wss://` (its address line said so).
+    pub tls: bool,
     pub server_id: String,
     pub key: PrivateKey,
     pub dir: TempDir,
@@ -66,7 +68,8 @@ impl ServerProc {
     }
 
     pub fn url(&self) -> String {
-        format!("ws://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Waits for a log line containing `needle`.
@@ -434,6 +437,7 @@ impl ServerProc {
         ServerProc {
             child,
             port: got,
+            tls: line.contains("wss://"),
             server_id,
             key,
             dir,
@@ -518,6 +522,11 @@ pub fn bootstrap(key_name: &str, port: u16) -> String {
         "ws://127.0.0.1:{port}#{}",
         test_key(key_name).public_key().encoded()
     )
+}
+
+/// `--bootstrap` for the fixture server `key_name` serving `wss://` on `port`.
+pub fn bootstrap_wss(key_name: &str, port: u16) -> String {
+    bootstrap(key_name, port).replacen("ws://", "wss://", 1)
 }
 
 /// Servers A (server1) and B (server2), pinned to each other and linked; `extra_a` goes to A.
