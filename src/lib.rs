@@ -17,5 +17,6 @@ pub mod net;
 pub mod server;
 pub mod store;
 pub mod timer;
+pub mod tls;
 pub mod transfer;
 pub mod wire;
