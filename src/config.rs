@@ -11,16 +11,26 @@ use std::path::PathBuf;
 pub struct Bootstrap {
     pub host: String,
     pub port: u16,
+    /// `wss://`: dialled over TLS, the certificate checked against `--ca-file` or the system's
+    /// roots (in addition to the pinned key).
+    pub tls: bool,
     /// The peer's public key as given (any accepted encoding); checked to parse at start-up.
     pub pubkey: String,
 }
 
 impl Bootstrap {
-    /// Parses `ws://host:port#<pubkey>` (IPv6 hosts in brackets: `ws://[::1]:9000#...`).
+    /// Parses `ws://host:port#<pubkey>` or `wss://…` (IPv6 hosts in brackets:
+    /// `ws://[::1]:9000#...`).
     pub fn parse(text: &str) -> Result<Bootstrap, String> {
-        let rest = text
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("bootstrap {text:?}: must start with ws://"))?;
+        let (tls, rest) = if let Some(rest) = text.strip_prefix("wss://") {
+            (true, rest)
+        } else if let Some(rest) = text.strip_prefix("ws://") {
+            (false, rest)
+        } else {
+            return Err(format!(
+                "bootstrap {text:?}: must start with ws:// or wss://"
+            ));
+        };
         let (addr, pubkey) = rest
             .split_once('#')
             .ok_or_else(|| format!("bootstrap {text:?}: missing #<pubkey> to pin"))?;
@@ -40,6 +50,7 @@ impl Bootstrap {
         Ok(Bootstrap {
             host: host.to_string(),
             port,
+            tls,
             pubkey: pubkey.to_string(),
         })
     }
@@ -62,6 +73,18 @@ pub struct Config {
     pub key: PathBuf,
     /// Peers to dial, each with its pinned key (used by federation).
     pub bootstrap: Vec<Bootstrap>,
+    /// Serve `wss://`: the certificate chain (PEM, leaf first) and its private key (PEM).
+    /// Both or neither; env `SOCP_TLS_CERT`, `SOCP_TLS_KEY`. Default: plain `ws://`.
+    pub tls: Option<TlsFiles>,
+    /// CA certificates (PEM) trusted for `wss://` peers instead of the system's roots (a private
+    /// CA). Env `SOCP_CA_FILE`. Default: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Whether servers learned of from other servers (`SERVER_WELCOME`, `SERVER_ANNOUNCE`) or
+    /// remembered from an earlier run are dialled with `wss://`: announces carry host and port
+    /// only. `--peer-scheme ws|wss`, env `SOCP_PEER_SCHEME`. Default: `wss` when this server
+    /// serves TLS, else `ws` (a federation's servers are assumed to be set up alike).
+    /// `--bootstrap` peers always use their own URL's scheme.
+    pub peer_tls: bool,
     /// A WebSocket handshake must finish within this. Default 10 000 ms.
     pub handshake_timeout_ms: u64,
     /// A connection must complete its hello (§5.2) within this. Default 30 000 ms: a login
@@ -121,6 +144,9 @@ impl Config {
             db: data_dir.join("socp.db"),
             key: data_dir.join("server.key"),
             bootstrap: Vec::new(),
+            tls: None,
+            ca_file: None,
+            peer_tls: false,
             handshake_timeout_ms: 10_000,
             hello_timeout_ms: 30_000,
             max_connections: 4096,
@@ -142,6 +168,13 @@ impl Config {
             slow_reader_timeout_ms: 30_000,
         }
     }
+}
+
+/// The certificate and key files a TLS listener serves (`--tls-cert`, `--tls-key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// The default data directory: `$SOCP_DATA_DIR`, else `$XDG_DATA_HOME/socp-server`, else
@@ -180,8 +213,14 @@ OPTIONS:
   --data-dir DIR          where key and database go  [env SOCP_DATA_DIR]
   --db PATH               SQLite database            [env SOCP_DB, default DIR/socp.db]
   --key PATH              key file (mode 0600)       [env SOCP_SERVER_KEYFILE, default DIR/server.key]
-  --bootstrap URL#KEY     peer to link to, ws://host:port#<pubkey>; repeatable
+  --bootstrap URL#KEY     peer to link to, ws://host:port#<pubkey> or wss://…; repeatable
                                                      [env SOCP_BOOTSTRAP, space-separated]
+  --tls-cert PATH         serve wss://: certificate chain, PEM  [env SOCP_TLS_CERT]
+  --tls-key PATH          its private key, PEM (both or neither) [env SOCP_TLS_KEY]
+  --ca-file PATH          CA certificates (PEM) trusted for wss:// peers instead of the
+                          system's roots [env SOCP_CA_FILE]
+  --peer-scheme ws|wss    how to dial servers learned of from other servers
+                          [env SOCP_PEER_SCHEME, default wss with --tls-cert, else ws]
   --max-connections N     connection limit           [default 4096]
   --hello-timeout-ms MS   time allowed to finish the hello [default 30000]
   --handshake-timeout-ms MS  time allowed for the WebSocket handshake [default 10000]
@@ -224,6 +263,10 @@ pub fn parse_server_args(
             Long("db") => flags.db = Some(string(&mut parser)?),
             Long("key") => flags.key = Some(string(&mut parser)?),
             Long("bootstrap") => flags.bootstrap.push(string(&mut parser)?),
+            Long("tls-cert") => flags.tls_cert = Some(string(&mut parser)?),
+            Long("tls-key") => flags.tls_key = Some(string(&mut parser)?),
+            Long("ca-file") => flags.ca_file = Some(string(&mut parser)?),
+            Long("peer-scheme") => flags.peer_scheme = Some(string(&mut parser)?),
             Long("max-connections") => flags.max_connections = Some(string(&mut parser)?),
             Long("hello-timeout-ms") => flags.hello_timeout_ms = Some(string(&mut parser)?),
             Long("handshake-timeout-ms") => flags.handshake_timeout_ms = Some(string(&mut parser)?),
@@ -285,6 +328,33 @@ pub fn parse_server_args(
         .iter()
         .map(|b| Bootstrap::parse(b))
         .collect::<Result<_, _>>()?;
+    cfg.tls = match (
+        pick(flags.tls_cert, "SOCP_TLS_CERT"),
+        pick(flags.tls_key, "SOCP_TLS_KEY"),
+    ) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(
+                "--tls-cert needs --tls-key (or SOCP_TLS_KEY): give both or neither".into(),
+            );
+        }
+        (None, Some(_)) => {
+            return Err(
+                "--tls-key needs --tls-cert (or SOCP_TLS_CERT): give both or neither".into(),
+            );
+        }
+    };
+    cfg.ca_file = pick(flags.ca_file, "SOCP_CA_FILE").map(PathBuf::from);
+    cfg.peer_tls = match pick(flags.peer_scheme, "SOCP_PEER_SCHEME").as_deref() {
+        None => cfg.tls.is_some(),
+        Some("ws") => false,
+        Some("wss") => true,
+        Some(other) => return Err(format!("--peer-scheme: expected ws or wss, got {other:?}")),
+    };
     if let Some(n) = flags.max_connections {
         cfg.max_connections = parse_positive("--max-connections", &n)?;
     }
@@ -336,6 +406,10 @@ struct ServerFlags {
     db: Option<String>,
     key: Option<String>,
     bootstrap: Vec<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    ca_file: Option<String>,
+    peer_scheme: Option<String>,
     max_connections: Option<String>,
     hello_timeout_ms: Option<String>,
     handshake_timeout_ms: Option<String>,
@@ -413,6 +487,35 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings() {
+        let cfg = run(&[], &[]);
+        assert_eq!((cfg.tls, cfg.ca_file, cfg.peer_tls), (None, None, false));
+        let env = [("SOCP_TLS_CERT", "/c.pem"), ("SOCP_TLS_KEY", "/k.pem")];
+        let cfg = run(&["--ca-file", "/ca.pem"], &env);
+        let files = cfg.tls.expect("tls");
+        assert_eq!(files.cert, PathBuf::from("/c.pem"));
+        assert_eq!(files.key, PathBuf::from("/k.pem"));
+        assert_eq!(cfg.ca_file, Some(PathBuf::from("/ca.pem")));
+        assert!(
+            cfg.peer_tls,
+            "a TLS server dials learned peers with wss:// by default"
+        );
+        assert!(!run(&["--peer-scheme", "ws"], &env).peer_tls);
+        assert!(run(&["--peer-scheme", "wss"], &[]).peer_tls);
+        let pem = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/keys/server1.pem"
+        ))
+        .expect("fixture key");
+        let key = crate::crypto::PrivateKey::from_pem(&pem).expect("key");
+        let pin = key.public_key().encoded();
+        let b = Bootstrap::parse(&format!("wss://[::1]:9000#{pin}")).expect("wss bootstrap");
+        assert_eq!((b.host.as_str(), b.port, b.tls), ("::1", 9000, true));
+        let b = Bootstrap::parse(&format!("ws://h:1/#{pin}")).expect("ws bootstrap");
+        assert!(!b.tls);
+    }
+
+    #[test]
     fn usage_errors_are_reported() {
         assert!(
             parse(&["--port", "99999"], &[])
@@ -423,6 +526,10 @@ mod tests {
         assert!(parse(&["--server-id", "a b"], &[]).is_err());
         assert!(parse(&["--bootstrap", "http://x:1#k"], &[]).is_err());
         assert!(parse(&["--bootstrap", "ws://x:1"], &[]).is_err());
+        assert!(parse(&["--tls-cert", "c.pem"], &[]).is_err());
+        assert!(parse(&["--tls-key", "k.pem"], &[]).is_err());
+        assert!(parse(&["--tls-key", "k.pem"], &[("SOCP_TLS_CERT", "c.pem")]).is_ok());
+        assert!(parse(&["--peer-scheme", "https"], &[]).is_err());
         assert!(matches!(parse(&["--help"], &[]), Ok(Command::Help)));
         assert!(matches!(
             parse(&["--print-pubkey"], &[]),

@@ -31,6 +31,8 @@ use std::sync::Arc;
 pub struct PeerSpec {
     pub host: String,
     pub port: u16,
+    /// Dialled with `wss://` (its `--bootstrap` URL said so).
+    pub tls: bool,
     pub key: Arc<PublicKey>,
 }
 
@@ -42,6 +44,10 @@ pub struct FedConfig {
     pub advertise_port: u16,
     /// Peers dialled at start, with their pinned keys.
     pub bootstrap: Vec<PeerSpec>,
+    /// Dial servers learned of from others, or remembered, with `wss://`: announces and the
+    /// store carry host and port only, so their scheme is this one setting (`--peer-scheme`).
+    /// A bootstrap peer keeps the scheme of its URL. Default off.
+    pub peer_tls: bool,
     /// Accept links from servers whose key is not pinned (introducer mode). Default off.
     pub open_join: bool,
     /// Dial every server we learn of (full mesh). Off: dial only bootstrap peers.
@@ -70,6 +76,7 @@ impl Default for FedConfig {
             advertise_host: "127.0.0.1".into(),
             advertise_port: 8765,
             bootstrap: Vec::new(),
+            peer_tls: false,
             open_join: false,
             mesh: true,
             heartbeat_ms: 15_000,
@@ -101,8 +108,22 @@ struct Target {
     host: String,
     port: u16,
     key: Arc<PublicKey>,
+    /// Dial with `wss://`.
+    tls: bool,
     attempts: u32,
     state: TargetState,
+}
+
+impl Target {
+    /// `ws://host:port` or `wss://host:port`, for logs.
+    fn url(&self) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        if self.host.contains(':') {
+            format!("{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            format!("{scheme}://{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// A pinned server: its key, and where it says it listens.
@@ -247,13 +268,16 @@ impl Federation {
     }
 
     /// Adds a dial target unless one with the same key exists (then refreshes its id and
-    /// address). Returns the index of a new target.
+    /// address). Returns the index of a new target. `tls`: the scheme of a bootstrap peer,
+    /// which wins over an existing target's; `None` for a server learned of, dialled with
+    /// `peer_tls`.
     fn add_target(
         &mut self,
         id: Option<&str>,
         host: &str,
         port: u16,
         key: &Arc<PublicKey>,
+        tls: Option<bool>,
     ) -> Option<u32> {
         if let Some(t) = self.targets.iter_mut().find(|t| t.key == *key) {
             if let Some(id) = id {
@@ -262,6 +286,9 @@ impl Federation {
             if !host.is_empty() && port != 0 {
                 t.host = host.to_string();
                 t.port = port;
+            }
+            if let Some(tls) = tls {
+                t.tls = tls;
             }
             return None;
         }
@@ -273,6 +300,7 @@ impl Federation {
             host: host.to_string(),
             port,
             key: Arc::clone(key),
+            tls: tls.unwrap_or(self.cfg.peer_tls),
             attempts: 0,
             state: TargetState::Waiting,
         });
@@ -331,7 +359,8 @@ impl Server {
                 .map(|(i, k)| (i.clone(), k.clone()))
                 .collect();
             for (id, k) in known {
-                self.fed.add_target(Some(&id), &k.host, k.port, &k.key);
+                self.fed
+                    .add_target(Some(&id), &k.host, k.port, &k.key, None);
             }
         }
         for spec in self.fed.cfg.bootstrap.clone() {
@@ -341,8 +370,13 @@ impl Server {
                 .iter()
                 .find(|(_, k)| k.key == spec.key)
                 .map(|(id, _)| id.clone());
-            self.fed
-                .add_target(id.as_deref(), &spec.host, spec.port, &spec.key);
+            self.fed.add_target(
+                id.as_deref(),
+                &spec.host,
+                spec.port,
+                &spec.key,
+                Some(spec.tls),
+            );
         }
         for t in 0..self.fed.targets.len() as u32 {
             self.out.push(Action::Timer {
@@ -361,7 +395,7 @@ impl Server {
         if !self.fed.cfg.mesh || self.fed.links.contains_key(id) {
             return;
         }
-        if let Some(t) = self.fed.add_target(Some(id), host, port, key) {
+        if let Some(t) = self.fed.add_target(Some(id), host, port, key, None) {
             self.out.push(Action::Timer {
                 at_ms: now.mono_ms,
                 timer: Timer::Redial(t),
@@ -387,13 +421,15 @@ impl Server {
         target.attempts += 1;
         target.state = TargetState::Dialling;
         info!(
-            "dialling peer ws://{}:{} (attempt {})",
-            target.host, target.port, target.attempts
+            "dialling peer {} (attempt {})",
+            target.url(),
+            target.attempts
         );
         self.out.push(Action::Dial {
             target: t,
             host: target.host.clone(),
             port: target.port,
+            tls: target.tls,
         });
     }
 
@@ -411,8 +447,9 @@ impl Server {
             return;
         }
         info!(
-            "dial to peer ws://{}:{} failed (attempt {}): {reason}",
-            target.host, target.port, target.attempts
+            "dial to peer {} failed (attempt {}): {reason}",
+            target.url(),
+            target.attempts
         );
         self.schedule_redial(now, t);
     }
@@ -422,10 +459,7 @@ impl Server {
         let delay = self.fed.backoff_ms(attempts.max(1));
         let target = &mut self.fed.targets[t as usize];
         target.state = TargetState::Waiting;
-        info!(
-            "next dial to peer ws://{}:{} in {} ms",
-            target.host, target.port, delay
-        );
+        info!("next dial to peer {} in {} ms", target.url(), delay);
         self.out.push(Action::Timer {
             at_ms: now.mono_ms + delay,
             timer: Timer::Redial(t),
@@ -493,9 +527,10 @@ impl Server {
     fn on_welcome(&mut self, now: Time, conn: ConnId, t: u32, env: &Envelope) {
         let target = &self.fed.targets[t as usize];
         let (key, host, port) = (Arc::clone(&target.key), target.host.clone(), target.port);
+        let url = target.url();
         let from = env.from.as_str();
         let refuse = |server: &mut Server, why: &str| {
-            warn!("SERVER_WELCOME from ws://{host}:{port} refused: {why}");
+            warn!("SERVER_WELCOME from {url} refused: {why}");
             server.close(now, conn, close::POLICY, "bad welcome");
         };
         if !crate::ids::is_valid_id(from) || from == self.id {
@@ -678,7 +713,7 @@ impl Server {
         }
         if !have_target && self.fed.cfg.mesh {
             // Remember it, so we redial it too if the link drops.
-            if let Some(t) = self.fed.add_target(Some(server_id), host, port, key) {
+            if let Some(t) = self.fed.add_target(Some(server_id), host, port, key, None) {
                 self.fed.targets[t as usize].state = TargetState::Linked;
             }
         }

@@ -12,6 +12,7 @@
 use crate::config::Config;
 use crate::server::{self, Action, ConnId, Input, Server, Time};
 use crate::timer::TimerWheel;
+use crate::tls::{MaybeTls, TlsStream};
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
@@ -19,6 +20,7 @@ use slab::Slab;
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read};
 use std::net::ToSocketAddrs;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tungstenite::handshake::client::ClientHandshake;
 use tungstenite::handshake::server::{NoCallback, ServerHandshake};
@@ -27,6 +29,11 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message, WebSocket};
+
+/// A connection's byte stream: plain TCP, or TLS over it when we serve `wss://` or dial a
+/// `wss://` peer. tungstenite runs over either unchanged; see [`crate::tls`] for how TLS keeps
+/// the event-loop rules (reads drain decrypted data, records are flushed eagerly).
+type Stream = MaybeTls<TcpStream>;
 
 /// Largest WebSocket frame we send: bigger messages go as a fragmented message (RFC 6455 §5.4).
 /// tungstenite reserves its write buffer per frame and never shrinks it, so without this every
@@ -60,7 +67,7 @@ enum Wrote {
 /// (zero-copy slices of the shared text; the first frame of a fragmented message says `Text`,
 /// the others `Continue`). Stops at the first frame that meets `WouldBlock`.
 fn write_from(
-    ws: &mut WebSocket<TcpStream>,
+    ws: &mut WebSocket<Stream>,
     text: &crate::wire::Text,
     offset: usize,
 ) -> Result<Wrote, WsError> {
@@ -113,7 +120,7 @@ impl Outbox {
 
     /// Hands queued messages to tungstenite until one meets `WouldBlock` (`Ok(false)`) or the
     /// queue is empty (`Ok(true)`). Call only when tungstenite's own buffer is flushed.
-    fn pump(&mut self, ws: &mut WebSocket<TcpStream>) -> Result<bool, WsError> {
+    fn pump(&mut self, ws: &mut WebSocket<Stream>) -> Result<bool, WsError> {
         while let Some((text, offset)) = self.queue.front_mut() {
             let before = *offset;
             match write_from(ws, text, before)? {
@@ -136,7 +143,7 @@ impl Outbox {
 
     /// Hands everything to tungstenite, whatever the socket takes (before a close frame,
     /// which must come last). Gives up at the first error other than `WouldBlock`.
-    fn spill(&mut self, ws: &mut WebSocket<TcpStream>) {
+    fn spill(&mut self, ws: &mut WebSocket<Stream>) {
         while let Some((text, mut offset)) = self.queue.pop_front() {
             while offset < text.len() {
                 match write_from(ws, &text, offset) {
@@ -192,20 +199,25 @@ const CLOSE_LINGER_MS: u64 = 2_000;
 /// How long a graceful shutdown waits for connections to finish closing.
 const SHUTDOWN_LINGER_MS: u64 = 1_000;
 
-type Handshake = MidHandshake<ServerHandshake<TcpStream, NoCallback>>;
-type ClientHs = MidHandshake<ClientHandshake<TcpStream>>;
+type Handshake = MidHandshake<ServerHandshake<Stream, NoCallback>>;
+type ClientHs = MidHandshake<ClientHandshake<Stream>>;
 
 enum Io {
     /// Accepted; the WebSocket handshake has not completed.
     Handshaking(Handshake),
-    /// We are dialling a peer: TCP connect under way (§4.4, DESIGN rule 4).
-    Connecting { stream: TcpStream, url: String },
+    /// We are dialling a peer: TCP connect under way (§4.4, DESIGN rule 4). `tls`: the TLS
+    /// client side to run over it once connected (a `wss://` peer).
+    Connecting {
+        stream: TcpStream,
+        url: String,
+        tls: Option<Box<rustls::ClientConnection>>,
+    },
     /// We dialled a peer: TCP is up, our WebSocket handshake is under way.
     ClientHandshaking(ClientHs),
     /// Open and known to the core.
-    Open(WebSocket<TcpStream>),
+    Open(WebSocket<Stream>),
     /// Close frame sent; flushing and waiting for the peer's reply until the linger deadline.
-    Closing(WebSocket<TcpStream>),
+    Closing(WebSocket<Stream>),
     /// Transient, while a handshake step owns the stream.
     Gone,
 }
@@ -259,6 +271,10 @@ pub struct Net {
     ws_config: WebSocketConfig,
     /// Outbound links receive `SERVER_WELCOME`, which carries the whole directory.
     peer_ws_config: WebSocketConfig,
+    /// Serve `wss://`: accepted connections speak TLS first (`--tls-cert`, `--tls-key`).
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// How `wss://` peers are dialled, or why they cannot be (no usable roots).
+    peer_tls: Result<Arc<rustls::ClientConfig>, String>,
     handshake_timeout_ms: u64,
     max_connections: usize,
     /// Connections with unflushed writes.
@@ -329,6 +345,8 @@ impl Net {
             .max_frame_size(Some(cfg.max_peer_message_size));
         Ok(Net {
             peer_ws_config,
+            tls: None,
+            peer_tls: Err("no TLS client configuration".into()),
             poll,
             listener,
             signals,
@@ -352,6 +370,18 @@ impl Net {
             shutting_down: false,
             shutdown_done: false,
         })
+    }
+
+    /// Serves `wss://` with `server` (None: plain `ws://`), and dials `wss://` peers with
+    /// `peers` (an error says why they cannot be dialled; each such dial fails with it).
+    pub fn with_tls(
+        mut self,
+        server: Option<Arc<rustls::ServerConfig>>,
+        peers: Result<Arc<rustls::ClientConfig>, String>,
+    ) -> Net {
+        self.tls = server;
+        self.peer_tls = peers;
+        self
     }
 
     /// Runs until a graceful shutdown completes.
@@ -445,9 +475,23 @@ impl Net {
 
     fn add_conn(&mut self, stream: TcpStream, addr: std::net::SocketAddr) {
         let ws_config = self.ws_config;
+        // With TLS, its handshake runs inside the WebSocket handshake's reads, under the same
+        // deadline.
+        let tls = match &self.tls {
+            Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
+                Ok(conn) => Some(conn),
+                Err(e) => return warn!("TLS for {addr}: {e}"),
+            },
+            None => None,
+        };
         // The handshake starts when the request arrives (a readable event).
-        let io =
-            |stream| Io::Handshaking(ServerHandshake::start(stream, NoCallback, Some(ws_config)));
+        let io = |stream| {
+            let stream = match tls {
+                Some(conn) => MaybeTls::Tls(Box::new(TlsStream::new(conn.into(), stream))),
+                None => MaybeTls::Plain(stream),
+            };
+            Io::Handshaking(ServerHandshake::start(stream, NoCallback, Some(ws_config)))
+        };
         match self.insert_conn(stream, io, None) {
             Ok(id) => debug!("conn {id}: accepted from {addr}"),
             Err(e) => warn!("register {addr}: {e}"),
@@ -499,7 +543,7 @@ impl Net {
                 // Login budgets are per source address (§5.3). A socket whose peer address is
                 // gone is already dead: nothing it sent will be read.
                 let unknown = std::net::Ipv4Addr::UNSPECIFIED.into();
-                let peer = ws.get_ref().peer_addr().map_or(unknown, |a| a.ip());
+                let peer = ws.get_ref().tcp().peer_addr().map_or(unknown, |a| a.ip());
                 conn.io = Io::Open(ws);
                 let id = conn.id;
                 let now = self.now();
@@ -518,9 +562,26 @@ impl Net {
     // ------------------------------------------------------------ dialling peers
 
     /// Starts a non-blocking connect to a peer; the outcome comes back to the core as
-    /// `Dialled` or `DialFailed`.
-    fn dial(&mut self, target: u32, host: &str, port: u16) {
+    /// `Dialled` or `DialFailed`. `tls`: a `wss://` peer, whose certificate must be valid for
+    /// `host` (its pinned key is checked by the core as for any peer).
+    fn dial(&mut self, target: u32, host: &str, port: u16, tls: bool) {
         let now = self.now();
+        let tls = match tls {
+            false => None,
+            true => {
+                let started = match &self.peer_tls {
+                    Ok(config) => crate::tls::server_name(host).and_then(|name| {
+                        rustls::ClientConnection::new(Arc::clone(config), name)
+                            .map_err(|e| format!("TLS: {e}"))
+                    }),
+                    Err(why) => Err(format!("cannot dial wss://: {why}")),
+                };
+                match started {
+                    Ok(conn) => Some(Box::new(conn)),
+                    Err(why) => return self.dial_failed(now, target, &why),
+                }
+            }
+        };
         // Name lookup blocks; peers are normally given as addresses, and this runs only on
         // (re)dials, never per frame.
         let addr = match (host, port).to_socket_addrs().map(|mut a| a.next()) {
@@ -532,15 +593,16 @@ impl Net {
             Ok(s) => s,
             Err(e) => return self.dial_failed(now, target, &e.to_string()),
         };
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
         let url = if host.contains(':') {
-            format!("ws://[{host}]:{port}/")
+            format!("{scheme}://[{host}]:{port}/")
         } else {
-            format!("ws://{host}:{port}/")
+            format!("{scheme}://{host}:{port}/")
         };
         let shown = url.clone();
         match self.insert_conn(
             stream,
-            |stream| Io::Connecting { stream, url },
+            |stream| Io::Connecting { stream, url, tls },
             Some(target),
         ) {
             Ok(id) => debug!("conn {id}: connecting to {shown}"),
@@ -569,12 +631,17 @@ impl Net {
             Err(e) if e.kind() == ErrorKind::NotConnected => return, // not yet
             Err(e) => return self.drop_conn_because(idx, &e.to_string()),
         }
-        let Io::Connecting { stream, url } = std::mem::replace(&mut conn.io, Io::Gone) else {
+        let Io::Connecting { stream, url, tls } = std::mem::replace(&mut conn.io, Io::Gone) else {
             unreachable!("checked above")
         };
         if let Err(e) = stream.set_nodelay(true) {
             debug!("set_nodelay: {e}");
         }
+        // With TLS, its handshake runs inside the WebSocket handshake's reads and writes.
+        let stream = match tls {
+            Some(conn) => MaybeTls::Tls(Box::new(TlsStream::new((*conn).into(), stream))),
+            None => MaybeTls::Plain(stream),
+        };
         let result =
             tungstenite::client::client_with_config(url, stream, Some(self.peer_ws_config));
         self.client_handshake_step(idx, result.map(|(ws, _)| ws));
@@ -595,7 +662,7 @@ impl Net {
     fn client_handshake_step(
         &mut self,
         idx: usize,
-        result: Result<WebSocket<TcpStream>, HandshakeError<ClientHandshake<TcpStream>>>,
+        result: Result<WebSocket<Stream>, HandshakeError<ClientHandshake<Stream>>>,
     ) {
         match result {
             Ok(ws) => {
@@ -784,7 +851,12 @@ impl Net {
                     }
                 }
                 Action::Timer { at_ms, timer } => self.wheel.insert(at_ms, NetTimer::Core(timer)),
-                Action::Dial { target, host, port } => self.dial(target, &host, port),
+                Action::Dial {
+                    target,
+                    host,
+                    port,
+                    tls,
+                } => self.dial(target, &host, port, tls),
             }
         }
     }
@@ -1132,8 +1204,8 @@ mod tests {
         let stream = std::net::TcpStream::connect(addr).expect("connect");
         stream.set_nonblocking(true).expect("non-blocking");
         let config = WebSocketConfig::default().write_buffer_size(0);
-        let mut ws =
-            WebSocket::from_raw_socket(TcpStream::from_std(stream), Role::Server, Some(config));
+        let stream = MaybeTls::Plain(TcpStream::from_std(stream));
+        let mut ws = WebSocket::from_raw_socket(stream, Role::Server, Some(config));
 
         let big: String = (0..32 << 20)
             .map(|i| char::from(b'a' + (i % 26) as u8))

@@ -117,6 +117,8 @@ pub enum Action {
         target: u32,
         host: String,
         port: u16,
+        /// `wss://`: TLS, the peer's certificate checked (in addition to its pinned key).
+        tls: bool,
     },
 }
 

@@ -115,6 +115,7 @@ fn spec(key_name: &str, port: u16) -> PeerSpec {
     PeerSpec {
         host: HOST.into(),
         port,
+        tls: false,
         key: Arc::new(PublicKey::parse(test_key(key_name).public_key().encoded()).unwrap()),
     }
 }
@@ -389,7 +390,9 @@ impl Harness {
     fn dials(&mut self) -> Vec<(u32, String, u16)> {
         let mut out = Vec::new();
         self.outbox.retain(|a| match a {
-            Action::Dial { target, host, port } => {
+            Action::Dial {
+                target, host, port, ..
+            } => {
                 out.push((*target, host.clone(), *port));
                 false
             }

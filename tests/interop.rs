@@ -47,6 +47,7 @@ impl Mesh {
             bootstrap: vec![PeerSpec {
                 host: "127.0.0.1".into(),
                 port: 9002,
+                tls: false,
                 key: Arc::clone(test_key("server2").public_key()),
             }],
             advertise_port: 9001,

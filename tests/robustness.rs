@@ -224,6 +224,7 @@ impl Harness {
             bootstrap: vec![PeerSpec {
                 host: "127.0.0.1".into(),
                 port: 9002,
+                tls: false,
                 key: b_key,
             }],
             ..FedConfig::default()

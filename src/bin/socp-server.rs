@@ -78,18 +78,43 @@ fn open(cfg: &config::Config) -> Result<(String, socp::crypto::PrivateKey, Store
     Ok((id, key, store))
 }
 
+/// The TLS configurations: the listener's (`--tls-cert`/`--tls-key`), and the one `wss://`
+/// peers are dialled with (or why they cannot be). Files the operator named must be usable;
+/// the system's roots must be only if a `--bootstrap` peer is `wss://` (a server learned of
+/// later that needs them fails each dial with the reason, logged).
+type PeerTls = Result<Arc<rustls::ClientConfig>, String>;
+
+fn tls_setup(cfg: &config::Config) -> Result<(Option<Arc<rustls::ServerConfig>>, PeerTls), String> {
+    let server = match &cfg.tls {
+        Some(files) => Some(socp::tls::server_config(&files.cert, &files.key)?),
+        None => None,
+    };
+    let wss_bootstrap = cfg.bootstrap.iter().any(|b| b.tls);
+    let peers = if cfg.ca_file.is_some() || wss_bootstrap {
+        Ok(socp::tls::client_config(cfg.ca_file.as_deref())?)
+    } else if cfg.peer_tls {
+        socp::tls::client_config(None)
+            .inspect_err(|e| log::warn!("servers learned of cannot be dialled with wss://: {e}"))
+    } else {
+        Err("no wss:// peer configured (--peer-scheme wss, or a wss:// --bootstrap)".into())
+    };
+    Ok((server, peers))
+}
+
 fn run(cfg: config::Config) -> Result<(), String> {
+    let (server_tls, peer_tls) = tls_setup(&cfg)?;
+    let scheme = if server_tls.is_some() { "wss" } else { "ws" };
     let (id, key, store) = open(&cfg)?;
     let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
         .map_err(|e| format!("cannot listen on {}:{}: {e}", cfg.host, cfg.port))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let signals = install_signal_handlers().map_err(|e| format!("signal handlers: {e}"))?;
     log::info!(
-        "server {id} listening on ws://{addr} (database {})",
+        "server {id} listening on {scheme}://{addr} (database {})",
         cfg.db.display()
     );
     // One line on stdout for scripts and tests (the port may have been chosen by the system).
-    println!("socp-server listening on ws://{addr} server_id={id}");
+    println!("socp-server listening on {scheme}://{addr} server_id={id}");
     let advertise_host = cfg.advertise_host.clone().unwrap_or_else(|| {
         if addr.ip().is_unspecified() {
             "127.0.0.1".to_string()
@@ -108,10 +133,12 @@ fn run(cfg: config::Config) -> Result<(), String> {
                 Ok(PeerSpec {
                     host: b.host.clone(),
                     port: b.port,
+                    tls: b.tls,
                     key: Arc::new(key),
                 })
             })
             .collect::<Result<_, String>>()?,
+        peer_tls: cfg.peer_tls,
         open_join: cfg.open_join,
         mesh: cfg.mesh,
         heartbeat_ms: cfg.heartbeat_ms,
@@ -128,7 +155,9 @@ fn run(cfg: config::Config) -> Result<(), String> {
     let core = Server::new(id, key, Limits::from(&cfg), store)
         .with_federation(fed)
         .with_transfer_limits(transfers);
-    let net = Net::new(&cfg, listener, Some(signals), core).map_err(|e| e.to_string())?;
+    let net = Net::new(&cfg, listener, Some(signals), core)
+        .map_err(|e| e.to_string())?
+        .with_tls(server_tls, peer_tls);
     net.run().map_err(|e| format!("event loop: {e}"))
 }
 
