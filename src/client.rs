@@ -519,6 +519,16 @@ impl Session {
         }
     }
 
+    /// Where the server's key is pinned (PROTOCOL.md §5.2): its URL, with `wss://` written
+    /// `ws://`, so that a server moving to TLS on the same host and port keeps its pin. TLS
+    /// checks the certificate in addition to the pin, never instead of it.
+    fn pin_key(&self) -> String {
+        match self.url.strip_prefix("wss://") {
+            Some(rest) => format!("ws://{rest}"),
+            None => self.url.clone(),
+        }
+    }
+
     /// Whether a request is still waiting for its answer (`/list`): at the end of piped input
     /// the client waits for these before leaving, so `echo /list | socp …` prints the list.
     pub fn awaiting_replies(&self) -> bool {
@@ -803,7 +813,7 @@ impl Session {
             if env.kind == types::ERROR {
                 // The server refused our hello before showing its key: the pin, if any, checks
                 // it; otherwise it is shown as unverified (it can only end this session).
-                let verified = self.pins.get(&self.url).is_some_and(|pin| {
+                let verified = self.pins.get(&self.pin_key()).is_some_and(|pin| {
                     PublicKey::parse(pin).is_ok_and(|key| {
                         matches!(
                             wire::verify_payload_sig(&key, &env.payload, &env.sig),
@@ -913,7 +923,7 @@ impl Session {
                 "AUTH_CHALLENGE signature does not verify; not answering",
             );
         }
-        if let Some(old) = self.pins.check(&self.url, key.encoded()) {
+        if let Some(old) = self.pins.check(&self.pin_key(), key.encoded()) {
             self.warn(
                 warning::SERVER_KEY_CHANGED,
                 &format!(

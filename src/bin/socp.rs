@@ -7,6 +7,7 @@
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use socp::client::{Event, Identity, Outcome, Pins, Session, warning};
+use socp::tls::{MaybeTls, TlsStream};
 use std::cell::{Cell, RefCell};
 use std::io::{BufRead, ErrorKind, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -18,19 +19,25 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
+/// The connection: plain TCP (`ws://`) or TLS over it (`wss://`).
+type Stream = MaybeTls<TcpStream>;
+
 const SOCKET: Token = Token(0);
 const STDIN: Token = Token(1);
 
 const USAGE: &str = "\
 socp: a SOCP v1.3 chat client
 
-USAGE: socp --name NAME [--server ws://HOST:PORT] [OPTIONS]     a key file on this machine
+USAGE: socp --name NAME [--server ws[s]://HOST:PORT] [OPTIONS]  a key file on this machine
        socp --login NAME [--password-file PATH] [OPTIONS]      an account on the server
        socp --register NAME [--password-file PATH] [OPTIONS]   create that account
        socp [OPTIONS]                       then type /register NAME or /login NAME
 
 OPTIONS:
-  --server URL      server to connect to        [env SOCP_SERVER, default ws://127.0.0.1:8765]
+  --server URL      server to connect to, ws://HOST:PORT or wss://HOST:PORT (TLS)
+                    [env SOCP_SERVER, default ws://127.0.0.1:8765]
+  --ca-file PATH    CA certificates (PEM) that wss:// servers are checked against, instead
+                    of the system's roots (a private CA) [env SOCP_CA_FILE]
   --name NAME       your display name (1-32 of [A-Za-z0-9._-]); picks the key file
   --key PATH        key file                    [default DATA_DIR/NAME.json, created 0600]
   --login NAME      log in to an account: the server keeps your key sealed by your password
@@ -120,6 +127,8 @@ enum Mode {
 
 struct Args {
     server: String,
+    /// `--ca-file`: the roots for `wss://` instead of the system's.
+    ca_file: Option<PathBuf>,
     mode: Mode,
     password_file: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -136,6 +145,7 @@ fn parse_args() -> Result<Option<Args>, String> {
     let mut parser = lexopt::Parser::from_env();
     let env = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
     let mut server = env("SOCP_SERVER");
+    let mut ca_file = env("SOCP_CA_FILE").map(PathBuf::from);
     let mut name = None;
     let mut account: Option<(String, bool)> = None;
     let mut password_file = None;
@@ -154,6 +164,7 @@ fn parse_args() -> Result<Option<Args>, String> {
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
             Long("server") => server = Some(text(&mut parser)?),
+            Long("ca-file") => ca_file = Some(PathBuf::from(text(&mut parser)?)),
             Long("name") => name = Some(text(&mut parser)?),
             Long("login") => account = Some((text(&mut parser)?, false)),
             Long("register") => account = Some((text(&mut parser)?, true)),
@@ -189,8 +200,10 @@ fn parse_args() -> Result<Option<Args>, String> {
         check_name(name)?;
     }
     let server = server.unwrap_or_else(|| "ws://127.0.0.1:8765".into());
-    if !server.starts_with("ws://") {
-        return Err(format!("server URL {server:?} must start with ws://"));
+    if !server.starts_with("ws://") && !server.starts_with("wss://") {
+        return Err(format!(
+            "server URL {server:?} must start with ws:// or wss://"
+        ));
     }
     let default_data_dir = data_dir.is_none();
     let data_dir = data_dir.unwrap_or_else(|| {
@@ -199,6 +212,7 @@ fn parse_args() -> Result<Option<Args>, String> {
     });
     Ok(Some(Args {
         server,
+        ca_file,
         mode,
         password_file,
         key,
@@ -347,13 +361,19 @@ impl Printer {
     }
 }
 
-fn connect(url: &str) -> Result<WebSocket<TcpStream>, Fatal> {
-    let rest = url.strip_prefix("ws://").ok_or_else(|| {
-        Fatal::new(
-            Exit::Usage,
-            format!("server URL {url:?} must start with ws://"),
-        )
-    })?;
+/// Connects, runs the TLS handshake for `wss://` (checking the certificate against `ca_file`
+/// or the system's roots), then the WebSocket handshake; all blocking, under timeouts.
+fn connect(url: &str, ca_file: Option<&Path>) -> Result<WebSocket<Stream>, Fatal> {
+    let (tls, rest) = match (url.strip_prefix("wss://"), url.strip_prefix("ws://")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        (None, None) => {
+            return Err(Fatal::new(
+                Exit::Usage,
+                format!("server URL {url:?} must start with ws:// or wss://"),
+            ));
+        }
+    };
     let cannot = |why: String| {
         Fatal::new(
             Exit::CannotConnect,
@@ -361,6 +381,12 @@ fn connect(url: &str) -> Result<WebSocket<TcpStream>, Fatal> {
         )
     };
     let hostport = rest.split('/').next().unwrap_or(rest);
+    // Before connecting: a CA file that cannot be used is the user's to fix (exit 1).
+    let tls_config = match (tls, ca_file) {
+        (false, _) => None,
+        (true, Some(path)) => Some(socp::tls::client_config(Some(path))?),
+        (true, None) => Some(socp::tls::client_config(None).map_err(cannot)?),
+    };
     let addr = hostport
         .to_socket_addrs()
         .map_err(|e| cannot(format!("{hostport}: {e}")))?
@@ -372,12 +398,48 @@ fn connect(url: &str) -> Result<WebSocket<TcpStream>, Fatal> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
+    let stream = match tls_config {
+        None => MaybeTls::Plain(stream),
+        Some(config) => {
+            let host = hostport.rsplit_once(':').map_or(hostport, |(host, _)| host);
+            let name = socp::tls::server_name(host).map_err(cannot)?;
+            let mut tls = TlsStream::client(&config, name, stream).map_err(|e| e.to_string())?;
+            // Its own step, so that a refused certificate is reported as what it is.
+            tls.handshake().map_err(|e| {
+                let hint = match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                    Some(rustls::Error::InvalidCertificate(_)) if ca_file.is_none() => {
+                        " (a server with a private CA needs --ca-file)"
+                    }
+                    _ => "",
+                };
+                cannot(format!("TLS handshake failed: {e}{hint}"))
+            })?;
+            MaybeTls::Tls(Box::new(tls))
+        }
+    };
     // A directory snapshot can be large; frames from our own server are trusted in size.
     let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
-    let (ws, _) = tungstenite::client::client_with_config(url, stream, Some(config))
-        .map_err(|e| cannot(format!("WebSocket handshake failed: {e}")))?;
+    let (ws, _) =
+        tungstenite::client::client_with_config(url, stream, Some(config)).map_err(|e| {
+            // A TLS server answers a plain request with a TLS alert, which is no HTTP.
+            let hint = if !tls
+                && matches!(
+                    e,
+                    tungstenite::HandshakeError::Failure(
+                        tungstenite::Error::Http(_)
+                            | tungstenite::Error::HttpFormat(_)
+                            | tungstenite::Error::Protocol(_)
+                    )
+                ) {
+                " (if the server serves wss://, use a wss:// URL)"
+            } else {
+                ""
+            };
+            cannot(format!("WebSocket handshake failed: {e}{hint}"))
+        })?;
     // Accounts (`/login`) take a PBKDF2 on each side: allow the reply a while.
     ws.get_ref()
+        .tcp()
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     Ok(ws)
@@ -433,7 +495,7 @@ fn check_new_password(pw: &str) -> Result<(), Fatal> {
 /// Sends one account frame and waits for the reply (`USER_REGISTERED`, `USER_LOGGED_IN` or
 /// `ERROR`). Returns the reply's payload, or the server's error as text.
 fn account_exchange(
-    ws: &mut WebSocket<TcpStream>,
+    ws: &mut WebSocket<Stream>,
     frame: String,
     want: &str,
 ) -> Result<serde_json::Map<String, serde_json::Value>, Fatal> {
@@ -467,7 +529,7 @@ fn account_exchange(
 
 /// `USER_REGISTER` then `USER_LOGIN` (§5.3): a new key, sealed by the password, kept by the
 /// server. The password never leaves this process.
-fn register(ws: &mut WebSocket<TcpStream>, name: &str, pw: &str) -> Result<Identity, Fatal> {
+fn register(ws: &mut WebSocket<Stream>, name: &str, pw: &str) -> Result<Identity, Fatal> {
     use socp::wire::{SignedPayload, encode_frame, types};
     let key = socp::crypto::PrivateKey::generate().map_err(|e| e.to_string())?;
     let user_id = socp::ids::new_uuid();
@@ -489,7 +551,7 @@ fn register(ws: &mut WebSocket<TcpStream>, name: &str, pw: &str) -> Result<Ident
 }
 
 /// `USER_LOGIN` (§5.3): fetch the sealed key and open it locally.
-fn login(ws: &mut WebSocket<TcpStream>, name: &str, pw: &str) -> Result<Identity, Fatal> {
+fn login(ws: &mut WebSocket<Stream>, name: &str, pw: &str) -> Result<Identity, Fatal> {
     use socp::wire::{SignedPayload, encode_frame, types};
     let payload = serde_json::json!({
         "display_name": name,
@@ -553,7 +615,7 @@ enum Prepared {
 fn identity(
     args: &Args,
     prepared: Prepared,
-    ws: &mut WebSocket<TcpStream>,
+    ws: &mut WebSocket<Stream>,
     printer: &Printer,
 ) -> Result<Option<Identity>, Fatal> {
     match (&args.mode, prepared) {
@@ -615,10 +677,7 @@ fn warn_if_readable_by_others(path: &Path, printer: &Printer) {
 
 /// Reads `/register NAME [PASSWORD]` or `/login NAME [PASSWORD]` lines until one works;
 /// `None` after `/quit`.
-fn ask_identity(
-    ws: &mut WebSocket<TcpStream>,
-    printer: &Printer,
-) -> Result<Option<Identity>, Fatal> {
+fn ask_identity(ws: &mut WebSocket<Stream>, printer: &Printer) -> Result<Option<Identity>, Fatal> {
     printer.print([Event::Notice(
         "not logged in: type /register NAME or /login NAME (or /quit)".into(),
     )]);
@@ -665,7 +724,7 @@ fn ask_identity(
 }
 
 fn register_then_login(
-    ws: &mut WebSocket<TcpStream>,
+    ws: &mut WebSocket<Stream>,
     name: &str,
     pw: &str,
     printer: &Printer,
@@ -696,16 +755,18 @@ fn run(args: Args, printer: &Printer) -> Result<(), Fatal> {
         );
     }
     let pins = Pins::load(&args.data_dir.join("server-pins.json"));
-    let mut ws = connect(&args.server)?;
+    let mut ws = connect(&args.server, args.ca_file.as_deref())?;
     let Some(me) = identity(&args, prepared, &mut ws, printer)? else {
         let _ = ws.close(None);
         return Ok(()); // `/quit` before logging in
     };
     *printer.me.borrow_mut() = me.user_id.clone();
     ws.get_ref()
+        .tcp()
         .set_read_timeout(None)
         .map_err(|e| e.to_string())?;
     ws.get_ref()
+        .tcp()
         .set_nonblocking(true)
         .map_err(|e| e.to_string())?;
     let mut session = Session::new(me, &args.server, pins);
@@ -721,7 +782,7 @@ fn run(args: Args, printer: &Printer) -> Result<(), Fatal> {
 /// reads in order, so its reply means it has read everything we sent; closing earlier, with
 /// unread data of ours in its buffer, would reset the connection and could lose our last frames.
 fn close_gracefully(
-    ws: &mut WebSocket<TcpStream>,
+    ws: &mut WebSocket<Stream>,
     poll: &mut Poll,
     session: &mut Session,
     printer: &Printer,
@@ -753,13 +814,13 @@ fn close_gracefully(
 /// Runs the session until `/quit`, end of input, or the connection ends (a [`Fatal`] with
 /// [`Exit::ServerClosed`], or [`Exit::Credentials`] when the server refused the hello).
 fn event_loop(
-    ws: &mut WebSocket<TcpStream>,
+    ws: &mut WebSocket<Stream>,
     session: &mut Session,
     printer: &Printer,
 ) -> Result<(), Fatal> {
     let lost = |message: String| Fatal::new(Exit::ServerClosed, message);
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
-    let fd = ws.get_ref().as_raw_fd();
+    let fd = ws.get_ref().tcp().as_raw_fd();
     poll.registry()
         .register(
             &mut SourceFd(&fd),
@@ -789,6 +850,7 @@ fn event_loop(
     let mut stdin_done = false;
     let mut quitting = false;
     let mut events = Events::with_capacity(64);
+    let mut check_socket = true;
     loop {
         // Send what the session produced, then flush once.
         for frame in session.outbox.drain(..) {
@@ -822,10 +884,9 @@ fn event_loop(
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.to_string().into()),
         }
-        for event in events.iter() {
-            if event.token() != SOCKET {
-                continue;
-            }
+        // Also once at the start: TLS may hold data decrypted during the blocking handshake
+        // phase, for which no readiness event will come.
+        if std::mem::take(&mut check_socket) || events.iter().any(|e| e.token() == SOCKET) {
             loop {
                 match ws.read() {
                     Ok(Message::Text(text)) => {
