@@ -386,6 +386,19 @@ impl Harness {
         out
     }
 
+    /// Takes the `Dial` actions: (target, over TLS).
+    fn dial_schemes(&mut self) -> Vec<(u32, bool)> {
+        let mut out = Vec::new();
+        self.outbox.retain(|a| match a {
+            Action::Dial { target, tls, .. } => {
+                out.push((*target, *tls));
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+
     /// Takes the `Dial` actions: (target, host, port).
     fn dials(&mut self) -> Vec<(u32, String, u16)> {
         let mut out = Vec::new();
@@ -859,6 +872,29 @@ fn welcome_servers_are_dialled_with_mesh_on() {
     h.clear();
     h.fire(Timer::Redial(1));
     assert_eq!(h.dials(), [(1, HOST.to_string(), 9003)]);
+}
+
+/// Announces carry host and port only: a server learned of is dialled with `peer_tls`
+/// (`--peer-scheme`), a bootstrap peer with the scheme of its URL.
+#[test]
+fn learned_servers_are_dialled_with_peer_tls_and_bootstrap_peers_with_their_own_scheme() {
+    let mut h = Harness::with_cfg(|cfg| cfg.peer_tls = true);
+    h.clear();
+    let (b, cc) = (srv_b(), srv_c());
+    let c = h.dial(0, 9002); // ws:// bootstrap peer
+    h.welcome(c, &b, json!([cc.server_entry()]), json!([]));
+    h.clear();
+    h.fire(Timer::Redial(1));
+    assert_eq!(h.dial_schemes(), [(1, true)], "srv-c, learned of: wss://");
+
+    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap[0].tls = true);
+    h.clear();
+    h.fire(Timer::Redial(0));
+    assert_eq!(h.dial_schemes(), [(0, true)], "a wss:// bootstrap peer");
+    let mut h = Harness::new();
+    h.clear();
+    h.fire(Timer::Redial(0));
+    assert_eq!(h.dial_schemes(), [(0, false)], "a ws:// bootstrap peer");
 }
 
 #[test]

@@ -301,3 +301,46 @@ fn tls_flags_come_in_pairs_and_bad_files_are_reported() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("ca.pem"), "{err}");
 }
+
+/// Announces carry host and port only: a server that serves TLS dials the servers it learns of
+/// with `wss://` (`--peer-scheme` defaults to its own). A and C know only B; they find each
+/// other through B and link over TLS. (With `--peer-scheme ws` they never link.)
+#[test]
+fn servers_learned_of_through_a_peer_are_dialled_with_wss() {
+    let ports = free_ports(3);
+    let ca = fixture("ca.pem");
+    let start = |key_name: &str, port: u16, boot: &[String]| {
+        let mut f = tls_flags();
+        f.extend(["--ca-file", &ca, "--backoff-max-ms", "300"].map(String::from));
+        for b in boot {
+            f.extend(["--bootstrap".to_string(), b.clone()]);
+        }
+        let f: Vec<&str> = f.iter().map(String::as_str).collect();
+        ServerProc::start_on(key_name, port, &f)
+    };
+    // B pins A and C; A and C pin only B, and learn of each other from it.
+    let b = start(
+        "server2",
+        ports[1],
+        &[
+            bootstrap_wss("server1", ports[0]),
+            bootstrap_wss("server3", ports[2]),
+        ],
+    );
+    let a = start("server1", ports[0], &[bootstrap_wss("server2", ports[1])]);
+    let c = start("server3", ports[2], &[bootstrap_wss("server2", ports[1])]);
+    b.wait_logs(&[
+        "link up with server srv-server1",
+        "link up with server srv-server3",
+    ]);
+    // Whichever of A and C dials the other, it dials a server it learned of: with wss://.
+    a.wait_log("link up with server srv-server3");
+    c.wait_log("link up with server srv-server1");
+
+    let dir = TempDir::new("tls-gossip");
+    let mut ann = client(&a, "ann", "user1", &dir);
+    let mut cat = client(&c, "cat", "user3", &dir);
+    ann.expect("* cat is online");
+    ann.send("/tell cat found you through B");
+    cat.expect("[dm] ann: found you through B");
+}
