@@ -1188,10 +1188,43 @@ mod tests {
     /// whole and in order, and what the socket cannot take waits in the outbox.
     #[test]
     fn the_outbox_keeps_messages_whole_and_in_order_across_a_full_socket() {
+        outbox_across_a_full_socket(false);
+    }
+
+    /// The same over TLS: rustls's own buffer fills too, and a write it cannot take is
+    /// `WouldBlock`, so the outbox takes over just as on plain TCP.
+    #[test]
+    fn the_outbox_keeps_messages_whole_and_in_order_across_a_full_tls_socket() {
+        outbox_across_a_full_socket(true);
+    }
+
+    fn outbox_across_a_full_socket(tls: bool) {
+        let fixture = |name: &str| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/tls")
+                .join(name)
+        };
+        let (server_tls, client_tls) = if tls {
+            let server = crate::tls::server_config(&fixture("server.pem"), &fixture("server.key"))
+                .expect("server TLS");
+            let client = crate::tls::client_config(Some(&fixture("ca.pem"))).expect("client TLS");
+            (Some(server), Some(client))
+        } else {
+            (None, None)
+        };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("address");
         let reader = std::thread::spawn(move || {
             let (stream, _) = listener.accept().expect("accept");
+            let stream = match client_tls {
+                Some(config) => {
+                    let name = crate::tls::server_name("localhost").expect("name");
+                    let mut tls = TlsStream::client(&config, name, stream).expect("TLS client");
+                    tls.handshake().expect("TLS handshake");
+                    MaybeTls::Tls(Box::new(tls))
+                }
+                None => MaybeTls::Plain(stream),
+            };
             let mut ws = WebSocket::from_raw_socket(stream, Role::Client, None);
             std::thread::sleep(Duration::from_millis(300)); // let the writer's socket fill
             (0..3)
@@ -1203,8 +1236,28 @@ mod tests {
         });
         let stream = std::net::TcpStream::connect(addr).expect("connect");
         stream.set_nonblocking(true).expect("non-blocking");
+        let stream = TcpStream::from_std(stream);
+        let mut stream = match server_tls {
+            Some(config) => {
+                let conn = rustls::ServerConnection::new(config).expect("TLS server");
+                MaybeTls::Tls(Box::new(TlsStream::new(conn.into(), stream)))
+            }
+            None => MaybeTls::Plain(stream),
+        };
+        // The TLS handshake runs as the stream is read (in the server, inside tungstenite's).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let MaybeTls::Tls(t) = &mut stream
+            && t.is_handshaking()
+        {
+            assert!(Instant::now() < deadline, "TLS handshake");
+            match t.read(&mut [0u8; 1]) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                other => panic!("read during the handshake: {other:?}"),
+            }
+        }
         let config = WebSocketConfig::default().write_buffer_size(0);
-        let stream = MaybeTls::Plain(TcpStream::from_std(stream));
         let mut ws = WebSocket::from_raw_socket(stream, Role::Server, Some(config));
 
         let big: String = (0..32 << 20)

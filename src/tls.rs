@@ -205,6 +205,11 @@ impl<S: Read + Write> TlsStream<S> {
         })
     }
 
+    /// Whether the TLS handshake is still under way.
+    pub fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
     /// Completes the TLS handshake on a blocking socket, so that a refused certificate is
     /// reported as what it is, before any WebSocket traffic.
     pub fn handshake(&mut self) -> io::Result<()> {
@@ -304,5 +309,124 @@ impl<S: Read + Write> Drop for TlsStream<S> {
     fn drop(&mut self) {
         self.conn.send_close_notify();
         let _ = self.conn.write_tls(&mut self.sock);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tls")
+            .join(name)
+    }
+
+    /// A non-blocking server side and a blocking client side, handshake done.
+    fn pair() -> (
+        TlsStream<std::net::TcpStream>,
+        TlsStream<std::net::TcpStream>,
+    ) {
+        let server = server_config(&fixture("server.pem"), &fixture("server.key")).unwrap();
+        let client = client_config(Some(&fixture("ca.pem"))).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dialler = std::thread::spawn(move || {
+            let sock = std::net::TcpStream::connect(addr).unwrap();
+            let name = server_name("127.0.0.1").unwrap();
+            let mut tls = TlsStream::client(&client, name, sock).unwrap();
+            tls.handshake().unwrap();
+            tls
+        });
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let mut accepted = TlsStream::server(&server, sock).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while accepted.is_handshaking() {
+            assert!(Instant::now() < deadline, "handshake");
+            match accepted.read(&mut [0u8; 1]) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        (accepted, dialler.join().unwrap())
+    }
+
+    /// tungstenite issue #54, for TLS: once the socket is drained, rustls may still hold
+    /// decrypted data, and no readiness event will come for it. A read returns `WouldBlock`
+    /// only when there is none, so one pass of "read until `WouldBlock`" gets everything,
+    /// even in pieces far smaller than the records.
+    #[test]
+    fn reading_until_would_block_leaves_no_decrypted_data_behind() {
+        let (mut server, mut client) = pair();
+        let mut sent = Vec::new();
+        for i in 0..200 {
+            let record = format!("message {i:03} {}\n", "x".repeat(i % 50));
+            client.write_all(record.as_bytes()).unwrap();
+            client.flush().unwrap();
+            sent.extend_from_slice(record.as_bytes());
+        }
+        std::thread::sleep(Duration::from_millis(200)); // all of it in the server's socket
+        let mut got = Vec::new();
+        let mut buf = [0u8; 7];
+        loop {
+            match server.read(&mut buf) {
+                Ok(0) => panic!("end of stream"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got.len(), sent.len());
+        assert_eq!(got, sent);
+    }
+
+    /// A full socket makes writes `WouldBlock` (never `Ok(0)`), and `flush` says whether
+    /// records still wait; everything written arrives once the peer reads.
+    #[test]
+    fn a_full_socket_is_would_block_and_flush_finishes_the_job() {
+        let (mut server, mut client) = pair();
+        let chunk = vec![b'z'; 16 * 1024];
+        let mut written = 0usize;
+        let mut blocked = false;
+        while written < 64 << 20 {
+            match server.write(&chunk) {
+                Ok(0) => panic!("Ok(0) from write"),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    blocked = true;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(blocked, "64 MiB never filled the socket");
+        let reader = std::thread::spawn(move || {
+            let mut total = 0usize;
+            let mut buf = vec![0u8; 64 * 1024];
+            while total < written {
+                let n = client.read(&mut buf).expect("read");
+                assert!(n > 0, "end of stream after {total}");
+                assert!(buf[..n].iter().all(|&b| b == b'z'));
+                total += n;
+            }
+            total
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "never flushed");
+            match server.flush() {
+                Ok(()) => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(reader.join().unwrap(), written);
     }
 }
