@@ -143,6 +143,8 @@ pub struct Federation {
     /// and removes are ignored. Bounded like the seen-cache: an entry older than the window
     /// can go, since a frame that old is refused anyway.
     presence: HashMap<(String, String), i64>,
+    /// See [`Federation::pins_version`].
+    pins_version: u64,
 }
 
 /// Membership changes of the public channel are told to the other servers at most once per
@@ -179,7 +181,24 @@ impl Federation {
             rounds: 0,
             channel_news: None,
             presence: HashMap::new(),
+            pins_version: 0,
         }
+    }
+
+    /// Grows whenever a server's pinned key is added or changed.
+    pub(crate) fn pins_version(&self) -> u64 {
+        self.pins_version
+    }
+
+    /// Every pinned server's id and key (encoded), sorted by id: `LIST_RESPONSE.servers` (§5.6).
+    pub(crate) fn pinned_keys(&self) -> Vec<(&str, &str)> {
+        let mut keys: Vec<(&str, &str)> = self
+            .known
+            .iter()
+            .map(|(id, k)| (id.as_str(), k.key.encoded()))
+            .collect();
+        keys.sort_unstable();
+        keys
     }
 
     /// The server id of dial target `t`, once known.
@@ -668,7 +687,7 @@ impl Server {
                 last_rx_ms: now.mono_ms,
             },
         );
-        self.pin_server(server_id, host, port, key);
+        self.pin_server(now, server_id, host, port, key);
         let mut have_target = false;
         for target in self.fed.targets.iter_mut().filter(|t| t.key == *key) {
             target.id = Some(server_id.to_string());
@@ -753,7 +772,17 @@ impl Server {
     }
 
     /// Pins `server_id` to `key` at `host:port` and saves it; unchanged entries cost nothing.
-    fn pin_server(&mut self, server_id: &str, host: &str, port: u16, key: &Arc<PublicKey>) {
+    /// A new key is told at once to the users who take other servers' signatures (§5.6), before
+    /// any frame that server signed can reach them.
+    fn pin_server(
+        &mut self,
+        now: Time,
+        server_id: &str,
+        host: &str,
+        port: u16,
+        key: &Arc<PublicKey>,
+    ) {
+        let old_key = self.fed.known.get(server_id).map(|k| Arc::clone(&k.key));
         if let Some(k) = self.fed.known.get(server_id)
             && k.key == *key
             && k.host == host
@@ -778,6 +807,27 @@ impl Server {
         };
         if let Err(e) = self.store.upsert_server(&record) {
             warn!("could not save server {server_id}: {e}");
+        }
+        if old_key.as_ref() != Some(key) {
+            self.fed.pins_version += 1;
+            self.tell_servers(now);
+        }
+    }
+
+    /// Sends a fresh `LIST_RESPONSE` (with `servers`, §5.6) to every user who takes other
+    /// servers' signatures.
+    fn tell_servers(&mut self, now: Time) {
+        let users: Vec<(ConnId, String)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.peer_sig)
+            .filter_map(|(conn, c)| match &c.state {
+                State::User { user_id } => Some((*conn, user_id.clone())),
+                _ => None,
+            })
+            .collect();
+        for (conn, user_id) in users {
+            self.send_list(now, conn, &user_id);
         }
     }
 
@@ -805,7 +855,7 @@ impl Server {
             return warn!("{via} lists server {id} with a key other than the pinned one");
         }
         let (id, host) = (id.to_string(), host.to_string());
-        self.pin_server(&id, &host, port, &key);
+        self.pin_server(now, &id, &host, port, &key);
         self.ensure_target(now, &id, &host, port, &key);
     }
 
@@ -1105,7 +1155,7 @@ impl Server {
             if !self.fed.known.contains_key(&from) {
                 info!("learned server {from} at ws://{host}:{port} from server {link}");
             }
-            self.pin_server(&from, &host, port, &key);
+            self.pin_server(now, &from, &host, port, &key);
             self.ensure_target(now, &from, &host, port, &key);
         }
         self.forward(text, link);

@@ -252,7 +252,7 @@ pub struct Server {
     error_sigs: ErrorSigs,
     /// The signed `LIST_RESPONSE` payload for the directory version it was built at: the
     /// payload changes only when the directory does, so repeated requests cost no signature.
-    list_cache: Option<(i64, SignedPayload)>,
+    list_cache: Option<((i64, u64), SignedPayload)>,
     /// Work an input left for later, oldest first; see [`Deferred`].
     deferred: VecDeque<Deferred>,
     /// `AUTH_CHALLENGE`s signed ahead of need: (nonce, signed payload).
@@ -936,12 +936,16 @@ impl Server {
         }
     }
 
-    fn send_list(&mut self, now: Time, conn: ConnId, to: &str) {
-        let version = self.dir.version();
+    /// `LIST_RESPONSE` (§5.5): every user online anywhere and, for clients that take other
+    /// servers' signatures (§5.6), the key of every server we pin. One payload for everyone,
+    /// signed once per (directory version, pinned servers).
+    pub(crate) fn send_list(&mut self, now: Time, conn: ConnId, to: &str) {
+        let version = (self.dir.version(), self.fed.pins_version());
         let signed = match &self.list_cache {
             Some((v, signed)) if *v == version => signed,
             _ => {
-                let canonical = match self.dir.list_canonical(version) {
+                let servers = self.fed.pinned_keys();
+                let canonical = match self.dir.list_canonical(version.0, &servers) {
                     Ok(c) => c,
                     Err(e) => return warn!("cannot build LIST_RESPONSE: {e}"),
                 };
