@@ -16,13 +16,24 @@ const TS: i64 = 1_800_000_000_000;
 /// A session for alice (user1) whose pins live in `dir`, past its hello, with `others` in the
 /// directory snapshot.
 fn alice_with(dir: &TempDir, others: &[(&str, &PrivateKey)]) -> Session {
+    let mut users = vec![entry("alice", &test_key("user1"))];
+    users.extend(others.iter().map(|(id, key)| entry(id, key)));
+    alice_after(dir, &json!({"users": users, "version": 1}))
+}
+
+/// A fresh session for alice (user1), pins in `dir`.
+fn alice(dir: &TempDir) -> Session {
     let me = Identity {
         user_id: "alice".into(),
         display_name: "alice".into(),
         key: test_key("user1"),
     };
-    let pins = Pins::load(&dir.0.join("server-pins.json"));
-    let mut s = Session::new(me, "ws://test", pins);
+    Session::new(me, "ws://test", Pins::load(&dir.0.join("server-pins.json")))
+}
+
+/// [`alice`] past its hello, with the snapshot `list` (a `LIST_RESPONSE` payload).
+fn alice_after(dir: &TempDir, list: &Value) -> Session {
+    let mut s = alice(dir);
     s.hello(TS);
     let challenge = json!({"nonce": "bm9uY2U", "server_id": SRV,
                            "server_pubkey": test_key("server1").public_key().encoded()});
@@ -34,10 +45,7 @@ fn alice_with(dir: &TempDir, others: &[(&str, &PrivateKey)]) -> Session {
         ),
         TS,
     );
-    let mut users = vec![entry("alice", &test_key("user1"))];
-    users.extend(others.iter().map(|(id, key)| entry(id, key)));
-    let list = json!({"users": users, "version": 1});
-    s.on_frame(&server_frame(types::LIST_RESPONSE, &list), TS);
+    s.on_frame(&server_frame(types::LIST_RESPONSE, list), TS);
     assert!(s.ready());
     s.outbox.clear();
     shown(&mut s);
@@ -171,28 +179,13 @@ fn frame_signed_by(kind: &str, from: &str, key: &PrivateKey, payload: &Value) ->
 #[test]
 fn frames_other_servers_signed_are_taken_only_from_servers_our_server_vouched_for() {
     let dir = TempDir::new("session-peer-sig");
-    let me = Identity {
-        user_id: "alice".into(),
-        display_name: "alice".into(),
-        key: test_key("user1"),
-    };
-    let mut s = Session::new(me, "ws://test", Pins::load(&dir.0.join("server-pins.json")));
+    let mut s = alice(&dir);
     s.hello(TS);
     let hello = Envelope::parse(&s.outbox[0]).unwrap();
     assert_eq!(
         hello.payload["caps"],
         json!(["peer-sig"]),
         "§5.6: announced"
-    );
-    let challenge = json!({"nonce": "bm9uY2U", "server_id": SRV,
-                           "server_pubkey": test_key("server1").public_key().encoded()});
-    s.on_frame(&server_frame(types::AUTH_CHALLENGE, &challenge), TS);
-    s.on_frame(
-        &server_frame(
-            types::USER_HELLO_ACK,
-            &json!({"user_id": "alice", "server_id": SRV}),
-        ),
-        TS,
     );
     let (srv_b, srv_x, bob) = (test_key("server2"), test_key("server3"), test_key("user2"));
     let mut bob_entry = entry("bob", &bob);
@@ -202,9 +195,7 @@ fn frames_other_servers_signed_are_taken_only_from_servers_our_server_vouched_fo
         "users": [entry("alice", &test_key("user1")), bob_entry],
         "version": 1,
     });
-    s.on_frame(&server_frame(types::LIST_RESPONSE, &list), TS);
-    assert!(s.ready());
-    shown(&mut s);
+    let mut s = alice_after(&dir, &list);
 
     // A delivery srv-b signed (its server-to-server payload, user_id included): authentic.
     let raw = test_key("user1")
