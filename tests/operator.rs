@@ -251,3 +251,70 @@ fn boolean_environment_variables_take_the_usual_spellings_or_exit_2() {
         "{stderr}"
     );
 }
+
+/// `contrib/socp-server.service` keeps the data in its state directory, stops with the signal
+/// the server handles, and carries the hardening it promises; `systemd-analyze verify` accepts
+/// it where systemd is installed.
+#[test]
+fn the_service_unit_is_hardened_and_verifies() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("contrib/socp-server.service")).unwrap();
+    let lines: Vec<&str> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    for wanted in [
+        "ExecStart=/usr/local/bin/socp-server",
+        "DynamicUser=yes",
+        "StateDirectory=socp-server",
+        "Environment=SOCP_DATA_DIR=%S/socp-server",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+        "MemoryDenyWriteExecute=yes",
+        "LockPersonality=yes",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=2",
+        "KillSignal=SIGTERM",
+        "WantedBy=multi-user.target",
+    ] {
+        assert!(lines.contains(&wanted), "{wanted:?} missing from the unit");
+    }
+
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    if !analyze.is_ok_and(|o| o.status.success()) {
+        eprintln!("systemd-analyze not installed: verify skipped");
+        return;
+    }
+    // The unit as installed, but starting the binary under test (verify checks it exists).
+    let tmp = TempDir::new("unit");
+    let copy = tmp.0.join("socp-server.service");
+    let local = unit.replace(
+        "ExecStart=/usr/local/bin/socp-server",
+        &format!("ExecStart={}", env!("CARGO_BIN_EXE_socp-server")),
+    );
+    std::fs::write(&copy, local).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+#[test]
+fn the_licence_is_mit_or_apache_2() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    assert!(manifest.contains("license = \"MIT OR Apache-2.0\""));
+    let mit = std::fs::read_to_string(root.join("LICENSE-MIT")).unwrap();
+    assert!(mit.contains("Copyright (c) 2026 the socp authors"), "{mit}");
+    let apache = std::fs::read_to_string(root.join("LICENSE-APACHE")).unwrap();
+    assert!(apache.contains("Version 2.0, January 2004"));
+}
