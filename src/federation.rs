@@ -117,6 +117,8 @@ struct Target {
 struct Report {
     /// Wall time of the first failure of this run.
     failing_since_ms: i64,
+    /// Failed dials in this run.
+    failures: u32,
     /// The attempt of the last line at `warn` about this run (0: none yet).
     attempt: u32,
     /// When that line was logged (monotonic).
@@ -548,6 +550,7 @@ impl Server {
         let target = &mut self.fed.targets[t as usize];
         let (name, attempt) = (target.name(), target.attempts);
         let report = &mut target.report;
+        report.failures += 1;
         let next = secs(delay);
         match failure_log(
             attempt,
@@ -865,7 +868,7 @@ impl Server {
             target.id = Some(server_id.to_string());
             target.state = TargetState::Linked;
             if target.report.warned {
-                failed = failed.max(target.attempts);
+                failed = failed.max(target.report.failures);
                 warned = true;
             }
             target.attempts = 0;
@@ -889,6 +892,7 @@ impl Server {
             // same level.
             let after = match failed {
                 0 => String::new(),
+                1 => " after 1 failed attempt".into(),
                 n => format!(" after {n} failed attempts"),
             };
             warn!("link up with server {server_id} at {url} (dialled by {by}){after}: back");

@@ -271,7 +271,9 @@ fn an_unreachable_peer_is_reported_once_then_summarised() {
     h.link_out(0, conn(1), "srv-b", &test_key("server2"));
     let warn = at_least(&logged(), log::Level::Warn);
     assert!(
-        warn.len() == 1 && warn[0].contains("link up with server srv-b at ws://127.0.0.1:9002"),
+        warn.len() == 1
+            && warn[0].contains("link up with server srv-b at ws://127.0.0.1:9002")
+            && warn[0].contains("after 40 failed attempts"),
         "{warn:#?}"
     );
 
@@ -434,4 +436,21 @@ fn users_are_logged_by_display_name_and_id() {
             .any(|l| l.starts_with("user Alice (id id-alice) offline (conn #7)")),
         "{info:#?}"
     );
+}
+
+/// The rule behind the log above: a run's first failure is reported, then at most one summary
+/// per 10 attempts and 5 minutes, whichever is later.
+#[test]
+fn failure_log_reports_the_first_then_summaries() {
+    use socp::federation::{FailureLog, SUMMARY_EVERY_ATTEMPTS, SUMMARY_EVERY_MS, failure_log};
+    assert_eq!(failure_log(1, 0, 0), FailureLog::First);
+    assert_eq!(failure_log(1, 7, 0), FailureLog::First, "a new run");
+    let n = SUMMARY_EVERY_ATTEMPTS;
+    assert_eq!(failure_log(n, 1, SUMMARY_EVERY_MS), FailureLog::Quiet);
+    assert_eq!(
+        failure_log(n + 1, 1, SUMMARY_EVERY_MS - 1),
+        FailureLog::Quiet
+    );
+    assert_eq!(failure_log(n + 1, 1, SUMMARY_EVERY_MS), FailureLog::Summary);
+    assert_eq!(failure_log(100, 1, u64::MAX), FailureLog::Summary);
 }
