@@ -15,6 +15,7 @@ pub mod ids;
 pub mod login;
 pub mod net;
 pub mod server;
+pub mod startup;
 pub mod store;
 pub mod timer;
 pub mod transfer;

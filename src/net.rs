@@ -1085,10 +1085,17 @@ impl Net {
         info!("signal received: closing connections and shutting down");
         self.shutting_down = true;
         let _ = self.poll.registry().deregister(&mut self.listener);
+        // Handshakes under way, ours included: a dial to a peer is abandoned, not completed
+        // (and the core, stopping, does not redial it).
         let handshaking: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| matches!(c.io, Io::Handshaking(_)))
+            .filter(|(_, c)| {
+                matches!(
+                    c.io,
+                    Io::Handshaking(_) | Io::Connecting { .. } | Io::ClientHandshaking(_)
+                )
+            })
             .map(|(i, _)| i)
             .collect();
         for idx in handshaking {

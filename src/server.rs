@@ -398,6 +398,8 @@ impl Server {
 
     /// Closes every connection with 1001 and saves what must survive a restart.
     pub fn shutdown(&mut self, now: Time) {
+        // Links closed from here on are not redialled (§4.4 is about peers, not this stop).
+        self.fed_stop();
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in conns {
             self.close(now, conn, close::GOING_AWAY, "server shutting down");
@@ -682,7 +684,8 @@ impl Server {
             peer_sig,
             ..
         } = ch;
-        info!("user {user_id} online (conn {})", conn);
+        let name = user_name(&user_id, meta.get("display_name").and_then(Value::as_str));
+        info!("user {name} online (conn {})", conn);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.peer_sig = peer_sig;
         }
@@ -976,8 +979,9 @@ impl Server {
         match old.state {
             State::User { user_id } => {
                 let id = self.id.clone();
-                if self.dir.remove_if_hosted_by(&user_id, &id).is_some() {
-                    info!("user {user_id} offline (conn {})", conn);
+                if let Some(entry) = self.dir.remove_if_hosted_by(&user_id, &id) {
+                    let name = user_name(&user_id, entry.display_name());
+                    info!("user {name} offline (conn {})", conn);
                     self.adverts.remove(&user_id);
                     self.transfers_user_gone(now, &user_id);
                     // The signed `ts` orders it after the user's advert (§7).
@@ -1194,6 +1198,18 @@ impl Server {
         } else {
             self.error(now, conn, &err);
         }
+    }
+}
+
+/// How the log names a user: `alice (id 5c0e…)` by the display name it chose (escaped: it is
+/// the user's text), or its id alone when it has none or they are the same.
+pub(crate) fn user_name(user_id: &str, display_name: Option<&str>) -> String {
+    match display_name {
+        Some(name) if !name.is_empty() && name != user_id => {
+            let name: String = name.chars().take(64).flat_map(char::escape_debug).collect();
+            format!("{name} (id {user_id})")
+        }
+        _ => user_id.to_string(),
     }
 }
 
