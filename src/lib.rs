@@ -13,6 +13,7 @@ pub mod federation;
 pub mod identity;
 pub mod ids;
 pub mod login;
+pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod store;
