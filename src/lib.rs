@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod dedup;
 pub mod directory;
 pub mod federation;
+pub mod http;
 pub mod identity;
 pub mod ids;
 pub mod login;
