@@ -227,6 +227,40 @@ mod tests {
         assert_eq!(classify(&many, false), Request::WebSocket);
     }
 
+    /// Every prefix of a request waits for the rest; random bytes never panic, and bytes that
+    /// are refused as not HTTP stay refused whatever follows (so waiting could not change it).
+    #[test]
+    fn prefixes_wait_and_random_bytes_are_judged_without_panicking() {
+        let full = b"GET /metrics HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n";
+        for end in 0..full.len() {
+            assert_eq!(classify(&full[..end], false), Request::Incomplete, "{end}");
+        }
+        assert_eq!(classify(full, false), get(Route::Metrics));
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 64) as usize;
+            let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if next() % 2 == 0 {
+                // Mostly a real head with one byte changed: the interesting cases.
+                buf = full.to_vec();
+                let at = (next() as usize) % buf.len();
+                buf[at] = next() as u8;
+                buf.truncate((next() as usize) % (buf.len() + 1));
+            }
+            let verdict = classify(&buf, false);
+            if verdict == refused(400) {
+                buf.extend_from_slice(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+                assert_eq!(classify(&buf, false), refused(400), "{buf:?}");
+            }
+        }
+    }
+
     #[test]
     fn responses_are_complete_and_close_the_connection() {
         let r = String::from_utf8(response(200, JSON, b"{}", false)).unwrap();
