@@ -1281,8 +1281,12 @@ impl Server {
         );
         match self.fed.seen.check(&dedup_key, ts, now.wall_ms) {
             Ok(()) => {}
-            Err(Stale::Duplicate) => return Ok(()),
+            Err(Stale::Duplicate) => {
+                self.metrics.dedup_drop(Stale::Duplicate);
+                return Ok(());
+            }
             Err(Stale::OutOfWindow) => {
+                self.metrics.dedup_drop(Stale::OutOfWindow);
                 debug!(
                     "dropping {} from {}: ts outside the window",
                     env.kind, env.from

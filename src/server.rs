@@ -257,6 +257,8 @@ pub struct Server {
     deferred: VecDeque<Deferred>,
     /// `AUTH_CHALLENGE`s signed ahead of need: (nonce, signed payload).
     challenges: Vec<(String, SignedPayload)>,
+    /// Counters for `GET /metrics` (see [`crate::metrics`]).
+    pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) out: Vec<Action>,
 }
 
@@ -305,6 +307,7 @@ impl Server {
             adverts: HashMap::new(),
             login_budgets: Default::default(),
             transfers: Transfers::new(TransferLimits::default()),
+            metrics: Default::default(),
             out: Vec::new(),
         }
     }
@@ -341,6 +344,7 @@ impl Server {
 
     /// The actions produced so far, in order; the net layer drains them after every input.
     pub fn actions(&mut self) -> std::vec::Drain<'_, Action> {
+        self.metrics.frames_leaving(&self.out);
         self.out.drain(..)
     }
 
@@ -365,6 +369,7 @@ impl Server {
             }
             Input::Text { conn, text } => self.on_text(now, conn, text),
             Input::Binary { conn } => {
+                self.metrics.frame_received(None);
                 let err = WireError::new(ErrorCode::UnknownType, "binary frames are not supported");
                 self.reject(now, conn, err);
             }
@@ -447,8 +452,12 @@ impl Server {
         };
         let env = match Envelope::parse(text) {
             Ok(env) => env,
-            Err(err) => return self.reject(now, conn, err),
+            Err(err) => {
+                self.metrics.frame_received(None);
+                return self.reject(now, conn, err);
+            }
         };
+        self.metrics.frame_received(Some(&env.kind));
         debug!("conn {}: {} from {:?}", conn, env.kind, env.from);
         let result = match session {
             Session::Unauthenticated => self.on_unauthenticated(now, conn, &env),
@@ -952,7 +961,9 @@ impl Server {
                     Ok(c) => c,
                     Err(e) => return warn!("cannot build LIST_RESPONSE: {e}"),
                 };
-                let signed = SignedPayload::sign_canonical(canonical, &self.key);
+                let signed = self
+                    .metrics
+                    .signing(|| SignedPayload::sign_canonical(canonical, &self.key));
                 &self.list_cache.insert((version, signed)).1
             }
         };
@@ -1132,7 +1143,10 @@ impl Server {
     /// check for non-integer numbers ([`Envelope::parse`], §3.3), so this cannot fail; if it
     /// ever did, the frame is not sent and the bug is logged instead of crashing the server.
     pub(crate) fn sign(&self, payload: &Value) -> Option<SignedPayload> {
-        match SignedPayload::sign(payload, &self.key) {
+        match self
+            .metrics
+            .signing(|| SignedPayload::sign(payload, &self.key))
+        {
             Ok(signed) => Some(signed),
             Err(e) => {
                 log::error!("not sending a payload without a canonical form ({e}): a bug");
@@ -1152,6 +1166,7 @@ impl Server {
             .take(now.mono_ms, self.limits.error_burst, refill_ms)
         {
             debug!("conn {}: error budget spent, not answering {err}", conn);
+            self.metrics.error_unsent();
             return;
         }
         // An error to a linked server is addressed to it, never "" (§6).
@@ -1169,7 +1184,9 @@ impl Server {
         let sig = match self.error_sigs.0.get(&canonical) {
             Some(sig) => sig.clone(),
             None => {
-                let sig = self.key.sign_b64(canonical.as_bytes());
+                let sig = self
+                    .metrics
+                    .signing(|| self.key.sign_b64(canonical.as_bytes()));
                 if self.error_sigs.0.len() >= ERROR_SIG_CACHE {
                     self.error_sigs.0.clear();
                 }
@@ -1179,6 +1196,7 @@ impl Server {
         };
         let signed = SignedPayload { canonical, sig };
         let text = wire::encode_frame(types::ERROR, &self.id, &to, now.wall_ms, &signed);
+        self.metrics.error_sent(err.code);
         self.out.push(Action::Send {
             conn,
             text: text.into(),
