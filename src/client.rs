@@ -467,6 +467,8 @@ pub struct Session {
     pins: Pins,
     /// Users' keys, pinned on first sight (§7).
     user_pins: Pins,
+    /// Other servers' keys, as our server vouches for them in `LIST_RESPONSE.servers` (§5.6).
+    vouched: BTreeMap<String, Arc<PublicKey>>,
     /// Users whose key differs from their pin: user id → the new key (encoded). Nothing is
     /// sent to them, and nothing from them is authentic, until the person says `/trust`.
     changed_keys: BTreeMap<String, String>,
@@ -506,6 +508,7 @@ impl Session {
             user_pins: pins.sibling("user-pins.json"),
             pins,
             changed_keys: BTreeMap::new(),
+            vouched: BTreeMap::new(),
             server: None,
             authenticated: false,
             ready: false,
@@ -553,6 +556,8 @@ impl Session {
             "pubkey": pubkey,
             "enc_pubkey": pubkey,
             "meta": {"display_name": self.me.display_name},
+            // §5.6: frames other servers signed may reach us unchanged.
+            "caps": [wire::CAP_PEER_SIG],
         });
         self.push_frame(types::USER_HELLO, "", now_ms, &payload, false);
     }
@@ -837,7 +842,26 @@ impl Session {
                 &format!("{} before AUTH_CHALLENGE; ignored", env.kind),
             );
         };
-        match wire::verify_payload_sig(server_key, &env.payload, &env.sig) {
+        // §5.6: a frame our server forwarded unchanged is signed by the server it names, whose
+        // key our server vouched for; only the kinds a server forwards may come that way.
+        let (server_id, server_key) = (&self.server.as_ref().expect("checked above").0, server_key);
+        let key = if env.from == *server_id {
+            Some(server_key)
+        } else if FORWARDED_UNCHANGED.contains(&env.kind.as_str()) {
+            self.vouched.get(&env.from)
+        } else {
+            None
+        };
+        let Some(key) = key else {
+            return self.warn(
+                warning::BAD_SERVER_SIG,
+                &format!(
+                    "{} signed by server {}, which your server did not vouch for; refused",
+                    env.kind, env.from
+                ),
+            );
+        };
+        match wire::verify_payload_sig(key, &env.payload, &env.sig) {
             Ok(true) => {}
             _ => {
                 return self.warn(
@@ -946,6 +970,31 @@ impl Session {
         let Some(Value::Array(users)) = env.payload.get("users") else {
             return self.warn(warning::BAD_FRAME, "LIST_RESPONSE without users");
         };
+        // §5.6: the servers whose signatures our server vouches for (the list replaces the
+        // last one; a key already known is not parsed again).
+        if let Some(Value::Array(servers)) = env.payload.get("servers") {
+            let mut vouched = BTreeMap::new();
+            for s in servers.iter().filter_map(Value::as_object) {
+                let f = wire::Fields(s);
+                let (Ok(id), Ok(key)) = (f.id("server_id"), f.str("pubkey")) else {
+                    continue;
+                };
+                let parsed = match self.vouched.get(id).filter(|k| k.encoded() == key) {
+                    Some(known) => Ok(Arc::clone(known)),
+                    None => PublicKey::parse(key).map(Arc::new),
+                };
+                match parsed {
+                    Ok(k) => {
+                        vouched.insert(id.to_string(), k);
+                    }
+                    Err(e) => self.warn(
+                        warning::BAD_SERVER_KEY,
+                        &format!("the key of server {id} is unusable: {e}"),
+                    ),
+                }
+            }
+            self.vouched = vouched;
+        }
         self.directory.clear();
         for user in users {
             if let Some(map) = user.as_object() {
@@ -1123,6 +1172,17 @@ impl Session {
         });
     }
 }
+
+/// The frames a server forwards to us unchanged, signed by the server they came from (§5.6).
+const FORWARDED_UNCHANGED: &[&str] = &[
+    types::USER_DELIVER,
+    types::MSG_PUBLIC_CHANNEL,
+    types::FILE_START,
+    types::FILE_CHUNK,
+    types::FILE_END,
+    types::USER_ADVERTISE,
+    types::USER_REMOVE,
+];
 
 /// Splits `text` into pieces of at most `max` bytes, at character boundaries.
 pub fn split_utf8(text: &str, max: usize) -> Vec<&str> {

@@ -64,6 +64,8 @@ pub struct Config {
     pub host: String,
     /// Port to listen on. Default 8765. 0 picks a free port (tests).
     pub port: u16,
+    /// Where the key and database go by default (`--data-dir`, `SOCP_DATA_DIR`).
+    pub data_dir: PathBuf,
     /// Our server id; default: the one in the key file, or a new UUID v4 saved there.
     pub server_id: Option<String>,
     /// SQLite database file. Default `<data dir>/socp.db`; env `SOCP_DB`.
@@ -143,6 +145,7 @@ impl Config {
             server_id: None,
             db: data_dir.join("socp.db"),
             key: data_dir.join("server.key"),
+            data_dir,
             bootstrap: Vec::new(),
             tls: None,
             ca_file: None,
@@ -197,11 +200,17 @@ pub fn default_data_dir(env: &dyn Fn(&str) -> Option<String>, app: &str) -> Path
 pub enum Command {
     Run(Config),
     PrintPubkey(Config),
-    Help,
+    /// The help text, with the data directory this invocation would use.
+    Help(String),
     Version,
 }
 
-pub const SERVER_USAGE: &str = "\
+/// `socp-server --help`, naming the data directory this invocation would use (`data_dir`).
+pub fn server_usage(data_dir: &std::path::Path) -> String {
+    SERVER_USAGE.replace("{DATA_DIR}", &data_dir.display().to_string())
+}
+
+const SERVER_USAGE: &str = "\
 socp-server: a SOCP v1.3 chat server
 
 USAGE: socp-server [OPTIONS]
@@ -210,7 +219,9 @@ OPTIONS:
   --host HOST             listen address            [env SOCP_HOST, default 127.0.0.1]
   --port PORT             listen port (0: any free)  [env SOCP_PORT, default 8765]
   --server-id ID          this server's id           [env SOCP_SERVER_ID, default: from key file]
-  --data-dir DIR          where key and database go  [env SOCP_DATA_DIR]
+  --data-dir DIR          where key and database go  [env SOCP_DATA_DIR, default
+                          $XDG_DATA_HOME/socp-server or ~/.local/share/socp-server;
+                          here: {DATA_DIR}]
   --db PATH               SQLite database            [env SOCP_DB, default DIR/socp.db]
   --key PATH              key file (mode 0600)       [env SOCP_SERVER_KEYFILE, default DIR/server.key]
   --bootstrap URL#KEY     peer to link to, ws://host:port#<pubkey> or wss://…; repeatable
@@ -226,7 +237,8 @@ OPTIONS:
   --handshake-timeout-ms MS  time allowed for the WebSocket handshake [default 10000]
   --max-write-buffer BYTES   bytes queued for a client that does not read before it
                           is disconnected [default 33554432]
-  --open-join             accept links from servers whose key is not pinned [env SOCP_OPEN_JOIN=1]
+  --open-join             accept links from servers whose key is not pinned
+                          [env SOCP_OPEN_JOIN=1|0|true|false|yes|no|on|off]
   --no-mesh               dial only --bootstrap peers, not every server learned of
   --advertise-host HOST   host peers should dial to reach us [env SOCP_ADVERTISE_HOST,
                           default: --host, or 127.0.0.1 when that is 0.0.0.0/::]
@@ -241,7 +253,8 @@ OPTIONS:
   -h, --help              this help
   -V, --version           version
 
-Logging: RUST_LOG=debug|info|warn (default info).
+Logging: RUST_LOG=debug|info|warn (default info). At info: links up and down, the first
+failure of a peer, then a summary at most every 10 attempts and 5 minutes; every attempt at debug.
 ";
 
 /// Parses the server command line. `env` looks up environment variables (injected for tests).
@@ -283,7 +296,14 @@ pub fn parse_server_args(
             Long("slow-reader-timeout-ms") => {
                 flags.slow_reader_timeout_ms = Some(string(&mut parser)?)
             }
-            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('h') | Long("help") => {
+                let dir = flags
+                    .data_dir
+                    .or_else(|| env("SOCP_DATA_DIR").filter(|s| !s.is_empty()))
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| default_data_dir(env, "socp-server"));
+                return Ok(Command::Help(server_usage(&dir)));
+            }
             Short('V') | Long("version") => return Ok(Command::Version),
             _ => return Err(arg.unexpected().to_string()),
         }
@@ -369,7 +389,7 @@ pub fn parse_server_args(
         cfg.max_write_buffer =
             parse_positive("--max-write-buffer", &bytes)?.max(2 * cfg.max_message_size);
     }
-    cfg.open_join = flags.open_join || env("SOCP_OPEN_JOIN").is_some_and(|v| v == "1");
+    cfg.open_join = flags.open_join || env_bool(env, "SOCP_OPEN_JOIN")?.unwrap_or(false);
     cfg.mesh = !flags.no_mesh;
     cfg.advertise_host = pick(flags.advertise_host, "SOCP_ADVERTISE_HOST");
     if let Some(ms) = flags.heartbeat_ms {
@@ -431,6 +451,21 @@ fn string(parser: &mut lexopt::Parser) -> Result<String, String> {
         .map_err(|e| e.to_string())?
         .into_string()
         .map_err(|v| format!("{v:?} is not valid UTF-8"))
+}
+
+/// A boolean environment variable: unset or empty is `None`; `1`/`true`/`yes`/`on` and
+/// `0`/`false`/`no`/`off` (any case) are accepted; anything else is an error naming it.
+pub fn env_bool(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<bool>, String> {
+    let Some(value) = env(name).filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(Some(true)),
+        "0" | "false" | "no" | "off" => Ok(Some(false)),
+        _ => Err(format!(
+            "{name}={value:?}: expected a boolean (1/0, true/false, yes/no, on/off)"
+        )),
+    }
 }
 
 fn parse_positive(flag: &str, value: &str) -> Result<usize, String> {
@@ -530,10 +565,42 @@ mod tests {
         assert!(parse(&["--tls-key", "k.pem"], &[]).is_err());
         assert!(parse(&["--tls-key", "k.pem"], &[("SOCP_TLS_CERT", "c.pem")]).is_ok());
         assert!(parse(&["--peer-scheme", "https"], &[]).is_err());
-        assert!(matches!(parse(&["--help"], &[]), Ok(Command::Help)));
+        assert!(matches!(parse(&["--help"], &[]), Ok(Command::Help(_))));
         assert!(matches!(
             parse(&["--print-pubkey"], &[]),
             Ok(Command::PrintPubkey(_))
         ));
+    }
+
+    #[test]
+    fn help_names_the_data_directory_in_use() {
+        let help = |args: &[&str], env: &[(&str, &str)]| match parse(args, env) {
+            Ok(Command::Help(text)) => text,
+            other => panic!("expected Help, got {other:?}"),
+        };
+        assert!(
+            help(&["--help"], &[("HOME", "/home/u")]).contains("/home/u/.local/share/socp-server")
+        );
+        let env = [("HOME", "/home/u"), ("XDG_DATA_HOME", "/xdg")];
+        assert!(help(&["-h"], &env).contains("here: /xdg/socp-server"));
+        let env = [("HOME", "/home/u"), ("SOCP_DATA_DIR", "/srv/socp")];
+        assert!(help(&["--help"], &env).contains("here: /srv/socp"));
+        assert!(help(&["--data-dir", "/flag", "--help"], &env).contains("here: /flag"));
+    }
+
+    #[test]
+    fn boolean_variables_take_the_usual_spellings() {
+        for yes in ["1", "true", "TRUE", "yes", "Yes", "on", "ON"] {
+            assert!(run(&[], &[("SOCP_OPEN_JOIN", yes)]).open_join, "{yes}");
+        }
+        for no in ["0", "false", "False", "no", "NO", "off", "Off", ""] {
+            assert!(!run(&[], &[("SOCP_OPEN_JOIN", no)]).open_join, "{no:?}");
+        }
+        assert!(!run(&[], &[]).open_join);
+        assert!(run(&["--open-join"], &[("SOCP_OPEN_JOIN", "no")]).open_join);
+        for bad in ["maybe", "2", "y", "enable"] {
+            let err = parse(&[], &[("SOCP_OPEN_JOIN", bad)]).unwrap_err();
+            assert!(err.contains("SOCP_OPEN_JOIN") && err.contains(bad), "{err}");
+        }
     }
 }

@@ -112,13 +112,33 @@ impl Directory {
         })
     }
 
-    /// The canonical text of the `LIST_RESPONSE` payload `{users, version}` (§5.5), written
-    /// straight from the entries: with thousands of users online this is the largest payload
-    /// a server builds, once per login, and no intermediate JSON tree is needed for it.
-    /// Equal to `canon::canonical(&json!({"users": self.list_json(), "version": version}))`.
-    pub fn list_canonical(&self, version: i64) -> Result<String, NotCanonical> {
-        let mut out = String::with_capacity(64 + self.users.len() * 900);
-        out.push_str("{\"users\":[");
+    /// The canonical text of the `LIST_RESPONSE` payload `{servers, users, version}` (§5.5,
+    /// §5.6), written straight from the entries: with thousands of users online this is the
+    /// largest payload a server builds, once per login, and no intermediate JSON tree is needed
+    /// for it. `servers` (id, encoded key), sorted by id, is left out when empty. Equal to
+    /// `canon::canonical(&json!({"servers": […], "users": self.list_json(), "version": version}))`.
+    pub fn list_canonical(
+        &self,
+        version: i64,
+        servers: &[(&str, &str)],
+    ) -> Result<String, NotCanonical> {
+        let mut out = String::with_capacity(64 + self.users.len() * 900 + servers.len() * 800);
+        out.push('{');
+        if !servers.is_empty() {
+            out.push_str("\"servers\":[");
+            for (i, (id, key)) in servers.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str("{\"pubkey\":");
+                canon::write_string(key, &mut out);
+                out.push_str(",\"server_id\":");
+                canon::write_string(id, &mut out);
+                out.push('}');
+            }
+            out.push_str("],");
+        }
+        out.push_str("\"users\":[");
         for (i, (id, e)) in self.users.iter().enumerate() {
             if i > 0 {
                 out.push(',');
@@ -162,7 +182,7 @@ mod tests {
         let key = Arc::clone(private.unwrap().public_key());
         let mut dir = Directory::default();
         assert_eq!(
-            dir.list_canonical(0).unwrap(),
+            dir.list_canonical(0, &[]).unwrap(),
             canon::canonical(&json!({"users": dir.list_json(), "version": 0})).unwrap()
         );
         let metas = [
@@ -185,6 +205,15 @@ mod tests {
         let version = dir.version();
         let expected =
             canon::canonical(&json!({"users": dir.list_json(), "version": version})).unwrap();
-        assert_eq!(dir.list_canonical(version).unwrap(), expected);
+        assert_eq!(dir.list_canonical(version, &[]).unwrap(), expected);
+        let servers = [("srv-b", "KEY-B"), ("srv-c", "KEY \"C\"")];
+        let expected = canon::canonical(&json!({
+            "servers": [{"server_id": "srv-b", "pubkey": "KEY-B"},
+                        {"server_id": "srv-c", "pubkey": "KEY \"C\""}],
+            "users": dir.list_json(),
+            "version": version,
+        }))
+        .unwrap();
+        assert_eq!(dir.list_canonical(version, &servers).unwrap(), expected);
     }
 }

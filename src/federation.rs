@@ -110,19 +110,123 @@ struct Target {
     key: Arc<PublicKey>,
     /// Dial with `wss://`.
     tls: bool,
+    /// Dials since the start or the last link: the failures in a row, once one has failed.
     attempts: u32,
     state: TargetState,
+    /// What the log has said about this run of failures (see [`failure_log`]).
+    report: Report,
+    /// Why the dial under way failed, when the core knows better than "connection closed"
+    /// (a refused hello, a bad or missing welcome).
+    note: Option<String>,
+}
+
+/// What the log has said about a peer, so that it reports each change once and summarises
+/// the rest (§4.4: every attempt is logged, truthfully; only the level varies).
+#[derive(Debug, Default, Clone)]
+struct Report {
+    /// Wall time of the first failure of this run.
+    failing_since_ms: i64,
+    /// Failed dials in this run.
+    failures: u32,
+    /// The attempt of the last line at `warn` about this run (0: none yet).
+    attempt: u32,
+    /// When that line was logged (monotonic).
+    at_ms: u64,
+    /// An operator at `RUST_LOG=warn` was told the peer is down or unreachable, and not yet
+    /// that it is back.
+    warned: bool,
+    /// A link with it has been up: a failure now follows a link that went down.
+    was_linked: bool,
+}
+
+/// A repeated failure is summarised at `warn` at most once per this many attempts …
+pub const SUMMARY_EVERY_ATTEMPTS: u32 = 10;
+/// … and at most once per this many milliseconds.
+pub const SUMMARY_EVERY_MS: u64 = 5 * 60 * 1000;
+
+/// How a failed dial is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureLog {
+    /// The first failure of a run (since the start, or since the link went down): `warn`.
+    First,
+    /// A summary of the failures since the last line at `warn`: `warn`.
+    Summary,
+    /// Any other failure: `debug` only.
+    Quiet,
+}
+
+/// How to log failure number `attempt` of a run, when the last line at `warn` about it was at
+/// attempt `last_reported` (0: none), `ms_since_reported` ago.
+pub fn failure_log(attempt: u32, last_reported: u32, ms_since_reported: u64) -> FailureLog {
+    if attempt <= 1 || last_reported == 0 {
+        FailureLog::First
+    } else if attempt.saturating_sub(last_reported) >= SUMMARY_EVERY_ATTEMPTS
+        && ms_since_reported >= SUMMARY_EVERY_MS
+    {
+        FailureLog::Summary
+    } else {
+        FailureLog::Quiet
+    }
+}
+
+impl Target {
+    /// How the log names it: `srv-b (ws://10.0.0.2:9000)`, or the address alone until its id
+    /// is known.
+    fn name(&self) -> String {
+        let url = self.url();
+        match &self.id {
+            Some(id) => format!("{id} ({url})"),
+            None => url,
+        }
+    }
+}
+
+/// A server's address as a URL. Announces carry no scheme: an address learned of is shown as
+/// `ws://` (see `FedConfig::peer_tls` for how it is dialled).
+fn ws_url(host: &str, port: u16) -> String {
+    peer_url(false, host, port)
+}
+
+fn peer_url(tls: bool, host: &str, port: u16) -> String {
+    let scheme = if tls { "wss" } else { "ws" };
+    if host.contains(':') {
+        format!("{scheme}://[{host}]:{port}")
+    } else {
+        format!("{scheme}://{host}:{port}")
+    }
+}
+
+/// `2027-01-15 08:00:00 UTC` for a wall time in ms since the epoch.
+fn utc(wall_ms: i64) -> String {
+    let secs = wall_ms.div_euclid(1000);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// A delay for the log: `1.0 s`.
+fn secs(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
 }
 
 impl Target {
     /// `ws://host:port` or `wss://host:port`, for logs.
     fn url(&self) -> String {
-        let scheme = if self.tls { "wss" } else { "ws" };
-        if self.host.contains(':') {
-            format!("{scheme}://[{}]:{}", self.host, self.port)
-        } else {
-            format!("{scheme}://{}:{}", self.host, self.port)
-        }
+        peer_url(self.tls, &self.host, self.port)
     }
 }
 
@@ -158,12 +262,16 @@ pub struct Federation {
     announces: HashMap<String, Text>,
     /// Heartbeat rounds since our last announce.
     rounds: u32,
+    /// A graceful shutdown has begun: nothing is dialled or redialled any more.
+    stopping: bool,
     /// Public-channel changes not yet told to the other servers (see [`CHANNEL_BATCH_MS`]).
     channel_news: Option<ChannelNews>,
     /// §7: the newest signed presence `ts` applied per (hosting server, user); older adverts
     /// and removes are ignored. Bounded like the seen-cache: an entry older than the window
     /// can go, since a frame that old is refused anyway.
     presence: HashMap<(String, String), i64>,
+    /// See [`Federation::pins_version`].
+    pins_version: u64,
 }
 
 /// Membership changes of the public channel are told to the other servers at most once per
@@ -198,9 +306,27 @@ impl Federation {
             heartbeat: None,
             announces: HashMap::new(),
             rounds: 0,
+            stopping: false,
             channel_news: None,
             presence: HashMap::new(),
+            pins_version: 0,
         }
+    }
+
+    /// Grows whenever a server's pinned key is added or changed.
+    pub(crate) fn pins_version(&self) -> u64 {
+        self.pins_version
+    }
+
+    /// Every pinned server's id and key (encoded), sorted by id: `LIST_RESPONSE.servers` (§5.6).
+    pub(crate) fn pinned_keys(&self) -> Vec<(&str, &str)> {
+        let mut keys: Vec<(&str, &str)> = self
+            .known
+            .iter()
+            .map(|(id, k)| (id.as_str(), k.key.encoded()))
+            .collect();
+        keys.sort_unstable();
+        keys
     }
 
     /// The server id of dial target `t`, once known.
@@ -303,6 +429,8 @@ impl Federation {
             tls: tls.unwrap_or(self.cfg.peer_tls),
             attempts: 0,
             state: TargetState::Waiting,
+            report: Report::default(),
+            note: None,
         });
         Some(self.targets.len() as u32 - 1)
     }
@@ -403,7 +531,16 @@ impl Server {
         }
     }
 
+    /// A graceful shutdown has begun: links that close are not redialled, and nothing armed
+    /// before dials again.
+    pub(crate) fn fed_stop(&mut self) {
+        self.fed.stopping = true;
+    }
+
     pub(crate) fn on_redial(&mut self, _now: Time, t: u32) {
+        if self.fed.stopping {
+            return;
+        }
         let linked = |id: &Option<String>, fed: &Federation| {
             id.as_ref().is_some_and(|id| fed.links.contains_key(id))
         };
@@ -420,9 +557,18 @@ impl Server {
         let target = &mut self.fed.targets[t as usize];
         target.attempts += 1;
         target.state = TargetState::Dialling;
-        info!(
+        target.note = None;
+        // The first attempt of a run at info; the retries at debug (their failures are
+        // summarised, see `dial_ended`).
+        let level = if target.attempts == 1 {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
             "dialling peer {} (attempt {})",
-            target.url(),
+            target.name(),
             target.attempts
         );
         self.out.push(Action::Dial {
@@ -438,32 +584,79 @@ impl Server {
     }
 
     /// A dial or a link handshake for target `t` ended without a link: log it truthfully and
-    /// arm the next attempt.
+    /// arm the next attempt. The first failure of a run is a warning, the next ones are logged
+    /// at debug and summarised at warn (see [`failure_log`]).
     pub(crate) fn dial_ended(&mut self, now: Time, t: u32, reason: &str) {
-        let Some(target) = self.fed.targets.get(t as usize) else {
+        let Some(target) = self.fed.targets.get_mut(t as usize) else {
             return;
         };
         if target.state == TargetState::Linked {
             return;
         }
-        info!(
-            "dial to peer {} failed (attempt {}): {reason}",
-            target.url(),
-            target.attempts
-        );
-        self.schedule_redial(now, t);
+        let reason = target.note.take().unwrap_or_else(|| reason.to_string());
+        let Some(delay) = self.schedule_redial(now, t) else {
+            let target = &self.fed.targets[t as usize];
+            info!(
+                "dial to peer {} failed (attempt {}): {reason}; not retried: shutting down",
+                target.name(),
+                target.attempts
+            );
+            return;
+        };
+        let target = &mut self.fed.targets[t as usize];
+        let (name, attempt) = (target.name(), target.attempts);
+        let report = &mut target.report;
+        report.failures += 1;
+        let next = secs(delay);
+        match failure_log(
+            attempt,
+            report.attempt,
+            now.mono_ms.saturating_sub(report.at_ms),
+        ) {
+            FailureLog::First => {
+                report.failing_since_ms = now.wall_ms;
+                let since = if report.was_linked {
+                    "; unreachable since its link went down"
+                } else {
+                    ""
+                };
+                warn!(
+                    "dial to peer {name} failed (attempt {attempt}): {reason}{since}; next try \
+                     in {next}; further failures are logged at debug and summarised every \
+                     {SUMMARY_EVERY_ATTEMPTS} attempts"
+                );
+            }
+            FailureLog::Summary => warn!(
+                "dial to peer {name} failed (attempt {attempt}): {reason}; still unreachable \
+                 after {attempt} attempts since {}; next try in {next}",
+                utc(report.failing_since_ms)
+            ),
+            FailureLog::Quiet => {
+                debug!(
+                    "dial to peer {name} failed (attempt {attempt}): {reason}; next try in {next}"
+                );
+                return;
+            }
+        }
+        report.attempt = attempt;
+        report.at_ms = now.mono_ms;
+        report.warned = true;
     }
 
-    fn schedule_redial(&mut self, now: Time, t: u32) {
+    /// Arms the next dial of target `t`; returns its delay, or `None` while shutting down.
+    fn schedule_redial(&mut self, now: Time, t: u32) -> Option<u64> {
+        if self.fed.stopping {
+            self.fed.targets[t as usize].state = TargetState::Waiting;
+            return None;
+        }
         let attempts = self.fed.targets[t as usize].attempts;
         let delay = self.fed.backoff_ms(attempts.max(1));
-        let target = &mut self.fed.targets[t as usize];
-        target.state = TargetState::Waiting;
-        info!("next dial to peer {} in {} ms", target.url(), delay);
+        self.fed.targets[t as usize].state = TargetState::Waiting;
         self.out.push(Action::Timer {
             at_ms: now.mono_ms + delay,
             timer: Timer::Redial(t),
         });
+        Some(delay)
     }
 
     /// Our dial connected: open with `SERVER_HELLO_JOIN` and wait for the welcome (§4.3).
@@ -471,6 +664,14 @@ impl Server {
         let Some(target) = self.fed.targets.get(t as usize) else {
             return;
         };
+        if self.fed.stopping {
+            self.out.push(Action::Close {
+                conn,
+                code: close::GOING_AWAY,
+                reason: "server shutting down",
+            });
+            return;
+        }
         let to = format!("{}:{}", target.host, target.port);
         self.add_conn(now, conn, State::Dialling { target: t });
         let payload = self.hello_payload();
@@ -490,11 +691,13 @@ impl Server {
     }
 
     pub(crate) fn on_welcome_deadline(&mut self, now: Time, conn: ConnId) {
-        if let Some(State::Dialling { .. }) = self.state(conn) {
-            info!(
-                "conn {conn}: no SERVER_WELCOME within {} ms",
+        if let Some(&State::Dialling { target }) = self.state(conn) {
+            let why = format!(
+                "no SERVER_WELCOME within {} ms",
                 self.fed.cfg.welcome_timeout_ms
             );
+            debug!("conn {conn}: {why}");
+            self.note_dial_failure(target, why);
             self.close(now, conn, close::NORMAL, "welcome timeout");
         }
     }
@@ -514,7 +717,8 @@ impl Server {
             }
             types::ERROR => {
                 let detail = env.fields().str("detail").unwrap_or("");
-                info!("conn {conn}: peer refused our hello: {detail}");
+                debug!("conn {conn}: peer refused our hello: {detail}");
+                self.note_dial_failure(t, format!("peer refused our hello: {detail}"));
                 Ok(())
             }
             _ => Err(WireError::new(
@@ -524,13 +728,23 @@ impl Server {
         }
     }
 
+    /// Why the dial under way for target `t` is failing, for the line [`Server::dial_ended`]
+    /// logs when its connection closes.
+    fn note_dial_failure(&mut self, t: u32, why: String) {
+        if let Some(target) = self.fed.targets.get_mut(t as usize) {
+            target.note = Some(why);
+        }
+    }
+
     fn on_welcome(&mut self, now: Time, conn: ConnId, t: u32, env: &Envelope) {
         let target = &self.fed.targets[t as usize];
         let (key, host, port) = (Arc::clone(&target.key), target.host.clone(), target.port);
         let url = target.url();
         let from = env.from.as_str();
         let refuse = |server: &mut Server, why: &str| {
-            warn!("SERVER_WELCOME from {url} refused: {why}");
+            // Logged at warn with the failure, once per run (see `dial_ended`).
+            debug!("SERVER_WELCOME from {url} refused: {why}");
+            server.note_dial_failure(t, format!("SERVER_WELCOME refused: {why}"));
             server.close(now, conn, close::POLICY, "bad welcome");
         };
         if !crate::ids::is_valid_id(from) || from == self.id {
@@ -703,12 +917,23 @@ impl Server {
                 last_rx_ms: now.mono_ms,
             },
         );
-        self.pin_server(server_id, host, port, key);
+        self.pin_server(now, server_id, host, port, key);
         let mut have_target = false;
+        let mut failed = 0;
+        let mut warned = false;
         for target in self.fed.targets.iter_mut().filter(|t| t.key == *key) {
             target.id = Some(server_id.to_string());
             target.state = TargetState::Linked;
+            if target.report.warned {
+                failed = failed.max(target.report.failures);
+                warned = true;
+            }
             target.attempts = 0;
+            target.note = None;
+            target.report = Report {
+                was_linked: true,
+                ..Report::default()
+            };
             have_target = true;
         }
         if !have_target && self.fed.cfg.mesh {
@@ -718,7 +943,19 @@ impl Server {
             }
         }
         let by = if dialled_by_us { "us" } else { "them" };
-        info!("link up with server {server_id} at ws://{host}:{port} (dialled by {by})");
+        let url = ws_url(host, port);
+        if warned {
+            // The operator was told it was down or unreachable: tell them it is back, at the
+            // same level.
+            let after = match failed {
+                0 => String::new(),
+                1 => " after 1 failed attempt".into(),
+                n => format!(" after {n} failed attempts"),
+            };
+            warn!("link up with server {server_id} at {url} (dialled by {by}){after}: back");
+        } else {
+            info!("link up with server {server_id} at {url} (dialled by {by})");
+        }
 
         // §4.3: tell every linked server where we are — first, so the new peer can verify what
         // follows even when it learns of us only now. Then give the new peer the latest
@@ -760,7 +997,12 @@ impl Server {
             return; // a duplicate that lost; the surviving link stands
         }
         self.fed.links.remove(server_id);
-        info!("link to server {server_id} down");
+        let url = self
+            .fed
+            .known
+            .get(server_id)
+            .map(|k| ws_url(&k.host, k.port))
+            .unwrap_or_else(|| "address unknown".into());
         let gone = self.dir.users_hosted_by(server_id);
         for user_id in &gone {
             if self.dir.remove_if_hosted_by(user_id, server_id).is_some() {
@@ -770,8 +1012,16 @@ impl Server {
             }
         }
         if !gone.is_empty() {
-            info!("{} users behind server {server_id} now offline", gone.len());
             self.channel.bump();
+        }
+        let offline = match gone.len() {
+            0 => String::new(),
+            1 => "; 1 user behind it now offline".into(),
+            n => format!("; {n} users behind it now offline"),
+        };
+        if self.fed.stopping {
+            info!("link to server {server_id} down ({url}): shutting down{offline}");
+            return;
         }
         let key = self.fed.known.get(server_id).map(|k| Arc::clone(&k.key));
         let targets: Vec<u32> = (0..self.fed.targets.len() as u32)
@@ -780,15 +1030,37 @@ impl Server {
                 target.id.as_deref() == Some(server_id) || Some(&target.key) == key.as_ref()
             })
             .collect();
+        let next = if targets.is_empty() {
+            "not redialled (not a peer we dial)"
+        } else {
+            "redialling"
+        };
+        warn!("link to server {server_id} down ({url}){offline}; {next}");
         for t in targets {
-            self.fed.targets[t as usize].attempts = 0;
-            self.fed.targets[t as usize].state = TargetState::Dialling;
+            let target = &mut self.fed.targets[t as usize];
+            target.attempts = 0;
+            target.state = TargetState::Dialling;
+            target.report = Report {
+                warned: true,
+                was_linked: true,
+                ..Report::default()
+            };
             self.schedule_redial(now, t);
         }
     }
 
     /// Pins `server_id` to `key` at `host:port` and saves it; unchanged entries cost nothing.
-    fn pin_server(&mut self, server_id: &str, host: &str, port: u16, key: &Arc<PublicKey>) {
+    /// A new key is told at once to the users who take other servers' signatures (§5.6), before
+    /// any frame that server signed can reach them.
+    fn pin_server(
+        &mut self,
+        now: Time,
+        server_id: &str,
+        host: &str,
+        port: u16,
+        key: &Arc<PublicKey>,
+    ) {
+        let old_key = self.fed.known.get(server_id).map(|k| Arc::clone(&k.key));
         if let Some(k) = self.fed.known.get(server_id)
             && k.key == *key
             && k.host == host
@@ -813,6 +1085,27 @@ impl Server {
         };
         if let Err(e) = self.store.upsert_server(&record) {
             warn!("could not save server {server_id}: {e}");
+        }
+        if old_key.as_ref() != Some(key) {
+            self.fed.pins_version += 1;
+            self.tell_servers(now);
+        }
+    }
+
+    /// Sends a fresh `LIST_RESPONSE` (with `servers`, §5.6) to every user who takes other
+    /// servers' signatures.
+    fn tell_servers(&mut self, now: Time) {
+        let users: Vec<(ConnId, String)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.peer_sig)
+            .filter_map(|(conn, c)| match &c.state {
+                State::User { user_id } => Some((*conn, user_id.clone())),
+                _ => None,
+            })
+            .collect();
+        for (conn, user_id) in users {
+            self.send_list(now, conn, &user_id);
         }
     }
 
@@ -840,7 +1133,7 @@ impl Server {
             return warn!("{via} lists server {id} with a key other than the pinned one");
         }
         let (id, host) = (id.to_string(), host.to_string());
-        self.pin_server(&id, &host, port, &key);
+        self.pin_server(now, &id, &host, port, &key);
         self.ensure_target(now, &id, &host, port, &key);
     }
 
@@ -1026,8 +1319,12 @@ impl Server {
         );
         match self.fed.seen.check(&dedup_key, ts, now.wall_ms) {
             Ok(()) => {}
-            Err(Stale::Duplicate) => return Ok(()),
+            Err(Stale::Duplicate) => {
+                self.metrics.dedup_drop(Stale::Duplicate);
+                return Ok(());
+            }
             Err(Stale::OutOfWindow) => {
+                self.metrics.dedup_drop(Stale::OutOfWindow);
                 debug!(
                     "dropping {} from {}: ts outside the window",
                     env.kind, env.from
@@ -1140,7 +1437,7 @@ impl Server {
             if !self.fed.known.contains_key(&from) {
                 info!("learned server {from} at ws://{host}:{port} from server {link}");
             }
-            self.pin_server(&from, &host, port, &key);
+            self.pin_server(now, &from, &host, port, &key);
             self.ensure_target(now, &from, &host, port, &key);
         }
         self.forward(text, link);

@@ -19,23 +19,7 @@ pub fn load_or_create(
     id_override: Option<&str>,
     store: &Store,
 ) -> Result<(String, PrivateKey), String> {
-    let shown = path.display();
-    let (file_id, key) = match std::fs::read_to_string(path) {
-        Ok(text) => {
-            warn_if_readable_by_others(path);
-            parse_key_file(&text).map_err(|e| format!("key file {shown}: {e}"))?
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            log::info!("creating a new RSA-4096 server key in {shown}");
-            let key = PrivateKey::generate().map_err(|e| format!("key generation: {e}"))?;
-            let id = id_override
-                .map(str::to_string)
-                .unwrap_or_else(crate::ids::new_uuid);
-            write_key_file(path, &id, &key).map_err(|e| format!("key file {shown}: {e}"))?;
-            (Some(id), key)
-        }
-        Err(e) => return Err(format!("key file {shown}: {e}")),
-    };
+    let (file_id, key) = load_or_create_key(path, id_override)?;
     let id = match (id_override, file_id) {
         (Some(id), _) => id.to_string(),
         (None, Some(id)) => id,
@@ -51,6 +35,32 @@ pub fn load_or_create(
         },
     };
     Ok((id, key))
+}
+
+/// The key file alone: loaded, or created (with `id_override` or a new id) when missing.
+/// Returns the id it holds (none for a bare PEM file) and the key. Touches no database, so
+/// `--print-pubkey` creates nothing but the key file.
+pub fn load_or_create_key(
+    path: &Path,
+    id_override: Option<&str>,
+) -> Result<(Option<String>, PrivateKey), String> {
+    let shown = path.display();
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            warn_if_readable_by_others(path);
+            parse_key_file(&text).map_err(|e| format!("key file {shown}: {e}"))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            log::info!("creating a new RSA-4096 server key in {shown}");
+            let key = PrivateKey::generate().map_err(|e| format!("key generation: {e}"))?;
+            let id = id_override
+                .map(str::to_string)
+                .unwrap_or_else(crate::ids::new_uuid);
+            write_key_file(path, &id, &key).map_err(|e| format!("key file {shown}: {e}"))?;
+            Ok((Some(id), key))
+        }
+        Err(e) => Err(format!("key file {shown}: {e}")),
+    }
 }
 
 fn parse_key_file(text: &str) -> Result<(Option<String>, PrivateKey), String> {

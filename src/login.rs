@@ -231,6 +231,7 @@ impl Server {
         let auth = f.str("auth")?;
         if !self.login_allowed(now, conn, name) {
             info!("conn {conn}: login attempts for {name:?} rate-limited");
+            self.metrics.login_rate_limited();
             return Err(WireError::new(
                 ErrorCode::BadKey,
                 "too many login attempts; wait and try again",

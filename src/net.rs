@@ -10,6 +10,7 @@
 //! comes only when a full socket buffer drains, so nothing spins on it.
 
 use crate::config::Config;
+use crate::http;
 use crate::server::{self, Action, ConnId, Input, Server, Time};
 use crate::timer::TimerWheel;
 use crate::tls::{MaybeTls, TlsStream};
@@ -18,8 +19,8 @@ use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::collections::VecDeque;
-use std::io::{self, ErrorKind, Read};
-use std::net::ToSocketAddrs;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tungstenite::handshake::client::ClientHandshake;
@@ -203,7 +204,14 @@ type Handshake = MidHandshake<ServerHandshake<Stream, NoCallback>>;
 type ClientHs = MidHandshake<ClientHandshake<Stream>>;
 
 enum Io {
-    /// Accepted; the WebSocket handshake has not completed.
+    /// Accepted; its request head is peeked at, not consumed, until it shows whether it is a
+    /// WebSocket upgrade (then `Handshaking`, which reads it as before) or a plain HTTP
+    /// request (then `Http`). See [`Net::sniff_request`]. Over TLS, what is peeked at is the
+    /// decrypted request (the TLS handshake runs as it is peeked for).
+    Accepted(Stream),
+    /// Answering a plain HTTP request (`GET /healthz`, `GET /metrics`); closed after it.
+    Http(HttpReply),
+    /// The WebSocket handshake has not completed.
     Handshaking(Handshake),
     /// We are dialling a peer: TCP connect under way (§4.4, DESIGN rule 4). `tls`: the TLS
     /// client side to run over it once connected (a `wss://` peer).
@@ -239,6 +247,15 @@ struct Conn {
     paused: bool,
     /// What the socket has not taken yet, beyond the frame tungstenite holds.
     out: Outbox,
+}
+
+/// A response to a plain HTTP request, and how much of it the socket took.
+struct HttpReply {
+    stream: Stream,
+    out: Vec<u8>,
+    sent: usize,
+    /// All of it has left (TLS records flushed) and our side is shut down.
+    shut: bool,
 }
 
 /// A dropped connection the core has not been told about yet (see `Net::gone`).
@@ -474,9 +491,8 @@ impl Net {
     }
 
     fn add_conn(&mut self, stream: TcpStream, addr: std::net::SocketAddr) {
-        let ws_config = self.ws_config;
-        // With TLS, its handshake runs inside the WebSocket handshake's reads, under the same
-        // deadline.
+        // With TLS, its handshake runs as the request is looked at (then inside the WebSocket
+        // handshake's reads), under the same deadline.
         let tls = match &self.tls {
             Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
                 Ok(conn) => Some(conn),
@@ -484,14 +500,13 @@ impl Net {
             },
             None => None,
         };
-        // The handshake starts when the request arrives (a readable event).
         let io = |stream| {
-            let stream = match tls {
+            Io::Accepted(match tls {
                 Some(conn) => MaybeTls::Tls(Box::new(TlsStream::new(conn.into(), stream))),
                 None => MaybeTls::Plain(stream),
-            };
-            Io::Handshaking(ServerHandshake::start(stream, NoCallback, Some(ws_config)))
+            })
         };
+        // The request is looked at when it arrives (a readable event).
         match self.insert_conn(stream, io, None) {
             Ok(id) => debug!("conn {id}: accepted from {addr}"),
             Err(e) => warn!("register {addr}: {e}"),
@@ -528,6 +543,133 @@ impl Net {
         let at = self.mono_ms() + self.handshake_timeout_ms;
         self.wheel.insert(at, NetTimer::Handshake(id));
         Ok(id)
+    }
+
+    /// Peeks at an accepted connection's request head (up to [`http::MAX_HEAD`] bytes, not
+    /// consumed): a WebSocket upgrade goes to tungstenite's handshake exactly as before, on any
+    /// path; a plain HTTP request is answered here and the connection closed. An incomplete
+    /// head waits for more bytes (a new readable event) under the handshake deadline.
+    fn sniff_request(&mut self, idx: usize) {
+        let Some(Conn {
+            io: Io::Accepted(stream),
+            id,
+            ..
+        }) = self.conns.get_mut(idx)
+        else {
+            return;
+        };
+        let id = *id;
+        let mut buf = [0u8; http::MAX_HEAD];
+        let n = loop {
+            let peeked = match stream {
+                MaybeTls::Plain(tcp) => tcp.peek(&mut buf),
+                // A client that does not speak TLS fails here (an error), and is dropped.
+                MaybeTls::Tls(tls) => tls.peek(&mut buf),
+            };
+            match peeked {
+                Ok(0) => return self.drop_conn(idx),
+                Ok(n) => break n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(_) => return self.drop_conn(idx),
+            }
+        };
+        let plain = match http::classify(&buf[..n], n == buf.len()) {
+            http::Request::Incomplete => return,
+            http::Request::WebSocket => None,
+            http::Request::Plain(request) => Some(request),
+        };
+        let conn = &mut self.conns[idx];
+        let Io::Accepted(stream) = std::mem::replace(&mut conn.io, Io::Gone) else {
+            unreachable!("checked above")
+        };
+        let Some(request) = plain else {
+            let ws_config = Some(self.ws_config);
+            conn.io = Io::Handshaking(ServerHandshake::start(stream, NoCallback, ws_config));
+            return self.drive_handshake(idx);
+        };
+        debug!("conn {id}: plain HTTP request: {request:?}");
+        // In the `Http` state first, so the report counts this connection as one.
+        conn.io = Io::Http(HttpReply {
+            stream,
+            out: Vec::new(),
+            sent: 0,
+            shut: false,
+        });
+        let out = http::answer(request, &self.core, &self.net_stats());
+        if let Io::Http(reply) = &mut self.conns[idx].io {
+            reply.out = out;
+        }
+        self.drive_http(idx);
+    }
+
+    /// Writes the reply to a plain HTTP request, then half-closes and reads what the client
+    /// still sends until it closes: closing with unread input would reset the connection and
+    /// could destroy the reply before the client read it. The handshake deadline bounds it all.
+    fn drive_http(&mut self, idx: usize) {
+        let Some(Conn {
+            io: Io::Http(reply),
+            ..
+        }) = self.conns.get_mut(idx)
+        else {
+            return;
+        };
+        while reply.sent < reply.out.len() {
+            match reply.stream.write(&reply.out[reply.sent..]) {
+                Ok(0) => return self.drop_conn(idx),
+                Ok(n) => reply.sent += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return, // a writable event resumes
+                Err(_) => return self.drop_conn(idx),
+            }
+        }
+        if !reply.shut {
+            // Over TLS, records rustls still holds must leave before our side shuts.
+            match reply.stream.flush() {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return, // a writable event resumes
+                Err(_) => return self.drop_conn(idx),
+            }
+            if let MaybeTls::Tls(tls) = &mut reply.stream {
+                let _ = tls.close_notify();
+            }
+            let _ = reply.stream.tcp().shutdown(Shutdown::Write);
+            reply.shut = true;
+        }
+        let mut buf = [0u8; 4096];
+        for _ in 0..16 {
+            match reply.stream.read(&mut buf) {
+                Ok(0) => return self.drop_conn(idx),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(_) => return self.drop_conn(idx),
+            }
+        }
+        // Still sending after its answer: not worth more of the loop's time.
+        self.drop_conn(idx);
+    }
+
+    /// The net layer's numbers for `GET /metrics` and `GET /healthz`.
+    fn net_stats(&self) -> crate::metrics::NetStats {
+        let mut stats = crate::metrics::NetStats {
+            uptime_ms: self.mono_ms(),
+            ..Default::default()
+        };
+        for (_, conn) in &self.conns {
+            match conn.io {
+                Io::Accepted(_)
+                | Io::Handshaking(_)
+                | Io::Connecting { .. }
+                | Io::ClientHandshaking(_) => stats.handshaking += 1,
+                Io::Http(_) => stats.http += 1,
+                Io::Closing(_) => stats.closing += 1,
+                Io::Open(_) | Io::Gone => {}
+            }
+            stats.outbox_bytes += conn.out.bytes;
+            stats.blocked += usize::from(conn.blocked_since.is_some());
+        }
+        stats
     }
 
     fn drive_handshake(&mut self, idx: usize) {
@@ -690,6 +832,8 @@ impl Net {
             return;
         };
         match conn.io {
+            Io::Accepted(_) => self.sniff_request(idx),
+            Io::Http(_) => self.drive_http(idx),
             Io::Handshaking(_) => self.drive_handshake(idx),
             Io::Connecting { .. } => self.drive_connect(idx),
             Io::ClientHandshaking(_) => self.drive_client_handshake(idx),
@@ -1005,7 +1149,11 @@ impl Net {
         };
         match conn.io {
             Io::Open(_) => {}
-            Io::Handshaking(_) | Io::Connecting { .. } | Io::ClientHandshaking(_) => {
+            Io::Accepted(_)
+            | Io::Http(_)
+            | Io::Handshaking(_)
+            | Io::Connecting { .. }
+            | Io::ClientHandshaking(_) => {
                 return self.drop_conn(idx);
             }
             Io::Closing(_) | Io::Gone => return,
@@ -1107,7 +1255,11 @@ impl Net {
                     if let Some(idx) = self.index_of(id)
                         && matches!(
                             self.conns[idx].io,
-                            Io::Handshaking(_) | Io::Connecting { .. } | Io::ClientHandshaking(_)
+                            Io::Accepted(_)
+                                | Io::Http(_)
+                                | Io::Handshaking(_)
+                                | Io::Connecting { .. }
+                                | Io::ClientHandshaking(_)
                         )
                     {
                         info!("conn {}: connection or WebSocket handshake timed out", id);
@@ -1157,10 +1309,21 @@ impl Net {
         info!("signal received: closing connections and shutting down");
         self.shutting_down = true;
         let _ = self.poll.registry().deregister(&mut self.listener);
+        // Handshakes under way, ours included: a dial to a peer is abandoned, not completed
+        // (and the core, stopping, does not redial it).
         let handshaking: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| matches!(c.io, Io::Handshaking(_)))
+            .filter(|(_, c)| {
+                matches!(
+                    c.io,
+                    Io::Accepted(_)
+                        | Io::Http(_)
+                        | Io::Handshaking(_)
+                        | Io::Connecting { .. }
+                        | Io::ClientHandshaking(_)
+                )
+            })
             .map(|(i, _)| i)
             .collect();
         for idx in handshaking {

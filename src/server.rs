@@ -254,11 +254,13 @@ pub struct Server {
     error_sigs: ErrorSigs,
     /// The signed `LIST_RESPONSE` payload for the directory version it was built at: the
     /// payload changes only when the directory does, so repeated requests cost no signature.
-    list_cache: Option<(i64, SignedPayload)>,
+    list_cache: Option<((i64, u64), SignedPayload)>,
     /// Work an input left for later, oldest first; see [`Deferred`].
     deferred: VecDeque<Deferred>,
     /// `AUTH_CHALLENGE`s signed ahead of need: (nonce, signed payload).
     challenges: Vec<(String, SignedPayload)>,
+    /// Counters for `GET /metrics` (see [`crate::metrics`]).
+    pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) out: Vec<Action>,
 }
 
@@ -307,6 +309,7 @@ impl Server {
             adverts: HashMap::new(),
             login_budgets: Default::default(),
             transfers: Transfers::new(TransferLimits::default()),
+            metrics: Default::default(),
             out: Vec::new(),
         }
     }
@@ -343,6 +346,7 @@ impl Server {
 
     /// The actions produced so far, in order; the net layer drains them after every input.
     pub fn actions(&mut self) -> std::vec::Drain<'_, Action> {
+        self.metrics.frames_leaving(&self.out);
         self.out.drain(..)
     }
 
@@ -367,6 +371,7 @@ impl Server {
             }
             Input::Text { conn, text } => self.on_text(now, conn, text),
             Input::Binary { conn } => {
+                self.metrics.frame_received(None);
                 let err = WireError::new(ErrorCode::UnknownType, "binary frames are not supported");
                 self.reject(now, conn, err);
             }
@@ -400,6 +405,8 @@ impl Server {
 
     /// Closes every connection with 1001 and saves what must survive a restart.
     pub fn shutdown(&mut self, now: Time) {
+        // Links closed from here on are not redialled (§4.4 is about peers, not this stop).
+        self.fed_stop();
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in conns {
             self.close(now, conn, close::GOING_AWAY, "server shutting down");
@@ -447,8 +454,12 @@ impl Server {
         };
         let env = match Envelope::parse(text) {
             Ok(env) => env,
-            Err(err) => return self.reject(now, conn, err),
+            Err(err) => {
+                self.metrics.frame_received(None);
+                return self.reject(now, conn, err);
+            }
         };
+        self.metrics.frame_received(Some(&env.kind));
         debug!("conn {}: {} from {:?}", conn, env.kind, env.from);
         let result = match session {
             Session::Unauthenticated => self.on_unauthenticated(now, conn, &env),
@@ -684,7 +695,8 @@ impl Server {
             peer_sig,
             ..
         } = ch;
-        info!("user {user_id} online (conn {})", conn);
+        let name = user_name(&user_id, meta.get("display_name").and_then(Value::as_str));
+        info!("user {name} online (conn {})", conn);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.peer_sig = peer_sig;
         }
@@ -938,16 +950,22 @@ impl Server {
         }
     }
 
-    fn send_list(&mut self, now: Time, conn: ConnId, to: &str) {
-        let version = self.dir.version();
+    /// `LIST_RESPONSE` (§5.5): every user online anywhere and, for clients that take other
+    /// servers' signatures (§5.6), the key of every server we pin. One payload for everyone,
+    /// signed once per (directory version, pinned servers).
+    pub(crate) fn send_list(&mut self, now: Time, conn: ConnId, to: &str) {
+        let version = (self.dir.version(), self.fed.pins_version());
         let signed = match &self.list_cache {
             Some((v, signed)) if *v == version => signed,
             _ => {
-                let canonical = match self.dir.list_canonical(version) {
+                let servers = self.fed.pinned_keys();
+                let canonical = match self.dir.list_canonical(version.0, &servers) {
                     Ok(c) => c,
                     Err(e) => return warn!("cannot build LIST_RESPONSE: {e}"),
                 };
-                let signed = SignedPayload::sign_canonical(canonical, &self.key);
+                let signed = self
+                    .metrics
+                    .signing(|| SignedPayload::sign_canonical(canonical, &self.key));
                 &self.list_cache.insert((version, signed)).1
             }
         };
@@ -974,8 +992,9 @@ impl Server {
         match old.state {
             State::User { user_id } => {
                 let id = self.id.clone();
-                if self.dir.remove_if_hosted_by(&user_id, &id).is_some() {
-                    info!("user {user_id} offline (conn {})", conn);
+                if let Some(entry) = self.dir.remove_if_hosted_by(&user_id, &id) {
+                    let name = user_name(&user_id, entry.display_name());
+                    info!("user {name} offline (conn {})", conn);
                     self.adverts.remove(&user_id);
                     self.transfers_user_gone(now, &user_id);
                     // The signed `ts` orders it after the user's advert (§7).
@@ -1126,7 +1145,10 @@ impl Server {
     /// check for non-integer numbers ([`Envelope::parse`], §3.3), so this cannot fail; if it
     /// ever did, the frame is not sent and the bug is logged instead of crashing the server.
     pub(crate) fn sign(&self, payload: &Value) -> Option<SignedPayload> {
-        match SignedPayload::sign(payload, &self.key) {
+        match self
+            .metrics
+            .signing(|| SignedPayload::sign(payload, &self.key))
+        {
             Ok(signed) => Some(signed),
             Err(e) => {
                 log::error!("not sending a payload without a canonical form ({e}): a bug");
@@ -1146,6 +1168,7 @@ impl Server {
             .take(now.mono_ms, self.limits.error_burst, refill_ms)
         {
             debug!("conn {}: error budget spent, not answering {err}", conn);
+            self.metrics.error_unsent();
             return;
         }
         // An error to a linked server is addressed to it, never "" (§6).
@@ -1163,7 +1186,9 @@ impl Server {
         let sig = match self.error_sigs.0.get(&canonical) {
             Some(sig) => sig.clone(),
             None => {
-                let sig = self.key.sign_b64(canonical.as_bytes());
+                let sig = self
+                    .metrics
+                    .signing(|| self.key.sign_b64(canonical.as_bytes()));
                 if self.error_sigs.0.len() >= ERROR_SIG_CACHE {
                     self.error_sigs.0.clear();
                 }
@@ -1173,6 +1198,7 @@ impl Server {
         };
         let signed = SignedPayload { canonical, sig };
         let text = wire::encode_frame(types::ERROR, &self.id, &to, now.wall_ms, &signed);
+        self.metrics.error_sent(err.code);
         self.out.push(Action::Send {
             conn,
             text: text.into(),
@@ -1192,6 +1218,18 @@ impl Server {
         } else {
             self.error(now, conn, &err);
         }
+    }
+}
+
+/// How the log names a user: `alice (id 5c0e…)` by the display name it chose (escaped: it is
+/// the user's text), or its id alone when it has none or they are the same.
+pub(crate) fn user_name(user_id: &str, display_name: Option<&str>) -> String {
+    match display_name {
+        Some(name) if !name.is_empty() && name != user_id => {
+            let name: String = name.chars().take(64).flat_map(char::escape_debug).collect();
+            format!("{name} (id {user_id})")
+        }
+        _ => user_id.to_string(),
     }
 }
 

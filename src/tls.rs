@@ -174,21 +174,24 @@ impl<S: Read + Write> Write for MaybeTls<S> {
 pub struct TlsStream<S: Read + Write> {
     conn: Connection,
     sock: S,
+    /// Decrypted bytes taken out of rustls by [`TlsStream::peek`], read again first.
+    peeked: Vec<u8>,
 }
 
 impl<S: Read + Write> TlsStream<S> {
     /// `conn` over `sock`; the TLS handshake runs as the stream is read and written.
     pub fn new(conn: Connection, sock: S) -> TlsStream<S> {
-        TlsStream { conn, sock }
+        TlsStream {
+            conn,
+            sock,
+            peeked: Vec::new(),
+        }
     }
 
     /// The server side of an accepted socket; the TLS handshake runs as it is read.
     pub fn server(config: &Arc<ServerConfig>, sock: S) -> io::Result<TlsStream<S>> {
         let conn = rustls::ServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
-        Ok(TlsStream {
-            conn: conn.into(),
-            sock,
-        })
+        Ok(TlsStream::new(conn.into(), sock))
     }
 
     /// The client side of a connected socket, checking the server's certificate for `name`.
@@ -199,10 +202,7 @@ impl<S: Read + Write> TlsStream<S> {
         sock: S,
     ) -> io::Result<TlsStream<S>> {
         let conn = ClientConnection::new(Arc::clone(config), name).map_err(io::Error::other)?;
-        Ok(TlsStream {
-            conn: conn.into(),
-            sock,
-        })
+        Ok(TlsStream::new(conn.into(), sock))
     }
 
     /// Whether the TLS handshake is still under way.
@@ -223,6 +223,31 @@ impl<S: Read + Write> TlsStream<S> {
             }
         }
         Ok(())
+    }
+
+    /// Like `TcpStream::peek`: up to `buf.len()` decrypted bytes that the next reads return
+    /// again (at least one; `WouldBlock` when none has arrived; `Ok(0)` at end of stream).
+    /// Drives the TLS handshake as reading does.
+    pub fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.peeked.len() < buf.len() {
+            let mut chunk = [0u8; 4096];
+            let want = (buf.len() - self.peeked.len()).min(chunk.len());
+            match self.read_decrypted(&mut chunk[..want]) {
+                Ok(0) => break,
+                Ok(n) => self.peeked.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock && !self.peeked.is_empty() => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let n = self.peeked.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.peeked[..n]);
+        Ok(n)
+    }
+
+    /// Sends a `close_notify` alert (the end of what we send), as far as the socket takes it.
+    pub fn close_notify(&mut self) -> io::Result<()> {
+        self.conn.send_close_notify();
+        self.write_records()
     }
 
     /// Writes buffered TLS records until none is left (`Ok`) or the socket is full
@@ -251,6 +276,20 @@ impl<S: Read + Write> TlsStream<S> {
 
 impl<S: Read + Write> Read for TlsStream<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.peeked.is_empty() {
+            let n = self.peeked.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.peeked[..n]);
+            self.peeked.drain(..n);
+            return Ok(n);
+        }
+        self.read_decrypted(buf)
+    }
+}
+
+impl<S: Read + Write> TlsStream<S> {
+    /// Reads decrypted data, reading and decrypting records as needed (see the module
+    /// documentation: `WouldBlock` only when rustls holds none and the socket is drained).
+    fn read_decrypted(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.write_records_if_possible()?;
         loop {
             // Decrypted data first: there may be some left from earlier records.

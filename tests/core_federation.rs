@@ -417,6 +417,11 @@ impl Harness {
     // ---------------------------------------------------------------- users
 
     fn login(&mut self, user_id: &str, key: &PrivateKey) -> ConnId {
+        self.login_caps(user_id, key, &[])
+    }
+
+    /// [`Harness::login`] announcing `caps` (§5.6).
+    fn login_caps(&mut self, user_id: &str, key: &PrivateKey, caps: &[&str]) -> ConnId {
         let c = self.fresh_conn();
         self.input(opened(c));
         self.outbox
@@ -431,6 +436,7 @@ impl Harness {
                 "pubkey": key.public_key().encoded(),
                 "enc_pubkey": key.public_key().encoded(),
                 "meta": {"display_name": user_id},
+                "caps": caps,
             }),
             None,
         );
@@ -2320,4 +2326,134 @@ fn welcome_clients_without_server_id_are_users_of_its_sender_after_every_start()
         ));
         h.assert_silent();
     }
+}
+
+// -------------------------------------------------------------------- 11. peer-sig (§5.6)
+
+#[test]
+fn a_peer_sig_user_gets_other_servers_frames_unchanged_and_others_get_them_resigned() {
+    let mut h = Harness::new();
+    let (alice, carol, bob) = (test_key("user1"), test_key("user3"), test_key("user2"));
+    let ca = h.login_caps("alice", &alice, &["peer-sig", "some-future-cap"]);
+    let cc = h.login("carol", &carol);
+    h.clear();
+    let b = srv_b();
+    let lb = h.link_out(0, &b);
+    // The new server's key reaches alice (only) before anything it signed: LIST_RESPONSE.servers.
+    let to_alice = h.frames_to(ca);
+    assert_eq!(kinds(&to_alice), [types::LIST_RESPONSE], "{to_alice:#?}");
+    assert_eq!(
+        to_alice[0].payload["servers"],
+        json!([{"server_id": "srv-b", "pubkey": b.pub_b64()}])
+    );
+    assert!(h.frames_to(cc).is_empty(), "nothing for carol");
+    h.clear();
+
+    // bob's advert: alice gets srv-b's frame as it came, carol one srv-a signed.
+    let ts = h.now.wall_ms;
+    let advert = b.frame(
+        types::USER_ADVERTISE,
+        "*",
+        ts,
+        &entry_at("bob", "srv-b", &bob, ts),
+    );
+    h.send(lb, &advert);
+    let got = h.sent_to(ca);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, advert, "unchanged");
+    let got = h.frames_to(cc);
+    assert_eq!(kinds(&got), [types::USER_ADVERTISE]);
+    assert_eq!(got[0].from, SRV);
+    h.assert_silent();
+
+    // A delivery to alice keeps srv-b's from and sig; only type and to change.
+    let p = deliver_payload("alice", "bob", &bob, alice.public_key(), ts);
+    h.send(lb, &b.frame(types::SERVER_DELIVER, SRV, ts, &p));
+    let got = h.frames_to(ca);
+    assert_eq!(kinds(&got), [types::USER_DELIVER]);
+    assert_eq!(
+        (got[0].from.as_str(), got[0].to.as_str()),
+        ("srv-b", "alice")
+    );
+    assert_eq!(
+        Value::Object(got[0].payload.clone()),
+        p,
+        "the payload srv-b signed"
+    );
+    // To carol, re-signed by srv-a without the server-to-server field.
+    let p = deliver_payload("carol", "bob", &bob, carol.public_key(), ts + 1);
+    h.send(lb, &b.frame(types::SERVER_DELIVER, SRV, ts + 1, &p));
+    let got = h.frames_to(cc);
+    assert_eq!(got[0].from, SRV);
+    assert!(!got[0].payload.contains_key("user_id"));
+    // A delivery without payload.ts (a server that re-signs, the standard's form): alice gets
+    // it re-signed by srv-a, with the ts she needs for content_sig.
+    let mut p = deliver_payload("alice", "bob", &bob, alice.public_key(), ts + 2);
+    p.as_object_mut().unwrap().remove("ts");
+    h.send(lb, &b.frame(types::SERVER_DELIVER, SRV, ts + 2, &p));
+    let got = h.frames_to(ca);
+    assert_eq!(
+        (got[0].from.as_str(), &got[0].payload["ts"]),
+        (SRV, &json!(ts + 2))
+    );
+    h.assert_silent();
+
+    // carol leaves: bob's removal then costs srv-a no signature at all.
+    h.input(Input::Closed { conn: cc });
+    h.clear();
+    h.advance(10);
+    let ts = h.now.wall_ms;
+    let remove = b.frame(
+        types::USER_REMOVE,
+        "*",
+        ts,
+        &json!({"user_id": "bob", "server_id": "srv-b", "ts": ts}),
+    );
+    h.send(lb, &remove);
+    let got = h.sent_to(ca);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, remove);
+    h.assert_silent();
+}
+
+#[test]
+fn a_relayed_frame_reaches_a_peer_sig_user_with_its_first_signature() {
+    // srv-c is reached only through srv-b (a partial mesh).
+    let mut h = Harness::with_cfg(|cfg| cfg.mesh = false);
+    let (alice, carol) = (test_key("user1"), test_key("user3"));
+    let ca = h.login_caps("alice", &alice, &["peer-sig"]);
+    let (b, c) = (srv_b(), srv_c());
+    let lb = h.link_out(0, &b);
+    h.clear();
+    // srv-b relays srv-c's announce: srv-a pins srv-c and tells alice its key first.
+    let announce = c.frame(
+        types::SERVER_ANNOUNCE,
+        "*",
+        h.now.wall_ms,
+        &c.hello_payload(),
+    );
+    h.send(lb, &announce);
+    let got = h.frames_to(ca);
+    assert_eq!(kinds(&got), [types::LIST_RESPONSE]);
+    let servers = got[0].payload["servers"].as_array().unwrap().clone();
+    assert!(servers.contains(&json!({"server_id": "srv-c", "pubkey": c.pub_b64()})));
+    h.clear();
+    let ts = h.now.wall_ms;
+    h.send(
+        lb,
+        &c.frame(
+            types::USER_ADVERTISE,
+            "*",
+            ts,
+            &entry_at("carol", "srv-c", &carol, ts),
+        ),
+    );
+    h.clear();
+    let p = deliver_payload("alice", "carol", &carol, alice.public_key(), ts);
+    let relayed = c.frame(types::SERVER_DELIVER, SRV, ts, &p);
+    h.send(lb, &relayed);
+    let got = h.frames_to(ca);
+    assert_eq!(kinds(&got), [types::USER_DELIVER]);
+    assert_eq!(got[0].from, "srv-c", "srv-c's signature, through srv-b");
+    assert_eq!(Value::Object(got[0].payload.clone()), p);
 }

@@ -630,7 +630,9 @@ fn an_impostor_under_a_known_server_id_is_refused() {
     a.wait_log("link to server srv-server2 down");
     // Let A see B's port closed before the impostor takes it: a hello B sent just before it
     // died may still be in A's socket buffer, and is legitimately B's.
-    a.wait_log(&format!("dial to peer ws://127.0.0.1:{pb} failed"));
+    a.wait_log(&format!(
+        "dial to peer srv-server2 (ws://127.0.0.1:{pb}) failed"
+    ));
 
     // server4's key, calling itself srv-server2, on B's port; it pins A correctly.
     let b_refs: Vec<&str> = b_flags.iter().map(String::as_str).collect();
@@ -644,7 +646,7 @@ fn an_impostor_under_a_known_server_id_is_refused() {
             ),
             // The impostor dials A: srv-server2 is pinned to another key.
             "SERVER_HELLO_JOIN refused: key does not match the one pinned for this server id",
-            &format!("dial to peer ws://127.0.0.1:{pb} failed"),
+            &format!("dial to peer srv-server2 (ws://127.0.0.1:{pb}) failed"),
         ],
         &["link up with server srv-server2"],
     );
@@ -922,8 +924,8 @@ fn a_silent_peer_that_dialled_us_is_declared_dead() {
     // Its users go offline with it (§7), and A redials the address it was given.
     expect_presence(&mut watcher, "USER_REMOVE", "ghost");
     a.wait_logs(&[
-        &format!("next dial to peer ws://127.0.0.1:{unused} in"),
-        &format!("dialling peer ws://127.0.0.1:{unused} (attempt 1)"),
+        &format!("dialling peer srv-server4 (ws://127.0.0.1:{unused}) (attempt 1)"),
+        &format!("dial to peer srv-server4 (ws://127.0.0.1:{unused}) failed (attempt 1)"),
     ]);
     assert_eq!(link.expect_close(), 1001);
 }

@@ -16,13 +16,24 @@ const TS: i64 = 1_800_000_000_000;
 /// A session for alice (user1) whose pins live in `dir`, past its hello, with `others` in the
 /// directory snapshot.
 fn alice_with(dir: &TempDir, others: &[(&str, &PrivateKey)]) -> Session {
+    let mut users = vec![entry("alice", &test_key("user1"))];
+    users.extend(others.iter().map(|(id, key)| entry(id, key)));
+    alice_after(dir, &json!({"users": users, "version": 1}))
+}
+
+/// A fresh session for alice (user1), pins in `dir`.
+fn alice(dir: &TempDir) -> Session {
     let me = Identity {
         user_id: "alice".into(),
         display_name: "alice".into(),
         key: test_key("user1"),
     };
-    let pins = Pins::load(&dir.0.join("server-pins.json"));
-    let mut s = Session::new(me, "ws://test", pins);
+    Session::new(me, "ws://test", Pins::load(&dir.0.join("server-pins.json")))
+}
+
+/// [`alice`] past its hello, with the snapshot `list` (a `LIST_RESPONSE` payload).
+fn alice_after(dir: &TempDir, list: &Value) -> Session {
+    let mut s = alice(dir);
     s.hello(TS);
     let challenge = json!({"nonce": "bm9uY2U", "server_id": SRV,
                            "server_pubkey": test_key("server1").public_key().encoded()});
@@ -34,10 +45,7 @@ fn alice_with(dir: &TempDir, others: &[(&str, &PrivateKey)]) -> Session {
         ),
         TS,
     );
-    let mut users = vec![entry("alice", &test_key("user1"))];
-    users.extend(others.iter().map(|(id, key)| entry(id, key)));
-    let list = json!({"users": users, "version": 1});
-    s.on_frame(&server_frame(types::LIST_RESPONSE, &list), TS);
+    s.on_frame(&server_frame(types::LIST_RESPONSE, list), TS);
     assert!(s.ready());
     s.outbox.clear();
     shown(&mut s);
@@ -160,4 +168,88 @@ fn a_first_seen_key_is_pinned_without_a_warning() {
     assert_eq!(shown(&mut s), ["[dm] bob: hello"]);
     s.command("/trust bob", TS);
     assert!(shown(&mut s).join("\n").contains("has not changed"));
+}
+
+/// A frame signed by another server (`from`, key `key`), as our server forwards it (§5.6).
+fn frame_signed_by(kind: &str, from: &str, key: &PrivateKey, payload: &Value) -> String {
+    let signed = SignedPayload::sign(payload, key).unwrap();
+    encode_frame(kind, from, "alice", TS, &signed)
+}
+
+#[test]
+fn frames_other_servers_signed_are_taken_only_from_servers_our_server_vouched_for() {
+    let dir = TempDir::new("session-peer-sig");
+    let mut s = alice(&dir);
+    s.hello(TS);
+    let hello = Envelope::parse(&s.outbox[0]).unwrap();
+    assert_eq!(
+        hello.payload["caps"],
+        json!(["peer-sig"]),
+        "§5.6: announced"
+    );
+    let (srv_b, srv_x, bob) = (test_key("server2"), test_key("server3"), test_key("user2"));
+    let mut bob_entry = entry("bob", &bob);
+    bob_entry["server_id"] = json!("srv-b");
+    let list = json!({
+        "servers": [{"server_id": "srv-b", "pubkey": srv_b.public_key().encoded()}],
+        "users": [entry("alice", &test_key("user1")), bob_entry],
+        "version": 1,
+    });
+    let mut s = alice_after(&dir, &list);
+
+    // A delivery srv-b signed (its server-to-server payload, user_id included): authentic.
+    let raw = test_key("user1")
+        .public_key()
+        .encrypt(b"via srv-b")
+        .unwrap();
+    let p = json!({
+        "user_id": "alice",
+        "ciphertext": socp::b64::encode(&raw),
+        "sender": "bob",
+        "sender_pub": bob.public_key().encoded(),
+        "content_sig": crypto::make_content_sig(&bob, &raw, "bob", Some("alice"), TS),
+        "ts": TS,
+    });
+    s.on_frame(
+        &frame_signed_by(types::USER_DELIVER, "srv-b", &srv_b, &p),
+        TS,
+    );
+    assert_eq!(shown(&mut s), ["[dm] bob: via srv-b"]);
+
+    // Signed by a server ours did not vouch for: refused, whatever its key says.
+    s.on_frame(
+        &frame_signed_by(types::USER_DELIVER, "srv-x", &srv_x, &p),
+        TS,
+    );
+    let got = shown(&mut s).join("\n");
+    assert!(got.contains("did not vouch"), "{got}");
+    assert!(!got.contains("[dm]"), "{got}");
+    // srv-b's name on srv-x's signature, or a payload altered on the way: refused.
+    s.on_frame(
+        &frame_signed_by(types::USER_DELIVER, "srv-b", &srv_x, &p),
+        TS,
+    );
+    assert!(shown(&mut s).join("\n").contains("bad server signature"));
+    let text = frame_signed_by(types::USER_DELIVER, "srv-b", &srv_b, &p);
+    let altered = text.replace(
+        &format!("\"ts\":{TS},\"user_id\""),
+        &format!("\"ts\":{},\"user_id\"", TS + 1),
+    );
+    assert_ne!(altered, text);
+    s.on_frame(&altered, TS);
+    assert!(shown(&mut s).join("\n").contains("bad server signature"));
+    // Only what a server forwards may carry another server's signature.
+    let fake_list = json!({"users": [], "version": 9});
+    s.on_frame(
+        &frame_signed_by(types::LIST_RESPONSE, "srv-b", &srv_b, &fake_list),
+        TS,
+    );
+    assert!(shown(&mut s).join("\n").contains("did not vouch"));
+    s.outbox.clear();
+    s.command("/tell bob still there?", TS);
+    assert_eq!(
+        sent_kinds(&mut s),
+        [types::MSG_DIRECT],
+        "the directory was not replaced"
+    );
 }

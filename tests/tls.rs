@@ -344,3 +344,39 @@ fn servers_learned_of_through_a_peer_are_dialled_with_wss() {
     ann.send("/tell cat found you through B");
     cat.expect("[dm] ann: found you through B");
 }
+
+/// `GET /healthz` is answered over TLS on a TLS port (the request is looked at once
+/// decrypted), and a WebSocket still works beside it.
+#[test]
+fn healthz_is_served_over_tls() {
+    let server = start_tls("server1", &[]);
+    let config = socp::tls::client_config(Some(std::path::Path::new(&fixture("ca.pem")))).unwrap();
+    let sock = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let name = socp::tls::server_name("localhost").unwrap();
+    let mut tls = socp::tls::TlsStream::client(&config, name, sock).unwrap();
+    tls.handshake().unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    tls.flush().unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            // The server may close without waiting for our close_notify.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("read: {e}; so far {:?}", String::from_utf8_lossy(&reply)),
+        }
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"status\":\"ok\""), "{reply}");
+    assert!(reply.contains("\"server_id\":\"srv-server1\""), "{reply}");
+
+    let dir = TempDir::new("tls-health");
+    let mut alice = client(&server, "alice", "user1", &dir);
+    alice.send("/list");
+    alice.expect("* 1 online:");
+}

@@ -459,7 +459,12 @@ impl Samples {
 fn check(fleet: &Fleet, s: &Sample) -> Result<(), String> {
     let env = Envelope::parse(&s.text).map_err(|e| e.to_string())?;
     let rc = &fleet.clients[s.recipient];
-    let server_key = fleet.servers[rc.server]
+    // The recipient's server, or (§5.6, --peer-sig) the server whose frame it forwarded.
+    let server_key = fleet
+        .servers
+        .iter()
+        .find(|end| end.server_id.as_deref() == Some(env.from.as_str()))
+        .unwrap_or(&fleet.servers[rc.server])
         .key
         .as_ref()
         .ok_or("server key unknown")?;

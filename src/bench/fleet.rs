@@ -166,6 +166,8 @@ pub struct Fleet {
     pub bytes_in: u64,
     /// The largest `LIST_RESPONSE` received (bytes).
     pub max_list_bytes: usize,
+    /// Clients announce `caps:["peer-sig"]` (§5.6).
+    pub peer_sig: bool,
 }
 
 impl Fleet {
@@ -194,6 +196,7 @@ impl Fleet {
             frames_in: 0,
             bytes_in: 0,
             max_list_bytes: 0,
+            peer_sig: false,
         })
     }
 
@@ -461,6 +464,7 @@ impl Fleet {
             "pubkey": pubkey,
             "enc_pubkey": pubkey,
             "meta": {"display_name": c.user_id},
+            "caps": if self.peer_sig { vec![wire::CAP_PEER_SIG] } else { vec![] },
         });
         let signed = SignedPayload::unsigned(&payload).expect("strings only");
         let text = wire::encode_frame(types::USER_HELLO, &c.user_id, "", wall_ms(), &signed);

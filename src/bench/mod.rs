@@ -277,6 +277,7 @@ fn mesh_scenarios(
         .collect::<Result<Vec<_>, String>>()?;
     let m_servers = ends.len();
     let mut fleet = Fleet::new(ends, 4 << 10).map_err(|e| e.to_string())?;
+    fleet.peer_sig = opts.peer_sig;
     let steady: Vec<usize> = (0..n)
         .map(|i| fleet.add_client(format!("{}-u{i}", opts.id_prefix), i % m_servers, true))
         .collect();

@@ -51,6 +51,8 @@ OPTIONS:
   --timeout S             longest wait for any one step (logins, deliveries) [60]
   --id-prefix P           prefix of the benchmark's user ids [bench]
   --json PATH             results file [bench-results.json]
+  --peer-sig              clients announce the peer-sig capability (PROTOCOL.md §5.6): frames other
+                          servers signed reach them unchanged (default: re-signed copies)
   --keep-logs             keep the servers' data directories (logs) and print where
   --compare BEFORE AFTER  compare two results files (latency, rates, CPU, memory side by side,
                           regressions over 10 % marked); runs nothing
@@ -149,6 +151,8 @@ pub struct Opts {
     pub id_prefix: String,
     pub json: PathBuf,
     pub keep_logs: bool,
+    /// Clients announce `caps:["peer-sig"]` (PROTOCOL.md §5.6).
+    pub peer_sig: bool,
 }
 
 impl Default for Opts {
@@ -178,6 +182,7 @@ impl Default for Opts {
             id_prefix: "bench".into(),
             json: PathBuf::from("bench-results.json"),
             keep_logs: false,
+            peer_sig: false,
         }
     }
 }
@@ -276,6 +281,7 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Parse
             Long("id-prefix") => o.id_prefix = string(p.value().map_err(s)?)?,
             Long("json") => o.json = p.value().map_err(s)?.into(),
             Long("keep-logs") => o.keep_logs = true,
+            Long("peer-sig") => o.peer_sig = true,
             _ => return Err(arg.unexpected().to_string()),
         }
     }
@@ -363,6 +369,7 @@ impl Opts {
             "idle_max_rss_mb": self.idle_max_rss_mb,
             "timeout_s": self.timeout_s,
             "id_prefix": self.id_prefix,
+            "peer_sig": self.peer_sig,
         })
     }
 }

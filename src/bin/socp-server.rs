@@ -38,8 +38,8 @@ fn main() -> ExitCode {
     keep_large_allocations_out_of_the_heap();
     let env = |name: &str| std::env::var(name).ok();
     let cfg = match config::parse_server_args(std::env::args_os().skip(1), &env) {
-        Ok(Command::Help) => {
-            print!("{}", config::SERVER_USAGE);
+        Ok(Command::Help(usage)) => {
+            print!("{usage}");
             return ExitCode::SUCCESS;
         }
         Ok(Command::Version) => {
@@ -47,8 +47,12 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Command::PrintPubkey(cfg)) => {
-            return match open(&cfg) {
-                Ok((_, key, _)) => {
+            // The key file only: no database is created or opened.
+            let key = dir_of(&cfg, &cfg.key, false).and_then(|()| {
+                socp::identity::load_or_create_key(&cfg.key, cfg.server_id.as_deref())
+            });
+            return match key {
+                Ok((_, key)) => {
                     println!("{}", key.public_key().encoded());
                     ExitCode::SUCCESS
                 }
@@ -72,8 +76,25 @@ fn fail(e: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Makes sure the directory holding `file` exists (and, with `writable`, that we may create
+/// files in it), with an error that names it and says why.
+fn dir_of(cfg: &config::Config, file: &std::path::Path, writable: bool) -> Result<(), String> {
+    let Some(dir) = file.parent() else {
+        return Ok(());
+    };
+    let label = if dir == cfg.data_dir {
+        "data directory"
+    } else {
+        "directory"
+    };
+    socp::startup::prepare_dir(dir, label, writable)
+}
+
 fn open(cfg: &config::Config) -> Result<(String, socp::crypto::PrivateKey, Store), String> {
+    dir_of(cfg, &cfg.db, true)?;
+    socp::startup::check_database(&cfg.db)?;
     let store = Store::open(&cfg.db).map_err(|e| format!("database {}: {e}", cfg.db.display()))?;
+    dir_of(cfg, &cfg.key, false)?;
     let (id, key) = socp::identity::load_or_create(&cfg.key, cfg.server_id.as_deref(), &store)?;
     Ok((id, key, store))
 }
@@ -115,6 +136,11 @@ fn run(cfg: config::Config) -> Result<(), String> {
     );
     // One line on stdout for scripts and tests (the port may have been chosen by the system).
     println!("socp-server listening on {scheme}://{addr} server_id={id}");
+    if cfg.open_join {
+        log::warn!(
+            "open join (--open-join / SOCP_OPEN_JOIN): servers whose key is not pinned may link"
+        );
+    }
     let advertise_host = cfg.advertise_host.clone().unwrap_or_else(|| {
         if addr.ip().is_unspecified() {
             "127.0.0.1".to_string()

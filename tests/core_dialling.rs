@@ -1,0 +1,457 @@
+//! What the core logs about dialling its peers, and that a server stopping dials no one
+//! (PROTOCOL.md §4.4), with simulated time and no sockets.
+//!
+//! The log is captured per test thread by a small `log::Log`: each test sees only the lines its
+//! own server wrote.
+
+mod common;
+
+use common::keys::test_key;
+use serde_json::json;
+use socp::crypto::{PrivateKey, PublicKey};
+use socp::federation::{FedConfig, PeerSpec};
+use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer};
+use socp::store::Store;
+use socp::wire::{SignedPayload, encode_frame, types};
+use std::cell::RefCell;
+use std::sync::{Arc, Once};
+
+const HOST: &str = "127.0.0.1";
+/// 2027-01-15 08:00:00 UTC.
+const WALL0: i64 = 1_800_000_000_000;
+const MONO0: u64 = 5_000;
+
+// -------------------------------------------------------------------- log capture
+
+thread_local! {
+    static LINES: RefCell<Option<Vec<(log::Level, String)>>> = const { RefCell::new(None) };
+}
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        LINES.with(|lines| {
+            if let Some(lines) = lines.borrow_mut().as_mut() {
+                lines.push((record.level(), record.args().to_string()));
+            }
+        });
+    }
+
+    fn flush(&self) {}
+}
+
+static CAPTURE: Capture = Capture;
+
+/// Starts capturing this thread's log lines (at every level).
+fn capture() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        log::set_logger(&CAPTURE).expect("no other logger in this test binary");
+        log::set_max_level(log::LevelFilter::Trace);
+    });
+    LINES.with(|lines| *lines.borrow_mut() = Some(Vec::new()));
+}
+
+/// The lines logged on this thread since the last call.
+fn logged() -> Vec<(log::Level, String)> {
+    LINES.with(|lines| {
+        lines
+            .borrow_mut()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    })
+}
+
+/// The lines an operator running with `RUST_LOG=info` (or `warn`) sees.
+fn at_least(lines: &[(log::Level, String)], level: log::Level) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|(l, _)| *l <= level)
+        .map(|(_, s)| s.clone())
+        .collect()
+}
+
+// -------------------------------------------------------------------- harness
+
+fn spec(key_name: &str, port: u16) -> PeerSpec {
+    PeerSpec {
+        host: HOST.into(),
+        port,
+        tls: false,
+        key: Arc::new(PublicKey::parse(test_key(key_name).public_key().encoded()).unwrap()),
+    }
+}
+
+fn conn(n: u64) -> ConnId {
+    ConnId((n << 32) | n)
+}
+
+struct H {
+    server: Server,
+    now: Time,
+    out: Vec<Action>,
+}
+
+impl H {
+    /// "srv-a" with bootstrap peers server2 at 9002 and server3 at 9003; started.
+    fn new() -> H {
+        let cfg = FedConfig {
+            bootstrap: vec![spec("server2", 9002), spec("server3", 9003)],
+            advertise_port: 9001,
+            ..FedConfig::default()
+        };
+        let limits = Limits {
+            hello_timeout_ms: 10_000,
+            error_burst: 50,
+            error_refill_per_s: 10,
+            max_message_size: 256 * 1024,
+        };
+        let store = Store::open_in_memory().unwrap();
+        let mut server =
+            Server::new("srv-a".into(), test_key("server1"), limits, store).with_federation(cfg);
+        let now = Time {
+            mono_ms: MONO0,
+            wall_ms: WALL0,
+        };
+        server.start(now);
+        let out = server.actions().collect();
+        H { server, now, out }
+    }
+
+    fn advance_to(&mut self, at: u64) {
+        assert!(at >= self.now.mono_ms);
+        let ms = at - self.now.mono_ms;
+        self.now.mono_ms += ms;
+        self.now.wall_ms += ms as i64;
+    }
+
+    fn input(&mut self, input: Input<'_>) {
+        self.server.handle(self.now, input);
+        self.server.run_deferred(self.now);
+        self.out.extend(self.server.actions());
+    }
+
+    fn take(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// The redial timers among `actions`: (at, target).
+    fn redials(actions: &[Action]) -> Vec<(u64, u32)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Timer {
+                    at_ms,
+                    timer: Timer::Redial(t),
+                } => Some((*at_ms, *t)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn dials(actions: &[Action]) -> Vec<u32> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Dial { target, .. } => Some(*target),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Fires `Redial(t)`, answers the dial with a connection, and brings the link up with a
+    /// welcome signed by `key` as `peer`.
+    fn link_out(&mut self, t: u32, c: ConnId, peer: &str, key: &PrivateKey) {
+        self.input(Input::Timer(Timer::Redial(t)));
+        assert_eq!(H::dials(&self.take()), [t]);
+        self.input(Input::Dialled { conn: c, target: t });
+        let payload = json!({"assigned_id": "srv-a", "servers": [], "clients": []});
+        let welcome = encode_frame(
+            types::SERVER_WELCOME,
+            peer,
+            "srv-a",
+            self.now.wall_ms,
+            &SignedPayload::sign(&payload, key).unwrap(),
+        );
+        self.input(Input::Text {
+            conn: c,
+            text: &welcome,
+        });
+        let closes = self
+            .take()
+            .into_iter()
+            .filter(|a| matches!(a, Action::Close { .. }))
+            .count();
+        assert_eq!(closes, 0, "the link to {peer} came up");
+    }
+}
+
+// -------------------------------------------------------------------- tests
+
+/// §4.4 with an operator's log: the first failure is a warning naming the peer and why; the
+/// next ones are logged only at debug (each one, truthfully: never as a success), with a
+/// warning summarising them at most every 10 attempts and 5 minutes. Coming back, going down,
+/// and the first failure after that are each logged above debug again.
+#[test]
+fn an_unreachable_peer_is_reported_once_then_summarised() {
+    let mut h = H::new();
+    capture();
+    let mut at = MONO0;
+    let mut warned_at: Vec<u32> = Vec::new();
+    let mut summaries: Vec<String> = Vec::new();
+    for attempt in 1..=40u32 {
+        h.advance_to(at);
+        h.input(Input::Timer(Timer::Redial(0)));
+        assert_eq!(H::dials(&h.take()), [0], "attempt {attempt}");
+        h.input(Input::DialFailed {
+            target: 0,
+            reason: "Connection refused (os error 111)".into(),
+        });
+        let redials = H::redials(&h.take());
+        assert_eq!(redials.len(), 1, "attempt {attempt}: {redials:?}");
+        at = redials[0].0;
+
+        let lines = logged();
+        let all: Vec<&String> = lines.iter().map(|(_, s)| s).collect();
+        // Every attempt and its failure are logged with the address (at debug at least) …
+        assert!(
+            all.iter().any(|l| l.contains("ws://127.0.0.1:9002")
+                && l.contains(&format!("failed (attempt {attempt})"))
+                && l.contains("Connection refused")),
+            "attempt {attempt}: {all:#?}"
+        );
+        // … and never as a success.
+        assert!(
+            !all.iter()
+                .any(|l| l.contains("link up") || l.contains("succeeded")),
+            "attempt {attempt}: {all:#?}"
+        );
+        let info = at_least(&lines, log::Level::Info);
+        let warn = at_least(&lines, log::Level::Warn);
+        if attempt == 1 {
+            assert_eq!(warn.len(), 1, "the first failure is a warning: {lines:#?}");
+            assert!(
+                warn[0].contains("dial to peer ws://127.0.0.1:9002 failed (attempt 1)")
+                    && warn[0].contains("Connection refused")
+                    && warn[0].contains("next try in"),
+                "{warn:#?}"
+            );
+            warned_at.push(attempt);
+            continue;
+        }
+        // Above debug, a repeated failure says nothing, or one summary line.
+        assert!(info.len() <= 1, "attempt {attempt}: {info:#?}");
+        assert_eq!(info, warn, "attempt {attempt}: no info-level chatter");
+        if let Some(line) = warn.first() {
+            assert!(
+                line.contains(&format!(
+                    "still unreachable after {attempt} attempts since "
+                )) && line.contains("2027-01-15 08:00:00 UTC")
+                    && line.contains("next try in")
+                    && line.contains("ws://127.0.0.1:9002"),
+                "attempt {attempt}: {line}"
+            );
+            warned_at.push(attempt);
+            summaries.push(line.clone());
+        }
+    }
+    assert!(summaries.len() >= 2, "{warned_at:?}: {summaries:#?}");
+    assert!(warned_at[1] >= 11, "not before 10 attempts: {warned_at:?}");
+    for pair in warned_at.windows(2) {
+        assert!(pair[1] - pair[0] >= 10, "{warned_at:?}");
+    }
+
+    // It comes back: a warning says so (the operator was told it was unreachable), with its id.
+    h.advance_to(at);
+    h.link_out(0, conn(1), "srv-b", &test_key("server2"));
+    let warn = at_least(&logged(), log::Level::Warn);
+    assert!(
+        warn.len() == 1
+            && warn[0].contains("link up with server srv-b at ws://127.0.0.1:9002")
+            && warn[0].contains("after 40 failed attempts"),
+        "{warn:#?}"
+    );
+
+    // It goes down: a warning with its id and address.
+    h.input(Input::Closed { conn: conn(1) });
+    let redials = H::redials(&h.take());
+    assert_eq!(redials.len(), 1, "{redials:?}");
+    let warn = at_least(&logged(), log::Level::Warn);
+    assert!(
+        warn.len() == 1
+            && warn[0].contains("link to server srv-b down")
+            && warn[0].contains("ws://127.0.0.1:9002"),
+        "{warn:#?}"
+    );
+
+    // The first failure after that is a warning again, naming the peer by its id too.
+    h.advance_to(redials[0].0);
+    h.input(Input::Timer(Timer::Redial(0)));
+    assert_eq!(H::dials(&h.take()), [0]);
+    h.input(Input::DialFailed {
+        target: 0,
+        reason: "Connection refused (os error 111)".into(),
+    });
+    let warn = at_least(&logged(), log::Level::Warn);
+    assert!(
+        warn.len() == 1
+            && warn[0].contains("dial to peer srv-b (ws://127.0.0.1:9002) failed (attempt 1)"),
+        "{warn:#?}"
+    );
+}
+
+/// A graceful shutdown closes every link; none of them is redialled, and nothing armed before
+/// (a redial timer, a dial under way) dials again.
+#[test]
+fn after_shutdown_a_closing_link_schedules_no_redial() {
+    let mut h = H::new();
+    let (link_b, link_c) = (conn(1), conn(2));
+    h.link_out(0, link_b, "srv-b", &test_key("server2"));
+    // server3: a dial under way (connected, no welcome yet).
+    h.input(Input::Timer(Timer::Redial(1)));
+    assert_eq!(H::dials(&h.take()), [1]);
+    h.input(Input::Dialled {
+        conn: link_c,
+        target: 1,
+    });
+    h.take();
+
+    h.server.shutdown(h.now);
+    h.out.extend(h.server.actions());
+    let actions = h.take();
+    let closed: Vec<ConnId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Close { conn, .. } => Some(*conn),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        closed.contains(&link_b) && closed.contains(&link_c),
+        "{actions:#?}"
+    );
+    assert!(H::redials(&actions).is_empty(), "{actions:#?}");
+    assert!(H::dials(&actions).is_empty(), "{actions:#?}");
+
+    // What the net layer reports while it finishes: the closes, a dial that failed, a redial
+    // timer armed earlier, a dial that connected late.
+    h.input(Input::Closed { conn: link_b });
+    h.input(Input::Closed { conn: link_c });
+    h.input(Input::DialFailed {
+        target: 1,
+        reason: "Connection refused (os error 111)".into(),
+    });
+    h.input(Input::Timer(Timer::Redial(0)));
+    h.input(Input::Timer(Timer::Redial(1)));
+    let late = conn(3);
+    h.input(Input::Dialled {
+        conn: late,
+        target: 0,
+    });
+    let actions = h.take();
+    assert!(H::redials(&actions).is_empty(), "{actions:#?}");
+    assert!(H::dials(&actions).is_empty(), "{actions:#?}");
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Send { .. })),
+        "no hello on a dial that connects during shutdown: {actions:#?}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Close { conn, .. } if *conn == late)),
+        "it is closed: {actions:#?}"
+    );
+}
+
+/// Users are named in the log by the display name they chose and their id, coming online and
+/// going offline.
+#[test]
+fn users_are_logged_by_display_name_and_id() {
+    let mut h = H::new();
+    h.take();
+    capture();
+    let key = test_key("user1");
+    let c = conn(7);
+    h.input(Input::Opened {
+        conn: c,
+        peer: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+    });
+    let hello = json!({
+        "client": "t",
+        "pubkey": key.public_key().encoded(),
+        "enc_pubkey": key.public_key().encoded(),
+        "meta": {"display_name": "Alice"},
+    });
+    let hello = encode_frame(
+        types::USER_HELLO,
+        "id-alice",
+        "",
+        h.now.wall_ms,
+        &SignedPayload::unsigned(&hello).unwrap(),
+    );
+    h.input(Input::Text {
+        conn: c,
+        text: &hello,
+    });
+    let challenge = h
+        .take()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Send { text, .. } if text.as_str().contains("AUTH_CHALLENGE") => {
+                Some(socp::wire::Envelope::parse(text.as_str()).unwrap())
+            }
+            _ => None,
+        })
+        .expect("a challenge");
+    let resp = json!({
+        "nonce": challenge.payload["nonce"],
+        "server_id": "srv-a",
+        "user_id": "id-alice",
+    });
+    let resp = encode_frame(
+        types::AUTH_RESPONSE,
+        "id-alice",
+        "srv-a",
+        h.now.wall_ms,
+        &SignedPayload::sign(&resp, &key).unwrap(),
+    );
+    h.input(Input::Text {
+        conn: c,
+        text: &resp,
+    });
+    h.input(Input::Closed { conn: c });
+    let info = at_least(&logged(), log::Level::Info);
+    assert!(
+        info.iter()
+            .any(|l| l.starts_with("user Alice (id id-alice) online (conn #7)")),
+        "{info:#?}"
+    );
+    assert!(
+        info.iter()
+            .any(|l| l.starts_with("user Alice (id id-alice) offline (conn #7)")),
+        "{info:#?}"
+    );
+}
+
+/// The rule behind the log above: a run's first failure is reported, then at most one summary
+/// per 10 attempts and 5 minutes, whichever is later.
+#[test]
+fn failure_log_reports_the_first_then_summaries() {
+    use socp::federation::{FailureLog, SUMMARY_EVERY_ATTEMPTS, SUMMARY_EVERY_MS, failure_log};
+    assert_eq!(failure_log(1, 0, 0), FailureLog::First);
+    assert_eq!(failure_log(1, 7, 0), FailureLog::First, "a new run");
+    let n = SUMMARY_EVERY_ATTEMPTS;
+    assert_eq!(failure_log(n, 1, SUMMARY_EVERY_MS), FailureLog::Quiet);
+    assert_eq!(
+        failure_log(n + 1, 1, SUMMARY_EVERY_MS - 1),
+        FailureLog::Quiet
+    );
+    assert_eq!(failure_log(n + 1, 1, SUMMARY_EVERY_MS), FailureLog::Summary);
+    assert_eq!(failure_log(100, 1, u64::MAX), FailureLog::Summary);
+}
