@@ -38,7 +38,7 @@ impl Identity {
                         .ok_or_else(|| format!("{shown}: missing {name}"))
                 };
                 let user_id = field("user_id")?.to_string();
-                if !crate::ids::is_valid_id(&user_id) {
+                if !crate::wire::ids::is_valid_id(&user_id) {
                     return Err(format!("{shown}: malformed user_id"));
                 }
                 let key = PrivateKey::from_pem(field("private_key")?)
@@ -52,7 +52,7 @@ impl Identity {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let identity = Identity {
-                    user_id: crate::ids::new_uuid(),
+                    user_id: crate::wire::ids::new_uuid(),
                     display_name: display_name.to_string(),
                     key: PrivateKey::generate().map_err(|e| e.to_string())?,
                 };
@@ -782,7 +782,7 @@ impl Session {
                     );
                 }
             };
-            let ciphertext = crate::b64::encode(&ct);
+            let ciphertext = crate::wire::b64::encode(&ct);
             let sig_to = if public { None } else { Some(to) };
             let content_sig =
                 crypto::make_content_sig(&self.me.key, &ct, &self.me.user_id, sig_to, ts);
@@ -1064,7 +1064,7 @@ impl Session {
         let name = meta
             .and_then(|m| m.get("display_name"))
             .and_then(Value::as_str)
-            .filter(|n| crate::ids::is_valid_display_name(n))
+            .filter(|n| crate::wire::ids::is_valid_display_name(n))
             .map(str::to_string);
         // §7: a user's key is pinned on first sight and never replaced silently.
         let changed = if id == self.me.user_id {
@@ -1124,7 +1124,7 @@ impl Session {
                 &format!("malformed {} from the server", env.kind),
             );
         };
-        let text = match crate::b64::decode(ciphertext).map(|ct| self.me.key.decrypt(&ct)) {
+        let text = match crate::wire::b64::decode(ciphertext).map(|ct| self.me.key.decrypt(&ct)) {
             Some(Ok(plain)) => String::from_utf8_lossy(&plain).into_owned(),
             _ => {
                 return self.warn(

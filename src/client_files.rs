@@ -183,7 +183,7 @@ impl Session {
             }
         };
         let name = sanitize_name(&path.file_name().unwrap_or_default().to_string_lossy());
-        let file_id = crate::ids::new_uuid();
+        let file_id = crate::wire::ids::new_uuid();
         let manifest = json!({"file_id": file_id, "name": name, "size": size,
                               "sha256": sha256, "mode": "dm"});
         self.push_frame(types::FILE_START, &to, now_ms, &manifest, false);
@@ -280,7 +280,7 @@ impl Session {
                     continue;
                 }
             };
-            let ciphertext = crate::b64::encode(&ct);
+            let ciphertext = crate::wire::b64::encode(&ct);
             let content_sig =
                 crypto::make_content_sig(&self.me.key, &ct, &self.me.user_id, Some(&o.to), now_ms);
             let payload = json!({"file_id": o.file_id, "index": o.next_index,
@@ -453,7 +453,7 @@ impl Session {
             .ok_or("the sender is not in the directory")?;
         let me = self.me.user_id.clone();
         let plain = {
-            let ct = crate::b64::decode(ciphertext).ok_or("chunk is not base64")?;
+            let ct = crate::wire::b64::decode(ciphertext).ok_or("chunk is not base64")?;
             self.me
                 .key
                 .decrypt(&ct)

@@ -4,9 +4,9 @@
 //! The directory is plain data: it does no I/O and no crypto. Users are kept in a `BTreeMap`
 //! so `LIST_RESPONSE` (sorted by `user_id`) needs no sort.
 
-use crate::canon::{self, NotCanonical};
 use crate::crypto::PublicKey;
 use crate::server::ConnId;
+use crate::wire::canon::{self, NotCanonical};
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -1,7 +1,5 @@
 //! SOCP v1.3: a federated, end-to-end encrypted chat server and its line client.
 pub mod account;
-pub mod b64;
-pub mod canon;
 pub mod channel;
 pub mod client;
 pub mod client_files;
@@ -12,7 +10,6 @@ pub mod directory;
 pub mod federation;
 pub mod http;
 pub mod identity;
-pub mod ids;
 pub mod login;
 pub mod metrics;
 pub mod net;

@@ -622,7 +622,7 @@ impl Server {
     /// A fresh `AUTH_CHALLENGE` payload `{nonce, server_id, server_pubkey}` (§5.2 step 2),
     /// signed. It names no user, so it can be made before anyone asks for it.
     fn new_challenge(&self) -> Option<(String, SignedPayload)> {
-        let nonce = crate::b64::encode(&crate::crypto::random_bytes::<32>());
+        let nonce = crate::wire::b64::encode(&crate::crypto::random_bytes::<32>());
         let payload = json!({
             "nonce": nonce,
             "server_id": self.id,
@@ -1180,7 +1180,7 @@ impl Server {
             _ => String::new(),
         };
         let payload = json!({"code": err.code.as_str(), "detail": err.detail});
-        let Ok(canonical) = crate::canon::canonical(&payload) else {
+        let Ok(canonical) = crate::wire::canon::canonical(&payload) else {
             return; // strings only: cannot happen
         };
         let sig = match self.error_sigs.0.get(&canonical) {

@@ -384,7 +384,7 @@ fn random_frames_never_crash_the_core_and_service_continues() {
         h.user("bob", &bob_key)
     };
     let raw = bob_key.public_key().encrypt(b"still here").unwrap();
-    let ct = socp::b64::encode(&raw);
+    let ct = socp::wire::b64::encode(&raw);
     let ts = h.now.wall_ms;
     let sig = socp::crypto::make_content_sig(&test_key("user3"), &raw, "carol", Some("bob"), ts);
     let payload = json!({"ciphertext": ct, "sender_pub": test_key("user3").public_key().encoded(),

@@ -488,7 +488,7 @@ fn check(fleet: &Fleet, s: &Sample) -> Result<(), String> {
         } => {
             let sc = &fleet.clients[*sender];
             let ct = f.str("ciphertext").map_err(|e| e.to_string())?;
-            let plain = socp::b64::decode(ct)
+            let plain = socp::wire::b64::decode(ct)
                 .ok_or("ciphertext is not base64")
                 .and_then(|c| {
                     fleet

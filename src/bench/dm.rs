@@ -80,7 +80,7 @@ fn precompute(
             .public_key()
             .encrypt(plaintext.as_bytes())
             .expect("OAEP encryption of a short text");
-        let ciphertext = socp::b64::encode(&ct);
+        let ciphertext = socp::wire::b64::encode(&ct);
         let content_sig = socp::crypto::make_content_sig(skey, &ct, sid, Some(rid), ts);
         let payload = json!({
             "ciphertext": ciphertext,

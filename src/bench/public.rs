@@ -64,7 +64,7 @@ fn producer(jobs: Receiver<Job>, out: Sender<Produced>, waker: Arc<Waker>) {
             let Ok(ct) = pubkey.encrypt(plaintext.as_bytes()) else {
                 continue; // counted as never delivered
             };
-            let ciphertext = socp::b64::encode(&ct);
+            let ciphertext = socp::wire::b64::encode(&ct);
             let content_sig =
                 socp::crypto::make_content_sig(&job.key, &ct, &job.sender_id, None, ts);
             let payload = json!({

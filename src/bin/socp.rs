@@ -237,7 +237,7 @@ fn default_downloads(data_dir: &std::path::Path) -> PathBuf {
 }
 
 fn check_name(name: &str) -> Result<(), String> {
-    if socp::ids::is_valid_display_name(name) {
+    if socp::wire::ids::is_valid_display_name(name) {
         Ok(())
     } else {
         Err(format!(
@@ -532,7 +532,7 @@ fn account_exchange(
 fn register(ws: &mut WebSocket<Stream>, name: &str, pw: &str) -> Result<Identity, Fatal> {
     use socp::wire::{SignedPayload, encode_frame, types};
     let key = socp::crypto::PrivateKey::generate().map_err(|e| e.to_string())?;
-    let user_id = socp::ids::new_uuid();
+    let user_id = socp::wire::ids::new_uuid();
     let payload = serde_json::json!({
         "user_id": user_id,
         "pubkey": key.public_key().encoded(),
