@@ -1,7 +1,7 @@
 //! The client's half of file transfer (PROTOCOL.md §9): `/file`, and saving what arrives.
 //!
 //! Sending streams the file: it is hashed once, then read one 446-byte piece at a time as the
-//! connection takes chunks (at most [`crate::transfer::WINDOW`] beyond the server's last `ACK`),
+//! connection takes chunks (at most [`crate::core::transfer::WINDOW`] beyond the server's last `ACK`),
 //! so a large file is never held whole in memory.
 //!
 //! Receiving writes chunks, in order, to a hidden `.part` file in the downloads directory, after
@@ -10,8 +10,8 @@
 //! never over an existing file. Anything else deletes the partial file and says why.
 
 use crate::client::{Event, Session, warning};
+use crate::core::transfer::WINDOW;
 use crate::crypto::{self, MAX_PLAINTEXT, PublicKey};
-use crate::transfer::WINDOW;
 use crate::wire::{Envelope, types};
 use aws_lc_rs::digest;
 use serde_json::json;

@@ -1,22 +1,15 @@
 //! SOCP v1.3: a federated, end-to-end encrypted chat server and its line client.
 pub mod account;
-pub mod channel;
 pub mod client;
 pub mod client_files;
 pub mod config;
+pub mod core;
 pub mod crypto;
-pub mod dedup;
-pub mod directory;
-pub mod federation;
 pub mod http;
 pub mod identity;
-pub mod login;
-pub mod metrics;
 pub mod net;
-pub mod server;
 pub mod startup;
 pub mod store;
 pub mod timer;
 pub mod tls;
-pub mod transfer;
 pub mod wire;

@@ -10,8 +10,8 @@
 //! comes only when a full socket buffer drains, so nothing spins on it.
 
 use crate::config::Config;
+use crate::core::server::{self, Action, ConnId, Input, Server, Time};
 use crate::http;
-use crate::server::{self, Action, ConnId, Input, Server, Time};
 use crate::timer::TimerWheel;
 use crate::tls::{MaybeTls, TlsStream};
 use log::{debug, info, warn};
@@ -651,8 +651,8 @@ impl Net {
     }
 
     /// The net layer's numbers for `GET /metrics` and `GET /healthz`.
-    fn net_stats(&self) -> crate::metrics::NetStats {
-        let mut stats = crate::metrics::NetStats {
+    fn net_stats(&self) -> crate::core::metrics::NetStats {
+        let mut stats = crate::core::metrics::NetStats {
             uptime_ms: self.mono_ms(),
             ..Default::default()
         };

@@ -1,4 +1,4 @@
-//! Integration tests of the sans-IO server core (`socp::server::Server`) with simulated time and
+//! Integration tests of the sans-IO server core (`socp::core::server::Server`) with simulated time and
 //! no sockets (DESIGN.md "Tests in three layers", first layer).
 //!
 //! A [`Harness`] feeds the core `Input`s at a simulated [`Time`] and collects its `Action`s into an
@@ -9,8 +9,8 @@ mod common;
 
 use common::keys::test_key;
 use serde_json::{Map, Value, json};
+use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::crypto::{self, PrivateKey, PublicKey};
-use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::store::Store;
 use socp::wire::canon;
 use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
@@ -1785,7 +1785,8 @@ fn a_guesser_at_the_max_rate_from_one_address_cannot_lock_the_owner_out() {
     }
     assert_eq!(owner_ok, owner_tries, "the owner was locked out");
     // The guesser spent only its own address's budget for the name.
-    let bound = u64::from(socp::login::PAIR_BURST) + 120_000 / socp::login::PAIR_REFILL_MS;
+    let bound =
+        u64::from(socp::core::login::PAIR_BURST) + 120_000 / socp::core::login::PAIR_REFILL_MS;
     assert!(
         guesses <= bound,
         "{guesses} guesses answered, bound {bound}"
@@ -1816,7 +1817,7 @@ fn answered(
 
 #[test]
 fn one_address_is_bounded_whatever_names_it_guesses() {
-    use socp::login::{PAIR_BURST, PAIR_REFILL_MS, SOURCE_BURST, SOURCE_REFILL_MS};
+    use socp::core::login::{PAIR_BURST, PAIR_REFILL_MS, SOURCE_BURST, SOURCE_REFILL_MS};
     let mut h = Harness::new();
     register_account(&mut h, conn(1), "alice", "alice-id", &test_key("user1"));
     let (steps, every_ms) = (600, 100); // 60 s at ten attempts a second
@@ -1865,7 +1866,7 @@ fn one_address_is_bounded_whatever_names_it_guesses() {
 
 #[test]
 fn many_addresses_guessing_one_name_are_bounded_by_the_name_ceiling() {
-    use socp::login::{NAME_BURST, NAME_REFILL_MS};
+    use socp::core::login::{NAME_BURST, NAME_REFILL_MS};
     let mut h = Harness::new();
     register_account(&mut h, conn(1), "alice", "alice-id", &test_key("user1"));
     let (steps, every_ms) = (3000, 20); // 60 s at fifty attempts a second

@@ -11,9 +11,9 @@ mod common;
 
 use common::keys::test_key;
 use serde_json::{Map, Value, json};
+use socp::core::federation::{CHANNEL_BATCH_MS, FedConfig, PeerSpec};
+use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::crypto::{self, PrivateKey, PublicKey};
-use socp::federation::{CHANNEL_BATCH_MS, FedConfig, PeerSpec};
-use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::store::Store;
 use socp::wire::canon;
 use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};

@@ -2,12 +2,12 @@
 //! event loop until SIGINT/SIGTERM (a second signal exits at once).
 
 use socp::config::{self, Command};
+use socp::core::federation::{FedConfig, PeerSpec};
+use socp::core::server::{Limits, Server};
+use socp::core::transfer::TransferLimits;
 use socp::crypto::PublicKey;
-use socp::federation::{FedConfig, PeerSpec};
 use socp::net::Net;
-use socp::server::{Limits, Server};
 use socp::store::Store;
-use socp::transfer::TransferLimits;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

@@ -29,7 +29,7 @@
 //! is full.
 
 use crate::account;
-use crate::server::{Bucket, ConnId, Server, Time, store_error};
+use crate::core::server::{Bucket, ConnId, Server, Time, store_error};
 use crate::store::{StoreError, UserRecord};
 use crate::wire::{self, Envelope, ErrorCode, WireError, types};
 use log::info;

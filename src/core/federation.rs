@@ -14,10 +14,10 @@
 //! - **Presence to local users** is re-signed by this server (one signature per event), so a
 //!   client verifies everything with the one server key it pinned.
 
+use crate::core::dedup::{self, SeenCache, Stale};
+use crate::core::directory::{Directory, Entry};
+use crate::core::server::{Action, ConnId, Server, State, Time, Timer, close};
 use crate::crypto::PublicKey;
-use crate::dedup::{self, SeenCache, Stale};
-use crate::directory::{Directory, Entry};
-use crate::server::{Action, ConnId, Server, State, Time, Timer, close};
 use crate::store::ServerRecord;
 use crate::wire::canon;
 use crate::wire::{self, Envelope, ErrorCode, Fields, SignedPayload, Text, WireError, types};
