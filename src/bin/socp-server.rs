@@ -107,14 +107,14 @@ type PeerTls = Result<Arc<rustls::ClientConfig>, String>;
 
 fn tls_setup(cfg: &config::Config) -> Result<(Option<Arc<rustls::ServerConfig>>, PeerTls), String> {
     let server = match &cfg.tls {
-        Some(files) => Some(socp::tls::server_config(&files.cert, &files.key)?),
+        Some(files) => Some(socp::net::tls::server_config(&files.cert, &files.key)?),
         None => None,
     };
     let wss_bootstrap = cfg.bootstrap.iter().any(|b| b.tls);
     let peers = if cfg.ca_file.is_some() || wss_bootstrap {
-        Ok(socp::tls::client_config(cfg.ca_file.as_deref())?)
+        Ok(socp::net::tls::client_config(cfg.ca_file.as_deref())?)
     } else if cfg.peer_tls {
-        socp::tls::client_config(None)
+        socp::net::tls::client_config(None)
             .inspect_err(|e| log::warn!("servers learned of cannot be dialled with wss://: {e}"))
     } else {
         Err("no wss:// peer configured (--peer-scheme wss, or a wss:// --bootstrap)".into())
