@@ -1,7 +1,6 @@
 //! SOCP v1.3: a federated, end-to-end encrypted chat server and its line client.
 pub mod account;
 pub mod client;
-pub mod client_files;
 pub mod config;
 pub mod core;
 pub mod crypto;

@@ -9,6 +9,13 @@
 //!
 //! Long texts: one RSA-OAEP block carries at most 446 bytes, so a longer `/tell` or `/all` text
 //! is split at character boundaries into several messages, each delivered and shown on its own.
+//!
+//! The client layer owns the user's side of the protocol: this file is the session, [`files`]
+//! sends and saves files. It must not do I/O itself (no sockets, no terminal, no clock): the
+//! `socp` binary reads and writes, and hands the session what arrived. Reading and writing
+//! files on disk (the key file, downloads) is the exception, done where a command asks for it.
+
+pub mod files;
 
 use crate::crypto::{self, PrivateKey, PublicKey};
 use crate::wire::{self, Envelope, SignedPayload, types};
@@ -482,8 +489,8 @@ pub struct Session {
     pub outbox: Vec<String>,
     /// Events to show, in order.
     pub events: Vec<Event>,
-    /// Files in flight (`client_files`).
-    pub(crate) files: crate::client_files::Files,
+    /// Files in flight (`files`).
+    pub(crate) files: files::Files,
     /// Where received files are saved.
     pub downloads: std::path::PathBuf,
     /// Largest file sent or accepted, in bytes.
