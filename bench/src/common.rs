@@ -2,9 +2,9 @@
 //! CPU meters, counting errors, the result of a scenario, and checking a sample of received
 //! frames completely (server signature, decryption, `content_sig`) after the clock stops.
 
-use crate::bench::fleet::{Fleet, Note, Phase};
-use crate::bench::opts::Opts;
-use crate::bench::stats::{self, Lat, Summary, round3};
+use crate::fleet::{Fleet, Note, Phase};
+use crate::opts::Opts;
+use crate::stats::{self, Lat, Summary, round3};
 use serde_json::{Value, json};
 use socp::crypto;
 use socp::wire::{self, Envelope};
