@@ -1,5 +1,5 @@
-//! Integration tests of the sans-IO server core (`socp::core::server::Server`) with simulated time and
-//! no sockets (DESIGN.md "Tests in three layers", first layer).
+//! Integration tests of the sans-IO server core (`socp::core::server::Server`) with simulated
+//! time and no sockets (DESIGN.md "Tests in three layers", first layer).
 //!
 //! A [`Harness`] feeds the core `Input`s at a simulated [`Time`] and collects its `Action`s into an
 //! outbox; helpers take from the outbox the frames sent to one connection, parsed, and **verified

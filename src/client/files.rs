@@ -1,8 +1,8 @@
 //! The client's half of file transfer (PROTOCOL.md §9): `/file`, and saving what arrives.
 //!
 //! Sending streams the file: it is hashed once, then read one 446-byte piece at a time as the
-//! connection takes chunks (at most [`crate::core::transfer::WINDOW`] beyond the server's last `ACK`),
-//! so a large file is never held whole in memory.
+//! connection takes chunks (at most [`crate::core::transfer::WINDOW`] beyond the server's last
+//! `ACK`), so a large file is never held whole in memory.
 //!
 //! Receiving writes chunks, in order, to a hidden `.part` file in the downloads directory, after
 //! checking each chunk's `content_sig` against the sender's directory key. At `FILE_END` the size

@@ -5,8 +5,8 @@
 //! ([`ids`]). It turns text into typed values and typed values into text; it must not touch a
 //! socket, a clock, the store or any server state (the core decides what a frame *means*).
 //!
-//! This file is the wire profile (PROTOCOL.md §1, §5–§10): the envelope, frame types, error codes, typed
-//! payloads with validation that names the bad field, and the strict emitter.
+//! This file is the wire profile (PROTOCOL.md §1, §5–§10): the envelope, frame types, error
+//! codes, typed payloads with validation that names the bad field, and the strict emitter.
 //!
 //! Parsing is lenient where §1–§3 say *Accept*; emitting is strict: [`encode_frame`] always
 //! writes the six envelope fields, and the payload text it embeds is the canonical form that
