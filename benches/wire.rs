@@ -29,7 +29,7 @@ fn user_deliver_payload() -> Value {
         .public_key()
         .encrypt(b"hello bob, this is a typical short chat message")
         .expect("encrypt");
-    let ciphertext = socp::b64::encode(&ct);
+    let ciphertext = socp::wire::b64::encode(&ct);
     let content_sig = crypto::make_content_sig(&sender, &ct, SENDER, Some(RECIPIENT), TS);
     json!({
         "ciphertext": ciphertext,
@@ -49,7 +49,7 @@ fn wire_benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("wire");
     group.throughput(Throughput::Bytes(signed.canonical.len() as u64));
     group.bench_function("canonical_json_user_deliver", |b| {
-        b.iter(|| socp::canon::canonical(black_box(&payload)).expect("canonical"))
+        b.iter(|| socp::wire::canon::canonical(black_box(&payload)).expect("canonical"))
     });
     group.throughput(Throughput::Bytes(frame.len() as u64));
     group.bench_function("encode_frame_user_deliver", |b| {

@@ -52,7 +52,7 @@ fn pbkdf2_sha256(password: &str, salt: &[u8], rounds: u32) -> [u8; 32] {
 /// base64url.
 pub fn auth_token(password: &str, display_name: &str) -> String {
     let salt = format!("socp-auth:{display_name}");
-    crate::b64::encode(&pbkdf2_sha256(password, salt.as_bytes(), ROUNDS))
+    crate::wire::b64::encode(&pbkdf2_sha256(password, salt.as_bytes(), ROUNDS))
 }
 
 /// Seals `key` under `password`: base64url of `{v:1, kdf:"pbkdf2-sha256", rounds, salt, nonce,
@@ -68,7 +68,7 @@ fn seal_with_rounds(key: &PrivateKey, password: &str, rounds: u32) -> String {
     let mut ct = key.to_pkcs8_der();
     aes.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut ct)
         .expect("AES-GCM sealing a key-sized buffer does not fail");
-    let b = crate::b64::encode;
+    let b = crate::wire::b64::encode;
     let doc = json!({"v": 1, "kdf": "pbkdf2-sha256", "rounds": rounds, "salt": b(&salt),
                      "nonce": b(&nonce), "ct": b(&ct)});
     b(doc.to_string().as_bytes())
@@ -76,7 +76,7 @@ fn seal_with_rounds(key: &PrivateKey, password: &str, rounds: u32) -> String {
 
 /// Opens a `privkey_store` with `password`.
 pub fn open_private_key(store: &str, password: &str) -> Result<PrivateKey, AccountError> {
-    let json = crate::b64::decode(store).ok_or(AccountError::Malformed("not base64"))?;
+    let json = crate::wire::b64::decode(store).ok_or(AccountError::Malformed("not base64"))?;
     let doc: Value =
         serde_json::from_slice(&json).map_err(|_| AccountError::Malformed("not JSON"))?;
     if doc.get("v").and_then(Value::as_i64) != Some(1)
@@ -92,7 +92,7 @@ pub fn open_private_key(store: &str, password: &str) -> Result<PrivateKey, Accou
     let field = |name: &'static str| {
         doc.get(name)
             .and_then(Value::as_str)
-            .and_then(crate::b64::decode)
+            .and_then(crate::wire::b64::decode)
             .ok_or(AccountError::Malformed(name))
     };
     let (salt, nonce, mut ct) = (field("salt")?, field("nonce")?, field("ct")?);
@@ -115,8 +115,8 @@ pub fn password_verifier(auth: &[u8]) -> String {
     let salt = crypto::random_bytes::<16>();
     format!(
         "v1${}${}",
-        crate::b64::encode(&salt),
-        crate::b64::encode(&salted_hash(&salt, auth))
+        crate::wire::b64::encode(&salt),
+        crate::wire::b64::encode(&salted_hash(&salt, auth))
     )
 }
 
@@ -140,7 +140,10 @@ pub fn check_password(verifier: &str, auth: &[u8]) -> bool {
     else {
         return false;
     };
-    let (Some(salt), Some(hash)) = (crate::b64::decode(salt), crate::b64::decode(hash)) else {
+    let (Some(salt), Some(hash)) = (
+        crate::wire::b64::decode(salt),
+        crate::wire::b64::decode(hash),
+    ) else {
         return false;
     };
     crypto::constant_time_eq(&salted_hash(&salt, auth), &hash)
@@ -158,7 +161,7 @@ mod tests {
     #[test]
     fn auth_is_salted_with_the_display_name() {
         let a = auth_token("pw", "alice");
-        assert_eq!(crate::b64::decode(&a).unwrap().len(), 32);
+        assert_eq!(crate::wire::b64::decode(&a).unwrap().len(), 32);
         assert_eq!(a, auth_token("pw", "alice"));
         assert_ne!(a, auth_token("pw", "bob"));
         assert_ne!(a, auth_token("pw2", "alice"));
@@ -175,7 +178,8 @@ mod tests {
             AccountError::WrongPassword
         );
         // The store is the §5.3 document.
-        let doc: Value = serde_json::from_slice(&crate::b64::decode(&store).unwrap()).unwrap();
+        let doc: Value =
+            serde_json::from_slice(&crate::wire::b64::decode(&store).unwrap()).unwrap();
         assert_eq!(doc["v"], 1);
         assert_eq!(doc["kdf"], "pbkdf2-sha256");
         assert_eq!(doc["rounds"], 1000);
@@ -185,7 +189,8 @@ mod tests {
     #[test]
     fn the_real_round_count_is_600k() {
         let store = seal_private_key(&key(), "pw");
-        let doc: Value = serde_json::from_slice(&crate::b64::decode(&store).unwrap()).unwrap();
+        let doc: Value =
+            serde_json::from_slice(&crate::wire::b64::decode(&store).unwrap()).unwrap();
         assert_eq!(doc["rounds"], 600_000);
     }
 

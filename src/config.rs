@@ -324,7 +324,7 @@ pub fn parse_server_args(
             .map_err(|_| format!("invalid port {port:?}: expected 0-65535"))?;
     }
     if let Some(id) = pick(flags.server_id, "SOCP_SERVER_ID") {
-        if !crate::ids::is_valid_id(&id) {
+        if !crate::wire::ids::is_valid_id(&id) {
             return Err(format!(
                 "invalid server id {id:?}: use a UUID or 1-64 characters of [A-Za-z0-9._-]"
             ));

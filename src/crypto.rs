@@ -21,7 +21,7 @@ use aws_lc_rs::signature::{
 };
 use base64::Engine;
 
-use crate::b64;
+use crate::wire::b64;
 
 /// Most plaintext bytes one RSA-OAEP block carries (§3.1): 512 − 2·32 − 2.
 pub const MAX_PLAINTEXT: usize = 446;
@@ -481,7 +481,7 @@ fn content_sig_json(ciphertext_b64: &str, from: &str, to: Option<&str>, ts: i64)
         fields.insert("to".into(), to.into());
     }
     fields.insert("ts".into(), ts.into());
-    crate::canon::canonical_object(&fields).ok()
+    crate::wire::canon::canonical_object(&fields).ok()
 }
 
 /// SHA-256 of `data`.

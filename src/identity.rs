@@ -26,7 +26,7 @@ pub fn load_or_create(
         (None, None) => match store.meta_get("server_id").map_err(|e| e.to_string())? {
             Some(id) => id,
             None => {
-                let id = crate::ids::new_uuid();
+                let id = crate::wire::ids::new_uuid();
                 store
                     .meta_set("server_id", &id)
                     .map_err(|e| e.to_string())?;
@@ -55,7 +55,7 @@ pub fn load_or_create_key(
             let key = PrivateKey::generate().map_err(|e| format!("key generation: {e}"))?;
             let id = id_override
                 .map(str::to_string)
-                .unwrap_or_else(crate::ids::new_uuid);
+                .unwrap_or_else(crate::wire::ids::new_uuid);
             write_key_file(path, &id, &key).map_err(|e| format!("key file {shown}: {e}"))?;
             Ok((Some(id), key))
         }
@@ -72,7 +72,7 @@ fn parse_key_file(text: &str) -> Result<(Option<String>, PrivateKey), String> {
     let id = value
         .get("server_id")
         .and_then(Value::as_str)
-        .filter(|id| crate::ids::is_valid_id(id))
+        .filter(|id| crate::wire::ids::is_valid_id(id))
         .ok_or("missing or malformed server_id")?;
     let pem = value
         .get("private_key")

@@ -237,7 +237,7 @@ fn register_raw(server: &ServerProc, name: &str, key_name: &str) -> socp::wire::
         "user_id": user_id,
         "pubkey": key.public_key().encoded(),
         "privkey_store": "c2VhbGVk",
-        "auth": socp::b64::encode(&[7; 32]),
+        "auth": socp::wire::b64::encode(&[7; 32]),
         "meta": {"display_name": name},
     });
     let mut raw = Raw::connect(server);

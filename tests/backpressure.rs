@@ -38,7 +38,7 @@ fn send_dms(
     let (done_tx, done) = mpsc::channel();
     let handle = std::thread::spawn(move || {
         let key = test_key("user1");
-        let block = socp::b64::encode(&[7u8; 512]);
+        let block = socp::wire::b64::encode(&[7u8; 512]);
         let payload = json!({"ciphertext": block, "sender_pub": key.public_key().encoded(),
                              "content_sig": block});
         let signed = socp::wire::SignedPayload::unsigned(&payload).unwrap();
@@ -197,7 +197,7 @@ fn a_dm_sender_to_a_user_who_never_reads_is_paused_until_she_reads() {
 /// A `FILE_START` from `user_id` to carol carrying `pad` bytes in an extra field (forwarded as
 /// it is, §9): one routed frame of about that size.
 fn big_file_start(user_id: &str, pad: usize) -> String {
-    let start = json!({"file_id": socp::ids::new_uuid(), "name": "x.bin", "size": 10,
+    let start = json!({"file_id": socp::wire::ids::new_uuid(), "name": "x.bin", "size": 10,
                        "sha256": "0".repeat(64), "mode": "dm", "note": "n".repeat(pad)});
     frame("FILE_START", user_id, "carol", &start, None)
 }

@@ -39,7 +39,7 @@ impl Healthy {
             .public_key()
             .encrypt(format!("{text} {ct}").as_bytes())
             .unwrap();
-        let ciphertext = socp::b64::encode(&raw);
+        let ciphertext = socp::wire::b64::encode(&raw);
         let ts = common::proc::now_ms();
         let content_sig = crypto::make_content_sig(&alice_key, &raw, "alice", Some("bob"), ts);
         let payload = json!({"ciphertext": ciphertext, "sender_pub": alice_key.public_key().encoded(),
@@ -52,7 +52,7 @@ impl Healthy {
         assert_eq!(got.payload["ts"], ts);
         let plain = self
             .bob_key
-            .decrypt(&socp::b64::decode(got.payload["ciphertext"].as_str().unwrap()).unwrap())
+            .decrypt(&socp::wire::b64::decode(got.payload["ciphertext"].as_str().unwrap()).unwrap())
             .unwrap();
         assert_eq!(String::from_utf8(plain).unwrap(), format!("{text} {ct}"));
     }

@@ -203,7 +203,7 @@ fn a_message_whose_content_signature_fails_is_shown_as_not_authentic() {
     let bob_key = common::keys::test_key("user2");
     let ts = common::proc::now_ms();
     let raw = bob_key.public_key().encrypt(b"trust me").unwrap();
-    let ct = socp::b64::encode(&raw);
+    let ct = socp::wire::b64::encode(&raw);
     // Signed over other bytes than the ones sent.
     let bad_sig =
         socp::crypto::make_content_sig(&mallory_key, &raw, "mallory", Some("id-bob"), ts + 1);

@@ -1,5 +1,5 @@
-//! Integration tests of the sans-IO server core (`socp::server::Server`) with simulated time and
-//! no sockets (DESIGN.md "Tests in three layers", first layer).
+//! Integration tests of the sans-IO server core (`socp::core::server::Server`) with simulated
+//! time and no sockets (DESIGN.md "Tests in three layers", first layer).
 //!
 //! A [`Harness`] feeds the core `Input`s at a simulated [`Time`] and collects its `Action`s into an
 //! outbox; helpers take from the outbox the frames sent to one connection, parsed, and **verified
@@ -9,10 +9,10 @@ mod common;
 
 use common::keys::test_key;
 use serde_json::{Map, Value, json};
-use socp::canon;
+use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::crypto::{self, PrivateKey, PublicKey};
-use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::store::Store;
+use socp::wire::canon;
 use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -336,7 +336,7 @@ fn message_payload(
     text: &str,
 ) -> Value {
     let raw = recipient.encrypt(text.as_bytes()).unwrap();
-    let ct = socp::b64::encode(&raw);
+    let ct = socp::wire::b64::encode(&raw);
     let content_sig = crypto::make_content_sig(sender, &raw, from, to, ts);
     json!({
         "ciphertext": ct,
@@ -405,7 +405,7 @@ fn full_hello_challenge_ack_then_list_then_snapshot() {
     let ch = h.challenge(c, "alice", &alice);
     assert_eq!(ch.to, "alice");
     let nonce = str_field(&ch, "nonce");
-    let bytes = socp::b64::decode(nonce).expect("nonce is base64");
+    let bytes = socp::wire::b64::decode(nonce).expect("nonce is base64");
     assert_eq!(bytes.len(), 32, "nonce is 32 bytes");
     assert!(
         nonce
@@ -413,7 +413,7 @@ fn full_hello_challenge_ack_then_list_then_snapshot() {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
         "nonce is base64url without padding: {nonce}"
     );
-    assert_eq!(socp::b64::encode(&bytes), nonce);
+    assert_eq!(socp::wire::b64::encode(&bytes), nonce);
     assert_eq!(str_field(&ch, "server_id"), SRV);
     assert_eq!(str_field(&ch, "server_pubkey"), h.server_pub.encoded());
     assert_eq!(
@@ -604,7 +604,7 @@ fn msg_direct_becomes_user_deliver() {
         Some("bob"),
         ts
     ));
-    let ct = socp::b64::decode(str_field(d, "ciphertext")).unwrap();
+    let ct = socp::wire::b64::decode(str_field(d, "ciphertext")).unwrap();
     assert_eq!(bob.decrypt(&ct).unwrap(), b"hi bob");
     assert!(h.drain().is_empty());
 }
@@ -690,7 +690,7 @@ fn public_channel_copies_reach_each_member_once() {
             None,
             ts
         ));
-        let ct = socp::b64::decode(str_field(m, "ciphertext")).unwrap();
+        let ct = socp::wire::b64::decode(str_field(m, "ciphertext")).unwrap();
         assert_eq!(key.decrypt(&ct).unwrap(), b"hello all");
     }
     assert!(h.drain().is_empty());
@@ -768,7 +768,7 @@ fn forged_auth_response_is_refused_without_closing() {
     // (b) Signed by the right key, but over a nonce of its own choosing.
     let ch = h.challenge(ca, "alice", &alice);
     let mut p = auth_payload(&ch, "alice");
-    p["nonce"] = json!(socp::b64::encode(&[7u8; 32]));
+    p["nonce"] = json!(socp::wire::b64::encode(&[7u8; 32]));
     let f = h.user_frame(types::AUTH_RESPONSE, "alice", SRV, &p, Some(&alice));
     h.send(ca, &f);
     assert_error(&h.frames_to(ca), "INVALID_SIG", "");
@@ -1019,7 +1019,7 @@ fn a_registered_accounts_name_is_refused_to_other_user_ids() {
     let register = json!({
         "user_id": "acct-alice",
         "pubkey": owner.public_key().encoded(),
-        "privkey_store": socp::b64::encode(b"sealed elsewhere"),
+        "privkey_store": socp::wire::b64::encode(b"sealed elsewhere"),
         "auth": socp::account::auth_token("a long password", "alice"),
         "meta": {"display_name": "alice"},
     });
@@ -1580,7 +1580,7 @@ fn sign_salt_478(key: &PrivateKey, msg: &[u8]) -> String {
         &mut sig,
     )
     .unwrap();
-    socp::b64::encode(&sig)
+    socp::wire::b64::encode(&sig)
 }
 
 #[test]
@@ -1598,7 +1598,7 @@ fn auth_response_signed_with_salt_478_is_accepted() {
         alice.public_key().spki_der(),
     )
     .unwrap();
-    let raw = socp::b64::decode(&probe).unwrap();
+    let raw = socp::wire::b64::decode(&probe).unwrap();
     assert!(salt32.verify_sig(b"probe", &raw).is_err());
     assert!(alice.public_key().verify(b"probe", &raw));
 
@@ -1717,7 +1717,7 @@ fn error_budget_with_a_refill_rate_above_1000_per_second_does_not_panic() {
 
 /// `auth` for the tests: any 32 bytes (the server never sees a password, §5.3).
 fn test_auth(byte: u8) -> String {
-    socp::b64::encode(&[byte; 32])
+    socp::wire::b64::encode(&[byte; 32])
 }
 
 /// Registers account `name` (user id `user_id`, key `key`) with `auth` on a fresh connection.
@@ -1785,7 +1785,8 @@ fn a_guesser_at_the_max_rate_from_one_address_cannot_lock_the_owner_out() {
     }
     assert_eq!(owner_ok, owner_tries, "the owner was locked out");
     // The guesser spent only its own address's budget for the name.
-    let bound = u64::from(socp::login::PAIR_BURST) + 120_000 / socp::login::PAIR_REFILL_MS;
+    let bound =
+        u64::from(socp::core::login::PAIR_BURST) + 120_000 / socp::core::login::PAIR_REFILL_MS;
     assert!(
         guesses <= bound,
         "{guesses} guesses answered, bound {bound}"
@@ -1816,7 +1817,7 @@ fn answered(
 
 #[test]
 fn one_address_is_bounded_whatever_names_it_guesses() {
-    use socp::login::{PAIR_BURST, PAIR_REFILL_MS, SOURCE_BURST, SOURCE_REFILL_MS};
+    use socp::core::login::{PAIR_BURST, PAIR_REFILL_MS, SOURCE_BURST, SOURCE_REFILL_MS};
     let mut h = Harness::new();
     register_account(&mut h, conn(1), "alice", "alice-id", &test_key("user1"));
     let (steps, every_ms) = (600, 100); // 60 s at ten attempts a second
@@ -1865,7 +1866,7 @@ fn one_address_is_bounded_whatever_names_it_guesses() {
 
 #[test]
 fn many_addresses_guessing_one_name_are_bounded_by_the_name_ceiling() {
-    use socp::login::{NAME_BURST, NAME_REFILL_MS};
+    use socp::core::login::{NAME_BURST, NAME_REFILL_MS};
     let mut h = Harness::new();
     register_account(&mut h, conn(1), "alice", "alice-id", &test_key("user1"));
     let (steps, every_ms) = (3000, 20); // 60 s at fifty attempts a second

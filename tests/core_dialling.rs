@@ -8,9 +8,9 @@ mod common;
 
 use common::keys::test_key;
 use serde_json::json;
+use socp::core::federation::{FedConfig, PeerSpec};
+use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer};
 use socp::crypto::{PrivateKey, PublicKey};
-use socp::federation::{FedConfig, PeerSpec};
-use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer};
 use socp::store::Store;
 use socp::wire::{SignedPayload, encode_frame, types};
 use std::cell::RefCell;
@@ -443,7 +443,9 @@ fn users_are_logged_by_display_name_and_id() {
 /// per 10 attempts and 5 minutes, whichever is later.
 #[test]
 fn failure_log_reports_the_first_then_summaries() {
-    use socp::federation::{FailureLog, SUMMARY_EVERY_ATTEMPTS, SUMMARY_EVERY_MS, failure_log};
+    use socp::core::federation::{
+        FailureLog, SUMMARY_EVERY_ATTEMPTS, SUMMARY_EVERY_MS, failure_log,
+    };
     assert_eq!(failure_log(1, 0, 0), FailureLog::First);
     assert_eq!(failure_log(1, 7, 0), FailureLog::First, "a new run");
     let n = SUMMARY_EVERY_ATTEMPTS;

@@ -11,11 +11,11 @@ mod common;
 
 use common::keys::test_key;
 use serde_json::{Map, Value, json};
-use socp::canon;
+use socp::core::federation::{CHANNEL_BATCH_MS, FedConfig, PeerSpec};
+use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::crypto::{self, PrivateKey, PublicKey};
-use socp::federation::{CHANNEL_BATCH_MS, FedConfig, PeerSpec};
-use socp::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::store::Store;
+use socp::wire::canon;
 use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -502,7 +502,7 @@ impl Harness {
     ) -> (Value, i64) {
         let ts = self.now.wall_ms - 1_234;
         let raw = to_key.encrypt(b"hello over the mesh").unwrap();
-        let ct = socp::b64::encode(&raw);
+        let ct = socp::wire::b64::encode(&raw);
         let content_sig = crypto::make_content_sig(key, &raw, from, Some(to), ts);
         let payload = json!({
             "ciphertext": ct,
@@ -1472,7 +1472,7 @@ fn deliver_payload(
     ts: i64,
 ) -> Value {
     let raw = recipient.encrypt(b"relayed").unwrap();
-    let ct = socp::b64::encode(&raw);
+    let ct = socp::wire::b64::encode(&raw);
     let content_sig = crypto::make_content_sig(sender_key, &raw, sender, Some(user_id), ts);
     json!({
         "user_id": user_id,

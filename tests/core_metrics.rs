@@ -6,9 +6,9 @@ mod common;
 
 use common::keys::test_key;
 use serde_json::json;
-use socp::dedup::Stale;
-use socp::federation::{FedConfig, PeerSpec};
-use socp::server::{Action, ConnId, Input, Limits, Server, Time};
+use socp::core::dedup::Stale;
+use socp::core::federation::{FedConfig, PeerSpec};
+use socp::core::server::{Action, ConnId, Input, Limits, Server, Time};
 use socp::store::Store;
 use socp::wire::{ErrorCode, SignedPayload, encode_frame, types};
 use std::net::{IpAddr, Ipv4Addr};
@@ -179,7 +179,7 @@ fn logins_refused_by_the_rate_limit_are_counted() {
     let c = h.open();
     let auth = socp::account::auth_token("guess", "victim");
     let login = json!({"display_name": "victim", "auth": auth});
-    for _ in 0..socp::login::CONN_BURST + 2 {
+    for _ in 0..socp::core::login::CONN_BURST + 2 {
         h.send(
             c,
             &unsigned(types::USER_LOGIN, "", "", h.now.wall_ms, &login),
@@ -189,7 +189,7 @@ fn logins_refused_by_the_rate_limit_are_counted() {
     assert_eq!(m.logins_rate_limited(), 2);
     assert_eq!(
         m.errors_sent(ErrorCode::BadKey),
-        u64::from(socp::login::CONN_BURST) + 2
+        u64::from(socp::core::login::CONN_BURST) + 2
     );
 }
 

@@ -148,7 +148,7 @@ fn chunk_frame(
 ) -> String {
     let ts = now_ms();
     let raw = test_key("user2").public_key().encrypt(piece).unwrap();
-    let ct = socp::b64::encode(&raw);
+    let ct = socp::wire::b64::encode(&raw);
     let sig = socp::crypto::make_content_sig(&test_key("user1"), &raw, "alice", Some("id-bob"), ts);
     let mut payload = json!({"file_id": file_id, "index": index, "ciphertext": ct,
                              "content_sig": sig});
@@ -163,7 +163,7 @@ fn send_raw_file(
     data: &[u8],
     mut tamper: impl FnMut(i64, &mut serde_json::Value),
 ) -> String {
-    let file_id = socp::ids::new_uuid();
+    let file_id = socp::wire::ids::new_uuid();
     let sha = socp::crypto::sha256_hex(data);
     let start = json!({"file_id": file_id, "name": name, "size": data.len(), "sha256": sha,
                        "mode": "dm"});
@@ -209,7 +209,7 @@ fn corrupted_chunks_bad_hashes_and_short_files_are_refused_and_nothing_is_left()
     bob.expect("file corrupt.bin from alice rejected: chunk 2 has a bad signature");
 
     // A manifest whose hash is wrong: all chunks arrive, the SHA-256 does not match.
-    let file_id = socp::ids::new_uuid();
+    let file_id = socp::wire::ids::new_uuid();
     let start = json!({"file_id": file_id, "name": "badhash.bin", "size": 3,
                        "sha256": "0".repeat(64), "mode": "dm"});
     alice.send_text(&frame("FILE_START", "alice", "id-bob", &start, None));
@@ -224,7 +224,7 @@ fn corrupted_chunks_bad_hashes_and_short_files_are_refused_and_nothing_is_left()
     bob.expect("file badhash.bin from alice rejected: SHA-256 does not match the manifest");
 
     // A missing chunk: the sender's server refuses the gap, the file ends short.
-    let file_id = socp::ids::new_uuid();
+    let file_id = socp::wire::ids::new_uuid();
     let start = json!({"file_id": file_id, "name": "short.bin", "size": 900,
                        "sha256": socp::crypto::sha256_hex(&[0u8; 900]), "mode": "dm"});
     alice.send_text(&frame("FILE_START", "alice", "id-bob", &start, None));
@@ -291,7 +291,7 @@ fn a_sender_is_told_when_the_recipient_leaves_mid_transfer() {
     let mut bob = bob(&b, &bdir, &dl);
     let mut alice = Raw::hello(&a, "alice", &test_key("user1"));
     bob.expect("* alice is online");
-    let file_id = socp::ids::new_uuid();
+    let file_id = socp::wire::ids::new_uuid();
     let start = json!({"file_id": file_id, "name": "x.bin", "size": 10_000,
                        "sha256": "0".repeat(64), "mode": "dm"});
     alice.send_text(&frame("FILE_START", "alice", "id-bob", &start, None));

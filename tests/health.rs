@@ -170,7 +170,7 @@ fn sorted(m: &HashMap<String, f64>) -> Vec<(&String, &f64)> {
 fn dm(alice: &mut Raw, bob: &mut Raw) {
     let (alice_key, bob_key) = (test_key("user1"), test_key("user2"));
     let ct = bob_key.public_key().encrypt(b"hi bob").unwrap();
-    let ciphertext = socp::b64::encode(&ct);
+    let ciphertext = socp::wire::b64::encode(&ct);
     let ts = now_ms();
     let content_sig = socp::crypto::make_content_sig(&alice_key, &ct, "alice", Some("bob"), ts);
     let payload = json!({"ciphertext": ciphertext, "sender_pub": alice_key.public_key().encoded(),

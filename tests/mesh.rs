@@ -424,7 +424,7 @@ fn send_raw_dm(raw: &mut Raw, key: &PrivateKey, to: &str, to_key: &str) {
         .public_key()
         .encrypt(b"are you there")
         .unwrap();
-    let ciphertext = socp::b64::encode(&ct);
+    let ciphertext = socp::wire::b64::encode(&ct);
     let ts = now_ms();
     let content_sig = socp::crypto::make_content_sig(key, &ct, &raw.user_id, Some(to), ts);
     let payload = json!({"ciphertext": ciphertext, "sender_pub": key.public_key().encoded(),

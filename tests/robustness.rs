@@ -8,9 +8,9 @@ mod common;
 
 use common::keys::test_key;
 use serde_json::{Map, Value, json};
+use socp::core::federation::{FedConfig, PeerSpec};
+use socp::core::server::{Action, ConnId, Input, Limits, Server, Time};
 use socp::crypto::{PrivateKey, PublicKey};
-use socp::federation::{FedConfig, PeerSpec};
-use socp::server::{Action, ConnId, Input, Limits, Server, Time};
 use socp::store::Store;
 use socp::wire::{Envelope, SignedPayload, encode_frame};
 use std::net::{IpAddr, Ipv4Addr};
@@ -243,7 +243,7 @@ impl Harness {
         )
         .with_federation(fed)
         // Many transfers at once, so random FILE_STARTs keep reaching the routing code.
-        .with_transfer_limits(socp::transfer::TransferLimits {
+        .with_transfer_limits(socp::core::transfer::TransferLimits {
             max_per_user: usize::MAX,
             ..Default::default()
         });
@@ -384,7 +384,7 @@ fn random_frames_never_crash_the_core_and_service_continues() {
         h.user("bob", &bob_key)
     };
     let raw = bob_key.public_key().encrypt(b"still here").unwrap();
-    let ct = socp::b64::encode(&raw);
+    let ct = socp::wire::b64::encode(&raw);
     let ts = h.now.wall_ms;
     let sig = socp::crypto::make_content_sig(&test_key("user3"), &raw, "carol", Some("bob"), ts);
     let payload = json!({"ciphertext": ct, "sender_pub": test_key("user3").public_key().encoded(),

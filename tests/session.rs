@@ -70,7 +70,7 @@ fn dm_from(from: &str, key: &PrivateKey, text: &str, ts: i64) -> String {
         .encrypt(text.as_bytes())
         .unwrap();
     let payload = json!({
-        "ciphertext": socp::b64::encode(&raw),
+        "ciphertext": socp::wire::b64::encode(&raw),
         "sender": from,
         "sender_pub": key.public_key().encoded(),
         "content_sig": crypto::make_content_sig(key, &raw, from, Some("alice"), ts),
@@ -204,7 +204,7 @@ fn frames_other_servers_signed_are_taken_only_from_servers_our_server_vouched_fo
         .unwrap();
     let p = json!({
         "user_id": "alice",
-        "ciphertext": socp::b64::encode(&raw),
+        "ciphertext": socp::wire::b64::encode(&raw),
         "sender": "bob",
         "sender_pub": bob.public_key().encoded(),
         "content_sig": crypto::make_content_sig(&bob, &raw, "bob", Some("alice"), TS),

@@ -350,11 +350,12 @@ fn servers_learned_of_through_a_peer_are_dialled_with_wss() {
 #[test]
 fn healthz_is_served_over_tls() {
     let server = start_tls("server1", &[]);
-    let config = socp::tls::client_config(Some(std::path::Path::new(&fixture("ca.pem")))).unwrap();
+    let config =
+        socp::net::tls::client_config(Some(std::path::Path::new(&fixture("ca.pem")))).unwrap();
     let sock = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     sock.set_read_timeout(Some(WAIT)).unwrap();
-    let name = socp::tls::server_name("localhost").unwrap();
-    let mut tls = socp::tls::TlsStream::client(&config, name, sock).unwrap();
+    let name = socp::net::tls::server_name("localhost").unwrap();
+    let mut tls = socp::net::tls::TlsStream::client(&config, name, sock).unwrap();
     tls.handshake().unwrap();
     tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();

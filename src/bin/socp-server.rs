@@ -2,12 +2,12 @@
 //! event loop until SIGINT/SIGTERM (a second signal exits at once).
 
 use socp::config::{self, Command};
+use socp::core::federation::{FedConfig, PeerSpec};
+use socp::core::server::{Limits, Server};
+use socp::core::transfer::TransferLimits;
 use socp::crypto::PublicKey;
-use socp::federation::{FedConfig, PeerSpec};
 use socp::net::Net;
-use socp::server::{Limits, Server};
 use socp::store::Store;
-use socp::transfer::TransferLimits;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -107,14 +107,14 @@ type PeerTls = Result<Arc<rustls::ClientConfig>, String>;
 
 fn tls_setup(cfg: &config::Config) -> Result<(Option<Arc<rustls::ServerConfig>>, PeerTls), String> {
     let server = match &cfg.tls {
-        Some(files) => Some(socp::tls::server_config(&files.cert, &files.key)?),
+        Some(files) => Some(socp::net::tls::server_config(&files.cert, &files.key)?),
         None => None,
     };
     let wss_bootstrap = cfg.bootstrap.iter().any(|b| b.tls);
     let peers = if cfg.ca_file.is_some() || wss_bootstrap {
-        Ok(socp::tls::client_config(cfg.ca_file.as_deref())?)
+        Ok(socp::net::tls::client_config(cfg.ca_file.as_deref())?)
     } else if cfg.peer_tls {
-        socp::tls::client_config(None)
+        socp::net::tls::client_config(None)
             .inspect_err(|e| log::warn!("servers learned of cannot be dialled with wss://: {e}"))
     } else {
         Err("no wss:// peer configured (--peer-scheme wss, or a wss:// --bootstrap)".into())

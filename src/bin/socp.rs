@@ -7,7 +7,7 @@
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use socp::client::{Event, Identity, Outcome, Pins, Session, warning};
-use socp::tls::{MaybeTls, TlsStream};
+use socp::net::tls::{MaybeTls, TlsStream};
 use std::cell::{Cell, RefCell};
 use std::io::{BufRead, ErrorKind, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -237,7 +237,7 @@ fn default_downloads(data_dir: &std::path::Path) -> PathBuf {
 }
 
 fn check_name(name: &str) -> Result<(), String> {
-    if socp::ids::is_valid_display_name(name) {
+    if socp::wire::ids::is_valid_display_name(name) {
         Ok(())
     } else {
         Err(format!(
@@ -384,8 +384,8 @@ fn connect(url: &str, ca_file: Option<&Path>) -> Result<WebSocket<Stream>, Fatal
     // Before connecting: a CA file that cannot be used is the user's to fix (exit 1).
     let tls_config = match (tls, ca_file) {
         (false, _) => None,
-        (true, Some(path)) => Some(socp::tls::client_config(Some(path))?),
-        (true, None) => Some(socp::tls::client_config(None).map_err(cannot)?),
+        (true, Some(path)) => Some(socp::net::tls::client_config(Some(path))?),
+        (true, None) => Some(socp::net::tls::client_config(None).map_err(cannot)?),
     };
     let addr = hostport
         .to_socket_addrs()
@@ -402,7 +402,7 @@ fn connect(url: &str, ca_file: Option<&Path>) -> Result<WebSocket<Stream>, Fatal
         None => MaybeTls::Plain(stream),
         Some(config) => {
             let host = hostport.rsplit_once(':').map_or(hostport, |(host, _)| host);
-            let name = socp::tls::server_name(host).map_err(cannot)?;
+            let name = socp::net::tls::server_name(host).map_err(cannot)?;
             let mut tls = TlsStream::client(&config, name, stream).map_err(|e| e.to_string())?;
             // Its own step, so that a refused certificate is reported as what it is.
             tls.handshake().map_err(|e| {
@@ -532,7 +532,7 @@ fn account_exchange(
 fn register(ws: &mut WebSocket<Stream>, name: &str, pw: &str) -> Result<Identity, Fatal> {
     use socp::wire::{SignedPayload, encode_frame, types};
     let key = socp::crypto::PrivateKey::generate().map_err(|e| e.to_string())?;
-    let user_id = socp::ids::new_uuid();
+    let user_id = socp::wire::ids::new_uuid();
     let payload = serde_json::json!({
         "user_id": user_id,
         "pubkey": key.public_key().encoded(),

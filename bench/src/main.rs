@@ -1,4 +1,9 @@
-//! `socp-bench`: a fan-out latency benchmark for `socp-server` (issue 5).
+//! `socp-bench`: a fan-out latency benchmark for `socp-server` (issue 5). Run
+//! `cargo run --release --bin socp-bench -- --help` for the options.
+//!
+//! It is its own crate in the workspace (`bench/`), depending on the `socp` library by path, so
+//! the shipped `socp-server` and `socp` carry none of its code, its `hdrhistogram` or the
+//! TEST-ONLY keys of [`keys`].
 //!
 //! Layout:
 //!
@@ -361,16 +366,12 @@ fn server_bin_next_to_me() -> Result<PathBuf, String> {
 /// Path, modification time, and whether the server binary is older than the newest source file
 /// of the crate it is built from (`cargo run --bin socp-bench` does not rebuild `socp-server`).
 fn server_binary_info(bin: &std::path::Path) -> Value {
-    fn newest(dir: &std::path::Path, skip: &[&str], depth: u32) -> Option<std::time::SystemTime> {
+    fn newest(dir: &std::path::Path, depth: u32) -> Option<std::time::SystemTime> {
         let mut best = None;
         for entry in std::fs::read_dir(dir).ok()?.flatten() {
             let path = entry.path();
-            let name = path.file_name()?.to_string_lossy().into_owned();
-            if skip.contains(&name.as_str()) {
-                continue; // the bench's own sources do not change the server
-            }
             let t = if path.is_dir() && depth > 0 {
-                newest(&path, skip, depth - 1)
+                newest(&path, depth - 1)
             } else {
                 entry.metadata().ok()?.modified().ok()
             };
@@ -384,8 +385,10 @@ fn server_binary_info(bin: &std::path::Path) -> Value {
             .ok()
     };
     let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sources = newest(&root.join("src"), &["bench", "socp-bench.rs"], 3).max(
+    // The workspace root: the server is built from the `socp` crate's `src/` and the shared
+    // Cargo.lock; this crate (`bench/`, the bench's own sources) is outside that `src/`.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sources = newest(&root.join("src"), 3).max(
         std::fs::metadata(root.join("Cargo.lock"))
             .and_then(|m| m.modified())
             .ok(),

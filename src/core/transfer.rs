@@ -11,7 +11,7 @@
 //! instead of piling up in socket buffers. What the server queues toward a recipient that reads
 //! slowly is bounded by the per-connection write-buffer cap.
 
-use crate::server::{ConnId, Server, Time, Timer};
+use crate::core::server::{ConnId, Server, Time, Timer};
 use crate::wire::{Envelope, ErrorCode, WireError, types};
 use log::info;
 use serde_json::json;
@@ -125,7 +125,7 @@ impl Server {
                 );
                 if !self.transfers.sweep_armed {
                     self.transfers.sweep_armed = true;
-                    self.out.push(crate::server::Action::Timer {
+                    self.out.push(crate::core::server::Action::Timer {
                         at_ms: now.mono_ms + limits.idle_ms / 2,
                         timer: Timer::Transfers,
                     });
@@ -246,7 +246,7 @@ impl Server {
         }
         self.transfers.sweep_armed = !self.transfers.active.is_empty();
         if self.transfers.sweep_armed {
-            self.out.push(crate::server::Action::Timer {
+            self.out.push(crate::core::server::Action::Timer {
                 at_ms: now.mono_ms + idle / 2,
                 timer: Timer::Transfers,
             });

@@ -12,11 +12,11 @@
 //! is close to the production time, the sender is the bottleneck; when it is much later, the
 //! servers are.
 
-use crate::bench::common::{
+use crate::common::{
     Mesh, Meter, Outcome, Sample, SampleKind, Samples, Trouble, all_ready, row, since,
 };
-use crate::bench::fleet::{MsgKey, Note, msg_key, wall_ms};
-use crate::bench::stats::{Lat, round3};
+use crate::fleet::{MsgKey, Note, msg_key, wall_ms};
+use crate::stats::{Lat, round3};
 use mio::Waker;
 use serde_json::json;
 use socp::crypto::{PrivateKey, PublicKey};
@@ -64,7 +64,7 @@ fn producer(jobs: Receiver<Job>, out: Sender<Produced>, waker: Arc<Waker>) {
             let Ok(ct) = pubkey.encrypt(plaintext.as_bytes()) else {
                 continue; // counted as never delivered
             };
-            let ciphertext = socp::b64::encode(&ct);
+            let ciphertext = socp::wire::b64::encode(&ct);
             let content_sig =
                 socp::crypto::make_content_sig(&job.key, &ct, &job.sender_id, None, ts);
             let payload = json!({

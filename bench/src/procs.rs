@@ -149,7 +149,7 @@ fn temp_dir(tag: &str, n: usize) -> Result<PathBuf, String> {
     let dir = std::env::temp_dir().join(format!(
         "socp-bench-{}-{tag}-{n}-{}",
         std::process::id(),
-        socp::b64::encode(&socp::crypto::random_bytes::<6>())
+        socp::wire::b64::encode(&socp::crypto::random_bytes::<6>())
     ));
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     DIRS.lock()

@@ -10,8 +10,8 @@
 //! Label sets are bounded: frame types are the protocol's ([`FRAME_TYPES`]) plus `other` (an
 //! unknown type, a frame that does not parse, a binary message); error codes are the six of §10.
 
-use crate::dedup::Stale;
-use crate::server::{Action, Server, State};
+use crate::core::dedup::Stale;
+use crate::core::server::{Action, Server, State};
 use crate::wire::{ErrorCode, types};
 use std::borrow::Cow;
 use std::fmt::Write;
@@ -523,7 +523,7 @@ mod tests {
         assert_eq!(m.frames_received(types::ACK), 0);
         let signed = SignedPayload::unsigned(&json!({})).unwrap();
         let text: crate::wire::Text = encode_frame(types::ERROR, "s", "u", 1, &signed).into();
-        let conn = crate::server::ConnId(1);
+        let conn = crate::core::server::ConnId(1);
         m.frames_leaving(&[
             Action::Send {
                 conn,

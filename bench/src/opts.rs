@@ -339,7 +339,7 @@ impl Opts {
             return Err("--rate x --duration: at most 2,000,000 messages".into());
         }
         let p = &self.id_prefix;
-        if p.is_empty() || p.len() > 16 || !socp::ids::is_valid_display_name(p) {
+        if p.is_empty() || p.len() > 16 || !socp::wire::ids::is_valid_display_name(p) {
             return Err("--id-prefix: 1-16 characters of [A-Za-z0-9._-]".into());
         }
         Ok(())

@@ -26,11 +26,11 @@
 //! server's VmRSS is read again when its CPU time has stopped moving: memory that stays then is
 //! held by the allocator, not by connections.
 
-use crate::bench::common::{Outcome, Trouble, login_all};
-use crate::bench::fleet::{Fleet, Phase, ServerEnd};
-use crate::bench::opts::Opts;
-use crate::bench::procs::{self, Spawn};
-use crate::bench::stats::{self, round3};
+use crate::common::{Outcome, Trouble, login_all};
+use crate::fleet::{Fleet, Phase, ServerEnd};
+use crate::opts::Opts;
+use crate::procs::{self, Spawn};
+use crate::stats::{self, round3};
 use serde_json::{Value, json};
 use std::net::ToSocketAddrs;
 use std::path::Path;

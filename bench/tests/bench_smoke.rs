@@ -2,6 +2,11 @@
 //! presence, public and dm scenarios, stops everything, and writes a JSON file whose numbers
 //! are sane (every message delivered, max >= p50 > 0). The idle scenario is left out: it needs
 //! a thousand connections to say anything.
+//!
+//! `socp-bench` starts the `socp-server` it finds next to itself, in the workspace's
+//! `target/<profile>/`. Plain `cargo test` at the workspace root builds it (the `socp` package's
+//! own tests need it); `cargo test -p socp-bench` alone does not, so build it first there
+//! (`cargo build --bin socp-server`), or the bench says it has no server binary.
 
 use serde_json::Value;
 use std::process::Command;

@@ -1,8 +1,8 @@
 //! The client's half of file transfer (PROTOCOL.md §9): `/file`, and saving what arrives.
 //!
 //! Sending streams the file: it is hashed once, then read one 446-byte piece at a time as the
-//! connection takes chunks (at most [`crate::transfer::WINDOW`] beyond the server's last `ACK`),
-//! so a large file is never held whole in memory.
+//! connection takes chunks (at most [`crate::core::transfer::WINDOW`] beyond the server's last
+//! `ACK`), so a large file is never held whole in memory.
 //!
 //! Receiving writes chunks, in order, to a hidden `.part` file in the downloads directory, after
 //! checking each chunk's `content_sig` against the sender's directory key. At `FILE_END` the size
@@ -10,8 +10,8 @@
 //! never over an existing file. Anything else deletes the partial file and says why.
 
 use crate::client::{Event, Session, warning};
+use crate::core::transfer::WINDOW;
 use crate::crypto::{self, MAX_PLAINTEXT, PublicKey};
-use crate::transfer::WINDOW;
 use crate::wire::{Envelope, types};
 use aws_lc_rs::digest;
 use serde_json::json;
@@ -183,7 +183,7 @@ impl Session {
             }
         };
         let name = sanitize_name(&path.file_name().unwrap_or_default().to_string_lossy());
-        let file_id = crate::ids::new_uuid();
+        let file_id = crate::wire::ids::new_uuid();
         let manifest = json!({"file_id": file_id, "name": name, "size": size,
                               "sha256": sha256, "mode": "dm"});
         self.push_frame(types::FILE_START, &to, now_ms, &manifest, false);
@@ -280,7 +280,7 @@ impl Session {
                     continue;
                 }
             };
-            let ciphertext = crate::b64::encode(&ct);
+            let ciphertext = crate::wire::b64::encode(&ct);
             let content_sig =
                 crypto::make_content_sig(&self.me.key, &ct, &self.me.user_id, Some(&o.to), now_ms);
             let payload = json!({"file_id": o.file_id, "index": o.next_index,
@@ -453,7 +453,7 @@ impl Session {
             .ok_or("the sender is not in the directory")?;
         let me = self.me.user_id.clone();
         let plain = {
-            let ct = crate::b64::decode(ciphertext).ok_or("chunk is not base64")?;
+            let ct = crate::wire::b64::decode(ciphertext).ok_or("chunk is not base64")?;
             self.me
                 .key
                 .decrypt(&ct)

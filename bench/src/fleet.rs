@@ -1,5 +1,5 @@
 //! Lightweight benchmark clients: many WebSocket connections driven by ONE `mio` event loop
-//! (non-blocking tungstenite, the same pattern as the server's `src/net.rs`).
+//! (non-blocking tungstenite, the same pattern as the server's `src/net/mod.rs`).
 //!
 //! A client speaks just enough SOCP to log in (PROTOCOL.md §5.2: `USER_HELLO` →
 //! `AUTH_CHALLENGE` → signed `AUTH_RESPONSE` → `USER_HELLO_ACK`, `LIST_RESPONSE`,
@@ -12,7 +12,7 @@
 //! so a frame's time includes how long the bench took to get to it; the bench's own CPU time is
 //! reported next to every scenario so that can be judged.
 
-use crate::bench::keys;
+use crate::keys;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use serde_json::{Value, json};

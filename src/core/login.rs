@@ -29,7 +29,7 @@
 //! is full.
 
 use crate::account;
-use crate::server::{Bucket, ConnId, Server, Time, store_error};
+use crate::core::server::{Bucket, ConnId, Server, Time, store_error};
 use crate::store::{StoreError, UserRecord};
 use crate::wire::{self, Envelope, ErrorCode, WireError, types};
 use log::info;
@@ -141,7 +141,7 @@ impl LoginBudgets {
         if self.sources.take(now_ms, source) != Some(true) {
             return false;
         }
-        if !crate::ids::is_valid_display_name(name) {
+        if !crate::wire::ids::is_valid_display_name(name) {
             return true;
         }
         if self.pairs.take(now_ms, (name.to_string(), source)) == Some(false) {
@@ -174,7 +174,9 @@ impl Server {
         }
         let pubkey = self.parse_key("pubkey", f.str("pubkey")?)?;
         let privkey_store = f.str("privkey_store")?;
-        if privkey_store.len() > MAX_PRIVKEY_STORE || crate::b64::decode(privkey_store).is_none() {
+        if privkey_store.len() > MAX_PRIVKEY_STORE
+            || crate::wire::b64::decode(privkey_store).is_none()
+        {
             return Err(WireError::field(
                 "privkey_store",
                 "must be base64, at most 16 KiB",
@@ -186,7 +188,7 @@ impl Server {
             .obj("meta")?
             .str("display_name")
             .map_err(|_| WireError::field("meta.display_name", "missing"))?;
-        if !crate::ids::is_valid_display_name(display_name) {
+        if !crate::wire::ids::is_valid_display_name(display_name) {
             return Err(WireError::field(
                 "meta.display_name",
                 "must be 1-32 characters of [A-Za-z0-9._-]",
@@ -278,7 +280,7 @@ impl Server {
 
 /// `auth` as raw bytes: base64 of exactly 32 bytes.
 fn auth_bytes(auth: &str) -> Option<Vec<u8>> {
-    crate::b64::decode(auth).filter(|b| b.len() == 32)
+    crate::wire::b64::decode(auth).filter(|b| b.len() == 32)
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 //!
 //! Not an HTTP server: one request per connection, no bodies read, no keep-alive.
 
-use crate::metrics::{self, NetStats};
-use crate::server::Server;
+use crate::core::metrics::{self, NetStats};
+use crate::core::server::Server;
 
 /// Most bytes of a request head looked at. A head still incomplete at this size goes to
 /// tungstenite's handshake, which accepts up to 64 KiB, so no WebSocket client that worked

@@ -10,11 +10,11 @@
 //! The logout half is measured too (from the moment the joiner closes to each `USER_REMOVE`),
 //! because the next login must wait for it: the servers refuse an id still listed as online.
 
-use crate::bench::common::{
+use crate::common::{
     Mesh, Meter, Outcome, Pacer, Sample, SampleKind, Samples, Trouble, all_ready, row, since,
 };
-use crate::bench::fleet::{Note, Phase};
-use crate::bench::stats::{Lat, round3};
+use crate::fleet::{Note, Phase};
+use crate::stats::{Lat, round3};
 use serde_json::json;
 use std::time::{Duration, Instant};
 

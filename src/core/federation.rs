@@ -14,12 +14,12 @@
 //! - **Presence to local users** is re-signed by this server (one signature per event), so a
 //!   client verifies everything with the one server key it pinned.
 
-use crate::canon;
+use crate::core::dedup::{self, SeenCache, Stale};
+use crate::core::directory::{Directory, Entry};
+use crate::core::server::{Action, ConnId, Server, State, Time, Timer, close};
 use crate::crypto::PublicKey;
-use crate::dedup::{self, SeenCache, Stale};
-use crate::directory::{Directory, Entry};
-use crate::server::{Action, ConnId, Server, State, Time, Timer, close};
 use crate::store::ServerRecord;
+use crate::wire::canon;
 use crate::wire::{self, Envelope, ErrorCode, Fields, SignedPayload, Text, WireError, types};
 use log::{debug, info, warn};
 use serde_json::{Map, Value, json};
@@ -747,7 +747,7 @@ impl Server {
             server.note_dial_failure(t, format!("SERVER_WELCOME refused: {why}"));
             server.close(now, conn, close::POLICY, "bad welcome");
         };
-        if !crate::ids::is_valid_id(from) || from == self.id {
+        if !crate::wire::ids::is_valid_id(from) || from == self.id {
             return refuse(self, "malformed or colliding server id");
         }
         if !matches!(

@@ -7,12 +7,12 @@
 //! message's scheduled time, so a server that stalls cannot hide it by slowing the sender; if the
 //! loop itself sends late, that is reported as sender lag.
 
-use crate::bench::common::{
+use crate::common::{
     Mesh, Meter, MeterReading, Outcome, Pacer, Sample, SampleKind, Samples, Trouble, all_ready,
     since,
 };
-use crate::bench::fleet::{Fleet, MsgKey, Note, msg_key, wall_ms};
-use crate::bench::stats::{Lat, Summary, round3};
+use crate::fleet::{Fleet, MsgKey, Note, msg_key, wall_ms};
+use crate::stats::{Lat, Summary, round3};
 use serde_json::{Value, json};
 use socp::crypto::PrivateKey;
 use socp::wire::{self, SignedPayload, types};
@@ -80,7 +80,7 @@ fn precompute(
             .public_key()
             .encrypt(plaintext.as_bytes())
             .expect("OAEP encryption of a short text");
-        let ciphertext = socp::b64::encode(&ct);
+        let ciphertext = socp::wire::b64::encode(&ct);
         let content_sig = socp::crypto::make_content_sig(skey, &ct, sid, Some(rid), ts);
         let payload = json!({
             "ciphertext": ciphertext,

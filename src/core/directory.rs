@@ -4,9 +4,9 @@
 //! The directory is plain data: it does no I/O and no crypto. Users are kept in a `BTreeMap`
 //! so `LIST_RESPONSE` (sorted by `user_id`) needs no sort.
 
-use crate::canon::{self, NotCanonical};
+use crate::core::server::ConnId;
 use crate::crypto::PublicKey;
-use crate::server::ConnId;
+use crate::wire::canon::{self, NotCanonical};
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn list_canonical_is_the_canonical_form_of_list_json() {
-        let private = PrivateKey::from_pem(include_str!("../tests/fixtures/keys/user1.pem"));
+        let private = PrivateKey::from_pem(include_str!("../../tests/fixtures/keys/user1.pem"));
         let key = Arc::clone(private.unwrap().public_key());
         let mut dir = Directory::default();
         assert_eq!(

@@ -2,9 +2,9 @@
 //! CPU meters, counting errors, the result of a scenario, and checking a sample of received
 //! frames completely (server signature, decryption, `content_sig`) after the clock stops.
 
-use crate::bench::fleet::{Fleet, Note, Phase};
-use crate::bench::opts::Opts;
-use crate::bench::stats::{self, Lat, Summary, round3};
+use crate::fleet::{Fleet, Note, Phase};
+use crate::opts::Opts;
+use crate::stats::{self, Lat, Summary, round3};
 use serde_json::{Value, json};
 use socp::crypto;
 use socp::wire::{self, Envelope};
@@ -488,7 +488,7 @@ fn check(fleet: &Fleet, s: &Sample) -> Result<(), String> {
         } => {
             let sc = &fleet.clients[*sender];
             let ct = f.str("ciphertext").map_err(|e| e.to_string())?;
-            let plain = socp::b64::decode(ct)
+            let plain = socp::wire::b64::decode(ct)
                 .ok_or("ciphertext is not base64")
                 .and_then(|c| {
                     fleet

@@ -9,12 +9,12 @@
 //! must be durable *before* the reply that confirms it (PROTOCOL.md §11), and a synchronous call
 //! keeps that ordering obvious. Tests give it an in-memory database.
 
-use crate::channel::PublicChannel;
+use crate::core::channel::PublicChannel;
+use crate::core::directory::{Directory, Entry};
+use crate::core::federation::{FedConfig, Federation};
+use crate::core::transfer::{TransferLimits, Transfers};
 use crate::crypto::{KeyCache, PrivateKey, PublicKey};
-use crate::directory::{Directory, Entry};
-use crate::federation::{FedConfig, Federation};
 use crate::store::{Store, UserRecord};
-use crate::transfer::{TransferLimits, Transfers};
 use crate::wire::{
     self, AuthResponse, Envelope, ErrorCode, SignedPayload, Text, UserHello, UserMessage,
     WireError, types,
@@ -248,7 +248,7 @@ pub struct Server {
     /// link that comes up while the `ts` is fresh (see [`Server::advert`]).
     pub(crate) adverts: HashMap<String, (i64, SignedPayload)>,
     /// Login budgets per source, per (name, source) and per name (§5.3), bounded.
-    pub(crate) login_budgets: crate::login::LoginBudgets,
+    pub(crate) login_budgets: crate::core::login::LoginBudgets,
     /// File transfers under way from local users (§9).
     pub(crate) transfers: Transfers,
     error_sigs: ErrorSigs,
@@ -259,8 +259,8 @@ pub struct Server {
     deferred: VecDeque<Deferred>,
     /// `AUTH_CHALLENGE`s signed ahead of need: (nonce, signed payload).
     challenges: Vec<(String, SignedPayload)>,
-    /// Counters for `GET /metrics` (see [`crate::metrics`]).
-    pub(crate) metrics: crate::metrics::Metrics,
+    /// Counters for `GET /metrics` (see [`crate::core::metrics`]).
+    pub(crate) metrics: crate::core::metrics::Metrics,
     pub(crate) out: Vec<Action>,
 }
 
@@ -429,7 +429,7 @@ impl Server {
             Conn {
                 state,
                 errors: Bucket::new(self.limits.error_burst, now.mono_ms),
-                logins: Bucket::new(crate::login::CONN_BURST, now.mono_ms),
+                logins: Bucket::new(crate::core::login::CONN_BURST, now.mono_ms),
                 peer: None,
                 peer_sig: false,
             },
@@ -622,7 +622,7 @@ impl Server {
     /// A fresh `AUTH_CHALLENGE` payload `{nonce, server_id, server_pubkey}` (§5.2 step 2),
     /// signed. It names no user, so it can be made before anyone asks for it.
     fn new_challenge(&self) -> Option<(String, SignedPayload)> {
-        let nonce = crate::b64::encode(&crate::crypto::random_bytes::<32>());
+        let nonce = crate::wire::b64::encode(&crate::crypto::random_bytes::<32>());
         let payload = json!({
             "nonce": nonce,
             "server_id": self.id,
@@ -1180,7 +1180,7 @@ impl Server {
             _ => String::new(),
         };
         let payload = json!({"code": err.code.as_str(), "detail": err.detail});
-        let Ok(canonical) = crate::canon::canonical(&payload) else {
+        let Ok(canonical) = crate::wire::canon::canonical(&payload) else {
             return; // strings only: cannot happen
         };
         let sig = match self.error_sigs.0.get(&canonical) {

@@ -8,12 +8,21 @@
 //!
 //! Every connection's registration is `READABLE | WRITABLE`, edge-triggered: a writable event
 //! comes only when a full socket buffer drains, so nothing spins on it.
+//!
+//! This file is the event loop ([`Net`]); beside it are the hashed timer wheel ([`timer`]), the
+//! plain-or-TLS byte stream under tungstenite ([`tls`], which the `socp` client uses too) and
+//! the answers to plain HTTP requests on the WebSocket port ([`http`]). The layer owns I/O and
+//! time; it must not decide what a frame means or keep protocol state: it parses nothing past
+//! the WebSocket frame, and every decision about a SOCP frame is the core's.
+
+pub mod http;
+pub mod timer;
+pub mod tls;
 
 use crate::config::Config;
-use crate::http;
-use crate::server::{self, Action, ConnId, Input, Server, Time};
-use crate::timer::TimerWheel;
-use crate::tls::{MaybeTls, TlsStream};
+use crate::core::server::{self, Action, ConnId, Input, Server, Time};
+use crate::net::timer::TimerWheel;
+use crate::net::tls::{MaybeTls, TlsStream};
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
@@ -32,7 +41,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message, WebSocket};
 
 /// A connection's byte stream: plain TCP, or TLS over it when we serve `wss://` or dial a
-/// `wss://` peer. tungstenite runs over either unchanged; see [`crate::tls`] for how TLS keeps
+/// `wss://` peer. tungstenite runs over either unchanged; see [`crate::net::tls`] for how TLS keeps
 /// the event-loop rules (reads drain decrypted data, records are flushed eagerly).
 type Stream = MaybeTls<TcpStream>;
 
@@ -651,8 +660,8 @@ impl Net {
     }
 
     /// The net layer's numbers for `GET /metrics` and `GET /healthz`.
-    fn net_stats(&self) -> crate::metrics::NetStats {
-        let mut stats = crate::metrics::NetStats {
+    fn net_stats(&self) -> crate::core::metrics::NetStats {
+        let mut stats = crate::core::metrics::NetStats {
             uptime_ms: self.mono_ms(),
             ..Default::default()
         };
@@ -712,7 +721,7 @@ impl Net {
             false => None,
             true => {
                 let started = match &self.peer_tls {
-                    Ok(config) => crate::tls::server_name(host).and_then(|name| {
+                    Ok(config) => crate::net::tls::server_name(host).and_then(|name| {
                         rustls::ClientConnection::new(Arc::clone(config), name)
                             .map_err(|e| format!("TLS: {e}"))
                     }),
@@ -1368,9 +1377,11 @@ mod tests {
                 .join(name)
         };
         let (server_tls, client_tls) = if tls {
-            let server = crate::tls::server_config(&fixture("server.pem"), &fixture("server.key"))
-                .expect("server TLS");
-            let client = crate::tls::client_config(Some(&fixture("ca.pem"))).expect("client TLS");
+            let server =
+                crate::net::tls::server_config(&fixture("server.pem"), &fixture("server.key"))
+                    .expect("server TLS");
+            let client =
+                crate::net::tls::client_config(Some(&fixture("ca.pem"))).expect("client TLS");
             (Some(server), Some(client))
         } else {
             (None, None)
@@ -1381,7 +1392,7 @@ mod tests {
             let (stream, _) = listener.accept().expect("accept");
             let stream = match client_tls {
                 Some(config) => {
-                    let name = crate::tls::server_name("localhost").expect("name");
+                    let name = crate::net::tls::server_name("localhost").expect("name");
                     let mut tls = TlsStream::client(&config, name, stream).expect("TLS client");
                     tls.handshake().expect("TLS handshake");
                     MaybeTls::Tls(Box::new(tls))

@@ -1,12 +1,22 @@
-//! The wire profile (PROTOCOL.md §1, §5–§10): the envelope, frame types, error codes, typed
-//! payloads with validation that names the bad field, and the strict emitter.
+//! The wire layer: what goes over a WebSocket as text, and nothing else (PROTOCOL.md §1–§3).
+//!
+//! It owns the envelope and frame types (this file), canonical JSON ([`canon`], the bytes every
+//! signature covers), base64 as the wire writes and reads it ([`b64`]) and ids and display names
+//! ([`ids`]). It turns text into typed values and typed values into text; it must not touch a
+//! socket, a clock, the store or any server state (the core decides what a frame *means*).
+//!
+//! This file is the wire profile (PROTOCOL.md §1, §5–§10): the envelope, frame types, error
+//! codes, typed payloads with validation that names the bad field, and the strict emitter.
 //!
 //! Parsing is lenient where §1–§3 say *Accept*; emitting is strict: [`encode_frame`] always
 //! writes the six envelope fields, and the payload text it embeds is the canonical form that
 //! was signed, so the bytes on the wire are the bytes the signature covers.
 
-use crate::canon::{self, NotCanonical};
-use crate::ids;
+pub mod b64;
+pub mod canon;
+pub mod ids;
+
+use canon::NotCanonical;
 use serde_json::{Map, Value};
 
 /// A shared, immutable frame text. Fan-out sends one allocation to many connections
@@ -271,7 +281,7 @@ impl<'a> Fields<'a> {
         if s.len() > max.div_ceil(3) * 4 {
             return Err(WireError::field(name, "too long"));
         }
-        match crate::b64::decode(s) {
+        match crate::wire::b64::decode(s) {
             Some(bytes) if bytes.len() <= max => Ok(s),
             Some(_) => Err(WireError::field(name, "too long")),
             None => Err(WireError::field(name, "not base64")),

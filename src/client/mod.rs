@@ -9,6 +9,13 @@
 //!
 //! Long texts: one RSA-OAEP block carries at most 446 bytes, so a longer `/tell` or `/all` text
 //! is split at character boundaries into several messages, each delivered and shown on its own.
+//!
+//! The client layer owns the user's side of the protocol: this file is the session, [`files`]
+//! sends and saves files. It must not do I/O itself (no sockets, no terminal, no clock): the
+//! `socp` binary reads and writes, and hands the session what arrived. Reading and writing
+//! files on disk (the key file, downloads) is the exception, done where a command asks for it.
+
+pub mod files;
 
 use crate::crypto::{self, PrivateKey, PublicKey};
 use crate::wire::{self, Envelope, SignedPayload, types};
@@ -38,7 +45,7 @@ impl Identity {
                         .ok_or_else(|| format!("{shown}: missing {name}"))
                 };
                 let user_id = field("user_id")?.to_string();
-                if !crate::ids::is_valid_id(&user_id) {
+                if !crate::wire::ids::is_valid_id(&user_id) {
                     return Err(format!("{shown}: malformed user_id"));
                 }
                 let key = PrivateKey::from_pem(field("private_key")?)
@@ -52,7 +59,7 @@ impl Identity {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let identity = Identity {
-                    user_id: crate::ids::new_uuid(),
+                    user_id: crate::wire::ids::new_uuid(),
                     display_name: display_name.to_string(),
                     key: PrivateKey::generate().map_err(|e| e.to_string())?,
                 };
@@ -482,8 +489,8 @@ pub struct Session {
     pub outbox: Vec<String>,
     /// Events to show, in order.
     pub events: Vec<Event>,
-    /// Files in flight (`client_files`).
-    pub(crate) files: crate::client_files::Files,
+    /// Files in flight (`files`).
+    pub(crate) files: files::Files,
     /// Where received files are saved.
     pub downloads: std::path::PathBuf,
     /// Largest file sent or accepted, in bytes.
@@ -782,7 +789,7 @@ impl Session {
                     );
                 }
             };
-            let ciphertext = crate::b64::encode(&ct);
+            let ciphertext = crate::wire::b64::encode(&ct);
             let sig_to = if public { None } else { Some(to) };
             let content_sig =
                 crypto::make_content_sig(&self.me.key, &ct, &self.me.user_id, sig_to, ts);
@@ -1064,7 +1071,7 @@ impl Session {
         let name = meta
             .and_then(|m| m.get("display_name"))
             .and_then(Value::as_str)
-            .filter(|n| crate::ids::is_valid_display_name(n))
+            .filter(|n| crate::wire::ids::is_valid_display_name(n))
             .map(str::to_string);
         // §7: a user's key is pinned on first sight and never replaced silently.
         let changed = if id == self.me.user_id {
@@ -1124,7 +1131,7 @@ impl Session {
                 &format!("malformed {} from the server", env.kind),
             );
         };
-        let text = match crate::b64::decode(ciphertext).map(|ct| self.me.key.decrypt(&ct)) {
+        let text = match crate::wire::b64::decode(ciphertext).map(|ct| self.me.key.decrypt(&ct)) {
             Some(Ok(plain)) => String::from_utf8_lossy(&plain).into_owned(),
             _ => {
                 return self.warn(

@@ -1,0 +1,22 @@
+//! The core: the server as a sans-IO state machine (DESIGN.md "The shape").
+//!
+//! It owns every piece of server state that the protocol talks about: connections and sessions
+//! ([`server`]), accounts ([`login`]), links to other servers, dialling and relaying
+//! ([`federation`]), who is online where ([`directory`]), the public channel ([`channel`]), file
+//! transfers ([`transfer`]), the seen-cache for relayed frames ([`dedup`]) and the counters that
+//! `GET /metrics` reports ([`metrics`]). It is fed [`server::Input`]s with a [`server::Time`]
+//! and answers with [`server::Action`]s.
+//!
+//! It must not touch a socket, read the clock, sleep or block: the net layer does all of that
+//! and hands the core `now`. (Its one side effect is the SQLite store, see [`server`]; its one
+//! clock reading times signatures for `/metrics` and decides nothing.) That is what lets
+//! `tests/core*.rs` drive it, a whole mesh too, with simulated time and no network.
+
+pub mod channel;
+pub mod dedup;
+pub mod directory;
+pub mod federation;
+pub mod login;
+pub mod metrics;
+pub mod server;
+pub mod transfer;
