@@ -2457,3 +2457,76 @@ fn a_relayed_frame_reaches_a_peer_sig_user_with_its_first_signature() {
     assert_eq!(got[0].from, "srv-c", "srv-c's signature, through srv-b");
     assert_eq!(Value::Object(got[0].payload.clone()), p);
 }
+
+// -------------------------------------------------------------------- 12. review fixes
+
+#[test]
+fn after_a_link_comes_back_our_users_are_advertised_afresh() {
+    let mut h = Harness::new();
+    let alice = test_key("user1");
+    h.login("alice", &alice);
+    let b = srv_b();
+    let adverts = |h: &mut Harness, c: ConnId| -> Vec<Value> {
+        h.frames_to(c)
+            .into_iter()
+            .filter(|f| f.kind == types::USER_ADVERTISE)
+            .map(|f| Value::Object(f.payload))
+            .collect()
+    };
+    let c = h.dial(0, 9002);
+    h.welcome(c, &b, json!([]), json!([]));
+    let first = adverts(&mut h, c);
+    assert_eq!(first.len(), 1);
+    h.clear();
+    // The link drops and comes back within the peers' 5-minute seen-cache window: a re-sent
+    // copy of the first advert would be a duplicate there, and alice would stay unseen.
+    h.input(Input::Closed { conn: c });
+    h.clear();
+    h.advance(60_000);
+    let c = h.dial(0, 9002);
+    h.welcome(c, &b, json!([]), json!([]));
+    let again = adverts(&mut h, c);
+    assert_eq!(again.len(), 1);
+    assert_ne!(again[0], first[0], "signed afresh");
+    assert_eq!(again[0]["ts"], h.now.wall_ms);
+}
+
+#[test]
+fn a_hello_here_cannot_take_the_id_of_a_user_the_mesh_knows_with_another_key() {
+    let mut h = Harness::new();
+    let (alice, bob, mallory) = (test_key("user1"), test_key("user2"), test_key("user3"));
+    let (_ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
+    let ts = h.now.wall_ms;
+    let remove = json!({"user_id": "bob", "server_id": "srv-b", "ts": ts});
+    h.send(lb, &srv_b().frame(types::USER_REMOVE, "*", ts, &remove));
+    h.clear();
+    // "bob" says hello here with another key: refused, as a rebinding would be.
+    let c = h.fresh_conn();
+    h.input(opened(c));
+    let hello = user_frame_at(
+        types::USER_HELLO,
+        "bob",
+        "",
+        h.now.wall_ms,
+        &json!({"client": "t", "pubkey": mallory.public_key().encoded(), "meta": {}}),
+        None,
+    );
+    h.send(c, &hello);
+    let got = h.frames_to(c);
+    assert_eq!(kinds(&got), [types::ERROR], "{got:#?}");
+    assert_eq!(got[0].payload["code"], "BAD_KEY");
+    // With bob's own key, he may come here.
+    h.clear();
+    let c = h.fresh_conn();
+    h.input(opened(c));
+    let hello = user_frame_at(
+        types::USER_HELLO,
+        "bob",
+        "",
+        h.now.wall_ms,
+        &json!({"client": "t", "pubkey": bob.public_key().encoded(), "meta": {}}),
+        None,
+    );
+    h.send(c, &hello);
+    assert_eq!(kinds(&h.frames_to(c)), [types::AUTH_CHALLENGE]);
+}

@@ -216,18 +216,20 @@ fn dedup_drops_are_counted_by_reason() {
         !h.sent_types().contains(&"ERROR".to_string()),
         "link refused"
     );
-    let heartbeat = signed(types::HEARTBEAT, h.now.wall_ms, &json!({}));
-    h.send(link, &heartbeat);
+    // (Heartbeats are not recorded in the seen-cache: an announce is, keyed on its envelope.)
+    let announce = signed(types::SERVER_ANNOUNCE, h.now.wall_ms, &hello);
+    h.send(link, &announce);
+    h.sent_types();
     let m = h.server.metrics();
     assert_eq!(m.dedup_drops(Stale::Duplicate), 0);
-    h.send(link, &heartbeat);
-    h.send(link, &heartbeat);
-    let stale = signed(types::HEARTBEAT, h.now.wall_ms - 600_000, &json!({}));
+    h.send(link, &announce);
+    h.send(link, &announce);
+    let stale = signed(types::SERVER_ANNOUNCE, h.now.wall_ms - 600_000, &hello);
     h.send(link, &stale);
     assert!(h.sent_types().is_empty(), "drops are silent");
     let m = h.server.metrics();
     assert_eq!(m.dedup_drops(Stale::Duplicate), 2);
     assert_eq!(m.dedup_drops(Stale::OutOfWindow), 1);
-    assert_eq!(m.frames_received(types::HEARTBEAT), 4);
+    assert_eq!(m.frames_received(types::SERVER_ANNOUNCE), 4);
     assert_eq!(m.frames_received(types::SERVER_HELLO_LINK), 1);
 }

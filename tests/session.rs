@@ -253,3 +253,111 @@ fn frames_other_servers_signed_are_taken_only_from_servers_our_server_vouched_fo
         "the directory was not replaced"
     );
 }
+
+#[test]
+fn what_another_server_signed_claims_only_what_that_server_may() {
+    let dir = TempDir::new("session-claims");
+    let (srv_b, bob, carol) = (test_key("server2"), test_key("user2"), test_key("user3"));
+    let mut bob_entry = entry("bob", &bob);
+    bob_entry["server_id"] = json!("srv-b");
+    let list = json!({
+        "servers": [{"server_id": "srv-b", "pubkey": srv_b.public_key().encoded()}],
+        "users": [entry("alice", &test_key("user1")), bob_entry, entry("carol", &carol)],
+        "version": 1,
+    });
+    let mut s = alice_after(&dir, &list);
+    let raw = test_key("user1").public_key().encrypt(b"hi").unwrap();
+    let delivery = |user_id: &str, sender: &str, key: &PrivateKey| {
+        json!({
+            "user_id": user_id,
+            "ciphertext": socp::wire::b64::encode(&raw),
+            "sender": sender,
+            "sender_pub": key.public_key().encoded(),
+            "content_sig": crypto::make_content_sig(key, &raw, sender, Some(user_id), TS),
+            "ts": TS,
+        })
+    };
+    // srv-b may not deliver to someone else, nor speak for carol (hosted by srv-a)...
+    for p in [
+        delivery("dave", "bob", &bob),
+        delivery("alice", "carol", &carol),
+    ] {
+        s.on_frame(
+            &frame_signed_by(types::USER_DELIVER, "srv-b", &srv_b, &p),
+            TS,
+        );
+        let got = shown(&mut s).join("\n");
+        assert!(got.contains("refused") && !got.contains("[dm]"), "{got}");
+    }
+    // ...nor announce or remove a user another server hosts.
+    let mut carol_at_b = entry("carol", &carol);
+    carol_at_b["server_id"] = json!("srv-a");
+    s.on_frame(
+        &frame_signed_by(types::USER_ADVERTISE, "srv-b", &srv_b, &carol_at_b),
+        TS,
+    );
+    assert!(shown(&mut s).join("\n").contains("another server hosts"));
+    // What it may say goes through.
+    s.on_frame(
+        &frame_signed_by(
+            types::USER_DELIVER,
+            "srv-b",
+            &srv_b,
+            &delivery("alice", "bob", &bob),
+        ),
+        TS,
+    );
+    assert_eq!(shown(&mut s), ["[dm] bob: hi"]);
+}
+
+#[test]
+fn a_message_dated_far_from_our_clock_is_not_authentic() {
+    let dir = TempDir::new("session-old");
+    let bob = test_key("user2");
+    let mut s = alice_with(&dir, &[("bob", &bob)]);
+    let two_days = 2 * 24 * 3600 * 1000;
+    s.on_frame(&dm_from("bob", &bob, "from the past", TS - two_days), TS);
+    let got = shown(&mut s);
+    assert!(
+        got[0].contains("NOT AUTHENTIC: its time is more than a day"),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn a_file_under_way_is_refused_once_its_senders_key_changes() {
+    let dir = TempDir::new("session-file-key");
+    let (bob, mallory) = (test_key("user2"), test_key("user3"));
+    let mut s = alice_with(&dir, &[("bob", &bob)]);
+    s.downloads = dir.0.join("downloads");
+    let data = b"twelve bytes";
+    let start = json!({"file_id": "f1", "name": "a.txt", "size": data.len(), "mode": "dm",
+                       "sha256": crypto::sha256_hex(data), "sender": "bob", "ts": TS});
+    s.on_frame(&server_frame(types::FILE_START, &start), TS);
+    assert!(shown(&mut s).join("\n").contains("receiving a.txt"));
+    // bob's key changes; the next chunk, signed with the new key, is refused.
+    s.on_frame(
+        &server_frame(types::USER_ADVERTISE, &entry("bob", &mallory)),
+        TS,
+    );
+    shown(&mut s);
+    let raw = test_key("user1").public_key().encrypt(data).unwrap();
+    let chunk = json!({"file_id": "f1", "index": 0, "ciphertext": socp::wire::b64::encode(&raw),
+                       "content_sig": crypto::make_content_sig(&mallory, &raw, "bob", Some("alice"), TS),
+                       "sender": "bob", "ts": TS});
+    s.on_frame(&server_frame(types::FILE_CHUNK, &chunk), TS);
+    let got = shown(&mut s).join("\n");
+    assert!(
+        got.contains("rejected") && got.contains("key of bob changed"),
+        "{got}"
+    );
+    s.on_frame(
+        &server_frame(
+            types::FILE_END,
+            &json!({"file_id": "f1", "sender": "bob", "ts": TS}),
+        ),
+        TS,
+    );
+    let got = shown(&mut s).join("\n");
+    assert!(!got.contains("received file"), "{got}");
+}

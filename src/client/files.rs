@@ -354,10 +354,14 @@ impl Session {
             }
             return;
         }
-        let result = match env.kind.as_str() {
-            types::FILE_START => self.file_start(env, key.clone(), now_ms),
-            types::FILE_CHUNK => self.file_chunk(env, &key, now_ms),
-            _ => self.file_end(&key),
+        // §7: nothing from a user whose changed key is not trusted, mid-transfer included.
+        let result = match self.key_problem(&key.0) {
+            Some(problem) => Err(problem),
+            None => match env.kind.as_str() {
+                types::FILE_START => self.file_start(env, key.clone(), now_ms),
+                types::FILE_CHUNK => self.file_chunk(env, &key, now_ms),
+                _ => self.file_end(&key),
+            },
         };
         if let Err(why) = result {
             let name = match self.files.incoming.remove(&key) {
@@ -383,9 +387,6 @@ impl Session {
         key: (String, String),
         now_ms: i64,
     ) -> Result<(), String> {
-        if let Some(problem) = self.key_problem(&key.0) {
-            return Err(problem);
-        }
         let f = env.fields();
         let size = f.i64("size").map_err(|e| e.to_string())?;
         let sha256 = f

@@ -880,6 +880,14 @@ impl Session {
                 );
             }
         }
+        if env.from != self.server_id()
+            && let Err(why) = self.forwarded_claims(&env)
+        {
+            return self.warn(
+                warning::BAD_FRAME,
+                &format!("{} signed by server {}: {why}; refused", env.kind, env.from),
+            );
+        }
         match env.kind.as_str() {
             types::USER_HELLO_ACK => {
                 self.authenticated = true;
@@ -902,8 +910,8 @@ impl Session {
                     });
                 }
             }
-            types::USER_DELIVER => self.on_message(&env, false),
-            types::MSG_PUBLIC_CHANNEL => self.on_message(&env, true),
+            types::USER_DELIVER => self.on_message(&env, false, now_ms),
+            types::MSG_PUBLIC_CHANNEL => self.on_message(&env, true, now_ms),
             types::ERROR => {
                 let f = env.fields();
                 let detail = f.str("detail").unwrap_or("").to_string();
@@ -1118,7 +1126,35 @@ impl Session {
             .unwrap_or_else(|| id.to_string())
     }
 
-    fn on_message(&mut self, env: &Envelope, public: bool) {
+    /// §5.6: a frame another server signed claims only what that server may (§6): presence for
+    /// users it hosts, deliveries from users it hosts and for us. (Our own server checked the
+    /// same before forwarding it; this holds even if a frame it never forwarded is injected.)
+    fn forwarded_claims(&self, env: &Envelope) -> Result<(), &'static str> {
+        let f = env.fields();
+        match env.kind.as_str() {
+            types::USER_ADVERTISE | types::USER_REMOVE => {
+                if f.str("server_id").ok() != Some(env.from.as_str()) {
+                    return Err("presence for a user another server hosts");
+                }
+            }
+            _ => {
+                if f.str("user_id").ok() != Some(self.me.user_id.as_str()) {
+                    return Err("addressed to another user");
+                }
+                let host = f
+                    .str("sender")
+                    .ok()
+                    .and_then(|s| self.directory.get(s))
+                    .map(|p| p.server_id.as_str());
+                if host != Some(env.from.as_str()) {
+                    return Err("from a sender that server does not host");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_message(&mut self, env: &Envelope, public: bool, now_ms: i64) {
         let f = env.fields();
         let (Ok(ciphertext), Ok(sender), Ok(content_sig), Ok(ts)) = (
             f.str("ciphertext"),
@@ -1153,6 +1189,10 @@ impl Session {
                 });
                 if let Some(problem) = self.key_problem(sender) {
                     Some(problem)
+                } else if ts.abs_diff(now_ms) > MAX_MESSAGE_AGE_MS {
+                    // Messages are delivered live; a ts this far off could also be a field
+                    // shifted between `to` and `ts` in the separator-less content_sig forms.
+                    Some("its time is more than a day away from this clock".to_string())
                 } else if !crypto::verify_content_sig(
                     &peer.key,
                     content_sig,
@@ -1179,6 +1219,9 @@ impl Session {
         });
     }
 }
+
+/// How far a message's `ts` may be from our clock and still be authentic (ms).
+const MAX_MESSAGE_AGE_MS: u64 = 24 * 3600 * 1000;
 
 /// The frames a server forwards to us unchanged, signed by the server they came from (§5.6).
 const FORWARDED_UNCHANGED: &[&str] = &[

@@ -22,7 +22,8 @@ impl PublicChannel {
 
     /// A member joined or left here.
     pub fn bump(&mut self) -> i64 {
-        self.version += 1;
+        // A peer may have made us adopt any version (§8): never overflow.
+        self.version = self.version.saturating_add(1);
         self.version
     }
 

@@ -4,13 +4,15 @@
 //! the envelope's `ts` and `to` at will:
 //!
 //! - a payload that carries its own `ts` (deliveries, channel copies, file frames, presence we
-//!   emit) is keyed by SHA-256 of (`type`, `from`, canonical payload) — envelope `ts` and `to`
-//!   left out — and its freshness is judged on `payload.ts`;
+//!   emit) is keyed by SHA-256 of (`from`, canonical payload) — envelope `type`, `ts` and `to`
+//!   left out, none of them signed — and its freshness is judged on `payload.ts`;
 //! - a payload without `ts` (presence from deployed servers, heartbeats, announces) keeps the
 //!   key over (`type`, `from`, `to`, envelope `ts`, payload) and the envelope `ts` window.
 //!
 //! Entries are bounded in number and in age; a frame whose `ts` lies outside the age window
-//! (either direction) is refused outright, so an evicted entry can never be replayed.
+//! (either direction) is refused outright, so an entry that expired can never be replayed. An
+//! entry evicted early because the cache is full (a flood) raises a floor: from then on a frame
+//! no newer than that entry is refused too, so a flood cannot be used to replay either.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -18,8 +20,9 @@ use std::collections::{HashSet, VecDeque};
 pub type Key = [u8; 32];
 
 /// Computes the key of a frame. `payload_ts` is the payload's own signed `ts`, if it has one;
-/// the envelope's `to` and `ts` then do not count. Fields are length-prefixed so no two frames
-/// share a key, and the two kinds of key are tagged apart.
+/// the envelope's `type`, `to` and `ts` then do not count (a `SERVER_DELIVER` re-sent as a
+/// `MSG_PUBLIC_CHANNEL` is the same signed payload). Fields are length-prefixed so no two
+/// frames share a key, and the two kinds of key are tagged apart.
 pub fn key(
     kind: &str,
     from: &str,
@@ -32,7 +35,7 @@ pub fn key(
     let signed_ts = payload_ts.is_some();
     buf.push(u8::from(signed_ts));
     let envelope: &[&str] = if signed_ts {
-        &[kind, from]
+        &[from]
     } else {
         &[kind, from, to]
     };
@@ -68,6 +71,8 @@ pub struct SeenCache {
     max_entries: usize,
     set: HashSet<Key>,
     order: VecDeque<(i64, Key)>, // (wall time the entry may go, key)
+    /// Frames with a `ts` at or before this are refused: see the module documentation.
+    floor: i64,
 }
 
 impl SeenCache {
@@ -77,6 +82,7 @@ impl SeenCache {
             max_entries: max_entries.max(1),
             set: HashSet::new(),
             order: VecDeque::new(),
+            floor: i64::MIN,
         }
     }
 
@@ -84,7 +90,7 @@ impl SeenCache {
     pub fn check(&mut self, key: &Key, ts: i64, now_wall_ms: i64) -> Result<(), Stale> {
         self.expire(now_wall_ms);
         // abs_diff: any i64 `ts` (even i64::MIN) is judged without overflow.
-        if ts.abs_diff(now_wall_ms) > self.window_ms.unsigned_abs() {
+        if ts.abs_diff(now_wall_ms) > self.window_ms.unsigned_abs() || ts <= self.floor {
             return Err(Stale::OutOfWindow);
         }
         if self.set.contains(key) {
@@ -107,8 +113,10 @@ impl SeenCache {
         if self.set.insert(key) {
             self.order.push_back((until, key));
             while self.order.len() > self.max_entries {
-                if let Some((_, old)) = self.order.pop_front() {
+                if let Some((until, old)) = self.order.pop_front() {
                     self.set.remove(&old);
+                    // The evicted frame's ts was at most `until - window` (see `insert`).
+                    self.floor = self.floor.max(until.saturating_sub(self.window_ms));
                 }
             }
         }
@@ -165,7 +173,8 @@ mod tests {
         assert_eq!(k, key("SERVER_DELIVER", "a", "c", 999, Some(5), payload));
         // Anything signed, or who signed it, makes another frame.
         assert_ne!(k, key("SERVER_DELIVER", "b", "b", 5, Some(5), payload));
-        assert_ne!(k, key("FILE_CHUNK", "a", "b", 5, Some(5), payload));
+        // The envelope's type is not signed either: another type is the same frame.
+        assert_eq!(k, key("MSG_PUBLIC_CHANNEL", "a", "b", 5, Some(5), payload));
         assert_ne!(
             k,
             key("SERVER_DELIVER", "a", "b", 5, Some(6), r#"{"ts":6}"#)
@@ -212,14 +221,19 @@ mod tests {
     fn entries_expire_by_age_and_by_count() {
         let mut c = SeenCache::new(1000, 2);
         let keys: Vec<Key> = (0..3).map(|i| key("T", "a", "b", i, None, "{}")).collect();
-        c.insert(keys[0], 0, 0);
-        c.insert(keys[1], 0, 0);
-        c.insert(keys[2], 0, 0);
+        for (ts, k) in keys.iter().enumerate() {
+            c.insert(*k, ts as i64, 0);
+        }
         assert_eq!(c.len(), 2);
-        assert_eq!(c.check(&keys[0], 0, 0), Ok(()));
-        assert_eq!(c.check(&keys[2], 0, 500), Err(Stale::Duplicate));
+        // keys[0] was evicted before its time (a flood): it is refused all the same, by the
+        // floor its eviction raised, and so is any frame no newer than it.
+        assert_eq!(c.check(&keys[0], 0, 0), Err(Stale::OutOfWindow));
+        let other = key("T", "z", "b", 0, None, "{}");
+        assert_eq!(c.check(&other, 0, 0), Err(Stale::OutOfWindow));
+        assert_eq!(c.check(&other, 1, 0), Ok(()));
+        assert_eq!(c.check(&keys[2], 2, 500), Err(Stale::Duplicate));
         // After the window the entry is gone; but so is any frame that old.
-        assert_eq!(c.check(&keys[2], 0, 1500), Err(Stale::OutOfWindow));
+        assert_eq!(c.check(&keys[2], 2, 1500), Err(Stale::OutOfWindow));
         assert!(c.is_empty());
     }
 

@@ -83,6 +83,11 @@ impl Directory {
         self.local.keys().copied()
     }
 
+    /// Ids of the users connected here.
+    pub fn local_users(&self) -> impl Iterator<Item = &str> + '_ {
+        self.local.values().map(String::as_str)
+    }
+
     pub fn len(&self) -> usize {
         self.users.len()
     }

@@ -334,11 +334,6 @@ impl Federation {
         self.targets.get(t as usize).and_then(|t| t.id.clone())
     }
 
-    /// The freshness window of frames between servers (§6), in ms.
-    pub(crate) fn cfg_window_ms(&self) -> i64 {
-        self.cfg.dedup_window_ms as i64
-    }
-
     /// §7 ordering: whether presence for `user_id` from `server_id` signed at `ts` is at least
     /// as new as the newest applied; if so, it becomes the newest.
     fn presence_is_newest(&mut self, server_id: &str, user_id: &str, ts: i64, now: Time) -> bool {
@@ -973,10 +968,10 @@ impl Server {
             self.out.push(Action::Send { conn, text });
         }
 
-        // §4.3: after the link is up, our directory of online users, as USER_ADVERTISE.
-        // Each advert is signed once and reused while its `ts` is well inside the peers'
-        // freshness window (§6); an older one is signed again with a fresh `ts`.
-        let users: Vec<String> = self.adverts.keys().cloned().collect();
+        // §4.3: after the link is up, our directory of online users, as USER_ADVERTISE, each
+        // signed afresh: the peer may have seen an earlier advert of the same user before a
+        // link went down, and its seen-cache (§6) would drop that payload as a duplicate.
+        let users: Vec<String> = self.dir.local_users().map(str::to_string).collect();
         for user_id in users {
             if let Some(signed) = self.advert(now, &user_id) {
                 let text = self.own_broadcast(now, types::USER_ADVERTISE, &signed);
@@ -1338,11 +1333,15 @@ impl Server {
                 format!("{} signature does not verify", env.kind),
             ));
         }
-        let until = self.fed.seen.insert(dedup_key, ts, now.wall_ms);
-        if payload_ts.is_some()
-            && let Err(e) = self.store.remember_seen(&dedup_key, until)
-        {
-            warn!("could not save a seen-cache entry: {e}");
+        // A heartbeat does nothing twice, and its one signed payload (`{}`) could otherwise be
+        // re-sent with any envelope to fill the cache: it is not recorded.
+        if env.kind != types::HEARTBEAT {
+            let until = self.fed.seen.insert(dedup_key, ts, now.wall_ms);
+            if payload_ts.is_some()
+                && let Err(e) = self.store.remember_seen(&dedup_key, until)
+            {
+                warn!("could not save a seen-cache entry: {e}");
+            }
         }
         match env.kind.as_str() {
             types::HEARTBEAT => Ok(()),

@@ -244,9 +244,6 @@ pub struct Server {
     pub(crate) dir: Directory,
     pub(crate) channel: PublicChannel,
     pub(crate) fed: Federation,
-    /// The signed `USER_ADVERTISE` payload of each local user and its `ts`: reused for every
-    /// link that comes up while the `ts` is fresh (see [`Server::advert`]).
-    pub(crate) adverts: HashMap<String, (i64, SignedPayload)>,
     /// Login budgets per source, per (name, source) and per name (§5.3), bounded.
     pub(crate) login_budgets: crate::core::login::LoginBudgets,
     /// File transfers under way from local users (§9).
@@ -306,7 +303,6 @@ impl Server {
             deferred: VecDeque::new(),
             challenges: Vec::new(),
             fed: Federation::new(FedConfig::default()),
-            adverts: HashMap::new(),
             login_budgets: Default::default(),
             transfers: Transfers::new(TransferLimits::default()),
             metrics: Default::default(),
@@ -727,23 +723,15 @@ impl Server {
         self.deferred.push_back(Deferred::Welcome { conn, user_id });
     }
 
-    /// The signed `USER_ADVERTISE` of local user `user_id`: `{user_id, server_id, pubkey, meta,
-    /// ts}` (§7). The signed `ts` orders presence and dates it for the peers' freshness window
-    /// (§6), so a cached advert is reused only while it is younger than half that window.
-    pub(crate) fn advert(&mut self, now: Time, user_id: &str) -> Option<SignedPayload> {
-        let fresh_for = self.fed.cfg_window_ms() / 2;
-        if let Some((ts, signed)) = self.adverts.get(user_id)
-            && now.wall_ms.saturating_sub(*ts) < fresh_for
-        {
-            return Some(signed.clone());
-        }
+    /// A signed `USER_ADVERTISE` of local user `user_id` now: `{user_id, server_id, pubkey,
+    /// meta, ts}` (§7). The signed `ts` orders presence and dates it for the peers' freshness
+    /// window and seen-cache (§6), so an advert is never reused: a copy a peer saw before
+    /// would be dropped as a duplicate.
+    pub(crate) fn advert(&self, now: Time, user_id: &str) -> Option<SignedPayload> {
         let entry = self.dir.get(user_id).filter(|e| e.local.is_some())?;
         let mut payload = Directory::entry_json(user_id, entry);
         payload["ts"] = Value::from(now.wall_ms);
-        let signed = self.sign(&payload)?;
-        self.adverts
-            .insert(user_id.to_string(), (now.wall_ms, signed.clone()));
-        Some(signed)
+        self.sign(&payload)
     }
 
     /// Whether work is waiting for [`Server::run_deferred`].
@@ -791,22 +779,26 @@ impl Server {
     }
 
     /// §5.2: a user id, once bound to a key on this server, keeps that key.
+    /// §7: nor may a hello here take the id of a user first seen elsewhere with another key.
     fn check_binding(&mut self, user_id: &str, pubkey: &Arc<PublicKey>) -> Result<(), WireError> {
-        let record = self.store.user(user_id).map_err(|e| store_error(&e))?;
-        let Some(record) = record else {
+        let known = self
+            .store
+            .known_user_key(user_id)
+            .map_err(|e| store_error(&e))?;
+        let Some(known) = known else {
             return Ok(());
         };
-        match self.keys.get(&record.pubkey) {
+        match self.keys.get(&known) {
             Ok(bound) if bound == *pubkey => Ok(()),
             Ok(_) => Err(WireError::new(
                 ErrorCode::BadKey,
-                "user id is bound to another key on this server",
+                "user id is bound to another key (here, or as the mesh knows it)",
             )),
             Err(e) => {
                 warn!("stored key of {user_id} does not parse: {e}");
                 Err(WireError::new(
                     ErrorCode::BadKey,
-                    "user id is bound to another key on this server",
+                    "user id is bound to another key (here, or as the mesh knows it)",
                 ))
             }
         }
@@ -995,7 +987,6 @@ impl Server {
                 if let Some(entry) = self.dir.remove_if_hosted_by(&user_id, &id) {
                     let name = user_name(&user_id, entry.display_name());
                     info!("user {name} offline (conn {})", conn);
-                    self.adverts.remove(&user_id);
                     self.transfers_user_gone(now, &user_id);
                     // The signed `ts` orders it after the user's advert (§7).
                     let payload =
