@@ -42,6 +42,7 @@ fn judge(path: &str) -> Option<Better> {
         | "max_ms"
         | "rss_bytes_per_connection"
         | "server_cpu_ms_total"
+        | "transfer_s"
         | "wakeups_per_s"
         | "lost"
         | "adverts"
@@ -50,6 +51,9 @@ fn judge(path: &str) -> Option<Better> {
         | "max_rate_p99_within_2x_first_per_s"
         | "deliveries_per_s"
         | "delivered_per_s"
+        | "payload_mb_per_s"
+        | "chunks_per_s"
+        | "fraction_of_signing_limit"
         | "logins_per_s" => Some(Better::Higher),
         _ => None,
     }

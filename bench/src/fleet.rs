@@ -140,6 +140,13 @@ pub enum Note {
         code: String,
         detail: String,
     },
+    /// `FILE_START`, `FILE_CHUNK`, `FILE_END` or `ACK`, unparsed (the file scenario parses it).
+    File {
+        client: usize,
+        kind: &'static str,
+        at: Instant,
+        text: Utf8Bytes,
+    },
     /// The connection ended; `expected` when we closed it.
     Closed {
         client: usize,
@@ -558,6 +565,22 @@ impl Fleet {
         }
         // Frames a client ignores are not parsed (an untracked client's LIST_RESPONSE can be
         // megabytes: its directory is not needed).
+        let file_kind = match kind {
+            Some(types::FILE_START) => Some(types::FILE_START),
+            Some(types::FILE_CHUNK) => Some(types::FILE_CHUNK),
+            Some(types::FILE_END) => Some(types::FILE_END),
+            Some(types::ACK) => Some(types::ACK),
+            _ => None,
+        };
+        if let Some(kind) = file_kind {
+            self.notes.push(Note::File {
+                client: idx,
+                kind,
+                at,
+                text,
+            });
+            return;
+        }
         let wanted = match kind {
             Some(types::LIST_RESPONSE) if !c.track => {
                 self.set_phase(idx, Phase::Listed);

@@ -13,7 +13,7 @@
 //! | [`procs`] | starting M pinned servers on loopback, killing them on drop or signal |
 //! | [`fleet`] | N lightweight WebSocket clients on ONE `mio` event loop |
 //! | [`common`] | logins, directory convergence, CPU meters, errors, sample verification |
-//! | [`presence`], [`public`], [`dm`], [`idle`] | the four scenarios |
+//! | [`presence`], [`public`], [`dm`], [`idle`], [`file`] | the five scenarios |
 //! | [`stats`] | HdrHistogram latencies and `/proc` counters |
 //! | [`keys`] | the TEST-ONLY key pool of the clients |
 //!
@@ -25,6 +25,7 @@
 mod common;
 mod compare;
 mod dm;
+mod file;
 mod fleet;
 mod idle;
 mod keys;
@@ -180,7 +181,7 @@ fn run(opts: &Opts, command_line: Vec<String>) -> Result<bool, String> {
     }
 
     let mut scenarios = serde_json::Map::new();
-    for name in ["presence", "public", "dm", "idle"] {
+    for name in ["presence", "public", "dm", "idle", "file"] {
         let v = outcomes
             .iter()
             .find(|o| o.name == name)
@@ -319,10 +320,11 @@ fn mesh_scenarios(
     };
     let mut outs = Vec::new();
     type Scenario = fn(&mut Mesh) -> Result<Outcome, String>;
-    let list: [(bool, &'static str, Scenario); 3] = [
+    let list: [(bool, &'static str, Scenario); 4] = [
         (opts.scenarios.presence, "presence", presence::run),
         (opts.scenarios.public, "public", public::run),
         (opts.scenarios.dm, "dm", dm::run),
+        (opts.scenarios.file, "file", file::run),
     ];
     for (on, name, scenario) in list {
         if !on {

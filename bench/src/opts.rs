@@ -20,6 +20,9 @@ SCENARIOS (--scenario LIST, comma-separated, or 'all' = presence,public,dm,idle)
             MSG_PUBLIC_CHANNEL per member and sends each as produced; last-receive latency from
             the start of production vs. the time spent producing
   dm        cross-server direct messages at rate R for D seconds (precomputed before the window)
+  file      (not in 'all') one file from a client on server 1 to one on server 2, paced by the
+            server's ACKs (window 64): MB/s and chunks/s end to end, servers' CPU, and the rate
+            as a fraction of what signing allows; every chunk verified afterwards
   idle      n idle logged-in connections on one fresh server: resident memory per connection,
             wake-ups (voluntary context switches) and CPU over an idle window
 
@@ -43,6 +46,7 @@ OPTIONS:
   --step-duration S       seconds per ramp step [5]
   --max-steps N           ramp steps at most [8]
   --max-lag-ms MS         a step whose sender fell this far behind schedule fails [10]
+  --file-size BYTES       size of the file scenario's file [5242880]
   --idle-conns LIST       idle connection counts, e.g. 1000,10000 [1000]
   --idle-window S         seconds of idle measurement [10]
   --idle-setup-timeout S  give up logging idle clients in after this [600]
@@ -75,6 +79,7 @@ pub struct Scenarios {
     pub public: bool,
     pub dm: bool,
     pub idle: bool,
+    pub file: bool,
 }
 
 impl Scenarios {
@@ -86,18 +91,20 @@ impl Scenarios {
                 "public" => s.public = true,
                 "dm" => s.dm = true,
                 "idle" => s.idle = true,
+                "file" => s.file = true,
                 "all" => {
                     s = Scenarios {
                         presence: true,
                         public: true,
                         dm: true,
                         idle: true,
+                        file: s.file,
                     }
                 }
                 other => return Err(format!("unknown scenario {other:?}")),
             }
         }
-        if !(s.presence || s.public || s.dm || s.idle) {
+        if !(s.presence || s.public || s.dm || s.idle || s.file) {
             return Err("no scenario chosen".into());
         }
         Ok(s)
@@ -105,7 +112,7 @@ impl Scenarios {
 
     /// Whether the mesh and its N steady clients are needed.
     pub fn mesh(&self) -> bool {
-        self.presence || self.public || self.dm
+        self.presence || self.public || self.dm || self.file
     }
 
     pub fn names(&self) -> Vec<&'static str> {
@@ -115,6 +122,7 @@ impl Scenarios {
             (self.public, "public"),
             (self.dm, "dm"),
             (self.idle, "idle"),
+            (self.file, "file"),
         ] {
             if on {
                 v.push(name);
@@ -143,6 +151,7 @@ pub struct Opts {
     pub step_duration_s: f64,
     pub max_steps: usize,
     pub max_lag_ms: f64,
+    pub file_size: usize,
     pub idle_conns: Vec<usize>,
     pub idle_window_s: f64,
     pub idle_setup_timeout_s: f64,
@@ -174,6 +183,7 @@ impl Default for Opts {
             step_duration_s: 5.0,
             max_steps: 8,
             max_lag_ms: 10.0,
+            file_size: 5 << 20,
             idle_conns: vec![1000],
             idle_window_s: 10.0,
             idle_setup_timeout_s: 600.0,
@@ -250,6 +260,7 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Parse
             }
             Long("max-steps") => o.max_steps = num("--max-steps", p.value().map_err(s)?)?,
             Long("max-lag-ms") => o.max_lag_ms = num("--max-lag-ms", p.value().map_err(s)?)?,
+            Long("file-size") => o.file_size = num("--file-size", p.value().map_err(s)?)?,
             Long("idle-conns") => {
                 o.idle_conns = string(p.value().map_err(s)?)?
                     .split(',')
@@ -323,6 +334,9 @@ impl Opts {
         if self.scenarios.mesh() && self.clients > 20_000 {
             return Err("--clients at most 20000".into());
         }
+        if self.file_size > 64 << 20 {
+            return Err("--file-size: at most 67108864 (the server's default limit)".into());
+        }
         if self.idle_conns.iter().any(|&n| n == 0 || n > 100_000) {
             return Err("--idle-conns: counts from 1 to 100000".into());
         }
@@ -363,6 +377,7 @@ impl Opts {
             "step_duration_s": self.step_duration_s,
             "max_steps": self.max_steps,
             "max_lag_ms": self.max_lag_ms,
+            "file_size": self.file_size,
             "idle_conns": self.idle_conns,
             "idle_window_s": self.idle_window_s,
             "idle_setup_timeout_s": self.idle_setup_timeout_s,

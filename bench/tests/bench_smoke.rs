@@ -1,5 +1,5 @@
 //! The benchmark works: `socp-bench` with tiny parameters starts its three servers, runs the
-//! presence, public and dm scenarios, stops everything, and writes a JSON file whose numbers
+//! presence, public, dm and file (20 000 bytes: 45 chunks, two ACKs) scenarios, stops everything, and writes a JSON file whose numbers
 //! are sane (every message delivered, max >= p50 > 0). The idle scenario is left out: it needs
 //! a thousand connections to say anything.
 //!
@@ -29,7 +29,9 @@ fn bench_runs_tiny_scenarios_and_writes_sane_json() {
             "--duration",
             "2",
             "--scenario",
-            "presence,public,dm",
+            "presence,public,dm,file",
+            "--file-size",
+            "20000",
             "--timeout",
             "20",
             "--id-prefix",
@@ -87,6 +89,23 @@ fn bench_runs_tiny_scenarios_and_writes_sane_json() {
     assert_eq!(dm["sent"], 40);
     assert_eq!(dm["delivered"], 40);
     sane("dm.delivery", &dm["latency_ms"]["delivery"], 40);
+
+    let file = &v["scenarios"]["file"];
+    assert_eq!(file["status"], "ok", "{file:#}");
+    assert_eq!(file["chunks"], 45);
+    assert_eq!(file["acks"], 2);
+    assert_eq!(file["verified"]["chunks"], 45);
+    assert_eq!(file["verified"]["sha256_ok"], true);
+    assert!(
+        file["payload_mb_per_s"].as_f64().is_some_and(|x| x > 0.0),
+        "{file:#}"
+    );
+    assert!(
+        file["fraction_of_signing_limit"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0),
+        "{file:#}"
+    );
     for s in ["presence", "public", "dm"] {
         let checked = &v["scenarios"][s]["verified_samples"];
         assert!(checked["checked"].as_u64().unwrap() > 0, "{s}: {checked}");
