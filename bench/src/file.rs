@@ -297,7 +297,8 @@ pub fn run(m: &mut Mesh) -> Result<Outcome, String> {
             c / limit(sigs_path - 1.0),
         ));
         lines.push(format!(
-            "each server is one thread and the sender's server signs every chunk: at most {:.0}              chunks/s whatever the cores; measured {:.2} of it",
+            "each server is one thread and the sender's server signs every chunk: at most {:.0} \
+             chunks/s whatever the cores; measured {:.2} of it",
             1000.0 / m.sign_ms,
             c * m.sign_ms / 1000.0
         ));
