@@ -2500,33 +2500,23 @@ fn a_hello_here_cannot_take_the_id_of_a_user_the_mesh_knows_with_another_key() {
     let remove = json!({"user_id": "bob", "server_id": "srv-b", "ts": ts});
     h.send(lb, &srv_b().frame(types::USER_REMOVE, "*", ts, &remove));
     h.clear();
-    // "bob" says hello here with another key: refused, as a rebinding would be.
-    let c = h.fresh_conn();
-    h.input(opened(c));
-    let hello = user_frame_at(
-        types::USER_HELLO,
-        "bob",
-        "",
-        h.now.wall_ms,
-        &json!({"client": "t", "pubkey": mallory.public_key().encoded(), "meta": {}}),
-        None,
-    );
-    h.send(c, &hello);
-    let got = h.frames_to(c);
+    // "bob" says hello here on a fresh connection with `key`: what does the server answer?
+    let hello_as_bob = |h: &mut Harness, key: &PrivateKey| -> Vec<Envelope> {
+        let c = h.fresh_conn();
+        h.input(opened(c));
+        let payload = json!({"client": "t", "pubkey": key.public_key().encoded(), "meta": {}});
+        h.send(
+            c,
+            &user_frame_at(types::USER_HELLO, "bob", "", h.now.wall_ms, &payload, None),
+        );
+        let got = h.frames_to(c);
+        h.clear();
+        got
+    };
+    // With another key: refused, as a rebinding would be.
+    let got = hello_as_bob(&mut h, &mallory);
     assert_eq!(kinds(&got), [types::ERROR], "{got:#?}");
     assert_eq!(got[0].payload["code"], "BAD_KEY");
     // With bob's own key, he may come here.
-    h.clear();
-    let c = h.fresh_conn();
-    h.input(opened(c));
-    let hello = user_frame_at(
-        types::USER_HELLO,
-        "bob",
-        "",
-        h.now.wall_ms,
-        &json!({"client": "t", "pubkey": bob.public_key().encoded(), "meta": {}}),
-        None,
-    );
-    h.send(c, &hello);
-    assert_eq!(kinds(&h.frames_to(c)), [types::AUTH_CHALLENGE]);
+    assert_eq!(kinds(&hello_as_bob(&mut h, &bob)), [types::AUTH_CHALLENGE]);
 }
