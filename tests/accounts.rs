@@ -21,6 +21,20 @@ fn socp_run(server: &ServerProc, dir: &TempDir, args: &[&str], input: &str) -> R
     run_socp(&all, input, &[])
 }
 
+/// Registers the account "alice" (password "correct horse battery") with `socp` from `dir`,
+/// asserting it worked; returns the password file's path.
+fn register_alice(server: &ServerProc, dir: &TempDir) -> String {
+    let pw = password_file(dir, "pw", "correct horse battery");
+    let run = socp_run(
+        server,
+        dir,
+        &["--register", "alice", "--password-file", &pw],
+        "",
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    pw
+}
+
 fn password_file(dir: &TempDir, name: &str, password: &str) -> String {
     let path = dir.0.join(name);
     std::fs::write(&path, format!("{password}\n")).unwrap();
@@ -424,14 +438,7 @@ fn register_at_a_terminal_asks_for_the_password_twice() {
 fn login_on_a_fresh_machine_creates_the_data_directory_and_pins_the_server() {
     let server = ServerProc::start("server1", &[]);
     let first = TempDir::new("acct-first");
-    let pw = password_file(&first, "pw", "correct horse battery");
-    let run = socp_run(
-        &server,
-        &first,
-        &["--register", "alice", "--password-file", &pw],
-        "",
-    );
-    assert_eq!(run.code, Some(0), "{run:?}");
+    let pw = register_alice(&server, &first);
 
     let fresh = TempDir::new("acct-fresh");
     let data = fresh.0.join("not").join("yet");
@@ -462,17 +469,7 @@ fn login_on_a_fresh_machine_creates_the_data_directory_and_pins_the_server() {
 fn bad_credentials_exit_5() {
     let server = ServerProc::start("server1", &[]);
     let dir = TempDir::new("acct-bad");
-    let pw = password_file(&dir, "pw", "correct horse battery");
-    assert_eq!(
-        socp_run(
-            &server,
-            &dir,
-            &["--register", "alice", "--password-file", &pw],
-            ""
-        )
-        .code,
-        Some(0)
-    );
+    register_alice(&server, &dir);
     let wrong = password_file(&dir, "wrong", "not the password");
     let run = socp_run(
         &server,
@@ -500,17 +497,7 @@ fn bad_credentials_exit_5() {
 fn a_key_file_user_cannot_take_a_registered_accounts_name() {
     let server = ServerProc::start("server1", &[]);
     let dir = TempDir::new("acct-squat");
-    let pw = password_file(&dir, "pw", "correct horse battery");
-    assert_eq!(
-        socp_run(
-            &server,
-            &dir,
-            &["--register", "alice", "--password-file", &pw],
-            ""
-        )
-        .code,
-        Some(0)
-    );
+    let pw = register_alice(&server, &dir);
     // Another key (a key file on some machine) calling itself alice.
     let key = common::keys::test_key("user2");
     let body = json!({"user_id": "id-squatter", "display_name": "alice",

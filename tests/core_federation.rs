@@ -2052,6 +2052,12 @@ fn entry_at(user_id: &str, server_id: &str, key: &PrivateKey, ts: i64) -> Value 
     entry
 }
 
+/// `peer` advertises bob, hosted by itself with key `key`, at `ts`, on `link`.
+fn advertise_bob(h: &mut Harness, link: ConnId, peer: &Peer, key: &PrivateKey, ts: i64) {
+    let advert = entry_at("bob", peer.id, key, ts);
+    h.send(link, &peer.frame(types::USER_ADVERTISE, "*", ts, &advert));
+}
+
 /// srv-a with alice logged in and a link to srv-b, which hosts bob.
 fn alice_and_bob_at_srv_b(
     h: &mut Harness,
@@ -2220,15 +2226,7 @@ fn a_linked_server_can_neither_take_over_a_user_nor_change_its_key() {
     // srv-c claims bob, with its own key for him: refused while srv-b hosts him.
     h.advance(10);
     let ts = h.now.wall_ms;
-    h.send(
-        lc,
-        &c.frame(
-            types::USER_ADVERTISE,
-            "*",
-            ts,
-            &entry_at("bob", "srv-c", &mallory, ts),
-        ),
-    );
+    advertise_bob(&mut h, lc, &c, &mallory, ts);
     assert!(h.frames_to(ca).is_empty(), "alice is not told of the claim");
     let err = h.frames_to(lc);
     assert_eq!(kinds(&err), [types::ERROR]);
@@ -2236,15 +2234,7 @@ fn a_linked_server_can_neither_take_over_a_user_nor_change_its_key() {
     assert_eq!(err[0].to, "srv-c");
     h.assert_silent();
     // srv-b itself cannot give bob another key either.
-    h.send(
-        lb,
-        &b.frame(
-            types::USER_ADVERTISE,
-            "*",
-            ts,
-            &entry_at("bob", "srv-b", &mallory, ts),
-        ),
-    );
+    advertise_bob(&mut h, lb, &b, &mallory, ts);
     assert!(h.frames_to(ca).is_empty());
     assert_eq!(h.frames_to(lb)[0].payload["code"], "BAD_KEY");
     h.assert_silent();
@@ -2256,27 +2246,11 @@ fn a_linked_server_can_neither_take_over_a_user_nor_change_its_key() {
     h.send(lb, &b.frame(types::USER_REMOVE, "*", ts, &remove));
     assert_eq!(kinds(&h.frames_to(ca)), [types::USER_REMOVE]);
     h.clear(); // the remove, forwarded to srv-c
-    h.send(
-        lc,
-        &c.frame(
-            types::USER_ADVERTISE,
-            "*",
-            ts,
-            &entry_at("bob", "srv-c", &mallory, ts),
-        ),
-    );
+    advertise_bob(&mut h, lc, &c, &mallory, ts);
     assert!(h.frames_to(ca).is_empty());
     assert_eq!(h.frames_to(lc)[0].payload["code"], "BAD_KEY");
     // ...but may host him with his own.
-    h.send(
-        lc,
-        &c.frame(
-            types::USER_ADVERTISE,
-            "*",
-            ts,
-            &entry_at("bob", "srv-c", &bob, ts),
-        ),
-    );
+    advertise_bob(&mut h, lc, &c, &bob, ts);
     let got = h.frames_to(ca);
     assert_eq!(kinds(&got), [types::USER_ADVERTISE]);
     assert_eq!(got[0].payload["server_id"], "srv-c");
