@@ -134,6 +134,10 @@ pub struct Config {
     /// not keep up). Shorter than a link's death time, so a stalled user is dropped before the
     /// backpressure it causes can starve a server link. Default 30 000 ms.
     pub slow_reader_timeout_ms: u64,
+    /// Threads that make the server's signatures, off the event loop. `--sign-threads N`,
+    /// env `SOCP_SIGN_THREADS`; `0` signs on the loop itself (one-core machines). Default: the
+    /// number of CPUs available to the process.
+    pub sign_threads: usize,
 }
 
 impl Config {
@@ -169,6 +173,7 @@ impl Config {
             max_transfers_per_user: 4,
             transfer_idle_ms: 60_000,
             slow_reader_timeout_ms: 30_000,
+            sign_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -249,6 +254,9 @@ OPTIONS:
   --transfer-idle-ms MS   abort a file transfer idle this long [default 60000]
   --slow-reader-timeout-ms MS  close a connection that has not taken our data for this
                           long [default 30000]
+  --sign-threads N        threads that make the server's signatures, off the event loop;
+                          0 signs on the loop (one-core machines) [default: the CPUs
+                          available; env SOCP_SIGN_THREADS]
   --print-pubkey          print this server's public key (what peers pin) and exit
   -h, --help              this help
   -V, --version           version
@@ -293,6 +301,7 @@ pub fn parse_server_args(
             Long("backoff-max-ms") => flags.backoff_max_ms = Some(string(&mut parser)?),
             Long("max-file-size") => flags.max_file_size = Some(string(&mut parser)?),
             Long("transfer-idle-ms") => flags.transfer_idle_ms = Some(string(&mut parser)?),
+            Long("sign-threads") => flags.sign_threads = Some(string(&mut parser)?),
             Long("slow-reader-timeout-ms") => {
                 flags.slow_reader_timeout_ms = Some(string(&mut parser)?)
             }
@@ -410,6 +419,16 @@ pub fn parse_server_args(
     if let Some(ms) = flags.slow_reader_timeout_ms {
         cfg.slow_reader_timeout_ms = parse_positive("--slow-reader-timeout-ms", &ms)? as u64;
     }
+    if let Some(n) = pick(flags.sign_threads, "SOCP_SIGN_THREADS") {
+        cfg.sign_threads = match n.trim().parse::<usize>() {
+            Ok(n) if n <= MAX_SIGN_THREADS => n,
+            _ => {
+                return Err(format!(
+                    "--sign-threads: expected 0 to {MAX_SIGN_THREADS}, got {n:?}"
+                ));
+            }
+        };
+    }
     Ok(if print_pubkey {
         Command::PrintPubkey(cfg)
     } else {
@@ -443,7 +462,11 @@ struct ServerFlags {
     max_file_size: Option<String>,
     transfer_idle_ms: Option<String>,
     slow_reader_timeout_ms: Option<String>,
+    sign_threads: Option<String>,
 }
+
+/// More signer threads than this is a typo, not a machine.
+const MAX_SIGN_THREADS: usize = 256;
 
 fn string(parser: &mut lexopt::Parser) -> Result<String, String> {
     parser

@@ -151,7 +151,11 @@ fn a_dm_sender_to_a_user_who_never_reads_is_paused_until_she_reads() {
     let stop = Arc::new(AtomicBool::new(false));
     let first_ts = common::proc::now_ms();
     let (dms, done) = send_dms(alice, "carol", stop.clone(), first_ts);
-    server.wait_log(&format!("conn {alice_conn}: paused"));
+    // (Paused first, maybe, while her frames wait for their signatures; then because carol's
+    // socket is full.)
+    server.wait_log(&format!(
+        "conn {alice_conn}: paused (a destination is not keeping up)"
+    ));
     stop.store(true, Ordering::SeqCst);
 
     // carol reads everything; alice is resumed as she does, and finishes her last DM. (Short
@@ -213,7 +217,7 @@ fn a_sender_whose_frame_overflows_a_stalled_reader_is_not_left_paused() {
             "--slow-reader-timeout-ms",
             "20000",
             "--max-write-buffer",
-            "131072",
+            "163840",
         ],
     );
     let _carol = Raw::hello(&server, "carol", &test_key("user3"));
@@ -221,32 +225,48 @@ fn a_sender_whose_frame_overflows_a_stalled_reader_is_not_left_paused() {
     let alice_conn = conn_of(&server, "alice");
     let stop = Arc::new(AtomicBool::new(false));
     let (_dms, _) = send_dms(alice, "carol", stop.clone(), common::proc::now_ms());
-    server.wait_log(&format!("conn {alice_conn}: paused"));
+    // (Paused first, maybe, while her frames wait for their signatures; then because carol's
+    // socket is full.)
+    server.wait_log(&format!(
+        "conn {alice_conn}: paused (a destination is not keeping up)"
+    ));
     stop.store(true, Ordering::SeqCst);
 
-    // Two 50 KB frames wait for carol (their senders paused), within the 128 KiB limit ...
+    // 60 KB frames for carol from bob, dave, then erin, each sender paused behind her, until
+    // one takes her past the 160 KiB limit (how many depends on how much of alice's is still
+    // waiting: up to the 16 frames that may wait for their signatures): carol is closed.
     let mut senders = Vec::new();
     for (user_id, key) in [("bob", "user2"), ("dave", "user4"), ("erin", "user5")] {
         let mut raw = Raw::hello(&server, user_id, &test_key(key));
         raw.recv_kind("PUBLIC_CHANNEL_SNAPSHOT");
         senders.push((conn_of(&server, user_id), raw));
     }
-    for (conn, raw) in &mut senders[..2] {
-        let f = big_file_start(&raw.user_id.clone(), 50_000);
+    let mut last = None;
+    for (i, (conn, raw)) in senders.iter_mut().enumerate() {
+        let f = big_file_start(&raw.user_id.clone(), 60_000);
         raw.send_text(&f);
-        server.wait_log(&format!("conn {conn}: paused"));
+        let paused = format!("conn {conn}: paused");
+        let full = "not reading, write buffer full";
+        let line = server.wait_log_any(&[&paused, full]);
+        if line.contains(full) {
+            last = Some(i);
+            break;
+        }
     }
-    // ... and erin's third takes her past it: carol is closed.
-    let (_, erin) = &mut senders[2];
-    erin.send_text(&big_file_start("erin", 50_000));
-    server.wait_log("not reading, write buffer full");
+    let last = last.expect("three 60 KB frames did not take carol past 160 KiB");
+    assert!(
+        last >= 1,
+        "one 60 KB frame took carol past the limit: alice's filled it"
+    );
+    let (_, erin) = &mut senders[last];
+    let erin_id = erin.user_id.clone();
 
     let patience = Duration::from_secs(5);
     erin.ws.get_mut().set_read_timeout(Some(patience)).unwrap();
     let asked = Instant::now();
     erin.send_text(&frame(
         "LIST_REQUEST",
-        "erin",
+        &erin_id,
         &server.server_id,
         &json!({}),
         None,

@@ -153,6 +153,25 @@ impl Harness {
         env
     }
 
+    /// The types of the frames sent to `c` so far, each with whether it is complete (signed),
+    /// without taking them.
+    fn heads_to(&self, c: ConnId) -> Vec<(&'static str, bool)> {
+        self.outbox
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { conn, text } | Action::Route { conn, text } if *conn == c => {
+                    let kind = socp::core::metrics::FRAME_TYPES
+                        .iter()
+                        .find(|k| text.head().starts_with(&format!("{{\"type\":\"{k}\"")))
+                        .copied()
+                        .unwrap_or("?");
+                    Some((kind, text.ready().is_some()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Takes the frames sent to `c` out of the outbox, with their exact text.
     fn sent_to(&mut self, c: ConnId) -> Vec<Sent> {
         let mut mine = Vec::new();
@@ -516,17 +535,26 @@ fn the_advert_leaves_before_the_newcomers_snapshot_and_nothing_overtakes_the_sna
     let resp = h.auth_response("bob", &bob, &ch);
     h.send_only(cb, &resp);
 
-    // What the hello produces at once: the advert to the others; the newcomer's frames wait.
+    // What the hello produces at once: the advert to the others, and the newcomer's frames in
+    // their places; its two snapshots are written at the end of the turn (shared by the
+    // turn's newcomers).
     assert!(h.server.has_deferred());
     assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
-    assert!(h.frames_to(cb).is_empty());
+    assert_eq!(
+        h.heads_to(cb),
+        [
+            (types::USER_HELLO_ACK, true),
+            (types::LIST_RESPONSE, false),
+            (types::PUBLIC_CHANNEL_SNAPSHOT, false)
+        ]
+    );
 
-    // Alice answers before the net layer got round to the deferred part: the core finishes
-    // bob's login first, so his snapshot still comes before anything else (§7).
+    // Alice answers before the turn ends: her message to bob queues behind his snapshot (§7).
     let ts = h.now.wall_ms;
     let payload = message_payload(&alice, bob.public_key(), "alice", Some("bob"), ts, "hi");
     let dm = user_frame_at(types::MSG_DIRECT, "alice", "bob", ts, &payload, None);
     h.send_only(ca, &dm);
+    h.server.run_deferred(h.now);
     assert!(!h.server.has_deferred());
     let to_bob = h.frames_to(cb);
     assert_eq!(
@@ -539,6 +567,58 @@ fn the_advert_leaves_before_the_newcomers_snapshot_and_nothing_overtakes_the_sna
         ]
     );
     assert_eq!(list_ids(&to_bob[1]), ["alice", "bob"]);
+}
+
+/// Newcomers of one turn share one directory snapshot and one channel snapshot: one canonical
+/// text and one signature each, however many log in together (issue "signatures off the
+/// loop"), and each snapshot lists all of them.
+#[test]
+fn newcomers_of_one_turn_share_one_signed_snapshot() {
+    let mut h = Harness::new();
+    let names = ["alice", "bob", "carol"];
+    let conns: Vec<ConnId> = (1..=3).map(conn).collect();
+    let mut responses = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let key = test_key(&format!("user{}", i + 1));
+        h.open(conns[i]);
+        h.timers();
+        let ch = h.challenge(conns[i], name, &key);
+        responses.push(h.auth_response(name, &key, &ch));
+    }
+    h.clear();
+    let before = h.server.metrics().signatures();
+    for (c, resp) in conns.iter().zip(&responses) {
+        h.send_only(*c, resp);
+    }
+    h.server.run_deferred(h.now);
+    // Per newcomer: its advert and its ack; then one LIST_RESPONSE and one channel snapshot
+    // for the three (and the challenges signed ahead, replacing the three used).
+    let signed = h.server.metrics().signatures() - before;
+    assert!(
+        signed <= 3 * 2 + 2 + 3,
+        "{signed} signatures for three logins"
+    );
+    let mut lists = Vec::new();
+    let mut snapshots = Vec::new();
+    for c in &conns {
+        let frames = h.frames_to(*c);
+        let list = frames
+            .iter()
+            .find(|e| e.kind == types::LIST_RESPONSE)
+            .unwrap();
+        let snap = frames
+            .iter()
+            .find(|e| e.kind == types::PUBLIC_CHANNEL_SNAPSHOT)
+            .unwrap();
+        assert_eq!(list_ids(list), ["alice", "bob", "carol"]);
+        lists.push(list.sig.clone());
+        snapshots.push(snap.sig.clone());
+    }
+    assert!(
+        lists.iter().all(|s| *s == lists[0]),
+        "one signature for the three lists"
+    );
+    assert!(snapshots.iter().all(|s| *s == snapshots[0]));
 }
 
 #[test]
@@ -924,7 +1004,7 @@ fn second_connection_for_an_online_user_gets_name_in_use_and_is_closed() {
         panic!("{actions:#?}")
     };
     assert_eq!(*to, c2);
-    assert_error(&[h.check(text)], "NAME_IN_USE", "");
+    assert_error(&[h.check(text.as_str())], "NAME_IN_USE", "");
     assert!(
         matches!(actions[1], Action::Close { conn, code: close::POLICY, .. } if conn == c2),
         "{actions:#?}"
@@ -1133,7 +1213,7 @@ fn assert_error_then_close(h: &mut Harness, c: ConnId, code: Option<&str>, detai
         panic!("ERROR first: {actions:#?}")
     };
     assert_eq!(*to, c);
-    let e = h.check(text);
+    let e = h.check(text.as_str());
     assert_eq!(e.kind, types::ERROR);
     if let Some(code) = code {
         assert_eq!(str_field(&e, "code"), code, "{e:?}");
@@ -1894,7 +1974,7 @@ fn many_addresses_guessing_one_name_are_bounded_by_the_name_ceiling() {
 /// The kinds of the frames in `actions`: those the net layer flow-controls (`Route`, §6
 /// routing for the input's sender) and the rest (`Send`).
 fn routed_and_sent(actions: &[Action]) -> (Vec<String>, Vec<String>) {
-    let kind = |text: &socp::wire::Text| Envelope::parse(text.as_str()).unwrap().kind;
+    let kind = |text: &socp::wire::frame::Frame| Envelope::parse(text.as_str()).unwrap().kind;
     let (mut routed, mut sent) = (Vec::new(), Vec::new());
     for a in actions {
         match a {

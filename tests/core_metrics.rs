@@ -91,7 +91,7 @@ impl Harness {
             .drain(..)
             .filter_map(|a| match a {
                 Action::Send { text, .. } | Action::Route { text, .. } => {
-                    Some(socp::wire::Envelope::parse(&text).unwrap().kind)
+                    Some(socp::wire::Envelope::parse(text.as_str()).unwrap().kind)
                 }
                 _ => None,
             })

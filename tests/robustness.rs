@@ -275,7 +275,7 @@ impl Harness {
             .iter()
             .filter_map(|a| match a {
                 Action::Send { conn: c, text } | Action::Route { conn: c, text } if *c == conn => {
-                    Envelope::parse(text).ok()
+                    Envelope::parse(text.as_str()).ok()
                 }
                 _ => None,
             })

@@ -17,10 +17,12 @@
 use crate::core::dedup::{self, SeenCache, Stale};
 use crate::core::directory::{Directory, Entry};
 use crate::core::server::{Action, ConnId, Server, State, Time, Timer, close};
+use crate::core::signer::Urgency;
 use crate::crypto::PublicKey;
 use crate::store::ServerRecord;
 use crate::wire::canon;
-use crate::wire::{self, Envelope, ErrorCode, Fields, SignedPayload, Text, WireError, types};
+use crate::wire::frame::{Frame, Signed};
+use crate::wire::{self, Envelope, ErrorCode, Fields, WireError, types};
 use log::{debug, info, warn};
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -255,11 +257,11 @@ pub struct Federation {
     seen: SeenCache,
     rng: u64,
     /// `HEARTBEAT`'s payload `{}` never changes: signed once.
-    heartbeat: Option<SignedPayload>,
+    heartbeat: Option<Signed>,
     /// The latest verified `SERVER_ANNOUNCE` of each server, as received: handed unchanged to
     /// every new link. Servers re-announce every [`REANNOUNCE_EVERY`] heartbeats, so these stay
     /// inside the peers' dedup window.
-    announces: HashMap<String, Text>,
+    announces: HashMap<String, Frame>,
     /// Heartbeat rounds since our last announce.
     rounds: u32,
     /// A graceful shutdown has begun: nothing is dialled or redialled any more.
@@ -670,7 +672,14 @@ impl Server {
         let to = format!("{}:{}", target.host, target.port);
         self.add_conn(now, conn, State::Dialling { target: t });
         let payload = self.hello_payload();
-        self.send_signed(now, conn, types::SERVER_HELLO_JOIN, &to, &payload);
+        self.send_signed(
+            now,
+            conn,
+            types::SERVER_HELLO_JOIN,
+            &to,
+            &payload,
+            Urgency::Conversation,
+        );
         self.out.push(Action::Timer {
             at_ms: now.mono_ms + self.fed.cfg.welcome_timeout_ms,
             timer: Timer::Welcome(conn),
@@ -858,7 +867,14 @@ impl Server {
                 "servers": servers,
                 "clients": self.dir.list_json(),
             });
-            self.send_signed(now, conn, types::SERVER_WELCOME, from, &welcome);
+            self.send_signed(
+                now,
+                conn,
+                types::SERVER_WELCOME,
+                from,
+                &welcome,
+                Urgency::Conversation,
+            );
         }
         self.link_up(now, conn, from, false, &host, port, &key);
         Ok(())
@@ -957,7 +973,7 @@ impl Server {
         // announce of every other server we know, unchanged: in a mesh that is not full, that
         // is how servers two hops apart learn each other's keys whatever the start order.
         self.announce_self(now);
-        let relayed: Vec<Text> = self
+        let relayed: Vec<Frame> = self
             .fed
             .announces
             .iter()
@@ -979,7 +995,7 @@ impl Server {
             }
         }
         let payload = json!({"version": self.channel.version(), "wraps": []});
-        if let Some(signed) = self.sign(&payload) {
+        if let Some(signed) = self.sign(&payload, Urgency::Conversation) {
             let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);
             self.out.push(Action::Send { conn, text });
         }
@@ -1002,7 +1018,7 @@ impl Server {
         for user_id in &gone {
             if self.dir.remove_if_hosted_by(user_id, server_id).is_some() {
                 let payload = json!({"user_id": user_id, "server_id": server_id});
-                self.broadcast_local(now, types::USER_REMOVE, &payload, None);
+                self.broadcast_local(now, types::USER_REMOVE, &payload, None, Urgency::Bulk);
                 self.transfers_user_gone(now, user_id);
             }
         }
@@ -1217,7 +1233,7 @@ impl Server {
             self.forward(text, link);
         }
         let original = advert.map(|(text, _)| text);
-        self.broadcast_local(now, types::USER_ADVERTISE, &relay, original);
+        self.broadcast_local(now, types::USER_ADVERTISE, &relay, original, Urgency::Bulk);
         Ok(())
     }
 
@@ -1370,7 +1386,13 @@ impl Server {
                 if self.dir.remove_if_hosted_by(user_id, server_id).is_some() {
                     debug!("user {user_id} offline at server {server_id}");
                     let payload = json!({"user_id": user_id, "server_id": server_id});
-                    self.broadcast_local(now, types::USER_REMOVE, &payload, Some(text));
+                    self.broadcast_local(
+                        now,
+                        types::USER_REMOVE,
+                        &payload,
+                        Some(text),
+                        Urgency::Bulk,
+                    );
                     self.transfers_user_gone(now, user_id);
                 }
                 Ok(())
@@ -1405,7 +1427,7 @@ impl Server {
 
     /// Sends our `SERVER_ANNOUNCE` to every link.
     fn announce_self(&mut self, now: Time) {
-        if let Some(signed) = self.sign(&self.hello_payload()) {
+        if let Some(signed) = self.sign(&self.hello_payload(), Urgency::Conversation) {
             let text = self.own_broadcast(now, types::SERVER_ANNOUNCE, &signed);
             self.send_links(text, None);
         }
@@ -1431,7 +1453,7 @@ impl Server {
         let from = env.from.clone();
         self.fed
             .announces
-            .insert(from.clone(), Text::from(text.to_string()));
+            .insert(from.clone(), Frame::from(text.to_string()));
         if from != self.id {
             if !self.fed.known.contains_key(&from) {
                 info!("learned server {from} at ws://{host}:{port} from server {link}");
@@ -1454,7 +1476,7 @@ impl Server {
     ) -> Result<(), WireError> {
         if env.to != self.id {
             // Relay unchanged toward `to`, never back where it came from.
-            if !self.route_toward(&env.to, Text::from(text.to_string()), Some(link)) {
+            if !self.route_toward(&env.to, Frame::from(text.to_string()), Some(link)) {
                 debug!("no route to server {} for a relayed {}", env.to, env.kind);
             }
             return Ok(());
@@ -1481,11 +1503,8 @@ impl Server {
         // unchanged (its `from` and `sig`; only `type` and `to` change): no signature here.
         // Only when the payload is complete: one without `ts` is re-signed with it.
         if self.is_peer_sig(dest) && env.payload.contains_key("ts") {
-            let signed = SignedPayload {
-                canonical: canonical.to_string(),
-                sig: env.sig.clone(),
-            };
-            let text = wire::encode_frame(kind, &env.from, user_id, env.ts, &signed).into();
+            let signed = Signed::ready(canonical.to_string(), env.sig.clone());
+            let text = signed.frame(kind, &env.from, user_id, env.ts);
             self.out.push(Action::Route { conn: dest, text });
             return Ok(());
         }
@@ -1504,7 +1523,7 @@ impl Server {
     /// never to `except`. Returns whether it went anywhere. Only for frames `route()` carries
     /// (a delivery, a channel copy, a file frame, or one relayed unchanged): they are
     /// flow-controlled ([`Action::Route`]), unlike broadcasts to every link.
-    pub(crate) fn route_toward(&mut self, host: &str, text: Text, except: Option<&str>) -> bool {
+    pub(crate) fn route_toward(&mut self, host: &str, text: Frame, except: Option<&str>) -> bool {
         let conns: Vec<ConnId> = match self.fed.links.get(host) {
             Some(link) if Some(host) != except => vec![link.conn],
             _ => self.fed.link_conns(except).collect(),
@@ -1519,7 +1538,7 @@ impl Server {
     }
 
     /// Sends `text` to every linked server but `except`; returns how many.
-    fn send_links(&mut self, text: Text, except: Option<&str>) -> usize {
+    fn send_links(&mut self, text: Frame, except: Option<&str>) -> usize {
         let conns: Vec<ConnId> = self.fed.link_conns(except).collect();
         for &conn in &conns {
             self.out.push(Action::Send {
@@ -1533,7 +1552,7 @@ impl Server {
     /// Forwards a broadcast unchanged to every link but the one it came from (§6).
     fn forward(&mut self, text: &str, came_from: &str) {
         if self.fed.links.len() > 1 {
-            self.send_links(Text::from(text.to_string()), Some(came_from));
+            self.send_links(Frame::from(text.to_string()), Some(came_from));
         }
     }
 
@@ -1577,14 +1596,14 @@ impl Server {
         added.retain(|id| self.dir.get(id).is_some_and(|e| e.local.is_some()));
         if !added.is_empty() {
             let payload = json!({"add": added, "if_version": news.if_version});
-            if let Some(signed) = self.sign(&payload) {
+            if let Some(signed) = self.sign(&payload, Urgency::Bulk) {
                 let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_ADD, &signed);
                 self.send_links(text, None);
             }
         }
         let version = self.channel.version();
         let payload = json!({"version": version, "wraps": []});
-        if let Some(signed) = self.sign(&payload) {
+        if let Some(signed) = self.sign(&payload, Urgency::Bulk) {
             let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);
             self.send_links(text, None);
         }
@@ -1605,7 +1624,11 @@ impl Server {
             self.close(now, conn, close::GOING_AWAY, "link dead");
         }
         if !self.fed.links.is_empty()
-            && let Some(signed) = self.fed.heartbeat.clone().or_else(|| self.sign(&json!({})))
+            && let Some(signed) = self
+                .fed
+                .heartbeat
+                .clone()
+                .or_else(|| self.sign(&json!({}), Urgency::Conversation))
         {
             self.fed.heartbeat = Some(signed.clone());
             let links: Vec<(String, ConnId)> = self
@@ -1615,12 +1638,8 @@ impl Server {
                 .map(|(id, l)| (id.clone(), l.conn))
                 .collect();
             for (id, conn) in links {
-                let text =
-                    wire::encode_frame(types::HEARTBEAT, &self.id, &id, now.wall_ms, &signed);
-                self.out.push(Action::Send {
-                    conn,
-                    text: text.into(),
-                });
+                let text = signed.frame(types::HEARTBEAT, &self.id, &id, now.wall_ms);
+                self.out.push(Action::Send { conn, text });
             }
         }
         if let Err(e) = self.store.forget_seen(now.wall_ms) {

@@ -30,6 +30,7 @@
 
 use crate::account;
 use crate::core::server::{Bucket, ConnId, Server, Time, store_error};
+use crate::core::signer::Urgency;
 use crate::store::{StoreError, UserRecord};
 use crate::wire::{self, Envelope, ErrorCode, WireError, types};
 use log::info;
@@ -217,7 +218,14 @@ impl Server {
         }
         info!("account {display_name} registered as user {user_id} (conn {conn})");
         let payload = json!({"user_id": user_id});
-        self.send_signed(now, conn, types::USER_REGISTERED, user_id, &payload);
+        self.send_signed(
+            now,
+            conn,
+            types::USER_REGISTERED,
+            user_id,
+            &payload,
+            Urgency::Bulk,
+        );
         Ok(())
     }
 
@@ -258,7 +266,14 @@ impl Server {
         };
         info!("conn {conn}: {name} logged in as user {}", record.user_id);
         let payload = json!({"user_id": record.user_id, "privkey_store": record.privkey_store});
-        self.send_signed(now, conn, types::USER_LOGGED_IN, &record.user_id, &payload);
+        self.send_signed(
+            now,
+            conn,
+            types::USER_LOGGED_IN,
+            &record.user_id,
+            &payload,
+            Urgency::Bulk,
+        );
         Ok(())
     }
 

@@ -12,11 +12,11 @@
 
 use crate::core::dedup::Stale;
 use crate::core::server::{Action, Server, State};
+use crate::core::signer::SignStats;
 use crate::wire::{ErrorCode, types};
 use std::borrow::Cow;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::Arc;
 
 /// Every frame type of the protocol: the `type` label's values, with `other` for the rest.
 pub const FRAME_TYPES: [&str; 30] = [
@@ -116,10 +116,8 @@ fn sent_type(text: &str) -> usize {
 pub struct Metrics {
     frames_received: [u64; OTHER + 1],
     frames_sent: [u64; OTHER + 1],
-    /// Signatures are made behind `&self` ([`Server::sign`]); relaxed atomics keep the core
-    /// `Sync` and cost nothing next to an RSA signature.
-    signatures: AtomicU64,
-    signing_ns: AtomicU64,
+    /// Counted by whoever makes the signatures (the signer, maybe on other threads).
+    sign_stats: Arc<SignStats>,
     errors_sent: [u64; ERROR_CODES.len()],
     errors_unsent: u64,
     dedup_duplicates: u64,
@@ -132,8 +130,7 @@ impl Default for Metrics {
         Metrics {
             frames_received: [0; OTHER + 1],
             frames_sent: [0; OTHER + 1],
-            signatures: AtomicU64::new(0),
-            signing_ns: AtomicU64::new(0),
+            sign_stats: Arc::default(),
             errors_sent: [0; ERROR_CODES.len()],
             errors_unsent: 0,
             dedup_duplicates: 0,
@@ -155,19 +152,14 @@ impl Metrics {
     pub(crate) fn frames_leaving(&mut self, actions: &[Action]) {
         for action in actions {
             if let Action::Send { text, .. } | Action::Route { text, .. } = action {
-                self.frames_sent[sent_type(text)] += 1;
+                self.frames_sent[sent_type(text.head())] += 1;
             }
         }
     }
 
-    /// Runs `sign`, counting it as one signature and the time it took.
-    pub(crate) fn signing<T>(&self, sign: impl FnOnce() -> T) -> T {
-        let start = Instant::now();
-        let out = sign();
-        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.signatures.fetch_add(1, Ordering::Relaxed);
-        self.signing_ns.fetch_add(ns, Ordering::Relaxed);
-        out
+    /// Where the signature counts come from (the signer in use).
+    pub(crate) fn set_sign_stats(&mut self, stats: Arc<SignStats>) {
+        self.sign_stats = stats;
     }
 
     pub(crate) fn error_sent(&mut self, code: ErrorCode) {
@@ -206,12 +198,12 @@ impl Metrics {
 
     /// Signatures made with the server's key.
     pub fn signatures(&self) -> u64 {
-        self.signatures.load(Ordering::Relaxed)
+        self.sign_stats.signatures()
     }
 
     /// Time spent making them.
     pub fn signing_seconds(&self) -> f64 {
-        self.signing_ns.load(Ordering::Relaxed) as f64 / 1e9
+        self.sign_stats.seconds()
     }
 
     pub fn errors_sent(&self, code: ErrorCode) -> u64 {
@@ -522,14 +514,18 @@ mod tests {
         assert_eq!(m.frames_received("other"), 2);
         assert_eq!(m.frames_received(types::ACK), 0);
         let signed = SignedPayload::unsigned(&json!({})).unwrap();
-        let text: crate::wire::Text = encode_frame(types::ERROR, "s", "u", 1, &signed).into();
+        let text =
+            crate::wire::frame::Frame::from(encode_frame(types::ERROR, "s", "u", 1, &signed));
+        // One still waiting for its signature counts by its type all the same.
+        let pending =
+            crate::wire::frame::Signed::pending("{}".into()).frame(types::ERROR, "s", "u", 1);
         let conn = crate::core::server::ConnId(1);
         m.frames_leaving(&[
-            Action::Send {
+            Action::Send { conn, text },
+            Action::Route {
                 conn,
-                text: text.clone(),
+                text: pending,
             },
-            Action::Route { conn, text },
             Action::Close {
                 conn,
                 code: 1000,
@@ -537,8 +533,6 @@ mod tests {
             },
         ]);
         assert_eq!(m.frames_sent(types::ERROR), 2);
-        assert_eq!(m.signing(|| 7), 7);
-        assert_eq!(m.signatures(), 1);
     }
 
     fn census() -> Census<'static> {

@@ -19,4 +19,5 @@ pub mod federation;
 pub mod login;
 pub mod metrics;
 pub mod server;
+pub mod signer;
 pub mod transfer;

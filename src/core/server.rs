@@ -12,12 +12,13 @@
 use crate::core::channel::PublicChannel;
 use crate::core::directory::{Directory, Entry};
 use crate::core::federation::{FedConfig, Federation};
+use crate::core::signer::{InlineSigner, Signer, Urgency};
 use crate::core::transfer::{TransferLimits, Transfers};
 use crate::crypto::{KeyCache, PrivateKey, PublicKey};
 use crate::store::{Store, UserRecord};
+use crate::wire::frame::{Frame, Signed, Slot};
 use crate::wire::{
-    self, AuthResponse, Envelope, ErrorCode, SignedPayload, Text, UserHello, UserMessage,
-    WireError, types,
+    self, AuthResponse, Envelope, ErrorCode, UserHello, UserMessage, WireError, types,
 };
 use log::{debug, info, warn};
 use serde_json::{Map, Value, json};
@@ -89,7 +90,7 @@ pub enum Timer {
 pub enum Action {
     Send {
         conn: ConnId,
-        text: Text,
+        text: Frame,
     },
     /// Like `Send`, for a frame `route()` carries for the sender of the input being handled
     /// (§6: a DM, a public-channel copy, a file frame, or one relayed toward another server).
@@ -100,7 +101,7 @@ pub enum Action {
     /// newcomer, whose login broadcasts a `USER_ADVERTISE` to that user too).
     Route {
         conn: ConnId,
-        text: Text,
+        text: Frame,
     },
     /// Close with this WebSocket close code. The core has already forgotten the connection.
     Close {
@@ -229,14 +230,16 @@ impl Bucket {
 /// Signatures of recent `ERROR` payloads: the same error is often sent many times, and a
 /// signature costs far more than a lookup. Bounded; cleared when full.
 #[derive(Debug, Default)]
-struct ErrorSigs(HashMap<String, String>);
+struct ErrorSigs(HashMap<String, Signed>);
 
 const ERROR_SIG_CACHE: usize = 256;
 
 /// The server core. See the module documentation.
 pub struct Server {
     pub(crate) id: String,
-    pub(crate) key: PrivateKey,
+    pub(crate) key: Arc<PrivateKey>,
+    /// Makes our signatures: in line, or a pool of threads (see [`crate::core::signer`]).
+    signer: Box<dyn Signer>,
     limits: Limits,
     pub(crate) store: Store,
     pub(crate) keys: KeyCache,
@@ -251,28 +254,36 @@ pub struct Server {
     error_sigs: ErrorSigs,
     /// The signed `LIST_RESPONSE` payload for the directory version it was built at: the
     /// payload changes only when the directory does, so repeated requests cost no signature.
-    list_cache: Option<((i64, u64), SignedPayload)>,
+    list_cache: Option<((i64, u64), Signed)>,
+    /// The `PUBLIC_CHANNEL_SNAPSHOT` payload for the (channel, directory) versions it was built
+    /// at, signed once for every newcomer who asks while they stay the same.
+    snapshot_cache: Option<((i64, i64), Signed)>,
+    /// `LIST_RESPONSE` and `PUBLIC_CHANNEL_SNAPSHOT` frames handed out during this turn whose
+    /// payload is written at its end (see [`Server::run_deferred`]): the newcomers of a login
+    /// burst share one snapshot, one canonical text and one signature (issue "signatures off
+    /// the loop").
+    burst: Vec<(BurstKind, Arc<Slot>)>,
     /// Work an input left for later, oldest first; see [`Deferred`].
     deferred: VecDeque<Deferred>,
     /// `AUTH_CHALLENGE`s signed ahead of need: (nonce, signed payload).
-    challenges: Vec<(String, SignedPayload)>,
+    challenges: Vec<(String, Signed)>,
     /// Counters for `GET /metrics` (see [`crate::core::metrics`]).
     pub(crate) metrics: crate::core::metrics::Metrics,
     pub(crate) out: Vec<Action>,
 }
 
-/// Work that is part of handling an input but need not delay that input's other frames. The
-/// net layer writes those first, then calls [`Server::run_deferred`] before it handles anything
-/// else, so the order of frames on every connection is the same as if it had been done at once.
+/// Work left for the end of the net layer's turn ([`Server::run_deferred`]).
 #[derive(Debug)]
 enum Deferred {
-    /// The rest of a login (§5.2 step 4): the newcomer's `USER_HELLO_ACK`, `LIST_RESPONSE`
-    /// and `PUBLIC_CHANNEL_SNAPSHOT` (three signatures, one over every online user), and the
-    /// channel change noted for the other servers. Deferred so that the `USER_ADVERTISE`
-    /// leaves first.
-    Welcome { conn: ConnId, user_id: String },
     /// Sign one `AUTH_CHALLENGE` ahead of need (see [`CHALLENGE_POOL`]).
     Challenge,
+}
+
+/// Frames whose payload is decided at the end of the turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BurstKind {
+    List,
+    Snapshot,
 }
 
 /// Signed challenges kept ready. A hello takes one, so its answer waits for no signature, and
@@ -285,13 +296,18 @@ const CHALLENGE_POOL: usize = 4;
 impl Server {
     /// A core for server `id` with key `key`, persisting to `store`.
     pub fn new(id: String, key: PrivateKey, limits: Limits, store: Store) -> Server {
+        let key = Arc::new(key);
+        let signer = Box::new(InlineSigner::new(Arc::clone(&key)));
         let channel = PublicChannel::new(store.public_channel_version().unwrap_or_else(|e| {
             warn!("could not read the public channel version: {e}");
             0
         }));
+        let mut metrics = crate::core::metrics::Metrics::default();
+        metrics.set_sign_stats(Arc::clone(signer.stats()));
         Server {
             id,
             key,
+            signer,
             limits,
             store,
             keys: KeyCache::new(4096),
@@ -300,12 +316,14 @@ impl Server {
             channel,
             error_sigs: ErrorSigs::default(),
             list_cache: None,
+            snapshot_cache: None,
+            burst: Vec::new(),
             deferred: VecDeque::new(),
             challenges: Vec::new(),
             fed: Federation::new(FedConfig::default()),
             login_budgets: Default::default(),
             transfers: Transfers::new(TransferLimits::default()),
-            metrics: Default::default(),
+            metrics,
             out: Vec::new(),
         }
     }
@@ -320,6 +338,17 @@ impl Server {
     pub fn with_transfer_limits(mut self, limits: TransferLimits) -> Server {
         self.transfers = Transfers::new(limits);
         self
+    }
+
+    /// Hands our signatures to `signer` from now on (the net layer's pool of threads).
+    pub fn set_signer(&mut self, signer: Box<dyn Signer>) {
+        self.metrics.set_sign_stats(Arc::clone(signer.stats()));
+        self.signer = signer;
+    }
+
+    /// The server's private key, for a signer the net layer starts.
+    pub fn private_key(&self) -> &Arc<PrivateKey> {
+        &self.key
     }
 
     /// Arms the start-up work: a dial to every configured and remembered peer, heartbeats.
@@ -353,7 +382,6 @@ impl Server {
 
     /// Feeds one input.
     pub fn handle(&mut self, now: Time, input: Input<'_>) {
-        self.run_deferred(now);
         match input {
             Input::Opened { conn, peer } => {
                 self.add_conn(now, conn, State::Fresh);
@@ -591,17 +619,8 @@ impl Server {
             ));
         };
         self.deferred.push_back(Deferred::Challenge);
-        let text = wire::encode_frame(
-            types::AUTH_CHALLENGE,
-            &self.id,
-            user_id,
-            now.wall_ms,
-            &signed,
-        );
-        self.out.push(Action::Send {
-            conn,
-            text: text.into(),
-        });
+        let text = signed.frame(types::AUTH_CHALLENGE, &self.id, user_id, now.wall_ms);
+        self.out.push(Action::Send { conn, text });
         self.set_state(
             conn,
             State::Challenged(Box::new(Challenge {
@@ -617,14 +636,14 @@ impl Server {
 
     /// A fresh `AUTH_CHALLENGE` payload `{nonce, server_id, server_pubkey}` (§5.2 step 2),
     /// signed. It names no user, so it can be made before anyone asks for it.
-    fn new_challenge(&self) -> Option<(String, SignedPayload)> {
+    fn new_challenge(&self) -> Option<(String, Signed)> {
         let nonce = crate::wire::b64::encode(&crate::crypto::random_bytes::<32>());
         let payload = json!({
             "nonce": nonce,
             "server_id": self.id,
             "server_pubkey": self.key.public_key().encoded(),
         });
-        Some((nonce, self.sign(&payload)?))
+        Some((nonce, self.sign(&payload, Urgency::Bulk)?))
     }
 
     fn on_auth_response(
@@ -718,48 +737,76 @@ impl Server {
             let text = self.own_broadcast(now, types::USER_ADVERTISE, &advert);
             self.broadcast(text, Some(conn), None);
         }
-        // The newcomer's frames (the snapshot is the costliest frame there is: every user
-        // online, signed) are built once the advert is on its way; see [`Deferred`].
-        self.deferred.push_back(Deferred::Welcome { conn, user_id });
+        // The newcomer's own frames, in this order before anything else reaches it (§7: no
+        // other frame before its snapshot). The two snapshots are written at the end of the
+        // turn, shared by every newcomer of the turn (see `burst`).
+        let ack = json!({"user_id": user_id, "server_id": self.id});
+        self.send_signed(
+            now,
+            conn,
+            types::USER_HELLO_ACK,
+            &user_id,
+            &ack,
+            Urgency::Bulk,
+        );
+        self.send_list(now, conn, &user_id);
+        self.send_channel_snapshot(now, conn, &user_id);
+        self.channel_changed(now, Some(&user_id));
     }
 
     /// A signed `USER_ADVERTISE` of local user `user_id` now: `{user_id, server_id, pubkey,
     /// meta, ts}` (§7). The signed `ts` orders presence and dates it for the peers' freshness
     /// window and seen-cache (§6), so an advert is never reused: a copy a peer saw before
     /// would be dropped as a duplicate.
-    pub(crate) fn advert(&self, now: Time, user_id: &str) -> Option<SignedPayload> {
+    pub(crate) fn advert(&self, now: Time, user_id: &str) -> Option<Signed> {
         let entry = self.dir.get(user_id).filter(|e| e.local.is_some())?;
         let mut payload = Directory::entry_json(user_id, entry);
         payload["ts"] = Value::from(now.wall_ms);
-        self.sign(&payload)
+        self.sign(&payload, Urgency::Bulk)
     }
 
     /// Whether work is waiting for [`Server::run_deferred`].
     pub fn has_deferred(&self) -> bool {
-        !self.deferred.is_empty()
+        !self.deferred.is_empty() || !self.burst.is_empty()
     }
 
-    /// Runs the work an input left for later (see [`Deferred`]); its actions join the queue.
-    /// The net layer calls this once it has written the input's actions. [`Server::handle`]
-    /// also calls it first, so deferred work always completes before the next input is seen.
-    pub fn run_deferred(&mut self, now: Time) {
+    /// The end of a turn: the net layer calls this once it has handled the inputs of one
+    /// readiness pass (a bounded slice). Writes the snapshots handed out during the turn —
+    /// one `LIST_RESPONSE` payload and one `PUBLIC_CHANNEL_SNAPSHOT` payload, each signed
+    /// once, for every newcomer of the turn — and signs challenges ahead of need.
+    ///
+    /// A snapshot written here is newer than its place in the newcomer's order: the presence
+    /// changes in between also reach the newcomer, after it, and each is idempotent (an
+    /// advert for a user listed, a removal for one not listed), so the newcomer ends where
+    /// everyone else does (§7).
+    pub fn run_deferred(&mut self, _now: Time) {
+        if !self.burst.is_empty() {
+            let burst = std::mem::take(&mut self.burst);
+            let list = burst
+                .iter()
+                .any(|(k, _)| *k == BurstKind::List)
+                .then(|| self.list_payload())
+                .flatten();
+            let snapshot = burst
+                .iter()
+                .any(|(k, _)| *k == BurstKind::Snapshot)
+                .then(|| self.snapshot_payload())
+                .flatten();
+            for (kind, slot) in burst {
+                let signed = match kind {
+                    BurstKind::List => &list,
+                    BurstKind::Snapshot => &snapshot,
+                };
+                match signed {
+                    Some(signed) => signed.attach(slot),
+                    // Cannot happen (strings and integers only); the frame is never sent,
+                    // and holds back its connection until the connection closes.
+                    None => warn!("a snapshot could not be built"),
+                }
+            }
+        }
         while let Some(work) = self.deferred.pop_front() {
             match work {
-                Deferred::Welcome { conn, user_id } => {
-                    let still_here = matches!(
-                        self.state(conn),
-                        Some(State::User { user_id: u }) if *u == user_id
-                    );
-                    if still_here {
-                        // §7 login-order independence: no other frame reaches the newcomer
-                        // before its snapshot, because no input is handled in between.
-                        let ack = json!({"user_id": user_id, "server_id": self.id});
-                        self.send_signed(now, conn, types::USER_HELLO_ACK, &user_id, &ack);
-                        self.send_list(now, conn, &user_id);
-                        self.send_channel_snapshot(now, conn, &user_id);
-                    }
-                    self.channel_changed(now, Some(&user_id));
-                }
                 Deferred::Challenge => {
                     if self.challenges.len() < CHALLENGE_POOL
                         && let Some(ready) = self.new_challenge()
@@ -916,10 +963,10 @@ impl Server {
         // 2./3. the hosting server, over its link or by flooding every link.
         let host = entry.server_id.clone();
         payload.insert("user_id".into(), Value::from(target));
-        let Some(signed) = self.sign(&Value::Object(payload)) else {
+        let Some(signed) = self.sign(&Value::Object(payload), Urgency::Conversation) else {
             return Err(not_found());
         };
-        let text = wire::encode_frame(server_kind, &self.id, &host, now.wall_ms, &signed).into();
+        let text = signed.frame(server_kind, &self.id, &host, now.wall_ms);
         if self.route_toward(&host, text, None) {
             Ok(())
         } else {
@@ -937,7 +984,7 @@ impl Server {
         to: &str,
         payload: &Value,
     ) {
-        if let Some(text) = self.signed_frame(now, kind, to, payload) {
+        if let Some(text) = self.signed_frame(now, kind, to, payload, Urgency::Conversation) {
             self.out.push(Action::Route { conn, text });
         }
     }
@@ -945,33 +992,63 @@ impl Server {
     /// `LIST_RESPONSE` (§5.5): every user online anywhere and, for clients that take other
     /// servers' signatures (§5.6), the key of every server we pin. One payload for everyone,
     /// signed once per (directory version, pinned servers).
+    /// Its payload is written at the end of the turn (see [`Server::run_deferred`]).
     pub(crate) fn send_list(&mut self, now: Time, conn: ConnId, to: &str) {
-        let version = (self.dir.version(), self.fed.pins_version());
-        let signed = match &self.list_cache {
-            Some((v, signed)) if *v == version => signed,
-            _ => {
-                let servers = self.fed.pinned_keys();
-                let canonical = match self.dir.list_canonical(version.0, &servers) {
-                    Ok(c) => c,
-                    Err(e) => return warn!("cannot build LIST_RESPONSE: {e}"),
-                };
-                let signed = self
-                    .metrics
-                    .signing(|| SignedPayload::sign_canonical(canonical, &self.key));
-                &self.list_cache.insert((version, signed)).1
-            }
-        };
-        let text = wire::encode_frame(types::LIST_RESPONSE, &self.id, to, now.wall_ms, signed);
-        self.out.push(Action::Send {
-            conn,
-            text: text.into(),
-        });
+        self.send_burst(now, conn, to, BurstKind::List);
     }
 
+    /// `PUBLIC_CHANNEL_SNAPSHOT` (§8): the channel's version and members, written at the end
+    /// of the turn like `LIST_RESPONSE`.
     fn send_channel_snapshot(&mut self, now: Time, conn: ConnId, to: &str) {
+        self.send_burst(now, conn, to, BurstKind::Snapshot);
+    }
+
+    fn send_burst(&mut self, now: Time, conn: ConnId, to: &str, kind: BurstKind) {
+        let frame_type = match kind {
+            BurstKind::List => types::LIST_RESPONSE,
+            BurstKind::Snapshot => types::PUBLIC_CHANNEL_SNAPSHOT,
+        };
+        let slot = Slot::new(frame_type, &self.id, to, now.wall_ms);
+        self.burst.push((kind, Arc::clone(&slot)));
+        let text = Frame::Pending(slot);
+        self.out.push(Action::Send { conn, text });
+    }
+
+    /// The `LIST_RESPONSE` payload now, signed once per (directory version, pinned servers).
+    fn list_payload(&mut self) -> Option<Signed> {
+        let version = (self.dir.version(), self.fed.pins_version());
+        if let Some((v, signed)) = &self.list_cache
+            && *v == version
+        {
+            return Some(signed.clone());
+        }
+        let servers = self.fed.pinned_keys();
+        let canonical = match self.dir.list_canonical(version.0, &servers) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("cannot build LIST_RESPONSE: {e}");
+                return None;
+            }
+        };
+        let signed = Signed::pending(canonical);
+        self.signer.submit(&signed, Urgency::Bulk);
+        self.list_cache = Some((version, signed.clone()));
+        Some(signed)
+    }
+
+    /// The `PUBLIC_CHANNEL_SNAPSHOT` payload now, signed once per (channel, directory) version.
+    fn snapshot_payload(&mut self) -> Option<Signed> {
+        let version = (self.channel.version(), self.dir.version());
+        if let Some((v, signed)) = &self.snapshot_cache
+            && *v == version
+        {
+            return Some(signed.clone());
+        }
         let members: Vec<&str> = self.dir.user_ids().collect();
         let payload = json!({"version": self.channel.version(), "members": members});
-        self.send_signed(now, conn, types::PUBLIC_CHANNEL_SNAPSHOT, to, &payload);
+        let signed = self.sign(&payload, Urgency::Bulk)?;
+        self.snapshot_cache = Some((version, signed.clone()));
+        Some(signed)
     }
 
     // ---------------------------------------------------------------- connections
@@ -991,7 +1068,7 @@ impl Server {
                     // The signed `ts` orders it after the user's advert (§7).
                     let payload =
                         json!({"user_id": user_id, "server_id": self.id, "ts": now.wall_ms});
-                    if let Some(signed) = self.sign(&payload) {
+                    if let Some(signed) = self.sign(&payload, Urgency::Bulk) {
                         let text = self.own_broadcast(now, types::USER_REMOVE, &signed);
                         self.broadcast(text, None, None);
                     }
@@ -1048,23 +1125,31 @@ impl Server {
         kind: &str,
         to: &str,
         payload: &Value,
+        urgency: Urgency,
     ) {
-        if let Some(text) = self.signed_frame(now, kind, to, payload) {
+        if let Some(text) = self.signed_frame(now, kind, to, payload, urgency) {
             self.out.push(Action::Send { conn, text });
         }
     }
 
     /// One frame from us, `payload` signed (see [`Server::sign`]).
-    fn signed_frame(&self, now: Time, kind: &str, to: &str, payload: &Value) -> Option<Text> {
-        let signed = self.sign(payload)?;
-        Some(wire::encode_frame(kind, &self.id, to, now.wall_ms, &signed).into())
+    fn signed_frame(
+        &self,
+        now: Time,
+        kind: &str,
+        to: &str,
+        payload: &Value,
+        urgency: Urgency,
+    ) -> Option<Frame> {
+        let signed = self.sign(payload, urgency)?;
+        Some(signed.frame(kind, &self.id, to, now.wall_ms))
     }
 
     /// Sends one frame to every local user but `except_user` and every linked server but
     /// `except_link`: one signature, one encoding, shared by every recipient.
     pub(crate) fn broadcast(
         &mut self,
-        text: Text,
+        text: Frame,
         except_user: Option<ConnId>,
         except_link: Option<&str>,
     ) {
@@ -1082,8 +1167,8 @@ impl Server {
 
     /// Encodes a broadcast (`to: "*"`) that we originate. (A copy the mesh floods back to us
     /// is dropped by its `from`, before the seen-cache.)
-    pub(crate) fn own_broadcast(&self, now: Time, kind: &str, signed: &SignedPayload) -> Text {
-        wire::encode_frame(kind, &self.id, "*", now.wall_ms, signed).into()
+    pub(crate) fn own_broadcast(&self, now: Time, kind: &str, signed: &Signed) -> Frame {
+        signed.frame(kind, &self.id, "*", now.wall_ms)
     }
 
     /// Sends a frame (`to: "*"`) to every local user: `payload` signed by us, or, to users who
@@ -1095,6 +1180,7 @@ impl Server {
         kind: &str,
         payload: &Value,
         original: Option<&str>,
+        urgency: Urgency,
     ) {
         let mut resigned = Vec::new();
         let mut unchanged = Vec::new();
@@ -1105,7 +1191,7 @@ impl Server {
             }
         }
         if let Some(original) = original.filter(|_| !unchanged.is_empty()) {
-            let text = Text::from(original.to_string());
+            let text = Frame::from(original.to_string());
             for conn in unchanged {
                 let text = text.clone();
                 self.out.push(Action::Send { conn, text });
@@ -1114,10 +1200,10 @@ impl Server {
         if resigned.is_empty() {
             return;
         }
-        let Some(signed) = self.sign(payload) else {
+        let Some(signed) = self.sign(payload, urgency) else {
             return;
         };
-        let text: Text = wire::encode_frame(kind, &self.id, "*", now.wall_ms, &signed).into();
+        let text = signed.frame(kind, &self.id, "*", now.wall_ms);
         for conn in resigned {
             self.out.push(Action::Send {
                 conn,
@@ -1135,12 +1221,15 @@ impl Server {
     /// integers, arrays and objects, and every payload it takes from a frame passed the edge's
     /// check for non-integer numbers ([`Envelope::parse`], §3.3), so this cannot fail; if it
     /// ever did, the frame is not sent and the bug is logged instead of crashing the server.
-    pub(crate) fn sign(&self, payload: &Value) -> Option<SignedPayload> {
-        match self
-            .metrics
-            .signing(|| SignedPayload::sign(payload, &self.key))
-        {
-            Ok(signed) => Some(signed),
+    /// The signature is made by the [`Signer`], now or later: frames made from the result
+    /// are complete once it is.
+    pub(crate) fn sign(&self, payload: &Value, urgency: Urgency) -> Option<Signed> {
+        match crate::wire::canon::canonical(payload) {
+            Ok(canonical) => {
+                let signed = Signed::pending(canonical);
+                self.signer.submit(&signed, urgency);
+                Some(signed)
+            }
             Err(e) => {
                 log::error!("not sending a payload without a canonical form ({e}): a bug");
                 None
@@ -1174,26 +1263,21 @@ impl Server {
         let Ok(canonical) = crate::wire::canon::canonical(&payload) else {
             return; // strings only: cannot happen
         };
-        let sig = match self.error_sigs.0.get(&canonical) {
-            Some(sig) => sig.clone(),
+        let signed = match self.error_sigs.0.get(&canonical) {
+            Some(signed) => signed.clone(),
             None => {
-                let sig = self
-                    .metrics
-                    .signing(|| self.key.sign_b64(canonical.as_bytes()));
+                let signed = Signed::pending(canonical.clone());
+                self.signer.submit(&signed, Urgency::Conversation);
                 if self.error_sigs.0.len() >= ERROR_SIG_CACHE {
                     self.error_sigs.0.clear();
                 }
-                self.error_sigs.0.insert(canonical.clone(), sig.clone());
-                sig
+                self.error_sigs.0.insert(canonical, signed.clone());
+                signed
             }
         };
-        let signed = SignedPayload { canonical, sig };
-        let text = wire::encode_frame(types::ERROR, &self.id, &to, now.wall_ms, &signed);
+        let text = signed.frame(types::ERROR, &self.id, &to, now.wall_ms);
         self.metrics.error_sent(err.code);
-        self.out.push(Action::Send {
-            conn,
-            text: text.into(),
-        });
+        self.out.push(Action::Send { conn, text });
     }
 
     /// An error that also closes: a bad first frame (§1).

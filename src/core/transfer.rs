@@ -12,6 +12,7 @@
 //! slowly is bounded by the per-connection write-buffer cap.
 
 use crate::core::server::{ConnId, Server, Time, Timer};
+use crate::core::signer::Urgency;
 use crate::wire::{Envelope, ErrorCode, WireError, types};
 use log::info;
 use serde_json::json;
@@ -185,7 +186,14 @@ impl Server {
         };
         if (index + 1) % ACK_EVERY == 0 {
             let payload = json!({"msg_ref": format!("{file_id}:{index}")});
-            self.send_signed(now, conn, types::ACK, sender, &payload);
+            self.send_signed(
+                now,
+                conn,
+                types::ACK,
+                sender,
+                &payload,
+                Urgency::Conversation,
+            );
         }
     }
 

@@ -16,6 +16,7 @@
 //! the WebSocket frame, and every decision about a SOCP frame is the core's.
 
 pub mod http;
+pub mod signpool;
 pub mod timer;
 pub mod tls;
 
@@ -23,6 +24,7 @@ use crate::config::Config;
 use crate::core::server::{self, Action, ConnId, Input, Server, Time};
 use crate::net::timer::TimerWheel;
 use crate::net::tls::{MaybeTls, TlsStream};
+use crate::wire::frame::Frame;
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
@@ -31,6 +33,7 @@ use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, ToSocketAddrs};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tungstenite::handshake::client::ClientHandshake;
 use tungstenite::handshake::server::{NoCallback, ServerHandshake};
@@ -56,12 +59,39 @@ const FRAGMENT: usize = 4096;
 /// broadcast is one allocation for all its recipients), not copied into tungstenite's write
 /// buffer, which would keep that size for as long as the connection lives. tungstenite holds
 /// at most the one frame that met `WouldBlock`.
+///
+/// A frame whose signature is still being made waits here too, holding back only the frames
+/// behind it on this connection (issue "signatures off the loop").
 #[derive(Default)]
 struct Outbox {
-    /// Messages in order, each with how many of its bytes tungstenite already has.
-    queue: VecDeque<(crate::wire::Text, usize)>,
-    /// Bytes waiting in `queue`.
+    /// Messages in order.
+    queue: VecDeque<Waiting>,
+    /// Bytes waiting in `queue` (of a frame not complete yet, the part known).
     bytes: usize,
+    /// Frames in `queue` not complete when queued (some may be by now).
+    pending: usize,
+}
+
+/// One message in an [`Outbox`].
+struct Waiting {
+    frame: Frame,
+    /// How many of its bytes tungstenite already has.
+    offset: usize,
+    /// What it adds to [`Outbox::bytes`].
+    charged: usize,
+    /// It was not complete when queued (counted in [`Outbox::pending`]).
+    pending: bool,
+}
+
+/// What handing queued messages to tungstenite came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Pumped {
+    /// Everything is written.
+    Drained,
+    /// The socket refused data.
+    Blocked,
+    /// The next message's signature is not made yet.
+    Signing,
 }
 
 /// What writing a message (from byte `offset`) to tungstenite came to.
@@ -120,43 +150,83 @@ impl Outbox {
         self.queue.is_empty()
     }
 
-    fn push(&mut self, text: crate::wire::Text, offset: usize) {
-        // (An empty message at offset 0 is still a message to send.)
-        if offset < text.len() || offset == 0 {
-            self.bytes += text.len() - offset;
-            self.queue.push_back((text, offset));
-        }
+    /// Whether a queued frame still waits for its signature.
+    fn has_pending(&mut self) -> bool {
+        self.unsigned() > 0
     }
 
-    /// Hands queued messages to tungstenite until one meets `WouldBlock` (`Ok(false)`) or the
-    /// queue is empty (`Ok(true)`). Call only when tungstenite's own buffer is flushed.
-    fn pump(&mut self, ws: &mut WebSocket<Stream>) -> Result<bool, WsError> {
-        while let Some((text, offset)) = self.queue.front_mut() {
-            let before = *offset;
-            match write_from(ws, text, before)? {
-                Wrote::All => {
-                    self.bytes -= text.len() - before;
-                    self.queue.pop_front();
-                }
-                Wrote::Blocked(next) => {
-                    self.bytes -= next - before;
-                    *offset = next;
-                    if next == text.len() {
-                        self.queue.pop_front();
-                    }
-                    return Ok(false);
+    /// How many queued frames still wait for their signatures.
+    fn unsigned(&mut self) -> usize {
+        if self.pending > 0 {
+            for w in &mut self.queue {
+                if w.pending && w.frame.ready().is_some() {
+                    w.pending = false;
+                    self.pending -= 1;
                 }
             }
         }
-        Ok(true)
+        self.pending
+    }
+
+    fn push(&mut self, frame: Frame, offset: usize) {
+        let len = frame.len();
+        // (An empty message at offset 0 is still a message to send.)
+        if offset < len || offset == 0 {
+            let charged = len - offset;
+            let pending = frame.ready().is_none();
+            self.bytes += charged;
+            self.pending += usize::from(pending);
+            self.queue.push_back(Waiting {
+                frame,
+                offset,
+                charged,
+                pending,
+            });
+        }
+    }
+
+    fn pop(&mut self) {
+        if let Some(w) = self.queue.pop_front() {
+            self.bytes -= w.charged;
+            self.pending -= usize::from(w.pending);
+        }
+    }
+
+    /// Hands queued messages to tungstenite until one meets `WouldBlock`, one is not signed
+    /// yet, or the queue is empty. Call only when tungstenite's own buffer is flushed.
+    fn pump(&mut self, ws: &mut WebSocket<Stream>) -> Result<Pumped, WsError> {
+        while let Some(w) = self.queue.front_mut() {
+            let Some(text) = w.frame.ready() else {
+                return Ok(Pumped::Signing);
+            };
+            match write_from(ws, text, w.offset)? {
+                Wrote::All => self.pop(),
+                Wrote::Blocked(next) => {
+                    let left = text.len() - next;
+                    self.bytes = self.bytes - w.charged + left;
+                    w.charged = left;
+                    w.offset = next;
+                    if next == text.len() {
+                        self.pop();
+                    }
+                    return Ok(Pumped::Blocked);
+                }
+            }
+        }
+        Ok(Pumped::Drained)
     }
 
     /// Hands everything to tungstenite, whatever the socket takes (before a close frame,
-    /// which must come last). Gives up at the first error other than `WouldBlock`.
+    /// which must come last). Gives up at the first error other than `WouldBlock`. Call only
+    /// when no frame waits for its signature.
     fn spill(&mut self, ws: &mut WebSocket<Stream>) {
-        while let Some((text, mut offset)) = self.queue.pop_front() {
+        while let Some(w) = self.queue.pop_front() {
+            let Some(text) = w.frame.ready() else {
+                continue; // not reached: see above
+            };
+            let mut offset = w.offset;
             while offset < text.len() {
-                match write_from(ws, &text, offset) {
+                match write_from(ws, text, offset) {
                     Ok(Wrote::All) => break,
                     Ok(Wrote::Blocked(next)) => offset = next,
                     Err(_) => {
@@ -167,6 +237,7 @@ impl Outbox {
             }
         }
         self.bytes = 0;
+        self.pending = 0;
     }
 }
 
@@ -200,12 +271,26 @@ fn violation(e: &WsError) -> Option<(u16, &'static str)> {
 const LISTENER: Token = Token(usize::MAX - 1);
 /// The read end of the self-pipe that SIGINT/SIGTERM write to.
 const SIGNAL: Token = Token(usize::MAX - 2);
+/// Signer threads completed frames.
+const SIGNED: Token = Token(usize::MAX - 3);
+
+/// Dropped connections reported to the core per loop turn: each can cost a `USER_REMOVE` to
+/// every user, so a mass leave is handled in slices with polls in between (issue "signatures
+/// off the loop": 2,000 users leaving at once stalled everyone for 13 s).
+const GONE_SLICE: usize = 64;
+
+/// Frames routed to one connection that may wait for their signatures before the senders
+/// feeding it are paused (backpressure, as for a reader that does not keep up).
+const SIGN_BACKLOG: usize = 16;
 
 /// Messages read from one connection in one loop turn before others get a turn; the rest wait
 /// in the backlog (read again next turn without waiting for a new readiness event).
 const READ_BUDGET: usize = 64;
 /// How long a closing connection may take to flush and see the peer's close reply.
 const CLOSE_LINGER_MS: u64 = 2_000;
+/// How long a connection closed by the core may wait for the signatures of its last frames
+/// (behind a storm's queue of signing work) before it is dropped without them.
+const SIGNING_GRACE_MS: u64 = 10_000;
 /// How long a graceful shutdown waits for connections to finish closing.
 const SHUTDOWN_LINGER_MS: u64 = 1_000;
 
@@ -256,6 +341,13 @@ struct Conn {
     paused: bool,
     /// What the socket has not taken yet, beyond the frame tungstenite holds.
     out: Outbox,
+    /// Listed in [`Net::signing`]: its outbox waits for a signature.
+    signing: bool,
+    /// Senders were paused because too many frames for it wait for signatures.
+    holds_back: bool,
+    /// The core closed it while frames before the close still waited for their signatures:
+    /// the close frame follows them (see [`Net::start_closing`]). Not read meanwhile.
+    close_after: Option<Option<(u16, &'static str)>>,
 }
 
 /// A response to a plain HTTP request, and how much of it the socket took.
@@ -333,6 +425,12 @@ pub struct Net {
     actions: VecDeque<Action>,
     shutting_down: bool,
     shutdown_done: bool,
+    /// Connections whose outbox waits for a signature.
+    signing: Vec<usize>,
+    /// Set by the signer threads when they complete frames (None: signing in line).
+    signed: Option<Arc<AtomicBool>>,
+    /// Dropped connections reported to the core this turn (see [`GONE_SLICE`]).
+    gone_this_turn: usize,
 }
 
 impl Net {
@@ -345,6 +443,19 @@ impl Net {
         core: Server,
     ) -> io::Result<Net> {
         let poll = Poll::new()?;
+        let mut core = core;
+        let signed = match cfg.sign_threads {
+            0 => None,
+            n => {
+                let waker = mio::Waker::new(poll.registry(), SIGNED)?;
+                let key = Arc::clone(core.private_key());
+                let pool = signpool::SignPool::start(key, n, Box::new(waker))?;
+                let woken = pool.woken();
+                core.set_signer(Box::new(pool));
+                info!("signing on {n} thread(s)");
+                Some(woken)
+            }
+        };
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
         poll.registry()
@@ -395,6 +506,9 @@ impl Net {
             gone: VecDeque::new(),
             shutting_down: false,
             shutdown_done: false,
+            signing: Vec::new(),
+            signed,
+            gone_this_turn: 0,
         })
     }
 
@@ -417,7 +531,8 @@ impl Net {
         self.core.start(now);
         self.apply_actions();
         while !self.shutdown_done {
-            let timeout = if self.backlog.is_empty() {
+            self.gone_this_turn = 0;
+            let timeout = if self.backlog.is_empty() && self.gone.is_empty() {
                 self.wheel
                     .next_deadline()
                     .map(|at| Duration::from_millis(at.saturating_sub(self.mono_ms())))
@@ -433,6 +548,7 @@ impl Net {
                 match event.token() {
                     LISTENER => self.accept_all(),
                     SIGNAL => self.on_signal(),
+                    SIGNED => {} // below, once per turn
                     Token(idx) => self.on_ready(idx, event.is_readable(), event.is_writable()),
                 }
                 // A connection this event dropped: the core hears of it before the next input.
@@ -444,11 +560,13 @@ impl Net {
             }
             self.fire_timers();
             self.apply_actions();
+            self.end_turn();
             self.flush_dirty();
             // Connections dropped while flushing may have left the core something to say
             // (a `USER_REMOVE` for the others).
-            while self.core.has_actions() || !self.gone.is_empty() {
+            while self.core.has_actions() || self.core.has_deferred() {
                 self.apply_actions();
+                self.end_turn();
                 self.flush_dirty();
             }
         }
@@ -548,6 +666,9 @@ impl Net {
             blocked_since: None,
             out: Outbox::default(),
             paused: false,
+            signing: false,
+            holds_back: false,
+            close_after: None,
         });
         let at = self.mono_ms() + self.handshake_timeout_ms;
         self.wheel.insert(at, NetTimer::Handshake(id));
@@ -872,6 +993,9 @@ impl Net {
             if conn.paused {
                 return; // resumed (and read) when what it feeds drains
             }
+            if conn.close_after.is_some() {
+                return; // the core is done with it: closed once its last frames are signed
+            }
             let result = match &mut conn.io {
                 Io::Open(ws) | Io::Closing(ws) => ws.read(),
                 _ => return,
@@ -888,14 +1012,14 @@ impl Net {
                         },
                     );
                     self.apply_actions();
-                    if self.hit_still_blocked() {
+                    if let Some(why) = self.hit_still_blocked() {
                         // Backpressure: what this connection sends to others cannot leave
                         // as fast as it arrives. Stop reading it until the blocked
                         // connection drains.
                         if let Some(conn) = self.conns.get_mut(idx)
                             && !conn.paused
                         {
-                            debug!("conn {id}: paused (a destination is not keeping up)");
+                            debug!("conn {id}: paused ({why})");
                             conn.paused = true;
                             self.paused.push(idx);
                         }
@@ -984,13 +1108,8 @@ impl Net {
         loop {
             self.actions.extend(self.core.actions());
             let Some(action) = self.actions.pop_front() else {
-                // Writes are eager, so the frames above have left: now the deferred part.
-                if self.core.has_deferred() {
-                    let now = self.now();
-                    self.core.run_deferred(now);
-                    continue;
-                }
-                if self.report_gone() {
+                if self.gone_this_turn < GONE_SLICE && self.report_gone() {
+                    self.gone_this_turn += 1;
                     continue;
                 }
                 return;
@@ -1017,7 +1136,7 @@ impl Net {
     /// Writes `text` to connection `id`, or queues it behind what the socket has not taken.
     /// `routed`: a frame the core routes for the input's sender ([`Action::Route`]); only
     /// those pause the input's connection when `id` is blocked (see `hit_blocked`).
-    fn send(&mut self, id: ConnId, text: crate::wire::Text, routed: bool) {
+    fn send(&mut self, id: ConnId, frame: Frame, routed: bool) {
         let Some(idx) = self.index_of(id) else {
             return;
         };
@@ -1025,19 +1144,27 @@ impl Net {
         let Io::Open(ws) = &mut conn.io else {
             return;
         };
-        if conn.blocked_since.is_some() || !conn.out.is_empty() {
-            // The socket is full: wait in line, in order, without a copy.
-            conn.out.push(text, 0);
-            if routed {
-                self.hit_blocked.push(id);
+        let text = match frame.ready() {
+            Some(text) if conn.blocked_since.is_none() && conn.out.is_empty() => text.clone(),
+            _ => {
+                // The socket is full, or this frame or one before it waits for its
+                // signature: wait in line, in order, without a copy.
+                let signing = frame.ready().is_none();
+                conn.out.push(frame, 0);
+                if routed {
+                    self.hit_blocked.push(id);
+                }
+                if signing {
+                    self.wait_for_signature(idx);
+                }
+                return self.check_waiting(idx);
             }
-            return self.check_waiting(idx);
-        }
+        };
         match write_from(ws, &text, 0) {
             Ok(Wrote::All) => self.mark_dirty(idx),
             // The rest waits for the next writable event.
             Ok(Wrote::Blocked(next)) => {
-                conn.out.push(text, next);
+                conn.out.push(Frame::Ready(text), next);
                 if routed {
                     self.hit_blocked.push(id);
                 }
@@ -1059,13 +1186,63 @@ impl Net {
     /// Whether a blocked connection that frames routed for the input just handled went to
     /// still is. One closed meanwhile (past the write limit) resumes nobody later: pausing the
     /// sender behind it would pause it for good (issue "trust at the edges").
-    fn hit_still_blocked(&mut self) -> bool {
-        let blocked = self.hit_blocked.iter().any(|&id| {
-            self.index_of(id)
-                .is_some_and(|idx| self.conns[idx].blocked_since.is_some())
-        });
-        self.hit_blocked.clear();
-        blocked
+    ///
+    /// A connection with more than [`SIGN_BACKLOG`] frames waiting for their signatures counts
+    /// as blocked too: the signers are what does not keep up, and a sender read faster than its
+    /// frames are signed would queue signing work without bound. It resumes its senders once
+    /// it is back under that mark ([`Net::flush_dirty`]).
+    /// Returns why, if so.
+    fn hit_still_blocked(&mut self) -> Option<&'static str> {
+        let mut why = None;
+        for id in std::mem::take(&mut self.hit_blocked) {
+            if let Some(idx) = self.index_of(id) {
+                let conn = &mut self.conns[idx];
+                if conn.out.unsigned() > SIGN_BACKLOG {
+                    conn.holds_back = true;
+                    why = why.or(Some("frames for a destination wait for their signatures"));
+                }
+                if conn.blocked_since.is_some() {
+                    why = Some("a destination is not keeping up");
+                }
+            }
+        }
+        why
+    }
+
+    /// Lists `idx` among the connections to look at when signatures complete.
+    fn wait_for_signature(&mut self, idx: usize) {
+        if let Some(conn) = self.conns.get_mut(idx)
+            && !conn.signing
+        {
+            conn.signing = true;
+            self.signing.push(idx);
+        }
+    }
+
+    /// The end of a loop turn: the core's end-of-turn work (snapshots shared by the turn's
+    /// newcomers, challenges signed ahead), then every connection whose outbox waited for a
+    /// signature that is made by now is flushed (by [`Net::flush_dirty`]).
+    fn end_turn(&mut self) {
+        let mut look = false;
+        if self.core.has_deferred() {
+            let now = self.now();
+            self.core.run_deferred(now);
+            self.apply_actions();
+            look = true; // signed in line: its frames are complete now
+        }
+        if let Some(woken) = &self.signed {
+            // Cleared before looking: a completion after the look sets it and wakes us again.
+            look |= woken.swap(false, Ordering::AcqRel);
+        }
+        if !look {
+            return;
+        }
+        for idx in std::mem::take(&mut self.signing) {
+            if let Some(conn) = self.conns.get_mut(idx) {
+                conn.signing = false;
+                self.mark_dirty(idx);
+            }
+        }
     }
 
     /// Closes a connection with more than `max_write_buffer` bytes waiting for it.
@@ -1102,6 +1279,17 @@ impl Net {
         }
     }
 
+    /// A connection that paused senders for its signing backlog is back under the mark.
+    fn signed_enough(&mut self, idx: usize) {
+        if let Some(conn) = self.conns.get_mut(idx)
+            && conn.holds_back
+            && conn.out.unsigned() <= SIGN_BACKLOG
+        {
+            conn.holds_back = false;
+            self.resume_paused();
+        }
+    }
+
     fn resume_paused(&mut self) {
         for idx in std::mem::take(&mut self.paused) {
             if let Some(conn) = self.conns.get_mut(idx) {
@@ -1134,8 +1322,28 @@ impl Net {
                 _ => continue,
             };
             match result {
-                Ok(true) => self.unblocked(idx),
-                Ok(false) => self.mark_blocked(idx),
+                Ok(Pumped::Drained | Pumped::Blocked)
+                    if conn.close_after.is_some() && !conn.out.has_pending() =>
+                {
+                    // Its last frames are signed (written or queued): now the close frame.
+                    let code = conn.close_after.take().flatten();
+                    self.unblocked(idx);
+                    self.start_closing(idx, code);
+                }
+                Ok(Pumped::Drained) => {
+                    self.unblocked(idx);
+                    self.signed_enough(idx);
+                }
+                Ok(Pumped::Signing) => {
+                    self.unblocked(idx);
+                    self.wait_for_signature(idx);
+                    self.signed_enough(idx);
+                }
+
+                Ok(Pumped::Blocked) => {
+                    self.mark_blocked(idx);
+                    self.signed_enough(idx);
+                }
                 // Kept in tungstenite's buffer; the writable event brings us back.
                 Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => self.mark_blocked(idx),
                 Err(WsError::ConnectionClosed) if closing => self.drop_conn(idx),
@@ -1168,6 +1376,19 @@ impl Net {
             Io::Closing(_) | Io::Gone => return,
         }
         let id = conn.id;
+        if conn.out.has_pending() {
+            // Frames before the close wait for their signatures: the close follows them
+            // (see `flush_dirty`). The core has forgotten the connection.
+            if conn.close_after.is_none() {
+                conn.close_after = Some(code);
+                let now = self.now();
+                self.core.handle(now, Input::Closed { conn: id });
+                self.wait_for_signature(idx);
+                let at = self.mono_ms() + CLOSE_LINGER_MS + SIGNING_GRACE_MS;
+                self.wheel.insert(at, NetTimer::CloseLinger(id));
+            }
+            return;
+        }
         let Io::Open(mut ws) = std::mem::replace(&mut conn.io, Io::Gone) else {
             unreachable!("checked above")
         };
@@ -1212,7 +1433,7 @@ impl Net {
             return;
         }
         let conn = self.conns.remove(idx);
-        if conn.blocked_since.is_some() {
+        if conn.blocked_since.is_some() || conn.holds_back {
             self.resume_paused();
         }
         let was_open = matches!(conn.io, Io::Open(_));
@@ -1355,6 +1576,112 @@ mod tests {
     use crate::wire::Text;
     use tungstenite::protocol::Role;
 
+    /// Frames whose signatures complete out of order (a pool of four signers, each sleeping a
+    /// random time before each job), mixed with frames complete from the start, leave one
+    /// connection in the order they were queued, each with a valid signature.
+    #[test]
+    fn frames_leave_in_order_when_signatures_complete_out_of_order() {
+        use crate::core::signer::{Signer, Urgency};
+        use crate::wire::frame::Signed;
+        use std::sync::{Condvar, Mutex};
+
+        #[derive(Default)]
+        struct Bell(Mutex<bool>, Condvar);
+        impl signpool::Wake for Arc<Bell> {
+            fn wake(&self) {
+                *self.0.lock().unwrap() = true;
+                self.1.notify_all();
+            }
+        }
+        let pem = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/keys/server1.pem"
+        ))
+        .expect("test key");
+        let key = Arc::new(crate::crypto::PrivateKey::from_pem(&pem).expect("key"));
+        let public = key.public_key().clone();
+        let bell = Arc::new(Bell::default());
+        let pool = signpool::SignPool::start_with_jitter(key, 4, Box::new(Arc::clone(&bell)), 4000)
+            .expect("pool");
+        let woken = pool.woken();
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        const N: usize = 120;
+        let reader = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut ws = WebSocket::from_raw_socket(MaybeTls::Plain(stream), Role::Client, None);
+            (0..N)
+                .map(|_| match ws.read().expect("read") {
+                    Message::Text(t) => t.to_string(),
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect::<Vec<String>>()
+        });
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.set_nonblocking(true).expect("non-blocking");
+        let config = WebSocketConfig::default().write_buffer_size(0);
+        let mut ws = WebSocket::from_raw_socket(
+            MaybeTls::Plain(TcpStream::from_std(stream)),
+            Role::Server,
+            Some(config),
+        );
+
+        let mut out = Outbox::default();
+        for i in 0..N {
+            if i % 3 == 0 {
+                out.push(Frame::from(format!("ready {i}")), 0);
+                continue;
+            }
+            let signed = Signed::pending(format!("{{\"i\":{i}}}"));
+            let urgency = if i % 2 == 0 {
+                Urgency::Bulk
+            } else {
+                Urgency::Conversation
+            };
+            pool.submit(&signed, urgency);
+            out.push(signed.frame("X", "s", "u", i as i64), 0);
+        }
+        assert!(out.has_pending());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(Instant::now() < deadline, "the outbox never drained");
+            woken.store(false, Ordering::SeqCst);
+            let pumped = match ws.flush() {
+                Ok(()) => out.pump(&mut ws).expect("pump"),
+                Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => Pumped::Blocked,
+                Err(e) => panic!("flush: {e}"),
+            };
+            match pumped {
+                Pumped::Drained if ws.flush().is_ok() => break,
+                Pumped::Signing => {
+                    let mut rung = bell.0.lock().unwrap();
+                    while !*rung && !woken.load(Ordering::SeqCst) {
+                        rung = bell
+                            .1
+                            .wait_timeout(rung, Duration::from_millis(50))
+                            .unwrap()
+                            .0;
+                    }
+                    *rung = false;
+                }
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        assert!(!out.has_pending());
+        assert_eq!(out.bytes, 0);
+        let got = reader.join().expect("reader");
+        for (i, text) in got.iter().enumerate() {
+            if i % 3 == 0 {
+                assert_eq!(text, &format!("ready {i}"));
+                continue;
+            }
+            let env = crate::wire::Envelope::parse(text).expect("a frame");
+            assert_eq!(env.ts, i as i64, "frame {i} out of order: {text}");
+            assert!(crate::wire::verify_payload_sig(&public, &env.payload, &env.sig).unwrap());
+        }
+    }
+
     /// Three messages, the middle one far larger than the socket buffers, written the way
     /// `Net::send` and `Net::flush_dirty` do while the peer is not reading yet: each arrives
     /// whole and in order, and what the socket cannot take waits in the outbox.
@@ -1443,14 +1770,14 @@ mod tests {
         for t in &texts {
             let text = Text::from(t.clone());
             if blocked || !out.is_empty() {
-                out.push(text, 0);
+                out.push(Frame::Ready(text), 0);
                 continue;
             }
             match write_from(&mut ws, &text, 0).expect("write") {
                 Wrote::All => {}
                 Wrote::Blocked(next) => {
                     blocked = true;
-                    out.push(text, next);
+                    out.push(Frame::Ready(text), next);
                 }
             }
         }
@@ -1465,7 +1792,7 @@ mod tests {
         loop {
             assert!(Instant::now() < deadline, "the outbox never drained");
             let flushed = match ws.flush() {
-                Ok(()) => out.pump(&mut ws).expect("pump"),
+                Ok(()) => out.pump(&mut ws).expect("pump") == Pumped::Drained,
                 Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => false,
                 Err(e) => panic!("flush: {e}"),
             };

@@ -14,6 +14,7 @@
 
 pub mod b64;
 pub mod canon;
+pub mod frame;
 pub mod ids;
 
 use canon::NotCanonical;

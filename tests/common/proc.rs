@@ -85,6 +85,19 @@ impl ServerProc {
         panic!("server never logged {needle:?}");
     }
 
+    /// Waits for a log line containing any of `needles`; returns it.
+    pub fn wait_log_any(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + WAIT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) if needles.iter().any(|n| line.contains(n)) => return line,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("server never logged any of {needles:?}");
+    }
+
     /// Kills the process (`kill -9`) and starts it again on the same data directory.
     pub fn restart(mut self, extra: &[&str]) -> ServerProc {
         let _ = self.child.kill();

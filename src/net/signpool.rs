@@ -1,0 +1,236 @@
+//! The signer pool: worker threads that make the server's RSA signatures off the event loop
+//! (`--sign-threads N`; issue "signatures off the loop").
+//!
+//! The loop stays the only owner of state. It hands a worker nothing but a [`Signed`] payload
+//! (its canonical text and the frames waiting for it); the worker signs it with the server's
+//! key, writes those frames ([`Signed::complete`]) and wakes the loop through a
+//! [`mio::Waker`], which then sends each connection's frames in order
+//! ([`crate::net`]).
+//!
+//! Two queues, served in priority order: [`Urgency::Conversation`] (frames of users and
+//! servers already connected) before [`Urgency::Bulk`] (logins and leaves). A worker takes a
+//! bulk job at least once per [`BULK_SHARE`] jobs while both wait, so a steady stream of
+//! conversations slows a login storm down but cannot stop it.
+
+use crate::core::signer::{SignStats, Signer, Urgency};
+use crate::crypto::PrivateKey;
+use crate::wire::frame::Signed;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+/// While both queues wait, one job in this many is a bulk one.
+pub const BULK_SHARE: u32 = 4;
+
+/// Signs on worker threads. Dropping it stops them (jobs still queued are abandoned: only
+/// when the server is going away).
+pub struct SignPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    stats: Arc<SignStats>,
+}
+
+/// Tells the event loop that frames were completed.
+pub trait Wake: Send + Sync {
+    fn wake(&self);
+}
+
+impl Wake for mio::Waker {
+    fn wake(&self) {
+        if let Err(e) = mio::Waker::wake(self) {
+            log::error!("cannot wake the event loop: {e}");
+        }
+    }
+}
+
+struct Shared {
+    queues: Mutex<Queues>,
+    work: Condvar,
+    key: Arc<PrivateKey>,
+    stats: Arc<SignStats>,
+    waker: Box<dyn Wake>,
+    /// Set by a worker that completed a job since the loop last looked (see [`SignPool::woken`]):
+    /// one wake-up per loop turn, however many jobs complete.
+    woken: Arc<AtomicBool>,
+    /// Test only: each job sleeps up to this many microseconds first (out-of-order completion).
+    jitter_us: u64,
+}
+
+#[derive(Default)]
+struct Queues {
+    conversation: VecDeque<Signed>,
+    bulk: VecDeque<Signed>,
+    /// Conversation jobs taken in a row while bulk ones waited.
+    streak: u32,
+    stop: bool,
+}
+
+impl Queues {
+    fn next(&mut self) -> Option<Signed> {
+        let bulk_turn = self.streak + 1 >= BULK_SHARE;
+        if !self.bulk.is_empty() && (self.conversation.is_empty() || bulk_turn) {
+            self.streak = 0;
+            return self.bulk.pop_front();
+        }
+        let job = self.conversation.pop_front()?;
+        self.streak = if self.bulk.is_empty() {
+            0
+        } else {
+            self.streak + 1
+        };
+        Some(job)
+    }
+}
+
+impl SignPool {
+    /// Starts `threads` workers signing with `key`; each completed batch calls `waker`.
+    pub fn start(
+        key: Arc<PrivateKey>,
+        threads: usize,
+        waker: Box<dyn Wake>,
+    ) -> std::io::Result<SignPool> {
+        Self::start_with_jitter(key, threads, waker, 0)
+    }
+
+    /// [`SignPool::start`] whose workers sleep a random 0..`jitter_us` µs before each job, so
+    /// jobs complete out of order (tests of per-connection order).
+    #[doc(hidden)]
+    pub fn start_with_jitter(
+        key: Arc<PrivateKey>,
+        threads: usize,
+        waker: Box<dyn Wake>,
+        jitter_us: u64,
+    ) -> std::io::Result<SignPool> {
+        let stats = Arc::new(SignStats::default());
+        let shared = Arc::new(Shared {
+            queues: Mutex::new(Queues::default()),
+            work: Condvar::new(),
+            key,
+            stats: Arc::clone(&stats),
+            waker,
+            woken: Arc::new(AtomicBool::new(false)),
+            jitter_us,
+        });
+        let mut pool = SignPool {
+            shared,
+            workers: Vec::new(),
+            stats,
+        };
+        for i in 0..threads.max(1) {
+            let shared = Arc::clone(&pool.shared);
+            let worker = std::thread::Builder::new()
+                .name(format!("signer-{i}"))
+                .spawn(move || shared.run())?;
+            pool.workers.push(worker);
+        }
+        Ok(pool)
+    }
+
+    /// The flag workers set when they complete a job; the loop clears it before looking at
+    /// the frames waiting (so a completion after the look wakes it again).
+    pub fn woken(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.shared.woken)
+    }
+
+    /// Jobs waiting for a worker (not counting those being signed).
+    pub fn queued(&self) -> usize {
+        let q = self.shared.lock();
+        q.conversation.len() + q.bulk.len()
+    }
+}
+
+impl Signer for SignPool {
+    fn submit(&self, signed: &Signed, urgency: Urgency) {
+        let mut q = self.shared.lock();
+        match urgency {
+            Urgency::Conversation => q.conversation.push_back(signed.clone()),
+            Urgency::Bulk => q.bulk.push_back(signed.clone()),
+        }
+        drop(q);
+        self.shared.work.notify_one();
+    }
+
+    fn stats(&self) -> &Arc<SignStats> {
+        &self.stats
+    }
+}
+
+impl Drop for SignPool {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.work.notify_all();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queues> {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self) {
+        loop {
+            let job = {
+                let mut q = self.lock();
+                loop {
+                    if q.stop {
+                        return;
+                    }
+                    if let Some(job) = q.next() {
+                        break job;
+                    }
+                    q = self.work.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            if self.jitter_us > 0 {
+                let us = u64::from_le_bytes(crate::crypto::random_bytes::<8>()) % self.jitter_us;
+                std::thread::sleep(std::time::Duration::from_micros(us));
+            }
+            self.stats.sign_now(&self.key, &job);
+            if !self.woken.swap(true, Ordering::AcqRel) {
+                self.waker.wake();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(n: usize) -> Signed {
+        Signed::pending(format!("{{\"n\":{n}}}"))
+    }
+
+    #[test]
+    fn conversations_go_first_and_bulk_still_gets_a_share() {
+        let mut q = Queues::default();
+        for i in 0..8 {
+            q.bulk.push_back(signed(100 + i));
+        }
+        for i in 0..8 {
+            q.conversation.push_back(signed(i));
+        }
+        let order: Vec<bool> = std::iter::from_fn(|| q.next())
+            .map(|s| s.canonical().len() > 8) // {"n":1xx}: a bulk job
+            .collect();
+        // true = bulk. Three conversations, then one bulk, while both wait.
+        assert_eq!(
+            &order[..8],
+            &[false, false, false, true, false, false, false, true]
+        );
+        assert_eq!(order.len(), 16);
+        assert_eq!(order.iter().filter(|b| **b).count(), 8);
+    }
+
+    #[test]
+    fn only_bulk_waiting_is_served_at_once() {
+        let mut q = Queues::default();
+        q.bulk.push_back(signed(1));
+        assert!(q.next().is_some());
+        assert!(q.next().is_none());
+    }
+}
