@@ -462,3 +462,59 @@ impl Opts {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Opts, String> {
+        match parse(args.iter().map(std::ffi::OsString::from))? {
+            Parsed::Run(o) => Ok(*o),
+            _ => Err("not a run".into()),
+        }
+    }
+
+    #[test]
+    fn storm_is_its_own_scenario_with_its_options() {
+        let all = run(&["--scenario", "all"]).unwrap();
+        assert!(!all.scenarios.storm && all.scenarios.dm);
+        let o = run(&[
+            "--scenario",
+            "storm",
+            "--storm-users",
+            "30",
+            "--probe-rate",
+            "5",
+        ])
+        .unwrap();
+        assert!(o.scenarios.storm && o.scenarios.mesh() && !o.scenarios.dm);
+        assert_eq!(o.scenarios.names(), ["storm"]);
+        assert_eq!((o.storm_users, o.probe_rate), (30, 5.0));
+        assert_eq!(o.json()["storm_users"], 30);
+        for bad in [
+            &["--storm-users", "0"][..],
+            &["--storm-users", "20001"],
+            &["--probe-rate", "0"],
+            &["--probe-idle", "-1"],
+            &["--probe-rate", "1000", "--timeout", "600"],
+        ] {
+            assert!(run(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn sign_threads_reaches_started_servers_only_when_given() {
+        let o = run(&[]).unwrap();
+        assert!(o.server_env().is_empty());
+        assert_eq!(o.json()["sign_threads"], Value::Null);
+        let o = run(&["--sign-threads", "3"]).unwrap();
+        assert_eq!(
+            o.server_env(),
+            [("SOCP_SIGN_THREADS".to_string(), "3".to_string())]
+        );
+        assert_eq!(o.json()["sign_threads"], 3);
+        assert!(run(&["--sign-threads", "0"]).is_err());
+        let e = run(&["--sign-threads", "2", "--connect", "ws://127.0.0.1:1"]).unwrap_err();
+        assert!(e.contains("--connect"), "{e}");
+    }
+}
