@@ -46,7 +46,17 @@ fn judge(path: &str) -> Option<Better> {
         | "wakeups_per_s"
         | "lost"
         | "adverts"
-        | "removes" => Some(Better::Lower),
+        | "removes"
+        // storm: completion times from the burst, and the probe's p99 over its idle p99
+        | "hellos_complete_s"
+        | "lists_complete_s"
+        | "snapshots_complete_s"
+        | "probe_adverts_complete_s"
+        | "probe_removes_complete_s"
+        | "connections_closed_s"
+        | "p99_over_idle_login_storm"
+        | "p99_over_idle_mass_leave"
+        | "p99_over_idle_storm_online_mass_leave" => Some(Better::Lower),
         "max_rate_per_s"
         | "max_rate_p99_within_2x_first_per_s"
         | "deliveries_per_s"
@@ -236,5 +246,51 @@ mod tests {
             summary.ends_with("0 only before, 1 only after"),
             "{summary}"
         );
+    }
+
+    #[test]
+    fn storm_numbers_are_lower_is_better_and_its_context_is_not_compared() {
+        let storm = |hello_s: f64, ratio: f64, p99: f64| {
+            json!({
+                "git": {"commit": "cccccccccccccccc", "dirty": false},
+                "command_line": ["socp-bench", "--scenario", "storm"],
+                "scenarios": {"storm": {
+                    "storm_users": 1000,
+                    "probe_rate_per_s": 20.0,
+                    "probe": {
+                        "login_storm": {"latency_ms": {"p99_ms": p99, "count": 40}, "sent": 40},
+                        "p99_over_idle_login_storm": ratio,
+                        "target_ratio": 3.0,
+                    },
+                    "login": {"hellos_complete_s": hello_s, "burst_write_ms": 2.0},
+                }},
+            })
+        };
+        let lines = report(&storm(10.0, 4.0, 80.0), &storm(5.0, 2.0, 100.0));
+        let line = |p: &str| {
+            lines
+                .iter()
+                .find(|l| l.starts_with(&format!("{p} ")))
+                .cloned()
+        };
+        // Faster hellos and a lower ratio are improvements; a higher p99 is marked.
+        let hello = line("/scenarios/storm/login/hellos_complete_s").expect("listed");
+        assert!(hello.ends_with("0.50x"), "{hello}");
+        let ratio = line("/scenarios/storm/probe/p99_over_idle_login_storm").expect("listed");
+        assert!(ratio.ends_with("0.50x"), "{ratio}");
+        let p99 = line("/scenarios/storm/probe/login_storm/latency_ms/p99_ms").expect("listed");
+        assert!(p99.ends_with("1.25x !"), "{p99}");
+        // Parameters and constants are not metrics.
+        for p in [
+            "storm_users",
+            "probe_rate_per_s",
+            "probe/target_ratio",
+            "login/burst_write_ms",
+        ] {
+            assert!(
+                line(&format!("/scenarios/storm/{p}")).is_none(),
+                "{p}: {lines:#?}"
+            );
+        }
     }
 }

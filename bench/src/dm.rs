@@ -21,13 +21,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A ready-to-send message.
-struct Pre {
-    offset: Duration,
-    sender: usize,
-    receiver: usize,
-    frame: String,
-    key: MsgKey,
-    plaintext: String,
+pub struct Pre {
+    /// When it is due, from the start of its window.
+    pub offset: Duration,
+    pub sender: usize,
+    pub receiver: usize,
+    pub frame: String,
+    pub key: MsgKey,
+    pub plaintext: String,
 }
 
 /// For each steady client, a receiver on another server (the next such client), if any.
@@ -52,8 +53,9 @@ fn pairs(fleet: &Fleet, steady: &[usize]) -> (Vec<(usize, usize)>, bool) {
     (pairs, cross)
 }
 
-/// Encrypts and signs `count` messages at `rate` per second, on every CPU.
-fn precompute(
+/// Encrypts and signs `count` messages at `rate` per second, on every CPU; message `j` goes
+/// from `pairs[j % pairs.len()].0` to `.1`.
+pub fn precompute(
     fleet: &Fleet,
     pairs: &[(usize, usize)],
     count: usize,

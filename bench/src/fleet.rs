@@ -60,6 +60,8 @@ pub enum Phase {
     Offline,
     Connecting,
     Handshaking,
+    /// WebSocket open, `USER_HELLO` held back until [`Fleet::hello`] (see `Client::hold_hello`).
+    Open,
     HelloSent,
     Answered,
     Acked,
@@ -98,6 +100,9 @@ pub struct Client {
     /// Once ready, drop the WebSocket layer and discard raw bytes (idle clients: keeps the
     /// bench's memory per connection small and constant).
     pub raw_after_ready: bool,
+    /// Once the WebSocket is open, wait in [`Phase::Open`] for [`Fleet::hello`] instead of
+    /// sending the `USER_HELLO` at once (a login storm: every hello leaves in one burst).
+    pub hold_hello: bool,
     pub phase: Phase,
     io: Io,
     dirty: bool,
@@ -113,6 +118,16 @@ pub struct Client {
 
 /// Something a client saw. `at` is when the bench read it.
 pub enum Note {
+    /// `USER_HELLO_ACK` read.
+    Acked {
+        client: usize,
+        at: Instant,
+    },
+    /// `LIST_RESPONSE` read.
+    Listed {
+        client: usize,
+        at: Instant,
+    },
     Ready {
         client: usize,
         at: Instant,
@@ -175,6 +190,8 @@ pub struct Fleet {
     pub max_list_bytes: usize,
     /// Clients announce `caps:["peer-sig"]` (§5.6).
     pub peer_sig: bool,
+    /// When set, `AUTH_RESPONSE` signatures are made on these threads instead of the loop's.
+    pub signer: Option<Signer>,
 }
 
 impl Fleet {
@@ -204,6 +221,7 @@ impl Fleet {
             bytes_in: 0,
             max_list_bytes: 0,
             peer_sig: false,
+            signer: None,
         })
     }
 
@@ -221,6 +239,7 @@ impl Fleet {
             server,
             track,
             raw_after_ready: false,
+            hold_hello: false,
             phase: Phase::Offline,
             io: Io::None,
             dirty: false,
@@ -306,6 +325,36 @@ impl Fleet {
         }
     }
 
+    /// Sends the held-back `USER_HELLO` of a client in [`Phase::Open`]; false otherwise.
+    pub fn hello(&mut self, idx: usize) -> bool {
+        if self.clients[idx].phase != Phase::Open {
+            return false;
+        }
+        self.send_hello(idx);
+        true
+    }
+
+    /// Leaves at once: a ready raw client writes a WebSocket close frame and shuts its sending
+    /// side (it keeps reading, and dropping, until the server closes: `Note::Closed`, expected);
+    /// an open client starts a clean close ([`Fleet::close`]).
+    pub fn hang_up(&mut self, idx: usize) {
+        let c = &mut self.clients[idx];
+        match &mut c.io {
+            Io::Raw(stream) => {
+                c.we_closed = true;
+                // FIN + opcode close, masked, empty payload (RFC 6455 §5.5.1).
+                let mask = socp::crypto::random_bytes::<4>();
+                let frame = [0x88, 0x80, mask[0], mask[1], mask[2], mask[3]];
+                // A socket buffer too full for 6 bytes means the server stopped reading: the
+                // shutdown (FIN) still tells it we left.
+                let _ = std::io::Write::write(stream, &frame);
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                self.set_phase(idx, Phase::Closing);
+            }
+            _ => self.close(idx),
+        }
+    }
+
     /// Drops every connection at once (end of a run).
     pub fn drop_all(&mut self) {
         for idx in 0..self.clients.len() {
@@ -335,6 +384,7 @@ impl Fleet {
             self.on_ready(event.token().0, event.is_readable(), event.is_writable());
         }
         self.events = events;
+        self.take_signed();
         self.flush_dirty();
         Ok(())
     }
@@ -425,7 +475,10 @@ impl Fleet {
                 return;
             };
             match std::io::Read::read(stream, &mut buf) {
-                Ok(0) => return self.fail(idx, "server closed the connection".into()),
+                Ok(0) => {
+                    let expected = self.clients[idx].we_closed;
+                    return self.finish(idx, expected, "server closed the connection".into());
+                }
                 Ok(n) => self.bytes_in += n as u64,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -455,7 +508,11 @@ impl Fleet {
         match result {
             Ok(ws) => {
                 self.clients[idx].io = Io::Open(ws);
-                self.send_hello(idx);
+                if self.clients[idx].hold_hello {
+                    self.set_phase(idx, Phase::Open);
+                } else {
+                    self.send_hello(idx);
+                }
                 self.read_all(idx);
             }
             Err(HandshakeError::Interrupted(mid)) => self.clients[idx].io = Io::Handshaking(mid),
@@ -584,6 +641,7 @@ impl Fleet {
         let wanted = match kind {
             Some(types::LIST_RESPONSE) if !c.track => {
                 self.set_phase(idx, Phase::Listed);
+                self.notes.push(Note::Listed { client: idx, at });
                 return;
             }
             Some(types::PUBLIC_CHANNEL_SNAPSHOT) => {
@@ -593,6 +651,7 @@ impl Fleet {
             }
             Some(types::USER_HELLO_ACK) => {
                 self.set_phase(idx, Phase::Acked);
+                self.notes.push(Note::Acked { client: idx, at });
                 return;
             }
             Some(
@@ -634,7 +693,10 @@ impl Fleet {
         };
         match env.kind.as_str() {
             types::AUTH_CHALLENGE => self.on_challenge(idx, &env),
-            types::USER_HELLO_ACK => self.set_phase(idx, Phase::Acked),
+            types::USER_HELLO_ACK => {
+                self.set_phase(idx, Phase::Acked);
+                self.notes.push(Note::Acked { client: idx, at });
+            }
             types::PUBLIC_CHANNEL_SNAPSHOT => {
                 self.set_phase(idx, Phase::Ready);
                 self.notes.push(Note::Ready { client: idx, at });
@@ -650,6 +712,7 @@ impl Fleet {
                     }
                 }
                 self.set_phase(idx, Phase::Listed);
+                self.notes.push(Note::Listed { client: idx, at });
             }
             types::USER_ADVERTISE | types::USER_REMOVE => {
                 let Some(id) = env.payload.get("user_id").and_then(Value::as_str) else {
@@ -755,17 +818,35 @@ impl Fleet {
             },
         }
         let c = &self.clients[idx];
-        let payload = json!({"nonce": nonce, "server_id": server_id, "user_id": c.user_id});
-        let signed = SignedPayload::sign(&payload, &self.keys[c.key]).expect("strings only");
-        let text = wire::encode_frame(
-            types::AUTH_RESPONSE,
-            &c.user_id,
-            server_id,
-            wall_ms(),
-            &signed,
-        );
+        let job = SignJob {
+            client: idx,
+            user_id: c.user_id.clone(),
+            server_id: server_id.to_string(),
+            nonce: nonce.to_string(),
+            key: Arc::clone(&self.keys[c.key]),
+        };
         self.set_phase(idx, Phase::Answered);
-        self.send(idx, text);
+        match &self.signer {
+            Some(signer) => signer.submit(job),
+            None => {
+                let (text, _) = job.answer();
+                self.send(idx, text);
+            }
+        }
+    }
+
+    /// Sends the `AUTH_RESPONSE`s the signer threads finished (clients still waiting for them).
+    fn take_signed(&mut self) {
+        let Some(signer) = &self.signer else { return };
+        let done: Vec<(usize, String)> = match signer.done.lock() {
+            Ok(rx) => rx.try_iter().collect(),
+            Err(_) => return,
+        };
+        for (idx, text) in done {
+            if self.clients[idx].phase == Phase::Answered {
+                self.send(idx, text);
+            }
+        }
     }
 
     /// Clients by phase, for progress and error messages.
@@ -779,6 +860,114 @@ impl Fleet {
             .map(|(p, n)| format!("{p}={n}"))
             .collect::<Vec<_>>()
             .join(" ")
+    }
+}
+
+/// One `AUTH_RESPONSE` to sign (§5.2 step 3).
+pub struct SignJob {
+    client: usize,
+    user_id: String,
+    server_id: String,
+    nonce: String,
+    key: Arc<PrivateKey>,
+}
+
+impl SignJob {
+    /// The signed `AUTH_RESPONSE` frame, and how long the signature took.
+    fn answer(&self) -> (String, Duration) {
+        let payload =
+            json!({"nonce": self.nonce, "server_id": self.server_id, "user_id": self.user_id});
+        let started = Instant::now();
+        let signed = SignedPayload::sign(&payload, &self.key).expect("strings only");
+        let took = started.elapsed();
+        let text = wire::encode_frame(
+            types::AUTH_RESPONSE,
+            &self.user_id,
+            &self.server_id,
+            wall_ms(),
+            &signed,
+        );
+        (text, took)
+    }
+}
+
+/// Threads that sign `AUTH_RESPONSE`s for the loop, so that a burst of logins does not stall
+/// it: the loop goes on reading and timing every other client while they sign. Stopped (and
+/// joined) on drop.
+pub struct Signer {
+    jobs: Option<std::sync::mpsc::Sender<SignJob>>,
+    /// In a mutex only so that the fleet stays `Sync` (scenarios share it with worker threads
+    /// read-only); only the loop's thread takes from it.
+    done: std::sync::Mutex<std::sync::mpsc::Receiver<(usize, String)>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Nanoseconds spent in signatures, over all threads.
+    signing_ns: Arc<std::sync::atomic::AtomicU64>,
+    signed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Signer {
+    pub fn start(threads: usize, waker: Arc<Waker>) -> Signer {
+        let (jobs, rx) = std::sync::mpsc::channel::<SignJob>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let (tx, done) = std::sync::mpsc::channel();
+        let signing_ns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let signed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads = (0..threads.max(1))
+            .map(|_| {
+                let (rx, tx, waker) = (Arc::clone(&rx), tx.clone(), Arc::clone(&waker));
+                let (ns, count) = (Arc::clone(&signing_ns), Arc::clone(&signed));
+                std::thread::spawn(move || {
+                    loop {
+                        let job = {
+                            let Ok(rx) = rx.lock() else { return };
+                            match rx.recv() {
+                                Ok(job) => job,
+                                Err(_) => return, // the loop dropped the sender
+                            }
+                        };
+                        let (text, took) = job.answer();
+                        ns.fetch_add(took.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if tx.send((job.client, text)).is_err() {
+                            return;
+                        }
+                        let _ = waker.wake();
+                    }
+                })
+            })
+            .collect();
+        Signer {
+            jobs: Some(jobs),
+            done: std::sync::Mutex::new(done),
+            threads,
+            signing_ns,
+            signed,
+        }
+    }
+
+    fn submit(&self, job: SignJob) {
+        if let Some(jobs) = &self.jobs {
+            // The threads live as long as the sender: a send cannot fail while we hold it.
+            let _ = jobs.send(job);
+        }
+    }
+
+    /// (signatures made, milliseconds spent making them, summed over threads).
+    pub fn work(&self) -> (u64, f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.signed.load(Relaxed),
+            self.signing_ns.load(Relaxed) as f64 / 1e6,
+        )
+    }
+}
+
+impl Drop for Signer {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 

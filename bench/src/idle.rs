@@ -153,6 +153,7 @@ fn one(opts: &Opts, target: &Target, n: usize) -> Result<(Value, Vec<String>), F
                 mesh: false,
                 log_level: "info",
                 tag: "idle",
+                env: opts.server_env(),
             };
             let mut set = procs::start(&spawn, 1).map_err(fail)?;
             set.keep = opts.keep_logs;

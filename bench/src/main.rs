@@ -13,7 +13,7 @@
 //! | [`procs`] | starting M pinned servers on loopback, killing them on drop or signal |
 //! | [`fleet`] | N lightweight WebSocket clients on ONE `mio` event loop |
 //! | [`common`] | logins, directory convergence, CPU meters, errors, sample verification |
-//! | [`presence`], [`public`], [`dm`], [`idle`], [`file`] | the five scenarios |
+//! | [`presence`], [`public`], [`dm`], [`idle`], [`file`], [`storm`] | the six scenarios |
 //! | [`stats`] | HdrHistogram latencies and `/proc` counters |
 //! | [`keys`] | the TEST-ONLY key pool of the clients |
 //!
@@ -34,6 +34,7 @@ mod presence;
 mod procs;
 mod public;
 mod stats;
+mod storm;
 
 use common::{Mesh, Outcome, Trouble};
 use fleet::{Fleet, ServerEnd, wall_ms};
@@ -181,7 +182,7 @@ fn run(opts: &Opts, command_line: Vec<String>) -> Result<bool, String> {
     }
 
     let mut scenarios = serde_json::Map::new();
-    for name in ["presence", "public", "dm", "idle", "file"] {
+    for name in ["presence", "public", "dm", "idle", "file", "storm"] {
         let v = outcomes
             .iter()
             .find(|o| o.name == name)
@@ -224,13 +225,28 @@ fn mesh_scenarios(
 ) -> Result<MeshResult, String> {
     let n = opts.clients;
     let timeout = Duration::from_secs_f64(opts.timeout_s);
-    // Large enough for n users' connections and for a LIST_RESPONSE of n users (~1 KB each).
-    let flags = vec![
+    // Large enough for n users' connections (plus the storm's) and for a LIST_RESPONSE of all
+    // of them (~1 KB each).
+    let all = n + if opts.scenarios.storm {
+        opts.storm_users
+    } else {
+        0
+    };
+    let mut flags = vec![
         "--max-connections".to_string(),
-        (4096).max(2 * n + 256).to_string(),
+        (4096).max(2 * all + 256).to_string(),
         "--max-write-buffer".to_string(),
-        (32usize << 20).max(n * 2048 + (1 << 20)).to_string(),
+        (32usize << 20).max(all * 2048 + (1 << 20)).to_string(),
     ];
+    if opts.scenarios.storm {
+        // The storm's connections wait, open and silent, while the probe precomputes and runs
+        // its idle phase: longer than the default 30 s hello timeout on a slow run.
+        flags.extend([
+            "--hello-timeout-ms".to_string(),
+            (((120.0 + 2.0 * opts.timeout_s + opts.probe_idle_s) * 1000.0).round() as u64)
+                .to_string(),
+        ]);
+    }
     let mut set = None;
     let (urls, pids, links_s) = if opts.connect.is_empty() {
         eprintln!("starting {} servers ...", opts.servers);
@@ -240,6 +256,7 @@ fn mesh_scenarios(
             mesh: true,
             log_level: "info",
             tag: "mesh",
+            env: opts.server_env(),
         };
         let mut s = procs::start(&spawn, opts.servers)?;
         s.keep = opts.keep_logs;
@@ -320,11 +337,12 @@ fn mesh_scenarios(
     };
     let mut outs = Vec::new();
     type Scenario = fn(&mut Mesh) -> Result<Outcome, String>;
-    let list: [(bool, &'static str, Scenario); 4] = [
+    let list: [(bool, &'static str, Scenario); 5] = [
         (opts.scenarios.presence, "presence", presence::run),
         (opts.scenarios.public, "public", public::run),
         (opts.scenarios.dm, "dm", dm::run),
         (opts.scenarios.file, "file", file::run),
+        (opts.scenarios.storm, "storm", storm::run),
     ];
     for (on, name, scenario) in list {
         if !on {

@@ -25,6 +25,12 @@ SCENARIOS (--scenario LIST, comma-separated, or 'all' = presence,public,dm,idle)
             as a fraction of what signing allows; every chunk verified afterwards
   idle      n idle logged-in connections on one fresh server: resident memory per connection,
             wake-ups (voluntary context switches) and CPU over an idle window
+  storm     (not in 'all') two steady users on server 1 exchange DMs at --probe-rate (the probe)
+            while S extra clients on server 1 log in at once (connections opened beforehand,
+            every USER_HELLO sent in one burst) and later all leave at once: time until every
+            hello is acknowledged, every client has its LIST_RESPONSE and snapshot, and the
+            probe users have seen every USER_REMOVE; the probe's one-way DM latency in each
+            phase (idle, login storm, mass leave) and each storm phase's p99 over the idle p99
 
 OPTIONS:
   --servers M             servers to start [3]
@@ -47,6 +53,12 @@ OPTIONS:
   --max-steps N           ramp steps at most [8]
   --max-lag-ms MS         a step whose sender fell this far behind schedule fails [10]
   --file-size BYTES       size of the file scenario's file [5242880]
+  --storm-users S         storm clients logging in at once, then leaving at once [1000]
+  --probe-rate R          the storm scenario's probe DMs per second (alternating directions) [20]
+  --probe-idle S          seconds of probe before each storm phase (the idle baseline) [5]
+  --sign-threads N        start the servers with SOCP_SIGN_THREADS=N in their environment
+                          (their signing threads, where the server supports it); not with
+                          --connect [unset: the server's default]
   --idle-conns LIST       idle connection counts, e.g. 1000,10000 [1000]
   --idle-window S         seconds of idle measurement [10]
   --idle-setup-timeout S  give up logging idle clients in after this [600]
@@ -80,6 +92,7 @@ pub struct Scenarios {
     pub dm: bool,
     pub idle: bool,
     pub file: bool,
+    pub storm: bool,
 }
 
 impl Scenarios {
@@ -92,6 +105,7 @@ impl Scenarios {
                 "dm" => s.dm = true,
                 "idle" => s.idle = true,
                 "file" => s.file = true,
+                "storm" => s.storm = true,
                 "all" => {
                     s = Scenarios {
                         presence: true,
@@ -99,12 +113,13 @@ impl Scenarios {
                         dm: true,
                         idle: true,
                         file: s.file,
+                        storm: s.storm,
                     }
                 }
                 other => return Err(format!("unknown scenario {other:?}")),
             }
         }
-        if !(s.presence || s.public || s.dm || s.idle || s.file) {
+        if !(s.presence || s.public || s.dm || s.idle || s.file || s.storm) {
             return Err("no scenario chosen".into());
         }
         Ok(s)
@@ -112,7 +127,7 @@ impl Scenarios {
 
     /// Whether the mesh and its N steady clients are needed.
     pub fn mesh(&self) -> bool {
-        self.presence || self.public || self.dm || self.file
+        self.presence || self.public || self.dm || self.file || self.storm
     }
 
     pub fn names(&self) -> Vec<&'static str> {
@@ -123,6 +138,7 @@ impl Scenarios {
             (self.dm, "dm"),
             (self.idle, "idle"),
             (self.file, "file"),
+            (self.storm, "storm"),
         ] {
             if on {
                 v.push(name);
@@ -152,6 +168,11 @@ pub struct Opts {
     pub max_steps: usize,
     pub max_lag_ms: f64,
     pub file_size: usize,
+    pub storm_users: usize,
+    pub probe_rate: f64,
+    pub probe_idle_s: f64,
+    /// Passed to the servers started as `SOCP_SIGN_THREADS` (only when given).
+    pub sign_threads: Option<usize>,
     pub idle_conns: Vec<usize>,
     pub idle_window_s: f64,
     pub idle_setup_timeout_s: f64,
@@ -184,6 +205,10 @@ impl Default for Opts {
             max_steps: 8,
             max_lag_ms: 10.0,
             file_size: 5 << 20,
+            storm_users: 1000,
+            probe_rate: 20.0,
+            probe_idle_s: 5.0,
+            sign_threads: None,
             idle_conns: vec![1000],
             idle_window_s: 10.0,
             idle_setup_timeout_s: 600.0,
@@ -261,6 +286,18 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Parse
             Long("max-steps") => o.max_steps = num("--max-steps", p.value().map_err(s)?)?,
             Long("max-lag-ms") => o.max_lag_ms = num("--max-lag-ms", p.value().map_err(s)?)?,
             Long("file-size") => o.file_size = num("--file-size", p.value().map_err(s)?)?,
+            Long("storm-users") => o.storm_users = num("--storm-users", p.value().map_err(s)?)?,
+            Long("probe-rate") => {
+                o.probe_rate =
+                    positive("--probe-rate", num("--probe-rate", p.value().map_err(s)?)?)?
+            }
+            Long("probe-idle") => {
+                o.probe_idle_s =
+                    positive("--probe-idle", num("--probe-idle", p.value().map_err(s)?)?)?
+            }
+            Long("sign-threads") => {
+                o.sign_threads = Some(num("--sign-threads", p.value().map_err(s)?)?)
+            }
             Long("idle-conns") => {
                 o.idle_conns = string(p.value().map_err(s)?)?
                     .split(',')
@@ -337,6 +374,31 @@ impl Opts {
         if self.file_size > 64 << 20 {
             return Err("--file-size: at most 67108864 (the server's default limit)".into());
         }
+        if self.storm_users == 0 || self.storm_users > 20_000 {
+            return Err("--storm-users must be 1 to 20000".into());
+        }
+        if self.probe_rate > 1000.0 {
+            return Err("--probe-rate: at most 1000 per second".into());
+        }
+        if self.probe_idle_s > 600.0 {
+            return Err("--probe-idle: at most 600 seconds".into());
+        }
+        if self.probe_rate * (self.probe_idle_s + self.timeout_s) > 200_000.0 {
+            return Err(
+                "--probe-rate x (--probe-idle + --timeout): at most 200,000 probe messages".into(),
+            );
+        }
+        match self.sign_threads {
+            Some(0) | Some(1025..) => return Err("--sign-threads must be 1 to 1024".into()),
+            Some(_) if !self.connect.is_empty() => {
+                return Err(
+                    "--sign-threads sets the servers this benchmark starts; with --connect, \
+                     give it to your servers instead"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
         if self.idle_conns.iter().any(|&n| n == 0 || n > 100_000) {
             return Err("--idle-conns: counts from 1 to 100000".into());
         }
@@ -359,6 +421,14 @@ impl Opts {
         Ok(())
     }
 
+    /// Environment variables for the servers the benchmark starts.
+    pub fn server_env(&self) -> Vec<(String, String)> {
+        self.sign_threads
+            .map(|n| ("SOCP_SIGN_THREADS".to_string(), n.to_string()))
+            .into_iter()
+            .collect()
+    }
+
     /// The parameters as JSON (stable keys; `null` for unset options).
     pub fn json(&self) -> Value {
         json!({
@@ -378,6 +448,10 @@ impl Opts {
             "max_steps": self.max_steps,
             "max_lag_ms": self.max_lag_ms,
             "file_size": self.file_size,
+            "storm_users": self.storm_users,
+            "probe_rate_per_s": self.probe_rate,
+            "probe_idle_s": self.probe_idle_s,
+            "sign_threads": self.sign_threads,
             "idle_conns": self.idle_conns,
             "idle_window_s": self.idle_window_s,
             "idle_setup_timeout_s": self.idle_setup_timeout_s,
@@ -386,5 +460,61 @@ impl Opts {
             "id_prefix": self.id_prefix,
             "peer_sig": self.peer_sig,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Opts, String> {
+        match parse(args.iter().map(std::ffi::OsString::from))? {
+            Parsed::Run(o) => Ok(*o),
+            _ => Err("not a run".into()),
+        }
+    }
+
+    #[test]
+    fn storm_is_its_own_scenario_with_its_options() {
+        let all = run(&["--scenario", "all"]).unwrap();
+        assert!(!all.scenarios.storm && all.scenarios.dm);
+        let o = run(&[
+            "--scenario",
+            "storm",
+            "--storm-users",
+            "30",
+            "--probe-rate",
+            "5",
+        ])
+        .unwrap();
+        assert!(o.scenarios.storm && o.scenarios.mesh() && !o.scenarios.dm);
+        assert_eq!(o.scenarios.names(), ["storm"]);
+        assert_eq!((o.storm_users, o.probe_rate), (30, 5.0));
+        assert_eq!(o.json()["storm_users"], 30);
+        for bad in [
+            &["--storm-users", "0"][..],
+            &["--storm-users", "20001"],
+            &["--probe-rate", "0"],
+            &["--probe-idle", "-1"],
+            &["--probe-rate", "1000", "--timeout", "600"],
+        ] {
+            assert!(run(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn sign_threads_reaches_started_servers_only_when_given() {
+        let o = run(&[]).unwrap();
+        assert!(o.server_env().is_empty());
+        assert_eq!(o.json()["sign_threads"], Value::Null);
+        let o = run(&["--sign-threads", "3"]).unwrap();
+        assert_eq!(
+            o.server_env(),
+            [("SOCP_SIGN_THREADS".to_string(), "3".to_string())]
+        );
+        assert_eq!(o.json()["sign_threads"], 3);
+        assert!(run(&["--sign-threads", "0"]).is_err());
+        let e = run(&["--sign-threads", "2", "--connect", "ws://127.0.0.1:1"]).unwrap_err();
+        assert!(e.contains("--connect"), "{e}");
     }
 }

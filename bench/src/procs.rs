@@ -130,6 +130,8 @@ pub struct Spawn<'a> {
     pub mesh: bool,
     /// `RUST_LOG` for the servers.
     pub log_level: &'a str,
+    /// More environment variables for the servers (`SOCP_SIGN_THREADS`).
+    pub env: Vec<(String, String)>,
     pub tag: &'a str,
 }
 
@@ -264,6 +266,7 @@ fn start_one(
         .args(["--port", &ports[me].to_string()])
         .args(&spawn.extra)
         .env("RUST_LOG", spawn.log_level)
+        .envs(spawn.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);

@@ -113,6 +113,131 @@ fn bench_runs_tiny_scenarios_and_writes_sane_json() {
     }
 }
 
+/// The storm scenario at small scale: 30 clients log in at once and leave at once on one server
+/// while two steady users exchange probe DMs; every number the lead reads is there and sane.
+/// `--sign-threads` only reaches the server's environment (`SOCP_SIGN_THREADS`): a server that
+/// does not know it must still start.
+#[test]
+fn bench_runs_a_small_storm_and_reports_every_phase() {
+    let dir = std::env::temp_dir().join(format!("socp-bench-storm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("results.json");
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_socp-bench"))
+        .args([
+            "--servers",
+            "1",
+            "--clients",
+            "2",
+            "--scenario",
+            "storm",
+            "--storm-users",
+            "30",
+            "--probe-rate",
+            "40",
+            "--probe-idle",
+            "1",
+            "--sign-threads",
+            "2",
+            "--timeout",
+            "20",
+            "--id-prefix",
+            "smokestorm",
+            "--json",
+        ])
+        .arg(&json_path)
+        .output()
+        .expect("run socp-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "socp-bench failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stdout.contains("probe p99 during the login storm"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(&json_path).expect("results file written");
+    let _ = std::fs::remove_dir_all(&dir);
+    let v: Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(v["parameters"]["storm_users"], 30);
+    assert_eq!(v["parameters"]["sign_threads"], 2);
+    assert_eq!(v["scenarios"]["dm"]["status"], "not_run");
+
+    let storm = &v["scenarios"]["storm"];
+    assert_eq!(storm["status"], "ok", "{storm:#}");
+    assert_eq!(storm["lost"], 0, "{storm:#}");
+    assert_eq!(storm["storm_users"], 30);
+    // The probe: 1 s of idle at 40/s, then as long as each burst's work lasts.
+    let probe = &storm["probe"];
+    sane("storm.probe.idle", &probe["idle"]["latency_ms"], 40);
+    sane(
+        "storm.probe.idle_storm_online",
+        &probe["idle_storm_online"]["latency_ms"],
+        40,
+    );
+    for phase in ["idle", "login_storm", "idle_storm_online", "mass_leave"] {
+        let p = &probe[phase];
+        assert_eq!(p["delivered"], p["sent"], "{phase}: {p}");
+        assert_eq!(p["lost"], 0, "{phase}: {p}");
+        let cpu = &p["cpu"];
+        assert!(
+            cpu["server_cpu_ms_total"].as_f64().is_some(),
+            "{phase}: {cpu}"
+        );
+        assert!(cpu["bench_cpu_ms"].as_f64().is_some(), "{phase}: {cpu}");
+    }
+    // A burst's phase holds the messages scheduled while it lasted: possibly none when it
+    // is quicker than one probe interval, so only counted when there are some.
+    for phase in ["login_storm", "mass_leave"] {
+        let h = &probe[phase]["latency_ms"];
+        let n = h["count"].as_u64().unwrap();
+        if n > 0 {
+            sane(&format!("storm.probe.{phase}"), h, n);
+        }
+    }
+    let ratio = &probe["p99_over_idle_login_storm"];
+    assert!(
+        ratio.is_null() || ratio.as_f64().is_some_and(|r| r > 0.0),
+        "{probe:#}"
+    );
+    // Every storm client acknowledged, listed and given its snapshot, in that order.
+    let login = &storm["login"];
+    for k in ["hello_ack", "list_response", "snapshot"] {
+        sane(&format!("storm.login.{k}"), &login["latency_ms"][k], 30);
+    }
+    let s = |v: &Value, k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing: {v:#}"))
+    };
+    let (acked, listed, ready) = (
+        s(login, "hellos_complete_s"),
+        s(login, "lists_complete_s"),
+        s(login, "snapshots_complete_s"),
+    );
+    assert!(
+        0.0 < acked && acked <= listed && listed <= ready,
+        "{login:#}"
+    );
+    assert!(s(login, "probe_adverts_complete_s") > 0.0, "{login:#}");
+    assert_eq!(login["bench_signing"]["signatures"], 30, "{login:#}");
+    // Every storm user's removal reached both probe users; the server closed every connection.
+    let leave = &storm["leave"];
+    assert!(s(leave, "probe_removes_complete_s") > 0.0, "{leave:#}");
+    assert!(s(leave, "connections_closed_s") > 0.0, "{leave:#}");
+    sane("storm.leave.closed", &leave["latency_ms"]["closed"], 30);
+    let checked = &storm["verified_samples"];
+    assert!(checked["checked"].as_u64().unwrap() > 0, "{checked}");
+    assert_eq!(checked["ok"], checked["checked"], "{checked}");
+}
+
 /// `count` values, and `max >= p99 >= p50 > 0`.
 fn sane(what: &str, h: &Value, count: u64) {
     assert_eq!(h["count"].as_u64(), Some(count), "{what}: {h}");
