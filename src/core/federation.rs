@@ -16,9 +16,9 @@
 
 use crate::core::dedup::{self, SeenCache, Stale};
 use crate::core::directory::{Directory, Entry};
+use crate::core::persist::ServerRecord;
 use crate::core::server::{Action, ConnId, Server, State, Time, Timer, close};
 use crate::crypto::PublicKey;
-use crate::store::ServerRecord;
 use crate::wire::canon;
 use crate::wire::{self, Envelope, ErrorCode, Fields, SignedPayload, Text, WireError, types};
 use log::{debug, info, warn};
