@@ -112,11 +112,16 @@ fn aes_key(bytes: &[u8; 32]) -> LessSafeKey {
 /// What the server stores for `auth` (§5.3 `pake_password`): `v1$<salt>$<SHA-256(salt ‖ auth)>`
 /// with a fresh 16-byte salt per user.
 pub fn password_verifier(auth: &[u8]) -> String {
-    let salt = crypto::random_bytes::<16>();
+    password_verifier_with_salt(&crypto::random_bytes::<16>(), auth)
+}
+
+/// [`password_verifier`] with the caller's `salt`, which must be fresh random bytes (the core
+/// draws it from the random source it was given).
+pub fn password_verifier_with_salt(salt: &[u8; 16], auth: &[u8]) -> String {
     format!(
         "v1${}${}",
-        crate::wire::b64::encode(&salt),
-        crate::wire::b64::encode(&salted_hash(&salt, auth))
+        crate::wire::b64::encode(salt),
+        crate::wire::b64::encode(&salted_hash(salt, auth))
     )
 }
 

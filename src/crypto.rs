@@ -506,10 +506,15 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// `N` bytes from the system CSPRNG.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut out = [0; N];
-    SystemRandom::new()
-        .fill(&mut out)
-        .expect("the system CSPRNG does not fail once seeded; there is no safe fallback");
+    fill_random(&mut out);
     out
+}
+
+/// Fills `buf` from the system CSPRNG.
+pub fn fill_random(buf: &mut [u8]) {
+    SystemRandom::new()
+        .fill(buf)
+        .expect("the system CSPRNG does not fail once seeded; there is no safe fallback");
 }
 
 /// Compares two byte strings in time independent of their contents (length may leak).

@@ -9,13 +9,18 @@
 //! |---|---|---|
 //! | [`wire`] | the envelope and frame types, canonical JSON, base64, ids (PROTOCOL.md §1–§3) | touch a socket, a clock or any state |
 //! | [`crypto`] | RSA-4096 keys, PSS signatures, OAEP, `content_sig`, the key cache (§3) | know about connections or server state |
-//! | [`core`] | the server as a sans-IO state machine: sessions, accounts, federation, directory, public channel, transfers, seen-cache, counters (§4–§10) | touch a socket or the clock, sleep, block |
+//! | [`core`] | the server as a sans-IO state machine: sessions, accounts, federation, directory, public channel, transfers, seen-cache, counters (§4–§10); the `Persistence` trait it stores through | touch a socket, a file or the clock, draw OS randomness, sleep, block |
 //! | [`net`] | the event loop: sockets, WebSocket handshakes, TLS, timers, signals, `/healthz` and `/metrics` | decide what a frame means |
-//! | [`store`] | SQLite, one database per server (§11): what must survive a restart | know about connections or frames: it keeps what the core tells it |
+//! | [`store`] | SQLite, one database per server (§11): what must survive a restart; implements the core's `Persistence` | know about connections or frames: it keeps what the core tells it |
 //! | [`client`] | the client's session and file transfers (§5, §9) | open a socket or read the terminal: the `socp` binary does |
 //!
-//! The core's one side effect is the store: a key binding or an account is on disk before the
-//! reply that confirms it (§11), so the core calls [`store`] synchronously.
+//! The core performs no I/O of its own. It stores through the
+//! [`Persistence`](crate::core::persist::Persistence) trait it is handed, the SQLite
+//! [`Store`](crate::store::Store) in the server (an in-memory
+//! [`MemStore`](crate::core::persist::MemStore) in tests), and calls it synchronously: a key
+//! binding or an account is on disk before the reply that confirms it (§11). Its random bytes
+//! (challenge nonces, password salts) come from the [`Random`](crate::core::random::Random)
+//! source it is handed: the OS's CSPRNG in the server.
 //!
 //! Beside them: [`account`] (§5.3: what a password becomes, used by the client and by the
 //! core's login), and what `socp-server` does before its loop starts: [`config`] (every

@@ -3,8 +3,11 @@
 //! The store keeps what must survive a restart: every user ever bound to this server and the
 //! registered accounts (§5.2, §5.3), the public channel's row and version (§8), the known and
 //! pinned servers so links come back (§4.2), and a small key/value table for the server's own
-//! settings. Only the net layer holds a [`Store`] (DESIGN.md); the core asks for writes through
-//! actions.
+//! settings. [`Store`] implements the core's [`Persistence`] trait (DESIGN.md "The shape"): the
+//! server hands its `Store` to the core, which calls it synchronously and through the trait only;
+//! the start-up code (`src/bin/socp-server.rs`, [`crate::identity`]) uses the rest ([`Store::open`],
+//! `server_meta`). The records it keeps ([`UserRecord`], [`ServerRecord`]) are the core's types,
+//! re-exported here.
 //!
 //! Rules every method keeps (§11):
 //! - The journal is WAL with `synchronous=FULL`, so a write is on disk when its method returns
@@ -21,6 +24,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
+use crate::core::persist::{Conflict, PersistError, Persistence};
+pub use crate::core::persist::{ServerRecord, UserRecord};
+
 /// Why a store operation failed; callers decide what to tell the client from the variant.
 #[derive(Debug)]
 pub enum StoreError {
@@ -32,8 +38,11 @@ pub enum StoreError {
     Io(std::io::Error),
     /// The write contradicts what is stored (a user id bound to another key, a display name or
     /// user id already taken, a server pinned to another key) or the record is unusable (e.g. an
-    /// account with no display name). Nothing was written; the message says which rule.
-    Conflict(&'static str),
+    /// account with no display name). Nothing was written; the variant says which rule.
+    Conflict(Conflict),
+    /// The database cannot be used by this server (written by a newer version, or not in WAL
+    /// mode): found at open; the message says why.
+    Unusable(&'static str),
     /// The database file or its WAL was deleted or replaced while open (see [`Files`]): a write
     /// would land where the next start will not find it, so none is made or acknowledged.
     Detached,
@@ -44,7 +53,8 @@ impl fmt::Display for StoreError {
         match self {
             StoreError::Sqlite(e) => write!(f, "database error: {e}"),
             StoreError::Io(e) => write!(f, "database file error: {e}"),
-            StoreError::Conflict(why) => f.write_str(why),
+            StoreError::Conflict(why) => why.fmt(f),
+            StoreError::Unusable(why) => f.write_str(why),
             StoreError::Detached => f.write_str("the database file was deleted or replaced"),
         }
     }
@@ -55,7 +65,7 @@ impl std::error::Error for StoreError {
         match self {
             StoreError::Sqlite(e) => Some(e),
             StoreError::Io(e) => Some(e),
-            StoreError::Conflict(_) | StoreError::Detached => None,
+            StoreError::Conflict(_) | StoreError::Unusable(_) | StoreError::Detached => None,
         }
     }
 }
@@ -72,65 +82,18 @@ impl From<std::io::Error> for StoreError {
     }
 }
 
-/// One row of `users` (§11): a user id bound to its key (§5.2), and for registered accounts
-/// (§5.3) the encrypted private key blob and the salted hash of `auth`.
-///
-/// Key-only users (who said hello with a key file) have empty `privkey_store` and
-/// `pake_password`. `Debug` redacts both secrets.
-#[derive(Clone, PartialEq)]
-pub struct UserRecord {
-    /// The user's id (§2).
-    pub user_id: String,
-    /// The user's public key, in the canonical form the caller emits (§3: base64url DER SPKI).
-    /// Compared as a string, so the caller must normalise before storing or binding.
-    pub pubkey: String,
-    /// The encrypted private key blob of a registered account (§5.3), else empty.
-    pub privkey_store: String,
-    /// The salted hash of `auth` of a registered account (§5.3), else empty.
-    pub pake_password: String,
-    /// The user's `meta` object (`display_name`, §2), stored as JSON text.
-    pub meta: serde_json::Value,
-    /// Grows each time the stored `meta` changes.
-    pub version: i64,
-}
-
-impl fmt::Debug for UserRecord {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secret = |s: &str| {
-            if s.is_empty() {
-                "<empty>"
-            } else {
-                "<redacted>"
-            }
-        };
-        f.debug_struct("UserRecord")
-            .field("user_id", &self.user_id)
-            .field("pubkey", &self.pubkey)
-            .field("privkey_store", &secret(&self.privkey_store))
-            .field("pake_password", &secret(&self.pake_password))
-            .field("meta", &self.meta)
-            .field("version", &self.version)
-            .finish()
+/// For the core: a conflict stays a conflict; anything else is storage being unavailable.
+impl From<StoreError> for PersistError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(c) => PersistError::Conflict(c),
+            other => PersistError::Unavailable(Box::new(other)),
+        }
     }
 }
 
-/// One known server (§11 "plus the known servers"), so links come back after a restart (§4).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServerRecord {
-    /// The server's id (§2).
-    pub server_id: String,
-    /// Where to dial it.
-    pub host: String,
-    /// Where to dial it.
-    pub port: u16,
-    /// Its public key (§4.1), canonical form.
-    pub pubkey: String,
-    /// Whether its key is trusted for links (§4.2): from the bootstrap list or vouched for by a
-    /// trusted server. Once pinned, stays pinned.
-    pub pinned: bool,
-}
-
-/// The server's database handle (§11). Owned by the net layer; single-threaded use.
+/// The server's database handle (§11). The server opens it and hands it to the core, which
+/// uses it as its [`Persistence`]; single-threaded use.
 pub struct Store {
     conn: Connection,
     /// A second connection to the same file for the seen-cache (§6 *Across restarts*), with
@@ -351,7 +314,7 @@ impl Store {
             .conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Conflict("could not switch the database to WAL"));
+            return Err(StoreError::Unusable("could not switch the database to WAL"));
         }
         // The migration's transaction has created the WAL, so both files exist now.
         store.files = Some(Files::at(path)?);
@@ -386,7 +349,7 @@ impl Store {
         let tx = self.immediate()?;
         let on_disk: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if on_disk > SCHEMA_VERSION {
-            return Err(StoreError::Conflict(
+            return Err(StoreError::Unusable(
                 "database was written by a newer version of this server",
             ));
         }
@@ -470,7 +433,7 @@ impl Store {
 
     /// Binds a user id to its key on its first hello (§5.2): inserts the user if absent; if
     /// present with the same `pubkey`, stores the new `meta` (bumping `version` if it changed);
-    /// if present with another key, fails with `Conflict("user id bound to another key")`.
+    /// if present with another key, fails with [`Conflict::KeyBound`].
     ///
     /// Never creates or changes credentials: a new row is key-only (empty `privkey_store` and
     /// `pake_password`, whatever `rec` holds), and a registered account keeps its password, key
@@ -497,7 +460,7 @@ impl Store {
                 ])?;
             }
             Some((pubkey, _, _)) if pubkey != rec.pubkey => {
-                return Err(StoreError::Conflict("user id bound to another key"));
+                return Err(StoreError::Conflict(Conflict::KeyBound));
             }
             Some((_, old_meta, old_version)) => {
                 let unchanged = serde_json::from_str::<serde_json::Value>(&old_meta)
@@ -518,19 +481,19 @@ impl Store {
     /// password hash, whose login name is `meta.display_name`. Committed (on disk) when it
     /// returns `Ok`, so the caller may then send `USER_REGISTERED` (§11).
     ///
-    /// Fails with `Conflict("display name taken")` if another registered account has that name
-    /// (the caller answers `NAME_IN_USE`), `Conflict("user id taken")` if the user id exists
-    /// (registered or key-only), and `Conflict("display name missing")` /
-    /// `Conflict("password missing")` if `rec` is not an account. Checked in that order.
+    /// Fails with [`Conflict::DisplayNameMissing`] / [`Conflict::PasswordMissing`] if `rec` is
+    /// not an account, [`Conflict::DisplayNameTaken`] if another registered account has that
+    /// name (the caller answers `NAME_IN_USE`), and [`Conflict::UserIdTaken`] if the user id
+    /// exists (registered or key-only). Checked in that order.
     pub fn register_account(&self, rec: &UserRecord) -> Result<(), StoreError> {
         let name = rec
             .meta
             .get("display_name")
             .and_then(serde_json::Value::as_str)
             .filter(|n| !n.is_empty())
-            .ok_or(StoreError::Conflict("display name missing"))?;
+            .ok_or(StoreError::Conflict(Conflict::DisplayNameMissing))?;
         if rec.pake_password.is_empty() {
-            return Err(StoreError::Conflict("password missing"));
+            return Err(StoreError::Conflict(Conflict::PasswordMissing));
         }
         self.check_files()?;
         let tx = self.immediate()?;
@@ -538,13 +501,13 @@ impl Store {
             .prepare_cached("SELECT 1 FROM users WHERE display_name = ?1 AND pake_password <> ''")?
             .exists([name])?;
         if name_taken {
-            return Err(StoreError::Conflict("display name taken"));
+            return Err(StoreError::Conflict(Conflict::DisplayNameTaken));
         }
         let id_taken = tx
             .prepare_cached("SELECT 1 FROM users WHERE user_id = ?1")?
             .exists([&rec.user_id])?;
         if id_taken {
-            return Err(StoreError::Conflict("user id taken"));
+            return Err(StoreError::Conflict(Conflict::UserIdTaken));
         }
         tx.prepare_cached(
             "INSERT INTO users
@@ -587,7 +550,7 @@ impl Store {
     ///
     /// Pins only accumulate: `pinned` never goes from true to false here. A pinned server's key
     /// is replaced only by a record that is itself pinned (trusted, §4.2); an unpinned record
-    /// with another key fails with `Conflict("server pinned to another key")` and changes
+    /// with another key fails with [`Conflict::ServerPinned`] and changes
     /// nothing, so an unvouched claim cannot overwrite a pin.
     pub fn upsert_server(&self, rec: &ServerRecord) -> Result<(), StoreError> {
         self.check_files()?;
@@ -600,7 +563,7 @@ impl Store {
             && !rec.pinned
             && *pubkey != rec.pubkey
         {
-            return Err(StoreError::Conflict("server pinned to another key"));
+            return Err(StoreError::Conflict(Conflict::ServerPinned));
         }
         tx.prepare_cached(
             "INSERT INTO servers (server_id, host, port, pubkey, pinned)
@@ -737,6 +700,62 @@ impl Store {
     }
 }
 
+/// The core's operations (see [`Persistence`] for what each promises) are the methods of the
+/// same names above; errors other than a conflict become [`PersistError::Unavailable`].
+impl Persistence for Store {
+    fn bind_user(&self, rec: &UserRecord) -> Result<(), PersistError> {
+        Ok(Store::bind_user(self, rec)?)
+    }
+
+    fn register_account(&self, rec: &UserRecord) -> Result<(), PersistError> {
+        Ok(Store::register_account(self, rec)?)
+    }
+
+    fn user_by_display_name(&self, name: &str) -> Result<Option<UserRecord>, PersistError> {
+        Ok(Store::user_by_display_name(self, name)?)
+    }
+
+    fn known_user_key(&self, user_id: &str) -> Result<Option<String>, PersistError> {
+        Ok(Store::known_user_key(self, user_id)?)
+    }
+
+    fn remember_user_key(&self, user_id: &str, pubkey: &str) -> Result<(), PersistError> {
+        Ok(Store::remember_user_key(self, user_id, pubkey)?)
+    }
+
+    fn servers(&self) -> Result<Vec<ServerRecord>, PersistError> {
+        Ok(Store::servers(self)?)
+    }
+
+    fn upsert_server(&self, rec: &ServerRecord) -> Result<(), PersistError> {
+        Ok(Store::upsert_server(self, rec)?)
+    }
+
+    fn public_channel_version(&self) -> Result<i64, PersistError> {
+        Ok(Store::public_channel_version(self)?)
+    }
+
+    fn set_public_channel_version(&self, v: i64) -> Result<(), PersistError> {
+        Ok(Store::set_public_channel_version(self, v)?)
+    }
+
+    fn remember_seen(&self, key: &[u8; 32], until_ms: i64) -> Result<(), PersistError> {
+        Ok(Store::remember_seen(self, key, until_ms)?)
+    }
+
+    fn seen_entries(&self, now_ms: i64) -> Result<Vec<([u8; 32], i64)>, PersistError> {
+        Ok(Store::seen_entries(self, now_ms)?)
+    }
+
+    fn forget_seen(&self, now_ms: i64) -> Result<(), PersistError> {
+        Ok(Store::forget_seen(self, now_ms)?)
+    }
+
+    fn checkpoint(&self) -> Result<(), PersistError> {
+        Ok(Store::checkpoint(self)?)
+    }
+}
+
 /// Maps a `SELECT {USER_COLUMNS}` row; `meta` is JSON text.
 fn user_from_row(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
     let meta: String = r.get(4)?;
@@ -865,7 +884,7 @@ mod tests {
 
     fn conflict(r: Result<(), StoreError>) -> &'static str {
         match r {
-            Err(StoreError::Conflict(why)) => why,
+            Err(StoreError::Conflict(why)) => why.as_str(),
             other => panic!("expected a conflict, got {other:?}"),
         }
     }
@@ -1257,7 +1276,7 @@ mod tests {
             conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
                 .unwrap();
         }
-        assert!(matches!(Store::open(&path), Err(StoreError::Conflict(_))));
+        assert!(matches!(Store::open(&path), Err(StoreError::Unusable(_))));
     }
 
     #[test]

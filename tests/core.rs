@@ -9,9 +9,10 @@ mod common;
 
 use common::keys::test_key;
 use serde_json::{Map, Value, json};
+use socp::core::persist::MemStore;
+use socp::core::random::SeededRandom;
 use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::crypto::{self, PrivateKey, PublicKey};
-use socp::store::Store;
 use socp::wire::canon;
 use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
 use std::net::{IpAddr, Ipv4Addr};
@@ -58,8 +59,7 @@ impl Harness {
     }
 
     fn with_limits(limits: Limits) -> Harness {
-        let store = Store::open_in_memory().expect("in-memory store");
-        let server = Server::new(SRV.into(), test_key("server1"), limits, store);
+        let server = Server::new(SRV.into(), test_key("server1"), limits, MemStore::new());
         let server_pub = server.public_key().clone();
         Harness {
             server,
@@ -1065,6 +1065,58 @@ fn challenges_signed_ahead_are_each_used_once() {
         let c = conn(i as u64 + 1);
         h.respond(c, &format!("u{i}"), &keys[i], &challenges[i]);
     }
+}
+
+/// A harness whose core draws its random bytes from `SeededRandom::new(seed)`.
+fn seeded(seed: u64) -> Harness {
+    let mut h = Harness::new();
+    h.server = Server::new(
+        SRV.into(),
+        test_key("server1"),
+        default_limits(),
+        MemStore::new(),
+    )
+    .with_random(SeededRandom::new(seed));
+    h
+}
+
+#[test]
+fn challenge_nonces_come_from_the_random_source_the_core_is_given() {
+    // The core draws no randomness of its own: with a seeded source its nonces are that
+    // source's bytes, 32 per challenge, in order (the first hello's, then the one signed ahead
+    // for the next hello), and a whole hello still completes.
+    let mut stream = SeededRandom::new(7);
+    let mut expected = [[0u8; 32]; 2];
+    for n in &mut expected {
+        socp::core::random::Random::fill(&mut stream, n);
+    }
+    let expected = expected.map(|n| wire::b64::encode(&n));
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    for _ in 0..2 {
+        let mut h = seeded(7);
+        h.open(conn(1));
+        h.open(conn(2));
+        let ch1 = h.challenge(conn(1), "alice", &alice);
+        h.respond(conn(1), "alice", &alice, &ch1);
+        let ch2 = h.challenge(conn(2), "bob", &bob);
+        h.respond(conn(2), "bob", &bob, &ch2);
+        let nonces = [ch1, ch2].map(|ch| str_field(&ch, "nonce").to_string());
+        assert_eq!(nonces, expected);
+    }
+    // Another seed, other nonces; the OS source (the default) repeats nothing across servers.
+    let mut h = seeded(8);
+    h.open(conn(1));
+    assert_ne!(
+        str_field(&h.challenge(conn(1), "alice", &alice), "nonce"),
+        expected[0]
+    );
+    let os_nonce = |h: &mut Harness| {
+        h.open(conn(1));
+        str_field(&h.challenge(conn(1), "alice", &alice), "nonce").to_string()
+    };
+    let first = os_nonce(&mut Harness::new());
+    assert_ne!(first, os_nonce(&mut Harness::new()));
+    assert!(!expected.contains(&first));
 }
 
 #[test]

@@ -12,6 +12,7 @@ mod common;
 use common::keys::test_key;
 use serde_json::{Map, Value, json};
 use socp::core::federation::{CHANNEL_BATCH_MS, FedConfig, PeerSpec};
+use socp::core::persist::{MemStore, Persistence};
 use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
 use socp::crypto::{self, PrivateKey, PublicKey};
 use socp::store::Store;
@@ -171,11 +172,16 @@ impl Harness {
             mono_ms: MONO0,
             wall_ms: WALL0,
         };
-        Harness::with_store(id, Store::open_in_memory().unwrap(), now, f)
+        Harness::with_store(id, MemStore::new(), now, f)
     }
 
     /// A server "srv-a" on `store`, started at `now` (a restart, when the store is reused).
-    fn with_store(id: &str, store: Store, now: Time, f: impl FnOnce(&mut FedConfig)) -> Harness {
+    fn with_store(
+        id: &str,
+        store: impl Persistence + Send + 'static,
+        now: Time,
+        f: impl FnOnce(&mut FedConfig),
+    ) -> Harness {
         let mut cfg = FedConfig {
             bootstrap: vec![spec("server2", 9002)],
             advertise_port: OUR_PORT,

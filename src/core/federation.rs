@@ -16,10 +16,10 @@
 
 use crate::core::dedup::{self, SeenCache, Stale};
 use crate::core::directory::{Directory, Entry};
+use crate::core::persist::ServerRecord;
 use crate::core::server::{Action, ConnId, Server, State, Time, Timer, close};
 use crate::core::signer::Urgency;
 use crate::crypto::PublicKey;
-use crate::store::ServerRecord;
 use crate::wire::canon;
 use crate::wire::frame::{Frame, Signed};
 use crate::wire::{self, Envelope, ErrorCode, Fields, WireError, types};

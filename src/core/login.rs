@@ -29,9 +29,9 @@
 //! is full.
 
 use crate::account;
+use crate::core::persist::{Conflict, PersistError, UserRecord};
 use crate::core::server::{Bucket, ConnId, Server, Time, store_error};
 use crate::core::signer::Urgency;
-use crate::store::{StoreError, UserRecord};
 use crate::wire::{self, Envelope, ErrorCode, WireError, types};
 use log::info;
 use serde_json::json;
@@ -201,18 +201,22 @@ impl Server {
                 "USER_REGISTER must be signed by the key it registers",
             ));
         }
+        let mut salt = [0; 16];
+        self.random.fill(&mut salt);
         let record = UserRecord {
             user_id: user_id.to_string(),
             pubkey: pubkey.encoded().to_string(),
             privkey_store: privkey_store.to_string(),
-            pake_password: account::password_verifier(&auth),
+            pake_password: account::password_verifier_with_salt(&salt, &auth),
             meta: json!({"display_name": display_name}),
             version: 1,
         };
         match self.store.register_account(&record) {
             Ok(()) => {}
-            Err(StoreError::Conflict(what)) if what.ends_with("taken") => {
-                return Err(WireError::new(ErrorCode::NameInUse, what));
+            Err(PersistError::Conflict(
+                what @ (Conflict::DisplayNameTaken | Conflict::UserIdTaken),
+            )) => {
+                return Err(WireError::new(ErrorCode::NameInUse, what.as_str()));
             }
             Err(e) => return Err(store_error(&e)),
         }

@@ -8,9 +8,14 @@
 //! and answers with [`server::Action`]s.
 //!
 //! It must not touch a socket, read the clock, sleep or block: the net layer does all of that
-//! and hands the core `now`. (Its one side effect is the SQLite store, see [`server`]; its one
-//! clock reading times signatures for `/metrics` and decides nothing.) That is what lets
-//! `tests/core*.rs` drive it, a whole mesh too, with simulated time and no network.
+//! and hands the core `now`. What it keeps across restarts it reads and writes through the
+//! [`persist::Persistence`] trait it is given (the SQLite [`crate::store::Store`] in the server,
+//! [`persist::MemStore`] in tests), synchronously, so a key binding or an account is durable
+//! before the reply that confirms it (PROTOCOL.md §11). Its random bytes come from the
+//! [`random::Random`] source it is given (the OS's in the server, a seeded one in tests that
+//! want to replay a run). (Its one clock reading times signatures for `/metrics` and decides
+//! nothing.) That is what lets `tests/core*.rs` drive it, a whole mesh too, with simulated time
+//! and no network.
 
 pub mod channel;
 pub mod dedup;
@@ -18,6 +23,8 @@ pub mod directory;
 pub mod federation;
 pub mod login;
 pub mod metrics;
+pub mod persist;
+pub mod random;
 pub mod server;
 pub mod signer;
 pub mod transfer;

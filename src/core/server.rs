@@ -5,17 +5,22 @@
 //! close, timers to arm. It never touches a socket or a clock, so it is tested with simulated
 //! time and no network (`tests/core.rs`).
 //!
-//! The one side effect it performs itself is the SQLite [`Store`]: a key binding or an account
-//! must be durable *before* the reply that confirms it (PROTOCOL.md §11), and a synchronous call
-//! keeps that ordering obvious. Tests give it an in-memory database.
+//! Storage and randomness are handed to it. It reaches storage through the [`Persistence`]
+//! trait, synchronously: a key binding or an account must be durable *before* the reply that
+//! confirms it (PROTOCOL.md §11), and a synchronous call keeps that ordering obvious. The server
+//! gives it the SQLite [`Store`](crate::store::Store); tests may give it a
+//! [`MemStore`](crate::core::persist::MemStore). Its random bytes (challenge nonces, password
+//! salts) come from a [`Random`] source: the OS's by default, a seeded one in tests that want
+//! to replay a run.
 
 use crate::core::channel::PublicChannel;
 use crate::core::directory::{Directory, Entry};
 use crate::core::federation::{FedConfig, Federation};
+use crate::core::persist::{Persistence, UserRecord};
+use crate::core::random::{OsRandom, Random};
 use crate::core::signer::{InlineSigner, Signer, Urgency};
 use crate::core::transfer::{TransferLimits, Transfers};
 use crate::crypto::{KeyCache, PrivateKey, PublicKey};
-use crate::store::{Store, UserRecord};
 use crate::wire::frame::{Frame, Signed, Slot};
 use crate::wire::{
     self, AuthResponse, Envelope, ErrorCode, UserHello, UserMessage, WireError, types,
@@ -241,7 +246,9 @@ pub struct Server {
     /// Makes our signatures: in line, or a pool of threads (see [`crate::core::signer`]).
     signer: Box<dyn Signer>,
     limits: Limits,
-    pub(crate) store: Store,
+    pub(crate) store: Box<dyn Persistence + Send>,
+    /// Where nonces and salts come from (see [`crate::core::random`]).
+    pub(crate) random: Box<dyn Random + Send>,
     pub(crate) keys: KeyCache,
     pub(crate) conns: HashMap<ConnId, Conn>,
     pub(crate) dir: Directory,
@@ -294,8 +301,16 @@ enum BurstKind {
 const CHALLENGE_POOL: usize = 4;
 
 impl Server {
-    /// A core for server `id` with key `key`, persisting to `store`.
-    pub fn new(id: String, key: PrivateKey, limits: Limits, store: Store) -> Server {
+    /// A core for server `id` with key `key`, persisting to `store` (the server's SQLite
+    /// [`Store`](crate::store::Store), or a [`MemStore`](crate::core::persist::MemStore)), its
+    /// random bytes from the OS ([`OsRandom`]; see [`Server::with_random`]), signing in line
+    /// (see [`Server::set_signer`]).
+    pub fn new(
+        id: String,
+        key: PrivateKey,
+        limits: Limits,
+        store: impl Persistence + Send + 'static,
+    ) -> Server {
         let key = Arc::new(key);
         let signer = Box::new(InlineSigner::new(Arc::clone(&key)));
         let channel = PublicChannel::new(store.public_channel_version().unwrap_or_else(|e| {
@@ -309,7 +324,8 @@ impl Server {
             key,
             signer,
             limits,
-            store,
+            store: Box::new(store),
+            random: Box::new(OsRandom),
             keys: KeyCache::new(4096),
             conns: HashMap::new(),
             dir: Directory::default(),
@@ -326,6 +342,14 @@ impl Server {
             metrics,
             out: Vec::new(),
         }
+    }
+
+    /// Draws the core's random bytes (challenge nonces, password salts) from `random` instead
+    /// of the OS. For tests: a server's nonces must be unpredictable, so only [`OsRandom`] is fit
+    /// for one that serves users.
+    pub fn with_random(mut self, random: impl Random + Send + 'static) -> Server {
+        self.random = Box::new(random);
+        self
     }
 
     /// Turns on federation with `cfg` (peers, pins, timings). Call [`Server::start`] next.
@@ -636,8 +660,10 @@ impl Server {
 
     /// A fresh `AUTH_CHALLENGE` payload `{nonce, server_id, server_pubkey}` (§5.2 step 2),
     /// signed. It names no user, so it can be made before anyone asks for it.
-    fn new_challenge(&self) -> Option<(String, Signed)> {
-        let nonce = crate::wire::b64::encode(&crate::crypto::random_bytes::<32>());
+    fn new_challenge(&mut self) -> Option<(String, Signed)> {
+        let mut nonce = [0; 32];
+        self.random.fill(&mut nonce);
+        let nonce = crate::wire::b64::encode(&nonce);
         let payload = json!({
             "nonce": nonce,
             "server_id": self.id,
@@ -1313,9 +1339,11 @@ fn unknown_type(kind: &str) -> WireError {
     WireError::new(ErrorCode::UnknownType, format!("unknown type {shown:?}"))
 }
 
-pub(crate) fn store_error(e: &crate::store::StoreError) -> WireError {
+pub(crate) fn store_error(e: &crate::core::persist::PersistError) -> WireError {
     match e {
-        crate::store::StoreError::Conflict(what) => WireError::new(ErrorCode::BadKey, *what),
+        crate::core::persist::PersistError::Conflict(what) => {
+            WireError::new(ErrorCode::BadKey, what.as_str())
+        }
         other => {
             warn!("storage error: {other}");
             WireError::new(ErrorCode::Timeout, "storage unavailable, try again")
