@@ -15,6 +15,7 @@
 use super::{CoreHarness, LOOPBACK, Setup, outgoing};
 use socp::core::federation::FedConfig;
 use socp::core::server::{Action, ConnId, Input, Time, Timer};
+use socp::wire::Envelope;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Ids of the servers, in node order; their fixture keys are "server1" … "server4".
@@ -78,8 +79,10 @@ pub struct Mesh {
     timers: BTreeMap<(u64, u64), (usize, Timer)>,
     armed: u64,
     next_conn: u64,
-    /// Frames that crossed a wire, per (from node, to node).
-    pub carried: BTreeMap<(usize, usize), usize>,
+    /// Every frame put on a wire, in order: (from node, to node, text).
+    pub wire_log: Vec<(usize, usize, String)>,
+    /// Every dial: (time, from node, to node, connected).
+    pub dial_log: Vec<(u64, usize, usize, bool)>,
 }
 
 fn pair(a: usize, b: usize) -> (usize, usize) {
@@ -132,7 +135,8 @@ impl Mesh {
             timers: BTreeMap::new(),
             armed: 0,
             next_conn: 1_000_000,
-            carried: BTreeMap::new(),
+            wire_log: Vec::new(),
+            dial_log: Vec::new(),
         }
     }
 
@@ -274,7 +278,7 @@ impl Mesh {
         user_id: &str,
         key: &socp::crypto::PrivateKey,
         caps: &[&str],
-    ) -> socp::core::server::ConnId {
+    ) -> ConnId {
         self.settle();
         self.nodes[i].now = self.now;
         let c = self.nodes[i].user_caps(user_id, key, caps);
@@ -354,6 +358,11 @@ impl Mesh {
     /// Takes node `i`'s actions meant for the network, the clock or another node; frames and
     /// closes for its users stay in its outbox.
     fn collect(&mut self, i: usize) {
+        // What one input sends to different connections goes out in the order of the
+        // receiving ends, not the order the core listed them in (it walks hash maps: the order
+        // of its links differs from run to run). Per connection, the order is the core's.
+        let mut batch: Vec<((usize, ConnId), Event)> = Vec::new();
+        let mut timers: Vec<(u64, String, Timer)> = Vec::new();
         let actions = std::mem::take(&mut self.nodes[i].outbox);
         for a in actions {
             if let Some(o) = outgoing(&a) {
@@ -362,13 +371,15 @@ impl Mesh {
                     // Every frame between servers is checked as it leaves.
                     self.nodes[i].check(o.text);
                     if !self.cut.contains(&pair(i, j)) {
-                        *self.carried.entry((i, j)).or_default() += 1;
                         let text = o.text.to_string();
-                        self.queue.push_back(Event::Text {
-                            node: j,
-                            conn: cj,
-                            text,
-                        });
+                        batch.push((
+                            (j, cj),
+                            Event::Text {
+                                node: j,
+                                conn: cj,
+                                text,
+                            },
+                        ));
                     }
                 } else if self.users.contains(&end) {
                     self.nodes[i].outbox.push(a);
@@ -377,28 +388,29 @@ impl Mesh {
                 continue;
             }
             match a {
-                Action::Timer { at_ms, timer } => {
-                    self.armed += 1;
-                    self.timers.insert((at_ms, self.armed), (i, timer));
-                }
+                Action::Timer { at_ms, timer } => timers.push((at_ms, format!("{timer:?}"), timer)),
                 Action::Dial { target, port, .. } => {
-                    let j = (port - BASE_PORT) as usize;
+                    let j = port.checked_sub(BASE_PORT).map_or(usize::MAX, usize::from);
                     let reachable = j < self.nodes.len()
                         && j != i
                         && self.running[j]
                         && !self.cut.contains(&pair(i, j));
+                    self.dial_log.push((self.now.mono_ms, i, j, reachable));
                     if reachable {
                         let (ci, cj) = (self.fresh_conn(), self.fresh_conn());
                         self.wires.insert((i, ci), (j, cj));
                         self.wires.insert((j, cj), (i, ci));
-                        self.queue.push_back(Event::Opened { node: j, conn: cj });
-                        self.queue.push_back(Event::Dialled {
-                            node: i,
-                            conn: ci,
-                            target,
-                        });
+                        batch.push(((j, cj), Event::Opened { node: j, conn: cj }));
+                        batch.push((
+                            (i, ci),
+                            Event::Dialled {
+                                node: i,
+                                conn: ci,
+                                target,
+                            },
+                        ));
                     } else {
-                        self.queue.push_back(Event::DialFailed { node: i, target });
+                        batch.push(((i, ConnId(0)), Event::DialFailed { node: i, target }));
                     }
                 }
                 Action::Close { conn, .. } => {
@@ -406,7 +418,7 @@ impl Mesh {
                     if let Some((j, cj)) = self.wires.remove(&(i, conn)) {
                         if !self.cut.contains(&pair(i, j)) && self.wires.remove(&(j, cj)).is_some()
                         {
-                            self.queue.push_back(Event::Closed { node: j, conn: cj });
+                            batch.push(((j, cj), Event::Closed { node: j, conn: cj }));
                         }
                     } else if self.users.contains(&(i, conn)) {
                         self.users.remove(&(i, conn));
@@ -416,6 +428,27 @@ impl Mesh {
                 Action::Send { .. } | Action::Route { .. } => unreachable!(),
             }
         }
+        batch.sort_by_key(|(end, _)| *end); // stable: per connection, the core's order
+        for (_, event) in batch {
+            if let Event::Text { node, text, .. } = &event {
+                self.wire_log.push((i, *node, text.clone()));
+            }
+            self.queue.push_back(event);
+        }
+        timers.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        for (at_ms, _, timer) in timers {
+            self.armed += 1;
+            self.timers.insert((at_ms, self.armed), (i, timer));
+        }
+    }
+
+    /// The frames put on the wire from node `a` to node `b`, parsed, with their text.
+    pub fn carried(&self, a: usize, b: usize) -> Vec<(Envelope, &str)> {
+        self.wire_log
+            .iter()
+            .filter(|(x, y, _)| (*x, *y) == (a, b))
+            .map(|(_, _, t)| (Envelope::parse(t).unwrap(), t.as_str()))
+            .collect()
     }
 
     fn fresh_conn(&mut self) -> ConnId {
