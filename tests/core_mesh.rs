@@ -199,6 +199,39 @@ fn a_mesh_run_is_deterministic() {
     assert_eq!(run(), (dials, frames));
 }
 
+/// §4.4: two servers that start at the same instant dial each other at once; of the two
+/// links, both keep the one the smaller id (srv-a) dialled, and the other is closed cleanly.
+#[test]
+fn simultaneous_dials_leave_the_link_the_smaller_id_dialled() {
+    let mut mesh = mesh_of(&everyone_knows_everyone(2), true);
+    mesh.start(1);
+    mesh.start(0);
+    mesh.advance(0);
+    let dials: Vec<(usize, usize, bool)> = mesh
+        .dial_log
+        .iter()
+        .map(|&(_, from, to, ok)| (from, to, ok))
+        .collect();
+    assert_eq!(dials, [(1, 0, true), (0, 1, true)], "both dialled");
+    assert_eq!(mesh.wires_between(0, 1), 1);
+    assert_eq!(mesh.wires_dialled(0, 1), 1, "srv-a's dial survives");
+    assert_eq!(mesh.wires_dialled(1, 0), 0);
+    assert_eq!(mesh.linked(0), ["srv-b"]);
+    assert_eq!(mesh.linked(1), ["srv-a"]);
+    // The surviving link carries presence both ways, and stays up on heartbeats.
+    let alice = mesh.login(0, "alice", &user_key(0));
+    let bob = mesh.login(1, "bob", &user_key(1));
+    assert_eq!(
+        presence(&mesh.nodes[0].frames_to(alice), types::USER_ADVERTISE),
+        ["bob"]
+    );
+    mesh.advance(120_000);
+    assert_eq!(mesh.wires_between(0, 1), 1);
+    assert_eq!(mesh.linked(0), ["srv-b"]);
+    assert!(mesh.nodes[0].frames_to(alice).is_empty(), "no flapping");
+    assert!(mesh.nodes[1].frames_to(bob).is_empty(), "no flapping");
+}
+
 // -------------------------------------------------------------------- link loss (§4.4)
 
 /// Two linked servers with alice at srv-a and bob at srv-b; the users' frames so far taken.

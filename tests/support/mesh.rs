@@ -68,6 +68,8 @@ pub struct Mesh {
     running: Vec<bool>,
     /// Each end of a live connection between two nodes → the other end.
     wires: BTreeMap<(usize, ConnId), (usize, ConnId)>,
+    /// The dialling ends of the wires.
+    dialled: BTreeSet<(usize, ConnId)>,
     /// Ends whose owner has closed them or seen them close: frames to them are lost.
     gone: BTreeSet<(usize, ConnId)>,
     /// Connections of users (played by the test) at each node.
@@ -128,6 +130,7 @@ impl Mesh {
             now,
             running: vec![false; n],
             wires: BTreeMap::new(),
+            dialled: BTreeSet::new(),
             gone: BTreeSet::new(),
             users: BTreeSet::new(),
             cut: BTreeSet::new(),
@@ -172,14 +175,19 @@ impl Mesh {
     pub fn advance(&mut self, ms: u64) {
         let until = self.now.mono_ms + ms;
         self.settle();
-        while let Some((&(at, seq), _)) = self.timers.iter().next() {
+        while let Some((&(at, _), _)) = self.timers.iter().next() {
             if at > until {
                 break;
             }
-            let (node, timer) = self.timers.remove(&(at, seq)).unwrap();
             self.set_clock(at);
-            if self.running[node] {
-                self.feed(node, Input::Timer(timer));
+            // Every timer due now fires before the network carries anything: two servers
+            // whose timers fall due together act at once (their dials cross, say).
+            let due: Vec<(u64, u64)> = self.timers.range(..(at + 1, 0)).map(|(k, _)| *k).collect();
+            for key in due {
+                let (node, timer) = self.timers.remove(&key).unwrap();
+                if self.running[node] {
+                    self.feed(node, Input::Timer(timer));
+                }
             }
             self.settle();
         }
@@ -242,6 +250,14 @@ impl Mesh {
             .filter(|((x, _), (y, c))| *x == b && *y == a && !self.wires.contains_key(&(a, *c)))
             .count();
         from_a + only_b
+    }
+
+    /// Live connections node `a` dialled to node `b`.
+    pub fn wires_dialled(&self, a: usize, b: usize) -> usize {
+        self.wires
+            .iter()
+            .filter(|(end, (y, _))| end.0 == a && *y == b && self.dialled.contains(end))
+            .count()
     }
 
     /// The servers node `i` has a link with, as its core says (`/healthz`), sorted.
@@ -399,6 +415,7 @@ impl Mesh {
                     if reachable {
                         let (ci, cj) = (self.fresh_conn(), self.fresh_conn());
                         self.wires.insert((i, ci), (j, cj));
+                        self.dialled.insert((i, ci));
                         self.wires.insert((j, cj), (i, ci));
                         batch.push(((j, cj), Event::Opened { node: j, conn: cj }));
                         batch.push((
