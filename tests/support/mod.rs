@@ -603,8 +603,8 @@ impl CoreHarness {
         self.respond(c, user_id, key, &ch)
     }
 
-    /// Opens `c` and completes the hello ([`hello_payload`]). Frames to other connections,
-    /// and every timer but none, stay in the outbox: the timers are taken.
+    /// Opens `c` and completes the hello ([`hello_payload`]). The timers pending are taken;
+    /// frames to other connections stay in the outbox.
     pub fn login(&mut self, c: ConnId, user_id: &str, key: &PrivateKey) -> Vec<Envelope> {
         self.open(c);
         self.timers();
