@@ -581,6 +581,75 @@ fn a_dm_and_presence_are_relayed_through_the_middle_keeping_their_signature() {
     assert!(mesh.directory(0).iter().all(|(u, _)| u != "carol"));
 }
 
+/// §6, §8 across the partial mesh: alice's public-channel copies, one per member, reach bob at
+/// srv-b directly and carol at srv-c through srv-b, each exactly once, with the content the
+/// sender signed.
+#[test]
+fn public_channel_copies_cross_the_partial_mesh_once() {
+    let mut mesh = partial_mesh();
+    let keys: Vec<PrivateKey> = (0..3).map(user_key).collect();
+    let conns: Vec<ConnId> = (0..3).map(|i| mesh.login(i, USERS[i], &keys[i])).collect();
+    mesh.advance(5_000); // the channel's batched news
+    for i in 0..3 {
+        mesh.nodes[i].clear();
+    }
+    let ts = mesh.now.wall_ms - 10;
+    for member in [1, 2] {
+        let p = message_payload(
+            &keys[0],
+            keys[member].public_key(),
+            "alice",
+            None,
+            ts,
+            "hi all",
+        );
+        let f = user_frame_at(
+            types::MSG_PUBLIC_CHANNEL,
+            "alice",
+            USERS[member],
+            ts,
+            &p,
+            None,
+        );
+        mesh.user_sends(0, conns[0], &f);
+    }
+    assert!(
+        mesh.nodes[0].frames_to(conns[0]).is_empty(),
+        "no copy for the sender"
+    );
+    for member in [1, 2] {
+        let got = mesh.nodes[member].frames_to(conns[member]);
+        assert_eq!(
+            kinds(&got),
+            [types::MSG_PUBLIC_CHANNEL],
+            "{}: {got:#?}",
+            USERS[member]
+        );
+        let m = &got[0];
+        assert_eq!(
+            (m.from.as_str(), m.to.as_str()),
+            (IDS[member], USERS[member])
+        );
+        assert_eq!(m.payload["sender"], "alice");
+        assert!(verify_content_sig(
+            keys[0].public_key(),
+            str_field(m, "content_sig"),
+            str_field(m, "ciphertext"),
+            "alice",
+            None,
+            ts,
+        ));
+        let ct = wire::b64::decode(str_field(m, "ciphertext")).unwrap();
+        assert_eq!(keys[member].decrypt(&ct).unwrap(), b"hi all");
+    }
+    // carol's copy went srv-a → srv-b → srv-c unchanged.
+    let copy = carried_one(&mesh, 0, 1, types::MSG_PUBLIC_CHANNEL, "carol");
+    assert_eq!(
+        carried_one(&mesh, 1, 2, types::MSG_PUBLIC_CHANNEL, "carol"),
+        copy
+    );
+}
+
 // -------------------------------------------------------------------- presence
 
 /// §7 across four servers: each user is told of every user who logs in later exactly once
@@ -685,4 +754,45 @@ fn a_partial_mesh_converges_when_the_middle_starts_last() {
     mesh.nodes[2].clear();
     assert_eq!(mesh.nodes[0].list(alice, "alice"), ["alice", "carol"]);
     assert_eq!(mesh.nodes[2].list(carol, "carol"), ["alice", "carol"]);
+}
+
+/// §7 across servers: a user who leaves one server and logs in at another, with the same key,
+/// is found at the new one everywhere; users elsewhere are told of the move.
+#[test]
+fn a_user_who_moves_to_another_server_is_found_there_everywhere() {
+    let mut mesh = mesh_of(&everyone_knows_everyone(3), true);
+    for i in 0..3 {
+        mesh.start(i);
+    }
+    mesh.advance(5_000);
+    let alice = mesh.login(0, "alice", &user_key(0));
+    let bob = mesh.login(1, "bob", &user_key(1));
+    mesh.nodes[0].clear();
+    mesh.user_leaves(1, bob);
+    mesh.advance(1_000);
+    let bob = mesh.login(2, "bob", &user_key(1));
+    let want = vec![
+        ("alice".to_string(), "srv-a".to_string()),
+        ("bob".to_string(), "srv-c".to_string()),
+    ];
+    for i in 0..3 {
+        assert_eq!(mesh.directory(i), want, "{}", IDS[i]);
+    }
+    let told = mesh.nodes[0].frames_to(alice);
+    assert_eq!(
+        kinds(&told),
+        [types::USER_REMOVE, types::USER_ADVERTISE],
+        "{told:#?}"
+    );
+    assert_eq!(told[1].payload["server_id"], "srv-c");
+    // A DM to bob now goes to srv-c.
+    mesh.nodes[0].dm(
+        alice,
+        "alice",
+        &user_key(0),
+        "bob",
+        user_key(1).public_key(),
+    );
+    mesh.settle();
+    assert_eq!(kinds(&mesh.nodes[2].frames_to(bob)), [types::USER_DELIVER]);
 }
