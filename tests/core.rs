@@ -1,393 +1,41 @@
 //! Integration tests of the sans-IO server core (`socp::core::server::Server`) with simulated
 //! time and no sockets (DESIGN.md "Tests in three layers", first layer).
 //!
-//! A [`Harness`] feeds the core `Input`s at a simulated [`Time`] and collects its `Action`s into an
-//! outbox; helpers take from the outbox the frames sent to one connection, parsed, and **verified
-//! with the server's public key** (PROTOCOL.md §3.4: every frame a server emits is signed).
+//! A [`CoreHarness`] (tests/support) feeds the core `Input`s at a simulated time and collects its
+//! `Action`s into an outbox; helpers take from the outbox the frames sent to one connection,
+//! parsed, and **verified with the server's public key** (PROTOCOL.md §3.4: every frame a server
+//! emits is signed).
 
 mod common;
+mod support;
 
 use common::keys::test_key;
-use serde_json::{Map, Value, json};
-use socp::core::persist::MemStore;
+use serde_json::{Value, json};
 use socp::core::random::SeededRandom;
-use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
-use socp::crypto::{self, PrivateKey, PublicKey};
+use socp::core::server::{Action, ConnId, Input, Limits, Timer, close};
+use socp::crypto::{self, PrivateKey};
 use socp::wire::canon;
-use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
+use socp::wire::{Envelope, types};
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
+use support::*;
 
 const SRV: &str = "srv";
-/// Where accepted connections come from unless a test says otherwise (§5.3 login budgets).
-const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-// -------------------------------------------------------------------- harness
-
-fn default_limits() -> Limits {
-    Limits {
-        hello_timeout_ms: 10_000,
-        error_burst: 20,
-        error_refill_per_s: 10,
-        max_message_size: 256 * 1024,
-    }
+/// "srv" (key server1) with `limits`, no federation, not started.
+fn harness_with(limits: Limits) -> CoreHarness {
+    CoreHarness::build(setup(limits))
 }
 
-/// A connection id shaped like the net layer's: a serial in the high half, a slot in the low.
-fn conn(n: u64) -> ConnId {
-    ConnId((n << 32) | n)
+/// "srv" (key server1) with `limits` on a `MemStore`.
+fn setup(limits: Limits) -> Setup {
+    Setup::new(SRV)
+        .limits(limits)
+        .mem_store()
+        .at(5_000, 1_700_000_000_000)
 }
 
-/// One frame the server sent: its exact text and its parsed envelope.
-#[derive(Debug, Clone)]
-struct Sent {
-    text: String,
-    env: Envelope,
-}
-
-struct Harness {
-    server: Server,
-    now: Time,
-    server_pub: Arc<PublicKey>,
-    /// Actions produced and not yet taken by a test, in order.
-    outbox: Vec<Action>,
-}
-
-impl Harness {
-    fn new() -> Harness {
-        Harness::with_limits(default_limits())
-    }
-
-    fn with_limits(limits: Limits) -> Harness {
-        let server = Server::new(SRV.into(), test_key("server1"), limits, MemStore::new());
-        let server_pub = server.public_key().clone();
-        Harness {
-            server,
-            now: Time {
-                mono_ms: 5_000,
-                wall_ms: 1_700_000_000_000,
-            },
-            server_pub,
-            outbox: Vec::new(),
-        }
-    }
-
-    /// Advances both simulated clocks.
-    fn advance(&mut self, ms: u64) {
-        self.now.mono_ms += ms;
-        self.now.wall_ms += ms as i64;
-    }
-
-    fn input(&mut self, input: Input<'_>) {
-        self.server.handle(self.now, input);
-        self.server.run_deferred(self.now); // as the net layer does after writing
-        self.outbox.extend(self.server.actions());
-        assert!(!self.server.has_actions());
-    }
-
-    /// Feeds one frame and leaves the work the core deferred pending (the net layer runs it
-    /// only after writing the frame's actions).
-    fn send_only(&mut self, c: ConnId, text: &str) {
-        self.server.handle(self.now, Input::Text { conn: c, text });
-        self.outbox.extend(self.server.actions());
-    }
-
-    fn open(&mut self, c: ConnId) {
-        self.open_from(c, LOOPBACK);
-    }
-
-    /// Opens `c` as accepted from `peer`.
-    fn open_from(&mut self, c: ConnId, peer: IpAddr) {
-        self.input(Input::Opened { conn: c, peer });
-    }
-
-    fn send(&mut self, c: ConnId, text: &str) {
-        self.input(Input::Text { conn: c, text });
-    }
-
-    fn binary(&mut self, c: ConnId) {
-        self.input(Input::Binary { conn: c });
-    }
-
-    fn closed(&mut self, c: ConnId) {
-        self.input(Input::Closed { conn: c });
-    }
-
-    fn fire(&mut self, timer: Timer) {
-        self.input(Input::Timer(timer));
-    }
-
-    /// Every action produced since the last take, in order. Sent frames are verified.
-    fn drain(&mut self) -> Vec<Action> {
-        let actions = std::mem::take(&mut self.outbox);
-        for a in &actions {
-            if let Action::Send { text, .. } | Action::Route { text, .. } = a {
-                self.check(text.as_str());
-            }
-        }
-        actions
-    }
-
-    /// Discards everything pending (after verifying the frames in it).
-    fn clear(&mut self) {
-        self.drain();
-    }
-
-    /// Parses one frame the server sent and asserts it is well formed and signed by the server.
-    fn check(&self, text: &str) -> Envelope {
-        let env = Envelope::parse(text).unwrap_or_else(|e| panic!("server sent {text:?}: {e}"));
-        assert_eq!(env.from, SRV, "server frames come from the server: {text}");
-        assert!(!env.sig.is_empty(), "server frame is unsigned: {text}");
-        let ok = wire::verify_payload_sig(&self.server_pub, &env.payload, &env.sig)
-            .unwrap_or_else(|_| panic!("server payload not canonical: {text}"));
-        assert!(
-            ok,
-            "server frame does not verify with the server key: {text}"
-        );
-        // Emit strictly: the payload text on the wire is the canonical form that was signed.
-        let canonical = canon::canonical(&Value::Object(env.payload.clone())).unwrap();
-        assert!(
-            text.contains(&format!("\"payload\":{canonical},")),
-            "payload not emitted in canonical form: {text}"
-        );
-        env
-    }
-
-    /// The types of the frames sent to `c` so far, each with whether it is complete (signed),
-    /// without taking them.
-    fn heads_to(&self, c: ConnId) -> Vec<(&'static str, bool)> {
-        self.outbox
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send { conn, text } | Action::Route { conn, text } if *conn == c => {
-                    let kind = socp::core::metrics::FRAME_TYPES
-                        .iter()
-                        .find(|k| text.head().starts_with(&format!("{{\"type\":\"{k}\"")))
-                        .copied()
-                        .unwrap_or("?");
-                    Some((kind, text.ready().is_some()))
-                }
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Takes the frames sent to `c` out of the outbox, with their exact text.
-    fn sent_to(&mut self, c: ConnId) -> Vec<Sent> {
-        let mut mine = Vec::new();
-        let mut rest = Vec::new();
-        for a in std::mem::take(&mut self.outbox) {
-            match a {
-                Action::Send { conn, text } | Action::Route { conn, text } if conn == c => {
-                    mine.push(text.as_str().to_owned())
-                }
-                other => rest.push(other),
-            }
-        }
-        self.outbox = rest;
-        mine.into_iter()
-            .map(|text| Sent {
-                env: self.check(&text),
-                text,
-            })
-            .collect()
-    }
-
-    /// Takes the frames sent to `c`, parsed and verified.
-    fn frames_to(&mut self, c: ConnId) -> Vec<Envelope> {
-        self.sent_to(c).into_iter().map(|s| s.env).collect()
-    }
-
-    /// Takes the close actions for `c`: their codes.
-    fn closes(&mut self, c: ConnId) -> Vec<u16> {
-        let mut codes = Vec::new();
-        self.outbox.retain(|a| match a {
-            Action::Close { conn, code, .. } if *conn == c => {
-                codes.push(*code);
-                false
-            }
-            _ => true,
-        });
-        codes
-    }
-
-    /// Takes the timer actions.
-    fn timers(&mut self) -> Vec<(u64, Timer)> {
-        let mut out = Vec::new();
-        self.outbox.retain(|a| match a {
-            Action::Timer { at_ms, timer } => {
-                out.push((*at_ms, *timer));
-                false
-            }
-            _ => true,
-        });
-        out
-    }
-
-    /// A user frame at the current wall time.
-    fn user_frame(
-        &self,
-        kind: &str,
-        from: &str,
-        to: &str,
-        payload: &Value,
-        key: Option<&PrivateKey>,
-    ) -> String {
-        user_frame_at(kind, from, to, self.now.wall_ms, payload, key)
-    }
-
-    /// Steps 1–2 of §5.2: sends `USER_HELLO` and returns the `AUTH_CHALLENGE`.
-    fn challenge(&mut self, c: ConnId, user_id: &str, key: &PrivateKey) -> Envelope {
-        let hello = self.user_frame(
-            types::USER_HELLO,
-            user_id,
-            "",
-            &hello_payload(key.public_key().encoded()),
-            None,
-        );
-        self.send(c, &hello);
-        let frames = self.frames_to(c);
-        assert_eq!(kinds(&frames), [types::AUTH_CHALLENGE], "{frames:#?}");
-        assert!(self.closes(c).is_empty());
-        frames.into_iter().next().unwrap()
-    }
-
-    /// Step 3 of §5.2: the correct `AUTH_RESPONSE` to challenge `ch`, signed by `key`.
-    fn auth_response(&self, user_id: &str, key: &PrivateKey, ch: &Envelope) -> String {
-        let payload = auth_payload(ch, user_id);
-        self.user_frame(types::AUTH_RESPONSE, user_id, SRV, &payload, Some(key))
-    }
-
-    /// Steps 3–4 of §5.2 for a challenge: sends a correct `AUTH_RESPONSE` and returns every frame
-    /// that came back, asserting the first is the `USER_HELLO_ACK`.
-    fn respond(
-        &mut self,
-        c: ConnId,
-        user_id: &str,
-        key: &PrivateKey,
-        ch: &Envelope,
-    ) -> Vec<Envelope> {
-        let resp = self.auth_response(user_id, key, ch);
-        self.send(c, &resp);
-        let frames = self.frames_to(c);
-        assert!(!frames.is_empty(), "no answer to AUTH_RESPONSE");
-        assert_eq!(frames[0].kind, types::USER_HELLO_ACK, "{frames:#?}");
-        assert_eq!(frames[0].to, user_id);
-        assert_eq!(
-            Value::Object(frames[0].payload.clone()),
-            json!({"user_id": user_id, "server_id": SRV})
-        );
-        assert!(self.closes(c).is_empty());
-        frames
-    }
-
-    /// The full hello (§5.2) on an open connection; returns the frames after `AUTH_RESPONSE`.
-    fn hello(&mut self, c: ConnId, user_id: &str, key: &PrivateKey) -> Vec<Envelope> {
-        let ch = self.challenge(c, user_id, key);
-        self.respond(c, user_id, key, &ch)
-    }
-
-    /// Opens `c` and completes the hello. Frames to other connections stay in the outbox.
-    fn login(&mut self, c: ConnId, user_id: &str, key: &PrivateKey) -> Vec<Envelope> {
-        self.open(c);
-        self.timers();
-        self.hello(c, user_id, key)
-    }
-
-    /// `LIST_REQUEST` from `user_id` on `c`; returns the user ids of the `LIST_RESPONSE`.
-    fn list(&mut self, c: ConnId, user_id: &str) -> Vec<String> {
-        let req = self.user_frame(types::LIST_REQUEST, user_id, SRV, &json!({}), None);
-        self.send(c, &req);
-        let frames = self.frames_to(c);
-        assert_eq!(kinds(&frames), [types::LIST_RESPONSE], "{frames:#?}");
-        list_ids(&frames[0])
-    }
-}
-
-fn user_frame_at(
-    kind: &str,
-    from: &str,
-    to: &str,
-    ts: i64,
-    payload: &Value,
-    key: Option<&PrivateKey>,
-) -> String {
-    let signed = match key {
-        Some(k) => SignedPayload::sign(payload, k).unwrap(),
-        None => SignedPayload::unsigned(payload).unwrap(),
-    };
-    encode_frame(kind, from, to, ts, &signed)
-}
-
-/// A frame with the given payload and an arbitrary signature text.
-fn frame_with_sig(kind: &str, from: &str, to: &str, ts: i64, payload: &Value, sig: &str) -> String {
-    let signed = SignedPayload {
-        canonical: canon::canonical(payload).unwrap(),
-        sig: sig.to_owned(),
-    };
-    encode_frame(kind, from, to, ts, &signed)
-}
-
-fn hello_payload(pubkey: &str) -> Value {
-    json!({
-        "client": "socp-core-tests",
-        "pubkey": pubkey,
-        "enc_pubkey": pubkey,
-        "meta": {"display_name": "tester"},
-    })
-}
-
-fn auth_payload(ch: &Envelope, user_id: &str) -> Value {
-    json!({
-        "nonce": ch.payload["nonce"],
-        "server_id": ch.payload["server_id"],
-        "user_id": user_id,
-    })
-}
-
-/// A `MSG_DIRECT` / `MSG_PUBLIC_CHANNEL` payload as a client builds it (§5.4, §3.5).
-fn message_payload(
-    sender: &PrivateKey,
-    recipient: &PublicKey,
-    from: &str,
-    to: Option<&str>,
-    ts: i64,
-    text: &str,
-) -> Value {
-    let raw = recipient.encrypt(text.as_bytes()).unwrap();
-    let ct = socp::wire::b64::encode(&raw);
-    let content_sig = crypto::make_content_sig(sender, &raw, from, to, ts);
-    json!({
-        "ciphertext": ct,
-        "sender_pub": sender.public_key().encoded(),
-        "content_sig": content_sig,
-    })
-}
-
-fn kinds(frames: &[Envelope]) -> Vec<&str> {
-    frames.iter().map(|f| f.kind.as_str()).collect()
-}
-
-fn list_ids(list: &Envelope) -> Vec<String> {
-    assert_eq!(list.kind, types::LIST_RESPONSE);
-    assert!(list.payload["version"].is_i64(), "{list:?}");
-    list.payload["users"]
-        .as_array()
-        .expect("users array")
-        .iter()
-        .map(|u| u["user_id"].as_str().expect("user_id").to_owned())
-        .collect()
-}
-
-fn str_field<'a>(env: &'a Envelope, name: &str) -> &'a str {
-    env.payload
-        .get(name)
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| panic!("payload.{name} missing in {env:?}"))
-}
-
-fn keys_of(payload: &Map<String, Value>) -> Vec<&str> {
-    payload.keys().map(String::as_str).collect()
+fn harness() -> CoreHarness {
+    harness_with(default_limits())
 }
 
 /// Asserts `frames` is exactly one `ERROR` with `code`, whose detail contains `detail`.
@@ -412,7 +60,7 @@ fn weak_key(file: &str) -> String {
 
 #[test]
 fn full_hello_challenge_ack_then_list_then_snapshot() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let alice = test_key("user1");
     let c = conn(1);
     h.open(c);
@@ -471,7 +119,7 @@ fn full_hello_challenge_ack_then_list_then_snapshot() {
 #[test]
 fn login_order_independence() {
     for order in [["alice", "bob"], ["bob", "alice"]] {
-        let mut h = Harness::new();
+        let mut h = harness();
         let key = |name: &str| test_key(if name == "alice" { "user1" } else { "user2" });
         let (first, second) = (order[0], order[1]);
         let (c1, c2) = (conn(1), conn(2));
@@ -524,7 +172,7 @@ fn login_order_independence() {
 
 #[test]
 fn the_advert_leaves_before_the_newcomers_snapshot_and_nothing_overtakes_the_snapshot() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     let (ca, cb) = (conn(1), conn(2));
     h.login(ca, "alice", &alice);
@@ -538,7 +186,7 @@ fn the_advert_leaves_before_the_newcomers_snapshot_and_nothing_overtakes_the_sna
     // What the hello produces at once: the advert to the others, and the newcomer's frames in
     // their places; its two snapshots are written at the end of the turn (shared by the
     // turn's newcomers).
-    assert!(h.server.has_deferred());
+    assert!(h.has_deferred());
     assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
     assert_eq!(
         h.heads_to(cb),
@@ -555,7 +203,7 @@ fn the_advert_leaves_before_the_newcomers_snapshot_and_nothing_overtakes_the_sna
     let dm = user_frame_at(types::MSG_DIRECT, "alice", "bob", ts, &payload, None);
     h.send_only(ca, &dm);
     h.server.run_deferred(h.now);
-    assert!(!h.server.has_deferred());
+    assert!(!h.has_deferred());
     let to_bob = h.frames_to(cb);
     assert_eq!(
         kinds(&to_bob),
@@ -574,7 +222,7 @@ fn the_advert_leaves_before_the_newcomers_snapshot_and_nothing_overtakes_the_sna
 /// loop"), and each snapshot lists all of them.
 #[test]
 fn newcomers_of_one_turn_share_one_signed_snapshot() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let names = ["alice", "bob", "carol"];
     let conns: Vec<ConnId> = (1..=3).map(conn).collect();
     let mut responses = Vec::new();
@@ -623,7 +271,7 @@ fn newcomers_of_one_turn_share_one_signed_snapshot() {
 
 #[test]
 fn list_response_is_sorted_for_any_login_order() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let names = ["zoe", "mallory", "alice", "Bob", "carol-2", "carol.1"];
     for (i, name) in names.iter().enumerate() {
         h.login(
@@ -643,7 +291,7 @@ fn list_response_is_sorted_for_any_login_order() {
 
 #[test]
 fn msg_direct_becomes_user_deliver() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     let (ca, cb) = (conn(1), conn(2));
     h.login(ca, "alice", &alice);
@@ -691,7 +339,7 @@ fn msg_direct_becomes_user_deliver() {
 
 #[test]
 fn msg_direct_to_unknown_user_is_user_not_found_to_sender_only() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     let (ca, cb) = (conn(1), conn(2));
     h.login(ca, "alice", &alice);
@@ -709,7 +357,7 @@ fn msg_direct_to_unknown_user_is_user_not_found_to_sender_only() {
 
 #[test]
 fn msg_direct_with_someone_elses_sender_pub_is_refused() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     let (ca, cb) = (conn(1), conn(2));
     h.login(ca, "alice", &alice);
@@ -730,7 +378,7 @@ fn msg_direct_with_someone_elses_sender_pub_is_refused() {
 
 #[test]
 fn public_channel_copies_reach_each_member_once() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob, carol) = (test_key("user1"), test_key("user2"), test_key("user3"));
     let (ca, cb, cc) = (conn(1), conn(2), conn(3));
     h.login(ca, "alice", &alice);
@@ -780,7 +428,7 @@ fn public_channel_copies_reach_each_member_once() {
 
 #[test]
 fn frame_from_another_sender_is_refused_and_not_delivered() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     let (ca, cb) = (conn(1), conn(2));
     h.login(ca, "alice", &alice);
@@ -825,7 +473,7 @@ fn frame_from_another_sender_is_refused_and_not_delivered() {
 
 #[test]
 fn forged_auth_response_is_refused_without_closing() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob, mallory) = (test_key("user1"), test_key("user2"), test_key("user3"));
     let (ca, cb) = (conn(1), conn(2));
     h.login(cb, "bob", &bob);
@@ -905,7 +553,7 @@ fn forged_auth_response_is_refused_without_closing() {
 
 #[test]
 fn user_id_stays_bound_to_its_first_key() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (key_a, key_b) = (test_key("user1"), test_key("user2"));
 
     h.login(conn(1), "user1", &key_a);
@@ -951,7 +599,7 @@ fn user_id_stays_bound_to_its_first_key() {
 #[test]
 fn same_key_in_another_encoding_is_the_same_binding() {
     // §3.2: keys compare by their DER, not their text.
-    let mut h = Harness::new();
+    let mut h = harness();
     let key = test_key("user1");
     h.login(conn(1), "user1", &key);
     h.closed(conn(1));
@@ -981,7 +629,7 @@ fn same_key_in_another_encoding_is_the_same_binding() {
 
 #[test]
 fn second_connection_for_an_online_user_gets_name_in_use_and_is_closed() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     let (c1, c2, cb) = (conn(1), conn(2), conn(3));
     h.login(c1, "alice", &alice);
@@ -1037,7 +685,7 @@ fn second_connection_for_an_online_user_gets_name_in_use_and_is_closed() {
 fn challenges_signed_ahead_are_each_used_once() {
     // Challenges are signed ahead of need (a pool refilled after each hello): every hello
     // still gets its own nonce, and a nonce answers only the connection it was sent to.
-    let mut h = Harness::new();
+    let mut h = harness();
     let mut nonces = std::collections::HashSet::new();
     let keys: Vec<PrivateKey> = (1..=6).map(|i| test_key(&format!("user{i}"))).collect();
     let mut challenges = Vec::new();
@@ -1068,16 +716,8 @@ fn challenges_signed_ahead_are_each_used_once() {
 }
 
 /// A harness whose core draws its random bytes from `SeededRandom::new(seed)`.
-fn seeded(seed: u64) -> Harness {
-    let mut h = Harness::new();
-    h.server = Server::new(
-        SRV.into(),
-        test_key("server1"),
-        default_limits(),
-        MemStore::new(),
-    )
-    .with_random(SeededRandom::new(seed));
-    h
+fn seeded(seed: u64) -> CoreHarness {
+    CoreHarness::build(setup(default_limits()).seeded(seed))
 }
 
 #[test]
@@ -1090,7 +730,7 @@ fn challenge_nonces_come_from_the_random_source_the_core_is_given() {
     for n in &mut expected {
         socp::core::random::Random::fill(&mut stream, n);
     }
-    let expected = expected.map(|n| wire::b64::encode(&n));
+    let expected = expected.map(|n| socp::wire::b64::encode(&n));
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     for _ in 0..2 {
         let mut h = seeded(7);
@@ -1110,18 +750,18 @@ fn challenge_nonces_come_from_the_random_source_the_core_is_given() {
         str_field(&h.challenge(conn(1), "alice", &alice), "nonce"),
         expected[0]
     );
-    let os_nonce = |h: &mut Harness| {
+    let os_nonce = |h: &mut CoreHarness| {
         h.open(conn(1));
         str_field(&h.challenge(conn(1), "alice", &alice), "nonce").to_string()
     };
-    let first = os_nonce(&mut Harness::new());
-    assert_ne!(first, os_nonce(&mut Harness::new()));
+    let first = os_nonce(&mut harness());
+    assert_ne!(first, os_nonce(&mut harness()));
     assert!(!expected.contains(&first));
 }
 
 #[test]
 fn racing_hellos_for_one_id_the_second_response_gets_name_in_use() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let alice = test_key("user1");
     let (c1, c2) = (conn(1), conn(2));
     h.open(c1);
@@ -1143,7 +783,7 @@ fn racing_hellos_for_one_id_the_second_response_gets_name_in_use() {
 fn a_registered_accounts_name_is_refused_to_other_user_ids() {
     // README: display names are unique per server. An account owns its name; a key-file user
     // (another user id) saying it is called that is refused, the account itself is not.
-    let mut h = Harness::new();
+    let mut h = harness();
     let (owner, other) = (test_key("user1"), test_key("user2"));
     let (c1, c2, c3) = (conn(1), conn(2), conn(3));
     h.open(c1);
@@ -1214,7 +854,7 @@ fn a_registered_accounts_name_is_refused_to_other_user_ids() {
 
 #[test]
 fn weak_keys_are_refused_naming_the_field() {
-    let mut h = Harness::new();
+    let mut h = harness();
     for (i, (file, why)) in [
         ("weak2048.pub.pem", "2048 bits"),
         ("e3.pub.pem", "exponent 3"),
@@ -1258,7 +898,7 @@ fn weak_keys_are_refused_naming_the_field() {
 
 /// Asserts the pending actions for `c` are exactly ERROR (code) then Close 1008, in that order.
 #[track_caller]
-fn assert_error_then_close(h: &mut Harness, c: ConnId, code: Option<&str>, detail: &str) {
+fn assert_error_then_close(h: &mut CoreHarness, c: ConnId, code: Option<&str>, detail: &str) {
     let actions = h.drain();
     assert_eq!(actions.len(), 2, "{actions:#?}");
     let Action::Send { conn: to, text } = &actions[0] else {
@@ -1279,7 +919,7 @@ fn assert_error_then_close(h: &mut Harness, c: ConnId, code: Option<&str>, detai
 
 #[test]
 fn bad_first_frame_is_answered_and_closed() {
-    let mut h = Harness::new();
+    let mut h = harness();
 
     h.open(conn(1));
     h.clear();
@@ -1329,7 +969,7 @@ fn bad_first_frame_is_answered_and_closed() {
 
 #[test]
 fn bad_frames_after_the_hello_are_answered_but_not_closed() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let c = conn(1);
     h.login(c, "alice", &test_key("user1"));
     h.clear();
@@ -1370,7 +1010,7 @@ fn bad_frames_after_the_hello_are_answered_but_not_closed() {
 
 #[test]
 fn frames_before_the_hello_completes_are_refused_and_dropped() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     let (ca, cb) = (conn(1), conn(2));
     h.login(cb, "bob", &bob);
@@ -1410,7 +1050,7 @@ fn frames_before_the_hello_completes_are_refused_and_dropped() {
 fn hello_deadline_with_simulated_time() {
     let limits = default_limits();
     let timeout = limits.hello_timeout_ms;
-    let mut h = Harness::with_limits(limits);
+    let mut h = harness_with(limits);
     let alice = test_key("user1");
     let (fresh, challenged, done) = (conn(1), conn(2), conn(3));
 
@@ -1461,7 +1101,7 @@ fn hello_deadline_with_simulated_time() {
 
 #[test]
 fn closing_a_user_sends_one_user_remove() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob, carol) = (test_key("user1"), test_key("user2"), test_key("user3"));
     let (ca, cb, cc) = (conn(1), conn(2), conn(3));
     h.login(ca, "alice", &alice);
@@ -1513,7 +1153,7 @@ fn closing_a_user_sends_one_user_remove() {
 
 #[test]
 fn a_user_can_come_back_after_leaving() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     h.login(conn(1), "alice", &alice);
     h.login(conn(2), "bob", &bob);
@@ -1544,7 +1184,7 @@ fn a_user_can_come_back_after_leaving() {
 
 #[test]
 fn a_broadcast_is_one_frame_text_for_every_recipient() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let names = ["alice", "bob", "carol"];
     for (i, n) in names.iter().enumerate() {
         h.login(conn(i as u64 + 1), n, &test_key(&format!("user{}", i + 1)));
@@ -1589,13 +1229,13 @@ fn error_budget_limits_answers_and_refills_with_time() {
         max_message_size: 256 * 1024,
     };
     let (burst, refill_ms) = (limits.error_burst as usize, 500);
-    let mut h = Harness::with_limits(limits);
+    let mut h = harness_with(limits);
     let (c, other) = (conn(1), conn(2));
     h.login(c, "alice", &test_key("user1"));
     h.login(other, "bob", &test_key("user2"));
     h.clear();
 
-    let errors = |h: &mut Harness, c: ConnId, n: usize| -> usize {
+    let errors = |h: &mut CoreHarness, c: ConnId, n: usize| -> usize {
         for _ in 0..n {
             h.send(c, "garbage");
         }
@@ -1629,7 +1269,7 @@ fn error_budget_limits_answers_and_refills_with_time() {
 
 #[test]
 fn auth_response_signed_over_python_ascii_form_is_accepted() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let alice = test_key("user1");
     let c = conn(1);
     h.open(c);
@@ -1682,7 +1322,7 @@ fn auth_response_signed_over_python_ascii_form_is_accepted() {
 #[test]
 fn auth_response_with_non_ascii_signed_canonically_is_accepted() {
     // The primary form (UTF-8 as-is) with non-ASCII text.
-    let mut h = Harness::new();
+    let mut h = harness();
     let alice = test_key("user1");
     h.open(conn(1));
     h.clear();
@@ -1717,7 +1357,7 @@ fn sign_salt_478(key: &PrivateKey, msg: &[u8]) -> String {
 
 #[test]
 fn auth_response_signed_with_salt_478_is_accepted() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let alice = test_key("user1");
     let c = conn(1);
     h.open(c);
@@ -1756,7 +1396,7 @@ fn auth_response_signed_with_salt_478_is_accepted() {
 
 #[test]
 fn salt_478_signature_by_another_key_is_refused() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, mallory) = (test_key("user1"), test_key("user3"));
     h.open(conn(1));
     h.clear();
@@ -1774,7 +1414,7 @@ fn salt_478_signature_by_another_key_is_refused() {
 
 #[test]
 fn too_large_frame_is_answered_and_closed_with_1009() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let c = conn(1);
     h.login(c, "alice", &test_key("user1"));
     h.login(conn(2), "bob", &test_key("user2"));
@@ -1790,7 +1430,7 @@ fn too_large_frame_is_answered_and_closed_with_1009() {
 
 #[test]
 fn a_second_hello_on_an_authenticated_connection_is_refused() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let alice = test_key("user1");
     let c = conn(1);
     h.login(c, "alice", &alice);
@@ -1811,12 +1451,11 @@ fn a_second_hello_on_an_authenticated_connection_is_refused() {
 
 #[test]
 fn shutdown_closes_everyone_with_1001() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.login(conn(1), "alice", &test_key("user1"));
     h.open(conn(2));
     h.clear();
-    h.server.shutdown(h.now);
-    h.outbox.extend(h.server.actions());
+    h.shutdown();
     assert_eq!(h.closes(conn(1)), [close::GOING_AWAY]);
     assert_eq!(h.closes(conn(2)), [close::GOING_AWAY]);
     // Frames sent to users being closed (a USER_REMOVE to already-closed ones) are allowed,
@@ -1832,7 +1471,7 @@ fn error_budget_with_a_refill_rate_above_1000_per_second_does_not_panic() {
         error_refill_per_s: 2_000,
         max_message_size: 256 * 1024,
     };
-    let mut h = Harness::with_limits(limits);
+    let mut h = harness_with(limits);
     let c = conn(1);
     h.login(c, "alice", &test_key("user1"));
     h.clear();
@@ -1853,7 +1492,7 @@ fn test_auth(byte: u8) -> String {
 }
 
 /// Registers account `name` (user id `user_id`, key `key`) with `auth` on a fresh connection.
-fn register_account(h: &mut Harness, c: ConnId, name: &str, user_id: &str, key: &PrivateKey) {
+fn register_account(h: &mut CoreHarness, c: ConnId, name: &str, user_id: &str, key: &PrivateKey) {
     h.open_from(c, "192.0.2.1".parse().unwrap());
     let payload = json!({
         "user_id": user_id,
@@ -1872,7 +1511,7 @@ fn register_account(h: &mut Harness, c: ConnId, name: &str, user_id: &str, key: 
 
 /// One `USER_LOGIN` for `name` on a fresh connection `c` from `peer`, then the connection
 /// closes. Returns "ok" for `USER_LOGGED_IN`, else the `ERROR` detail.
-fn login_attempt(h: &mut Harness, c: ConnId, peer: IpAddr, name: &str, auth: &str) -> String {
+fn login_attempt(h: &mut CoreHarness, c: ConnId, peer: IpAddr, name: &str, auth: &str) -> String {
     h.open_from(c, peer);
     let payload = json!({"display_name": name, "auth": auth});
     let frame = h.user_frame(types::USER_LOGIN, "", "", &payload, None);
@@ -1894,7 +1533,7 @@ fn limited(answer: &str) -> bool {
 
 #[test]
 fn a_guesser_at_the_max_rate_from_one_address_cannot_lock_the_owner_out() {
-    let mut h = Harness::new();
+    let mut h = harness();
     register_account(&mut h, conn(1), "alice", "alice-id", &test_key("user1"));
     let attacker: IpAddr = "203.0.113.66".parse().unwrap();
     let owner: IpAddr = "198.51.100.7".parse().unwrap();
@@ -1928,7 +1567,7 @@ fn a_guesser_at_the_max_rate_from_one_address_cannot_lock_the_owner_out() {
 /// Counts the attempts (fresh connections from `peer(i)` for name `name(i)`, one every
 /// `every_ms` for `steps` steps) that were answered rather than refused by a budget.
 fn answered(
-    h: &mut Harness,
+    h: &mut CoreHarness,
     first_conn: u64,
     steps: u64,
     every_ms: u64,
@@ -1950,7 +1589,7 @@ fn answered(
 #[test]
 fn one_address_is_bounded_whatever_names_it_guesses() {
     use socp::core::login::{PAIR_BURST, PAIR_REFILL_MS, SOURCE_BURST, SOURCE_REFILL_MS};
-    let mut h = Harness::new();
+    let mut h = harness();
     register_account(&mut h, conn(1), "alice", "alice-id", &test_key("user1"));
     let (steps, every_ms) = (600, 100); // 60 s at ten attempts a second
     let span = steps * every_ms;
@@ -1999,7 +1638,7 @@ fn one_address_is_bounded_whatever_names_it_guesses() {
 #[test]
 fn many_addresses_guessing_one_name_are_bounded_by_the_name_ceiling() {
     use socp::core::login::{NAME_BURST, NAME_REFILL_MS};
-    let mut h = Harness::new();
+    let mut h = harness();
     register_account(&mut h, conn(1), "alice", "alice-id", &test_key("user1"));
     let (steps, every_ms) = (3000, 20); // 60 s at fifty attempts a second
     // Every attempt from another address (IPv4 and IPv6 /64s).
@@ -2026,13 +1665,13 @@ fn many_addresses_guessing_one_name_are_bounded_by_the_name_ceiling() {
 /// The kinds of the frames in `actions`: those the net layer flow-controls (`Route`, §6
 /// routing for the input's sender) and the rest (`Send`).
 fn routed_and_sent(actions: &[Action]) -> (Vec<String>, Vec<String>) {
-    let kind = |text: &socp::wire::frame::Frame| Envelope::parse(text.as_str()).unwrap().kind;
     let (mut routed, mut sent) = (Vec::new(), Vec::new());
-    for a in actions {
-        match a {
-            Action::Route { text, .. } => routed.push(kind(text)),
-            Action::Send { text, .. } => sent.push(kind(text)),
-            _ => {}
+    for o in actions.iter().filter_map(outgoing) {
+        let kind = Envelope::parse(o.text).unwrap().kind;
+        if o.routed {
+            routed.push(kind);
+        } else {
+            sent.push(kind);
         }
     }
     (routed, sent)
@@ -2043,7 +1682,7 @@ fn routed_and_sent(actions: &[Action]) -> (Vec<String>, Vec<String>) {
 /// the server's answers never do.
 #[test]
 fn only_routed_frames_are_flow_controlled() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     let (ca, cb) = (conn(1), conn(2));
     h.login(ca, "alice", &alice);

@@ -5,21 +5,16 @@
 //! own server wrote.
 
 mod common;
+mod support;
 
 use common::keys::test_key;
 use serde_json::json;
-use socp::core::federation::{FedConfig, PeerSpec};
-use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer};
-use socp::crypto::{PrivateKey, PublicKey};
-use socp::store::Store;
-use socp::wire::{SignedPayload, encode_frame, types};
+use socp::core::federation::FedConfig;
+use socp::core::server::{Action, ConnId, Input, Limits, Timer};
+use socp::wire::types;
 use std::cell::RefCell;
-use std::sync::{Arc, Once};
-
-const HOST: &str = "127.0.0.1";
-/// 2027-01-15 08:00:00 UTC.
-const WALL0: i64 = 1_800_000_000_000;
-const MONO0: u64 = 5_000;
+use std::sync::Once;
+use support::*;
 
 // -------------------------------------------------------------------- log capture
 
@@ -79,117 +74,41 @@ fn at_least(lines: &[(log::Level, String)], level: log::Level) -> Vec<String> {
 
 // -------------------------------------------------------------------- harness
 
-fn spec(key_name: &str, port: u16) -> PeerSpec {
-    PeerSpec {
-        host: HOST.into(),
-        port,
-        tls: false,
-        key: Arc::new(PublicKey::parse(test_key(key_name).public_key().encoded()).unwrap()),
-    }
+/// "srv-a" with bootstrap peers server2 at 9002 and server3 at 9003; started.
+fn harness() -> CoreHarness {
+    let cfg = FedConfig {
+        bootstrap: vec![spec("server2", 9002), spec("server3", 9003)],
+        advertise_port: 9001,
+        ..FedConfig::default()
+    };
+    let limits = Limits {
+        hello_timeout_ms: 10_000,
+        error_burst: 50,
+        error_refill_per_s: 10,
+        max_message_size: 256 * 1024,
+    };
+    CoreHarness::build(
+        Setup::new("srv-a")
+            .limits(limits)
+            .federation(cfg)
+            .at(MONO0, WALL0)
+            .started(),
+    )
 }
 
-fn conn(n: u64) -> ConnId {
-    ConnId((n << 32) | n)
-}
-
-struct H {
-    server: Server,
-    now: Time,
-    out: Vec<Action>,
-}
-
-impl H {
-    /// "srv-a" with bootstrap peers server2 at 9002 and server3 at 9003; started.
-    fn new() -> H {
-        let cfg = FedConfig {
-            bootstrap: vec![spec("server2", 9002), spec("server3", 9003)],
-            advertise_port: 9001,
-            ..FedConfig::default()
-        };
-        let limits = Limits {
-            hello_timeout_ms: 10_000,
-            error_burst: 50,
-            error_refill_per_s: 10,
-            max_message_size: 256 * 1024,
-        };
-        let store = Store::open_in_memory().unwrap();
-        let mut server =
-            Server::new("srv-a".into(), test_key("server1"), limits, store).with_federation(cfg);
-        let now = Time {
-            mono_ms: MONO0,
-            wall_ms: WALL0,
-        };
-        server.start(now);
-        let out = server.actions().collect();
-        H { server, now, out }
-    }
-
-    fn advance_to(&mut self, at: u64) {
-        assert!(at >= self.now.mono_ms);
-        let ms = at - self.now.mono_ms;
-        self.now.mono_ms += ms;
-        self.now.wall_ms += ms as i64;
-    }
-
-    fn input(&mut self, input: Input<'_>) {
-        self.server.handle(self.now, input);
-        self.server.run_deferred(self.now);
-        self.out.extend(self.server.actions());
-    }
-
-    fn take(&mut self) -> Vec<Action> {
-        std::mem::take(&mut self.out)
-    }
-
-    /// The redial timers among `actions`: (at, target).
-    fn redials(actions: &[Action]) -> Vec<(u64, u32)> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Timer {
-                    at_ms,
-                    timer: Timer::Redial(t),
-                } => Some((*at_ms, *t)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn dials(actions: &[Action]) -> Vec<u32> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Dial { target, .. } => Some(*target),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Fires `Redial(t)`, answers the dial with a connection, and brings the link up with a
-    /// welcome signed by `key` as `peer`.
-    fn link_out(&mut self, t: u32, c: ConnId, peer: &str, key: &PrivateKey) {
-        self.input(Input::Timer(Timer::Redial(t)));
-        assert_eq!(H::dials(&self.take()), [t]);
-        self.input(Input::Dialled { conn: c, target: t });
-        let payload = json!({"assigned_id": "srv-a", "servers": [], "clients": []});
-        let welcome = encode_frame(
-            types::SERVER_WELCOME,
-            peer,
-            "srv-a",
-            self.now.wall_ms,
-            &SignedPayload::sign(&payload, key).unwrap(),
-        );
-        self.input(Input::Text {
-            conn: c,
-            text: &welcome,
-        });
-        let closes = self
-            .take()
-            .into_iter()
-            .filter(|a| matches!(a, Action::Close { .. }))
-            .count();
-        assert_eq!(closes, 0, "the link to {peer} came up");
-    }
+/// Fires `Redial(t)`, answers the dial with connection `c`, and brings the link up with a
+/// welcome from `peer`.
+fn link_out(h: &mut CoreHarness, t: u32, c: ConnId, peer: &Peer) {
+    h.input(Input::Timer(Timer::Redial(t)));
+    assert_eq!(dial_targets(&h.take()), [t]);
+    h.input(Input::Dialled { conn: c, target: t });
+    h.welcome(c, peer, json!([]), json!([]));
+    let closes = h
+        .take()
+        .into_iter()
+        .filter(|a| matches!(a, Action::Close { .. }))
+        .count();
+    assert_eq!(closes, 0, "the link to {} came up", peer.id);
 }
 
 // -------------------------------------------------------------------- tests
@@ -200,7 +119,7 @@ impl H {
 /// and the first failure after that are each logged above debug again.
 #[test]
 fn an_unreachable_peer_is_reported_once_then_summarised() {
-    let mut h = H::new();
+    let mut h = harness();
     capture();
     let mut at = MONO0;
     let mut warned_at: Vec<u32> = Vec::new();
@@ -208,12 +127,12 @@ fn an_unreachable_peer_is_reported_once_then_summarised() {
     for attempt in 1..=40u32 {
         h.advance_to(at);
         h.input(Input::Timer(Timer::Redial(0)));
-        assert_eq!(H::dials(&h.take()), [0], "attempt {attempt}");
+        assert_eq!(dial_targets(&h.take()), [0], "attempt {attempt}");
         h.input(Input::DialFailed {
             target: 0,
             reason: "Connection refused (os error 111)".into(),
         });
-        let redials = H::redials(&h.take());
+        let redials = redial_timers(&h.take());
         assert_eq!(redials.len(), 1, "attempt {attempt}: {redials:?}");
         at = redials[0].0;
 
@@ -269,7 +188,7 @@ fn an_unreachable_peer_is_reported_once_then_summarised() {
 
     // It comes back: a warning says so (the operator was told it was unreachable), with its id.
     h.advance_to(at);
-    h.link_out(0, conn(1), "srv-b", &test_key("server2"));
+    link_out(&mut h, 0, conn(1), &Peer::new("srv-b", "server2", 9002));
     let warn = at_least(&logged(), log::Level::Warn);
     assert!(
         warn.len() == 1
@@ -280,7 +199,7 @@ fn an_unreachable_peer_is_reported_once_then_summarised() {
 
     // It goes down: a warning with its id and address.
     h.input(Input::Closed { conn: conn(1) });
-    let redials = H::redials(&h.take());
+    let redials = redial_timers(&h.take());
     assert_eq!(redials.len(), 1, "{redials:?}");
     let warn = at_least(&logged(), log::Level::Warn);
     assert!(
@@ -293,7 +212,7 @@ fn an_unreachable_peer_is_reported_once_then_summarised() {
     // The first failure after that is a warning again, naming the peer by its id too.
     h.advance_to(redials[0].0);
     h.input(Input::Timer(Timer::Redial(0)));
-    assert_eq!(H::dials(&h.take()), [0]);
+    assert_eq!(dial_targets(&h.take()), [0]);
     h.input(Input::DialFailed {
         target: 0,
         reason: "Connection refused (os error 111)".into(),
@@ -310,20 +229,19 @@ fn an_unreachable_peer_is_reported_once_then_summarised() {
 /// (a redial timer, a dial under way) dials again.
 #[test]
 fn after_shutdown_a_closing_link_schedules_no_redial() {
-    let mut h = H::new();
+    let mut h = harness();
     let (link_b, link_c) = (conn(1), conn(2));
-    h.link_out(0, link_b, "srv-b", &test_key("server2"));
+    link_out(&mut h, 0, link_b, &Peer::new("srv-b", "server2", 9002));
     // server3: a dial under way (connected, no welcome yet).
     h.input(Input::Timer(Timer::Redial(1)));
-    assert_eq!(H::dials(&h.take()), [1]);
+    assert_eq!(dial_targets(&h.take()), [1]);
     h.input(Input::Dialled {
         conn: link_c,
         target: 1,
     });
     h.take();
 
-    h.server.shutdown(h.now);
-    h.out.extend(h.server.actions());
+    h.shutdown();
     let actions = h.take();
     let closed: Vec<ConnId> = actions
         .iter()
@@ -336,8 +254,8 @@ fn after_shutdown_a_closing_link_schedules_no_redial() {
         closed.contains(&link_b) && closed.contains(&link_c),
         "{actions:#?}"
     );
-    assert!(H::redials(&actions).is_empty(), "{actions:#?}");
-    assert!(H::dials(&actions).is_empty(), "{actions:#?}");
+    assert!(redial_timers(&actions).is_empty(), "{actions:#?}");
+    assert!(dial_targets(&actions).is_empty(), "{actions:#?}");
 
     // What the net layer reports while it finishes: the closes, a dial that failed, a redial
     // timer armed earlier, a dial that connected late.
@@ -355,8 +273,8 @@ fn after_shutdown_a_closing_link_schedules_no_redial() {
         target: 0,
     });
     let actions = h.take();
-    assert!(H::redials(&actions).is_empty(), "{actions:#?}");
-    assert!(H::dials(&actions).is_empty(), "{actions:#?}");
+    assert!(redial_timers(&actions).is_empty(), "{actions:#?}");
+    assert!(dial_targets(&actions).is_empty(), "{actions:#?}");
     assert!(
         !actions.iter().any(|a| matches!(a, Action::Send { .. })),
         "no hello on a dial that connects during shutdown: {actions:#?}"
@@ -373,7 +291,7 @@ fn after_shutdown_a_closing_link_schedules_no_redial() {
 /// going offline.
 #[test]
 fn users_are_logged_by_display_name_and_id() {
-    let mut h = H::new();
+    let mut h = harness();
     h.take();
     capture();
     let key = test_key("user1");
@@ -388,38 +306,34 @@ fn users_are_logged_by_display_name_and_id() {
         "enc_pubkey": key.public_key().encoded(),
         "meta": {"display_name": "Alice"},
     });
-    let hello = encode_frame(
+    let hello = user_frame_at(
         types::USER_HELLO,
         "id-alice",
         "",
         h.now.wall_ms,
-        &SignedPayload::unsigned(&hello).unwrap(),
+        &hello,
+        None,
     );
     h.input(Input::Text {
         conn: c,
         text: &hello,
     });
-    let challenge = h
-        .take()
+    let challenge = envelopes_to(&h.take(), c)
         .into_iter()
-        .find_map(|a| match a {
-            Action::Send { text, .. } if text.as_str().contains("AUTH_CHALLENGE") => {
-                Some(socp::wire::Envelope::parse(text.as_str()).unwrap())
-            }
-            _ => None,
-        })
+        .find(|e| e.kind == types::AUTH_CHALLENGE)
         .expect("a challenge");
     let resp = json!({
         "nonce": challenge.payload["nonce"],
         "server_id": "srv-a",
         "user_id": "id-alice",
     });
-    let resp = encode_frame(
+    let resp = user_frame_at(
         types::AUTH_RESPONSE,
         "id-alice",
         "srv-a",
         h.now.wall_ms,
-        &SignedPayload::sign(&resp, &key).unwrap(),
+        &resp,
+        Some(&key),
     );
     h.input(Input::Text {
         conn: c,

@@ -8,24 +8,21 @@
 //! peer that signed them.
 
 mod common;
+mod support;
 
 use common::keys::test_key;
-use serde_json::{Map, Value, json};
-use socp::core::federation::{CHANNEL_BATCH_MS, FedConfig, PeerSpec};
-use socp::core::persist::{MemStore, Persistence};
-use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
+use serde_json::{Value, json};
+use socp::core::federation::{CHANNEL_BATCH_MS, FedConfig};
+use socp::core::persist::MemStore;
+use socp::core::server::{Action, ConnId, Input, Limits, Time, Timer, close};
 use socp::crypto::{self, PrivateKey, PublicKey};
 use socp::store::Store;
-use socp::wire::canon;
-use socp::wire::{self, Envelope, SignedPayload, encode_frame, types};
+use socp::wire::{self, Envelope, types};
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
+use support::*;
 
 const SRV: &str = "srv-a";
-const HOST: &str = "127.0.0.1";
 const OUR_PORT: u16 = 9001;
-const WALL0: i64 = 1_800_000_000_000;
-const MONO0: u64 = 5_000;
 /// An accepted connection from loopback (§5.3: login budgets are per source address).
 fn opened(conn: ConnId) -> Input<'static> {
     Input::Opened {
@@ -36,99 +33,12 @@ fn opened(conn: ConnId) -> Input<'static> {
 
 // -------------------------------------------------------------------- peers
 
-/// A peer server played by the test: its id, its private key, and the port it "listens" on.
-struct Peer {
-    id: &'static str,
-    key: PrivateKey,
-    port: u16,
-}
-
-impl Peer {
-    fn new(id: &'static str, key_name: &str, port: u16) -> Peer {
-        Peer {
-            id,
-            key: test_key(key_name),
-            port,
-        }
-    }
-
-    fn pub_b64(&self) -> &str {
-        self.key.public_key().encoded()
-    }
-
-    /// `{host, port, pubkey}` as in SERVER_HELLO_* and SERVER_ANNOUNCE.
-    fn hello_payload(&self) -> Value {
-        json!({"host": HOST, "port": self.port, "pubkey": self.pub_b64()})
-    }
-
-    /// A frame from this peer, signed with its key.
-    fn frame(&self, kind: &str, to: &str, ts: i64, payload: &Value) -> String {
-        signed_frame(kind, self.id, to, ts, payload, &self.key)
-    }
-
-    /// `{server_id, host, port, pubkey}` as in SERVER_WELCOME.servers.
-    fn server_entry(&self) -> Value {
-        json!({"server_id": self.id, "host": HOST, "port": self.port, "pubkey": self.pub_b64()})
-    }
-}
-
 fn srv_b() -> Peer {
     Peer::new("srv-b", "server2", 9002)
 }
 
 fn srv_c() -> Peer {
     Peer::new("srv-c", "server3", 9003)
-}
-
-fn signed_frame(
-    kind: &str,
-    from: &str,
-    to: &str,
-    ts: i64,
-    payload: &Value,
-    key: &PrivateKey,
-) -> String {
-    encode_frame(
-        kind,
-        from,
-        to,
-        ts,
-        &SignedPayload::sign(payload, key).unwrap(),
-    )
-}
-
-fn user_frame_at(
-    kind: &str,
-    from: &str,
-    to: &str,
-    ts: i64,
-    payload: &Value,
-    key: Option<&PrivateKey>,
-) -> String {
-    let signed = match key {
-        Some(k) => SignedPayload::sign(payload, k).unwrap(),
-        None => SignedPayload::unsigned(payload).unwrap(),
-    };
-    encode_frame(kind, from, to, ts, &signed)
-}
-
-fn spec(key_name: &str, port: u16) -> PeerSpec {
-    PeerSpec {
-        host: HOST.into(),
-        port,
-        tls: false,
-        key: Arc::new(PublicKey::parse(test_key(key_name).public_key().encoded()).unwrap()),
-    }
-}
-
-/// A directory entry `{user_id, server_id, pubkey, meta}`.
-fn client_entry(user_id: &str, server_id: &str, key: &PrivateKey) -> Value {
-    json!({
-        "user_id": user_id,
-        "server_id": server_id,
-        "pubkey": key.public_key().encoded(),
-        "meta": {"display_name": user_id},
-    })
 }
 
 // -------------------------------------------------------------------- harness
@@ -142,513 +52,48 @@ fn limits() -> Limits {
     }
 }
 
-fn conn(n: u64) -> ConnId {
-    ConnId((n << 32) | n)
-}
-
-struct Harness {
-    server: Server,
-    id: String,
+/// "srv-a" (key server1), bootstrap peer server2 at 127.0.0.1:9002, advertising port 9001,
+/// `f` applied to its federation settings, on `store`, started at `now` (a restart, when the
+/// store is reused). It may pass on frames of srv-b, srv-c and srv-d unchanged.
+fn harness_on(
+    id: &str,
+    store: TestStore,
     now: Time,
-    server_pub: Arc<PublicKey>,
-    /// Keys of the peers whose frames the server may relay unchanged.
-    peer_pubs: Vec<(&'static str, Arc<PublicKey>)>,
-    outbox: Vec<Action>,
-    next_conn: u64,
+    f: impl FnOnce(&mut FedConfig),
+) -> CoreHarness {
+    let mut cfg = FedConfig {
+        bootstrap: vec![spec("server2", 9002)],
+        advertise_port: OUR_PORT,
+        ..FedConfig::default()
+    };
+    f(&mut cfg);
+    let mut setup = Setup::new(id)
+        .limits(limits())
+        .federation(cfg)
+        .at(now.mono_ms, now.wall_ms)
+        .peer("srv-b", "server2")
+        .peer("srv-c", "server3")
+        .peer("srv-d", "server4")
+        .started();
+    setup.store = Some(store);
+    CoreHarness::build(setup)
 }
 
-impl Harness {
-    /// "srv-a", bootstrap peer server2 at 127.0.0.1:9002, advertising port 9001; started.
-    fn new() -> Harness {
-        Harness::with(SRV, |_| {})
-    }
-
-    fn with_cfg(f: impl FnOnce(&mut FedConfig)) -> Harness {
-        Harness::with(SRV, f)
-    }
-
-    fn with(id: &str, f: impl FnOnce(&mut FedConfig)) -> Harness {
-        let now = Time {
-            mono_ms: MONO0,
-            wall_ms: WALL0,
-        };
-        Harness::with_store(id, MemStore::new(), now, f)
-    }
-
-    /// A server "srv-a" on `store`, started at `now` (a restart, when the store is reused).
-    fn with_store(
-        id: &str,
-        store: impl Persistence + Send + 'static,
-        now: Time,
-        f: impl FnOnce(&mut FedConfig),
-    ) -> Harness {
-        let mut cfg = FedConfig {
-            bootstrap: vec![spec("server2", 9002)],
-            advertise_port: OUR_PORT,
-            ..FedConfig::default()
-        };
-        f(&mut cfg);
-        let mut server =
-            Server::new(id.into(), test_key("server1"), limits(), store).with_federation(cfg);
-        server.start(now);
-        let server_pub = server.public_key().clone();
-        let peer_pubs = [
-            ("srv-b", "server2"),
-            ("srv-c", "server3"),
-            ("srv-d", "server4"),
-        ]
-        .into_iter()
-        .map(|(id, k)| (id, test_key(k).public_key().clone()))
-        .collect();
-        let mut h = Harness {
-            server,
-            id: id.into(),
-            now,
-            server_pub,
-            peer_pubs,
-            outbox: Vec::new(),
-            next_conn: 1,
-        };
-        h.outbox.extend(h.server.actions());
-        h
-    }
-
-    fn fresh_conn(&mut self) -> ConnId {
-        let c = conn(self.next_conn);
-        self.next_conn += 1;
-        c
-    }
-
-    fn advance(&mut self, ms: u64) {
-        self.now.mono_ms += ms;
-        self.now.wall_ms += ms as i64;
-    }
-
-    /// Moves the clocks forward to monotonic time `at` (never back).
-    fn advance_to(&mut self, at: u64) {
-        assert!(
-            at >= self.now.mono_ms,
-            "timer in the past: {at} < {}",
-            self.now.mono_ms
-        );
-        self.advance(at - self.now.mono_ms);
-    }
-
-    fn input(&mut self, input: Input<'_>) {
-        self.server.handle(self.now, input);
-        self.server.run_deferred(self.now); // as the net layer does after writing
-        self.outbox.extend(self.server.actions());
-        assert!(!self.server.has_actions());
-    }
-
-    fn send(&mut self, c: ConnId, text: &str) {
-        self.input(Input::Text { conn: c, text });
-    }
-
-    fn fire(&mut self, timer: Timer) {
-        self.input(Input::Timer(timer));
-    }
-
-    /// Parses one frame the server emitted and verifies its signature: our own frames with the
-    /// server's key (and canonical on the wire); relayed ones with the key of their signer.
-    fn check(&self, text: &str) -> Envelope {
-        let env = Envelope::parse(text).unwrap_or_else(|e| panic!("server sent {text:?}: {e}"));
-        assert!(!env.sig.is_empty(), "unsigned frame: {text}");
-        let key = if env.from == self.id {
-            let canonical = canon::canonical(&Value::Object(env.payload.clone())).unwrap();
-            assert!(
-                text.contains(&format!("\"payload\":{canonical},")),
-                "payload not emitted in canonical form: {text}"
-            );
-            &self.server_pub
-        } else {
-            &self
-                .peer_pubs
-                .iter()
-                .find(|(id, _)| *id == env.from)
-                .unwrap_or_else(|| panic!("frame from unexpected sender: {text}"))
-                .1
-        };
-        let ok = wire::verify_payload_sig(key, &env.payload, &env.sig).unwrap();
-        assert!(
-            ok,
-            "frame does not verify with the key of {}: {text}",
-            env.from
-        );
-        env
-    }
-
-    /// Every pending action; sent frames verified.
-    fn drain(&mut self) -> Vec<Action> {
-        let actions = std::mem::take(&mut self.outbox);
-        for a in &actions {
-            if let Action::Send { text, .. } | Action::Route { text, .. } = a {
-                self.check(text.as_str());
-            }
-        }
-        actions
-    }
-
-    fn clear(&mut self) {
-        self.drain();
-    }
-
-    /// Asserts nothing is pending but timers (which are discarded).
-    #[track_caller]
-    fn assert_silent(&mut self) {
-        let rest: Vec<Action> = self
-            .drain()
-            .into_iter()
-            .filter(|a| !matches!(a, Action::Timer { .. }))
-            .collect();
-        assert!(rest.is_empty(), "unexpected actions: {rest:#?}");
-    }
-
-    /// The connections of the pending flow-controlled sends ([`Action::Route`]), in order.
-    fn routed(&self) -> Vec<ConnId> {
-        self.outbox
-            .iter()
-            .filter_map(|a| match a {
-                Action::Route { conn, .. } => Some(*conn),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Takes the frames sent to `c`: (exact text, parsed and verified envelope).
-    fn sent_to(&mut self, c: ConnId) -> Vec<(String, Envelope)> {
-        let mut mine = Vec::new();
-        let mut rest = Vec::new();
-        for a in std::mem::take(&mut self.outbox) {
-            match a {
-                Action::Send { conn, text } | Action::Route { conn, text } if conn == c => {
-                    mine.push(text.as_str().to_owned())
-                }
-                other => rest.push(other),
-            }
-        }
-        self.outbox = rest;
-        mine.into_iter()
-            .map(|text| {
-                let env = self.check(&text);
-                (text, env)
-            })
-            .collect()
-    }
-
-    fn frames_to(&mut self, c: ConnId) -> Vec<Envelope> {
-        self.sent_to(c).into_iter().map(|(_, e)| e).collect()
-    }
-
-    fn closes(&mut self, c: ConnId) -> Vec<u16> {
-        let mut codes = Vec::new();
-        self.outbox.retain(|a| match a {
-            Action::Close { conn, code, .. } if *conn == c => {
-                codes.push(*code);
-                false
-            }
-            _ => true,
-        });
-        codes
-    }
-
-    fn all_closes(&mut self) -> Vec<ConnId> {
-        let mut conns = Vec::new();
-        self.outbox.retain(|a| match a {
-            Action::Close { conn, .. } => {
-                conns.push(*conn);
-                false
-            }
-            _ => true,
-        });
-        conns
-    }
-
-    fn timers(&mut self) -> Vec<(u64, Timer)> {
-        let mut out = Vec::new();
-        self.outbox.retain(|a| match a {
-            Action::Timer { at_ms, timer } => {
-                out.push((*at_ms, *timer));
-                false
-            }
-            _ => true,
-        });
-        out
-    }
-
-    /// Takes the `Redial` timers: (at_ms, target).
-    fn redials(&mut self) -> Vec<(u64, u32)> {
-        let mut out = Vec::new();
-        self.outbox.retain(|a| match a {
-            Action::Timer {
-                at_ms,
-                timer: Timer::Redial(t),
-            } => {
-                out.push((*at_ms, *t));
-                false
-            }
-            _ => true,
-        });
-        out
-    }
-
-    /// Takes the `Dial` actions: (target, over TLS).
-    fn dial_schemes(&mut self) -> Vec<(u32, bool)> {
-        let mut out = Vec::new();
-        self.outbox.retain(|a| match a {
-            Action::Dial { target, tls, .. } => {
-                out.push((*target, *tls));
-                false
-            }
-            _ => true,
-        });
-        out
-    }
-
-    /// Takes the `Dial` actions: (target, host, port).
-    fn dials(&mut self) -> Vec<(u32, String, u16)> {
-        let mut out = Vec::new();
-        self.outbox.retain(|a| match a {
-            Action::Dial {
-                target, host, port, ..
-            } => {
-                out.push((*target, host.clone(), *port));
-                false
-            }
-            _ => true,
-        });
-        out
-    }
-
-    // ---------------------------------------------------------------- users
-
-    fn login(&mut self, user_id: &str, key: &PrivateKey) -> ConnId {
-        self.login_caps(user_id, key, &[])
-    }
-
-    /// [`Harness::login`] announcing `caps` (§5.6).
-    fn login_caps(&mut self, user_id: &str, key: &PrivateKey, caps: &[&str]) -> ConnId {
-        let c = self.fresh_conn();
-        self.input(opened(c));
-        self.outbox
-            .retain(|a| !matches!(a, Action::Timer { timer: Timer::Hello(x), .. } if *x == c));
-        let hello = user_frame_at(
-            types::USER_HELLO,
-            user_id,
-            "",
-            self.now.wall_ms,
-            &json!({
-                "client": "socp-federation-tests",
-                "pubkey": key.public_key().encoded(),
-                "enc_pubkey": key.public_key().encoded(),
-                "meta": {"display_name": user_id},
-                "caps": caps,
-            }),
-            None,
-        );
-        self.send(c, &hello);
-        let ch = self.frames_to(c);
-        assert_eq!(kinds(&ch), [types::AUTH_CHALLENGE], "{ch:#?}");
-        let resp = user_frame_at(
-            types::AUTH_RESPONSE,
-            user_id,
-            &self.id.clone(),
-            self.now.wall_ms,
-            &json!({
-                "nonce": ch[0].payload["nonce"],
-                "server_id": ch[0].payload["server_id"],
-                "user_id": user_id,
-            }),
-            Some(key),
-        );
-        self.send(c, &resp);
-        let frames = self.frames_to(c);
-        assert_eq!(
-            kinds(&frames),
-            [
-                types::USER_HELLO_ACK,
-                types::LIST_RESPONSE,
-                types::PUBLIC_CHANNEL_SNAPSHOT
-            ],
-            "{frames:#?}"
-        );
-        assert!(self.closes(c).is_empty());
-        c
-    }
-
-    /// `LIST_REQUEST`: the user ids of the `LIST_RESPONSE`.
-    fn list(&mut self, c: ConnId, user_id: &str) -> Vec<String> {
-        let req = user_frame_at(
-            types::LIST_REQUEST,
-            user_id,
-            &self.id.clone(),
-            self.now.wall_ms,
-            &json!({}),
-            None,
-        );
-        self.send(c, &req);
-        let frames = self.frames_to(c);
-        assert_eq!(kinds(&frames), [types::LIST_RESPONSE], "{frames:#?}");
-        frames[0].payload["users"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|u| u["user_id"].as_str().unwrap().to_owned())
-            .collect()
-    }
-
-    /// A `MSG_DIRECT` from `from` to `to` on `c`; returns (payload sent, ts).
-    fn dm(
-        &mut self,
-        c: ConnId,
-        from: &str,
-        key: &PrivateKey,
-        to: &str,
-        to_key: &PublicKey,
-    ) -> (Value, i64) {
-        let ts = self.now.wall_ms - 1_234;
-        let raw = to_key.encrypt(b"hello over the mesh").unwrap();
-        let ct = socp::wire::b64::encode(&raw);
-        let content_sig = crypto::make_content_sig(key, &raw, from, Some(to), ts);
-        let payload = json!({
-            "ciphertext": ct,
-            "sender_pub": key.public_key().encoded(),
-            "content_sig": content_sig,
-        });
-        let f = user_frame_at(types::MSG_DIRECT, from, to, ts, &payload, None);
-        self.send(c, &f);
-        (payload, ts)
-    }
-
-    // ---------------------------------------------------------------- links
-
-    /// Fires `Redial(target)`, expects one `Dial`, answers `Dialled` on a fresh connection and
-    /// checks the `SERVER_HELLO_JOIN` and the welcome timer. Returns the connection.
-    fn dial(&mut self, target: u32, port: u16) -> ConnId {
-        self.fire(Timer::Redial(target));
-        assert_eq!(self.dials(), [(target, HOST.to_string(), port)]);
-        let c = self.fresh_conn();
-        self.input(Input::Dialled { conn: c, target });
-        let frames = self.frames_to(c);
-        assert_eq!(kinds(&frames), [types::SERVER_HELLO_JOIN], "{frames:#?}");
-        assert_eq!(frames[0].to, format!("{HOST}:{port}"));
-        let timers = self.timers();
-        assert!(
-            timers.contains(&(self.now.mono_ms + 10_000, Timer::Welcome(c))),
-            "{timers:?}"
-        );
-        c
-    }
-
-    /// `SERVER_WELCOME` from `peer` on `c`.
-    fn welcome(&mut self, c: ConnId, peer: &Peer, servers: Value, clients: Value) {
-        let payload = json!({"assigned_id": self.id, "servers": servers, "clients": clients});
-        let f = peer.frame(
-            types::SERVER_WELCOME,
-            &self.id.clone(),
-            self.now.wall_ms,
-            &payload,
-        );
-        self.send(c, &f);
-    }
-
-    /// Dials `peer` as target `target` and brings the link up with an empty welcome.
-    fn link_out(&mut self, target: u32, peer: &Peer) -> ConnId {
-        let c = self.dial(target, peer.port);
-        self.welcome(c, peer, json!([]), json!([]));
-        assert!(self.closes(c).is_empty(), "link to {} refused", peer.id);
-        let k = kinds(&self.frames_to(c))
-            .into_iter()
-            .map(str::to_owned)
-            .collect::<Vec<_>>();
-        assert!(k.iter().any(|k| k == types::SERVER_ANNOUNCE), "{k:?}");
-        c
-    }
-
-    /// An inbound link from `peer` opened with `SERVER_HELLO_LINK` (no reply expected).
-    fn link_in(&mut self, peer: &Peer) -> ConnId {
-        let c = self.fresh_conn();
-        self.input(opened(c));
-        let f = peer.frame(
-            types::SERVER_HELLO_LINK,
-            &self.id.clone(),
-            self.now.wall_ms,
-            &peer.hello_payload(),
-        );
-        self.send(c, &f);
-        assert!(self.closes(c).is_empty(), "link from {} refused", peer.id);
-        let frames = self.frames_to(c);
-        assert!(
-            !frames
-                .iter()
-                .any(|f| f.kind == types::ERROR || f.kind == types::SERVER_WELCOME),
-            "{frames:#?}"
-        );
-        c
-    }
-
-    /// Fires `Heartbeat` and returns the connections that got a `HEARTBEAT`.
-    fn heartbeat(&mut self) -> Vec<ConnId> {
-        self.fire(Timer::Heartbeat);
-        let mut got = Vec::new();
-        let mut rest = Vec::new();
-        for a in std::mem::take(&mut self.outbox) {
-            match a {
-                Action::Send { conn, text } if text.as_str().contains("\"type\":\"HEARTBEAT\"") => {
-                    let env = self.check(text.as_str());
-                    assert_eq!(env.kind, types::HEARTBEAT);
-                    assert_eq!(env.from, self.id);
-                    assert_eq!(Value::Object(env.payload.clone()), json!({}));
-                    assert_eq!(env.ts, self.now.wall_ms);
-                    got.push(conn);
-                }
-                // Every few rounds we re-announce ourselves (kept fresh for relaying).
-                Action::Send { text, .. }
-                    if text.as_str().contains("\"type\":\"SERVER_ANNOUNCE\"") =>
-                {
-                    let env = self.check(text.as_str());
-                    assert_eq!(
-                        (env.from.as_str(), env.to.as_str()),
-                        (self.id.as_str(), "*")
-                    );
-                }
-                other => rest.push(other),
-            }
-        }
-        self.outbox = rest;
-        let mut timers = Vec::new();
-        self.outbox.retain(|a| match a {
-            Action::Timer {
-                at_ms,
-                timer: Timer::Heartbeat,
-            } => {
-                timers.push(*at_ms);
-                false
-            }
-            _ => true,
-        });
-        assert!(
-            timers == [self.now.mono_ms + 15_000],
-            "the next heartbeat is armed: {timers:?}"
-        );
-        got.sort();
-        got
-    }
+fn harness_as(id: &str, f: impl FnOnce(&mut FedConfig)) -> CoreHarness {
+    let now = Time {
+        mono_ms: MONO0,
+        wall_ms: WALL0,
+    };
+    harness_on(id, TestStore::Mem(MemStore::new()), now, f)
 }
 
-fn kinds(frames: &[Envelope]) -> Vec<&str> {
-    frames.iter().map(|f| f.kind.as_str()).collect()
+fn harness_cfg(f: impl FnOnce(&mut FedConfig)) -> CoreHarness {
+    harness_as(SRV, f)
 }
 
-fn keys_of(payload: &Map<String, Value>) -> Vec<&str> {
-    payload.keys().map(String::as_str).collect()
-}
-
-fn str_field<'a>(env: &'a Envelope, name: &str) -> &'a str {
-    env.payload
-        .get(name)
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| panic!("payload.{name} missing in {env:?}"))
+/// "srv-a", bootstrap peer server2 at 127.0.0.1:9002, advertising port 9001; started.
+fn harness() -> CoreHarness {
+    harness_as(SRV, |_| {})
 }
 
 #[track_caller]
@@ -661,7 +106,7 @@ fn assert_error(frames: &[Envelope], code: &str) {
 
 #[test]
 fn failed_dials_back_off_exponentially_for_ever() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let timers = h.timers();
     assert!(
         timers.contains(&(MONO0, Timer::Redial(0))),
@@ -724,7 +169,7 @@ fn failed_dials_back_off_exponentially_for_ever() {
 
 #[test]
 fn dialled_sends_signed_hello_join_and_times_out_without_welcome() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     h.fire(Timer::Redial(0));
     assert_eq!(h.dials(), [(0, HOST.to_string(), 9002)]);
@@ -783,7 +228,7 @@ fn dialled_sends_signed_hello_join_and_times_out_without_welcome() {
 
 #[test]
 fn welcome_from_pinned_key_brings_link_up_and_announces() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let b = srv_b();
     let c = h.dial(0, 9002);
@@ -825,10 +270,10 @@ fn welcome_from_pinned_key_brings_link_up_and_announces() {
 
 #[test]
 fn welcome_signed_by_another_key_is_refused() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let alice = test_key("user1");
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     h.clear();
 
     // "srv-b" answers our dial to server2's address, but signs with server3's key.
@@ -869,7 +314,7 @@ fn welcome_signed_by_another_key_is_refused() {
 
 #[test]
 fn welcome_servers_are_dialled_with_mesh_on() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let (b, cc) = (srv_b(), srv_c());
     let c = h.dial(0, 9002);
@@ -890,7 +335,7 @@ fn welcome_servers_are_dialled_with_mesh_on() {
 /// (`--peer-scheme`), a bootstrap peer with the scheme of its URL.
 #[test]
 fn learned_servers_are_dialled_with_peer_tls_and_bootstrap_peers_with_their_own_scheme() {
-    let mut h = Harness::with_cfg(|cfg| cfg.peer_tls = true);
+    let mut h = harness_cfg(|cfg| cfg.peer_tls = true);
     h.clear();
     let (b, cc) = (srv_b(), srv_c());
     let c = h.dial(0, 9002); // ws:// bootstrap peer
@@ -899,11 +344,11 @@ fn learned_servers_are_dialled_with_peer_tls_and_bootstrap_peers_with_their_own_
     h.fire(Timer::Redial(1));
     assert_eq!(h.dial_schemes(), [(1, true)], "srv-c, learned of: wss://");
 
-    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap[0].tls = true);
+    let mut h = harness_cfg(|cfg| cfg.bootstrap[0].tls = true);
     h.clear();
     h.fire(Timer::Redial(0));
     assert_eq!(h.dial_schemes(), [(0, true)], "a wss:// bootstrap peer");
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     h.fire(Timer::Redial(0));
     assert_eq!(h.dial_schemes(), [(0, false)], "a ws:// bootstrap peer");
@@ -911,7 +356,7 @@ fn learned_servers_are_dialled_with_peer_tls_and_bootstrap_peers_with_their_own_
 
 #[test]
 fn welcome_servers_are_not_dialled_with_mesh_off() {
-    let mut h = Harness::with_cfg(|cfg| cfg.mesh = false);
+    let mut h = harness_cfg(|cfg| cfg.mesh = false);
     h.clear();
     let (b, cc) = (srv_b(), srv_c());
     let c = h.dial(0, 9002);
@@ -930,10 +375,10 @@ fn welcome_servers_are_not_dialled_with_mesh_off() {
 
 #[test]
 fn welcome_clients_are_advertised_locally_and_reachable_by_dm() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     h.clear();
 
     let b = srv_b();
@@ -1005,7 +450,7 @@ fn welcome_clients_are_advertised_locally_and_reachable_by_dm() {
 
 #[test]
 fn inbound_hello_from_unpinned_key_is_refused() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let d = Peer::new("srv-d", "server4", 9004);
     for kind in [types::SERVER_HELLO_JOIN, types::SERVER_HELLO_LINK] {
@@ -1022,11 +467,11 @@ fn inbound_hello_from_unpinned_key_is_refused() {
 
 #[test]
 fn inbound_hello_join_from_pinned_key_gets_welcome() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let (alice, carol) = (test_key("user1"), test_key("user3"));
-    let ca = h.login("alice", &alice);
-    let cc = h.login("carol", &carol);
+    let ca = h.user("alice", &alice);
+    let cc = h.user("carol", &carol);
     h.clear();
 
     let b = srv_b();
@@ -1094,7 +539,7 @@ fn inbound_hello_join_from_pinned_key_gets_welcome() {
 fn inbound_hello_with_key_not_matching_pin_is_refused_even_when_key_is_pinned_elsewhere() {
     // Bootstrap pins server2 and server3; srv-b comes up with server2's key. A hello claiming
     // id "srv-b" with server3's key (pinned, but for another server) is still refused.
-    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    let mut h = harness_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
     h.clear();
     let b = srv_b();
     let c = h.link_in(&b);
@@ -1117,7 +562,7 @@ fn inbound_hello_with_key_not_matching_pin_is_refused_even_when_key_is_pinned_el
 
 #[test]
 fn open_join_accepts_an_unknown_server() {
-    let mut h = Harness::with_cfg(|cfg| cfg.open_join = true);
+    let mut h = harness_cfg(|cfg| cfg.open_join = true);
     h.clear();
     let d = Peer::new("srv-d", "server4", 9004);
     let c = h.fresh_conn();
@@ -1140,7 +585,7 @@ fn open_join_accepts_an_unknown_server() {
 
     // Frames from srv-d over the link are now accepted (its key got pinned).
     let alice = test_key("user1");
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     h.clear();
     let dave = test_key("user4");
     let f = d.frame(
@@ -1158,13 +603,13 @@ fn open_join_accepts_an_unknown_server() {
 
 #[test]
 fn silent_link_dies_after_45s_and_takes_its_users() {
-    let mut h = Harness::with_cfg(|cfg| {
+    let mut h = harness_cfg(|cfg| {
         cfg.heartbeat_ms = 15_000;
         cfg.dead_after_ms = 45_000;
     });
     h.clear();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     let b = srv_b();
     let c = h.dial(0, 9002);
     h.welcome(
@@ -1233,7 +678,7 @@ fn silent_link_dies_after_45s_and_takes_its_users() {
 
 #[test]
 fn link_with_peer_heartbeats_stays_up() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let b = srv_b();
     let c = h.link_out(0, &b);
@@ -1280,10 +725,10 @@ fn link_with_peer_heartbeats_stays_up() {
 
 #[test]
 fn user_advertise_from_peer_is_checked_recorded_and_relayed_once() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let alice = test_key("user1");
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     let b = srv_b();
     let c = h.link_out(0, &b);
     h.clear();
@@ -1362,10 +807,10 @@ fn user_advertise_from_peer_is_checked_recorded_and_relayed_once() {
 
 #[test]
 fn user_remove_deletes_only_if_entry_still_points_to_that_server() {
-    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    let mut h = harness_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
     h.clear();
     let alice = test_key("user1");
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     let (b, cc) = (srv_b(), srv_c());
     let lb = h.link_out(0, &b);
     let lc = h.link_in(&cc);
@@ -1470,32 +915,12 @@ fn user_remove_deletes_only_if_entry_still_points_to_that_server() {
 
 // -------------------------------------------------------------------- 9. relay (§6)
 
-fn deliver_payload(
-    user_id: &str,
-    sender: &str,
-    sender_key: &PrivateKey,
-    recipient: &PublicKey,
-    ts: i64,
-) -> Value {
-    let raw = recipient.encrypt(b"relayed").unwrap();
-    let ct = socp::wire::b64::encode(&raw);
-    let content_sig = crypto::make_content_sig(sender_key, &raw, sender, Some(user_id), ts);
-    json!({
-        "user_id": user_id,
-        "ciphertext": ct,
-        "sender": sender,
-        "sender_pub": sender_key.public_key().encoded(),
-        "content_sig": content_sig,
-        "ts": ts,
-    })
-}
-
 #[test]
 fn server_deliver_is_relayed_unchanged_or_delivered_locally() {
-    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    let mut h = harness_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
     h.clear();
     let alice = test_key("user1");
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     let (b, cc) = (srv_b(), srv_c());
     let lb = h.link_out(0, &b);
     let lc = h.link_in(&cc);
@@ -1529,7 +954,7 @@ fn server_deliver_is_relayed_unchanged_or_delivered_locally() {
     );
     let relayed = h.sent_to(lc);
     assert_eq!(relayed.len(), 1, "{relayed:#?}");
-    assert_eq!(relayed[0].0, f, "relayed unchanged");
+    assert_eq!(relayed[0].text, f, "relayed unchanged");
     assert!(h.frames_to(lb).is_empty(), "never back to srv-b");
     assert!(h.frames_to(ca).is_empty());
     h.assert_silent();
@@ -1549,7 +974,7 @@ fn server_deliver_is_relayed_unchanged_or_delivered_locally() {
     assert_eq!(h.routed(), [lc]);
     let relayed = h.sent_to(lc);
     assert_eq!(relayed.len(), 1);
-    assert_eq!(relayed[0].0, f);
+    assert_eq!(relayed[0].text, f);
     assert!(h.frames_to(lb).is_empty(), "never back to srv-b");
     h.assert_silent();
 
@@ -1596,7 +1021,7 @@ fn server_deliver_is_relayed_unchanged_or_delivered_locally() {
 
 #[test]
 fn relay_with_a_single_link_never_goes_back() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let b = srv_b();
     let lb = h.link_out(0, &b);
@@ -1615,7 +1040,7 @@ fn relay_with_a_single_link_never_goes_back() {
 
 /// Dials srv-b and opens an inbound link from it; `inbound_first` says which comes up first.
 /// Returns (our dial's conn, the inbound conn).
-fn both_links(h: &mut Harness, inbound_first: bool) -> (ConnId, ConnId) {
+fn both_links(h: &mut CoreHarness, inbound_first: bool) -> (ConnId, ConnId) {
     let b = srv_b();
     let out = h.dial(0, 9002);
     h.clear();
@@ -1644,10 +1069,10 @@ fn both_links(h: &mut Harness, inbound_first: bool) -> (ConnId, ConnId) {
 #[test]
 fn one_link_per_pair_keeps_the_smaller_ids_dial() {
     for inbound_first in [true, false] {
-        let mut h = Harness::new();
+        let mut h = harness();
         h.clear();
         let alice = test_key("user1");
-        let ca = h.login("alice", &alice);
+        let ca = h.user("alice", &alice);
         h.clear();
         let (out, inbound) = both_links(&mut h, inbound_first);
         let closed = h.all_closes();
@@ -1683,7 +1108,7 @@ fn one_link_per_pair_keeps_the_smaller_ids_dial() {
 fn one_link_per_pair_keeps_their_dial_when_their_id_is_smaller() {
     // The same race seen from "srv-z": srv-b < srv-z, so srv-b's dial (inbound here) wins.
     for inbound_first in [true, false] {
-        let mut h = Harness::with("srv-z", |_| {});
+        let mut h = harness_as("srv-z", |_| {});
         h.clear();
         let (out, inbound) = both_links(&mut h, inbound_first);
         let closed = h.all_closes();
@@ -1702,10 +1127,10 @@ fn one_link_per_pair_keeps_their_dial_when_their_id_is_smaller() {
 
 #[test]
 fn dm_to_user_behind_unlinked_server_is_flooded_then_not_found_without_links() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let alice = test_key("user1");
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     let (b, cc) = (srv_b(), srv_c());
     let lb = h.dial(0, 9002);
     // srv-b vouches for srv-c (pinning it); we do not get a link to srv-c.
@@ -1748,10 +1173,10 @@ fn dm_to_user_behind_unlinked_server_is_flooded_then_not_found_without_links() {
 
 #[test]
 fn dm_to_unknown_user_with_no_links_is_user_not_found() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let alice = test_key("user1");
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     h.clear();
     h.dm(
         ca,
@@ -1768,10 +1193,10 @@ fn dm_to_unknown_user_with_no_links_is_user_not_found() {
 
 #[test]
 fn frame_from_a_peer_clock_ahead_cannot_be_replayed_after_eviction() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let alice = test_key("user1");
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     let b = srv_b();
     let lb = h.dial(0, 9002);
     let bob = test_key("user2");
@@ -1815,10 +1240,10 @@ fn frame_from_a_peer_clock_ahead_cannot_be_replayed_after_eviction() {
 
 #[test]
 fn inbound_join_welcome_lists_linked_servers_and_remote_users() {
-    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    let mut h = harness_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
     h.clear();
     let alice = test_key("user1");
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     let cc = srv_c();
     let lc = h.link_in(&cc);
     let carol = test_key("user3");
@@ -1876,10 +1301,10 @@ fn inbound_join_welcome_lists_linked_servers_and_remote_users() {
 
 #[test]
 fn broadcasts_are_forwarded_unchanged_and_flood_back_is_dropped() {
-    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    let mut h = harness_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
     h.clear();
     let alice = test_key("user1");
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     let (b, cc) = (srv_b(), srv_c());
     let lb = h.link_out(0, &b);
     let lc = h.link_in(&cc);
@@ -1900,7 +1325,7 @@ fn broadcasts_are_forwarded_unchanged_and_flood_back_is_dropped() {
     );
     let fwd = h.sent_to(lc);
     assert_eq!(fwd.len(), 1, "{fwd:#?}");
-    assert_eq!(fwd[0].0, f, "forwarded unchanged");
+    assert_eq!(fwd[0].text, f, "forwarded unchanged");
     assert!(h.frames_to(lb).is_empty(), "never back to srv-b");
     assert_eq!(kinds(&h.frames_to(ca)), [types::USER_ADVERTISE]);
     h.assert_silent();
@@ -1944,10 +1369,10 @@ fn broadcasts_are_forwarded_unchanged_and_flood_back_is_dropped() {
 
 #[test]
 fn our_flooded_delivery_coming_back_is_dropped() {
-    let mut h = Harness::with_cfg(|cfg| cfg.open_join = true);
+    let mut h = harness_cfg(|cfg| cfg.open_join = true);
     h.clear();
     let alice = test_key("user1");
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     let (b, cc, d) = (srv_b(), srv_c(), Peer::new("srv-d", "server4", 9004));
     let lb = h.dial(0, 9002);
     h.welcome(lb, &b, json!([cc.server_entry()]), json!([]));
@@ -1969,17 +1394,17 @@ fn our_flooded_delivery_coming_back_is_dropped() {
     let to_d = h.sent_to(ld);
     assert_eq!(to_b.len(), 1);
     assert_eq!(to_d.len(), 1);
-    assert_eq!(to_b[0].0, to_d[0].0, "one frame, flooded");
-    assert_eq!(to_b[0].1.to, "srv-c");
+    assert_eq!(to_b[0].text, to_d[0].text, "one frame, flooded");
+    assert_eq!(to_b[0].env.to, "srv-c");
     h.assert_silent();
     // srv-d floods it back to us: dropped, not relayed to srv-b again.
-    h.send(ld, &to_d[0].0);
+    h.send(ld, &to_d[0].text);
     h.assert_silent();
 }
 
 #[test]
 fn channel_changes_reach_the_links_batched_after_the_adverts() {
-    let mut h = Harness::new();
+    let mut h = harness();
     h.clear();
     let b = srv_b();
     let lb = h.link_out(0, &b);
@@ -1988,7 +1413,7 @@ fn channel_changes_reach_the_links_batched_after_the_adverts() {
 
     // Two logins: each advert leaves at once, the channel news waits for one timer.
     let (alice, carol) = (test_key("user1"), test_key("user3"));
-    let ca = h.login("alice", &alice);
+    let ca = h.user("alice", &alice);
     let first = h.timers();
     assert_eq!(
         first,
@@ -1996,7 +1421,7 @@ fn channel_changes_reach_the_links_batched_after_the_adverts() {
         "one timer for the batch"
     );
     h.advance(30);
-    let cc = h.login("carol", &carol);
+    let cc = h.user("carol", &carol);
     assert!(
         !h.timers().iter().any(|(_, t)| *t == Timer::Channel),
         "no second timer while one is armed"
@@ -2032,7 +1457,7 @@ fn channel_changes_reach_the_links_batched_after_the_adverts() {
     h.input(Input::Closed { conn: cc });
     assert_eq!(kinds(&h.frames_to(lb)), [types::USER_REMOVE]);
     let dave = test_key("user4");
-    let cd = h.login("dave", &dave);
+    let cd = h.user("dave", &dave);
     h.input(Input::Closed { conn: cd });
     assert_eq!(
         h.timers()
@@ -2059,18 +1484,18 @@ fn entry_at(user_id: &str, server_id: &str, key: &PrivateKey, ts: i64) -> Value 
 }
 
 /// `peer` advertises bob, hosted by itself with key `key`, at `ts`, on `link`.
-fn advertise_bob(h: &mut Harness, link: ConnId, peer: &Peer, key: &PrivateKey, ts: i64) {
+fn advertise_bob(h: &mut CoreHarness, link: ConnId, peer: &Peer, key: &PrivateKey, ts: i64) {
     let advert = entry_at("bob", peer.id, key, ts);
     h.send(link, &peer.frame(types::USER_ADVERTISE, "*", ts, &advert));
 }
 
 /// srv-a with alice logged in and a link to srv-b, which hosts bob.
 fn alice_and_bob_at_srv_b(
-    h: &mut Harness,
+    h: &mut CoreHarness,
     alice: &PrivateKey,
     bob: &PrivateKey,
 ) -> (ConnId, ConnId) {
-    let ca = h.login("alice", alice);
+    let ca = h.user("alice", alice);
     let lb = h.link_out(0, &srv_b());
     let ts = h.now.wall_ms;
     h.send(
@@ -2089,7 +1514,7 @@ fn alice_and_bob_at_srv_b(
 
 #[test]
 fn a_delivery_is_judged_on_its_signed_ts_whatever_its_envelope_says() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     let (ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
     let b = srv_b();
@@ -2136,7 +1561,12 @@ fn a_replay_after_a_restart_is_refused_and_keys_are_remembered() {
         mono_ms: MONO0,
         wall_ms: WALL0,
     };
-    let mut h = Harness::with_store(SRV, Store::open(&path).unwrap(), start, |_| {});
+    let mut h = harness_on(
+        SRV,
+        TestStore::Sqlite(Store::open(&path).unwrap()),
+        start,
+        |_| {},
+    );
     let (ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
     let ts = h.now.wall_ms;
     let p = deliver_payload("alice", "bob", &bob, alice.public_key(), ts);
@@ -2150,7 +1580,12 @@ fn a_replay_after_a_restart_is_refused_and_keys_are_remembered() {
         mono_ms: MONO0,
         wall_ms: stopped.wall_ms + 5_000,
     };
-    let mut h = Harness::with_store(SRV, Store::open(&path).unwrap(), later, |_| {});
+    let mut h = harness_on(
+        SRV,
+        TestStore::Sqlite(Store::open(&path).unwrap()),
+        later,
+        |_| {},
+    );
     let (ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
     // The frame delivered before the restart, replayed: still a duplicate.
     h.send(lb, &dm);
@@ -2181,7 +1616,7 @@ fn a_replay_after_a_restart_is_refused_and_keys_are_remembered() {
 
 #[test]
 fn presence_is_ordered_by_its_signed_ts_and_replays_do_not_revive_a_user() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     let (ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
     let b = srv_b();
@@ -2222,7 +1657,7 @@ fn presence_is_ordered_by_its_signed_ts_and_replays_do_not_revive_a_user() {
 
 #[test]
 fn a_linked_server_can_neither_take_over_a_user_nor_change_its_key() {
-    let mut h = Harness::with_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
+    let mut h = harness_cfg(|cfg| cfg.bootstrap.push(spec("server3", 9003)));
     let (alice, bob, mallory) = (test_key("user1"), test_key("user2"), test_key("user3"));
     let (ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
     let (b, c) = (srv_b(), srv_c());
@@ -2273,8 +1708,13 @@ fn welcome_clients_without_server_id_are_users_of_its_sender_after_every_start()
             mono_ms: MONO0,
             wall_ms: WALL0 + if restart { 60_000 } else { 0 },
         };
-        let mut h = Harness::with_store(SRV, Store::open(&path).unwrap(), start, |_| {});
-        let ca = h.login("alice", &alice);
+        let mut h = harness_on(
+            SRV,
+            TestStore::Sqlite(Store::open(&path).unwrap()),
+            start,
+            |_| {},
+        );
+        let ca = h.user("alice", &alice);
         h.clear();
         let b = srv_b();
         let c = h.dial(0, 9002);
@@ -2312,10 +1752,10 @@ fn welcome_clients_without_server_id_are_users_of_its_sender_after_every_start()
 
 #[test]
 fn a_peer_sig_user_gets_other_servers_frames_unchanged_and_others_get_them_resigned() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, carol, bob) = (test_key("user1"), test_key("user3"), test_key("user2"));
-    let ca = h.login_caps("alice", &alice, &["peer-sig", "some-future-cap"]);
-    let cc = h.login("carol", &carol);
+    let ca = h.user_caps("alice", &alice, &["peer-sig", "some-future-cap"]);
+    let cc = h.user("carol", &carol);
     h.clear();
     let b = srv_b();
     let lb = h.link_out(0, &b);
@@ -2340,7 +1780,7 @@ fn a_peer_sig_user_gets_other_servers_frames_unchanged_and_others_get_them_resig
     h.send(lb, &advert);
     let got = h.sent_to(ca);
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].0, advert, "unchanged");
+    assert_eq!(got[0].text, advert, "unchanged");
     let got = h.frames_to(cc);
     assert_eq!(kinds(&got), [types::USER_ADVERTISE]);
     assert_eq!(got[0].from, SRV);
@@ -2392,16 +1832,16 @@ fn a_peer_sig_user_gets_other_servers_frames_unchanged_and_others_get_them_resig
     h.send(lb, &remove);
     let got = h.sent_to(ca);
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].0, remove);
+    assert_eq!(got[0].text, remove);
     h.assert_silent();
 }
 
 #[test]
 fn a_relayed_frame_reaches_a_peer_sig_user_with_its_first_signature() {
     // srv-c is reached only through srv-b (a partial mesh).
-    let mut h = Harness::with_cfg(|cfg| cfg.mesh = false);
+    let mut h = harness_cfg(|cfg| cfg.mesh = false);
     let (alice, carol) = (test_key("user1"), test_key("user3"));
-    let ca = h.login_caps("alice", &alice, &["peer-sig"]);
+    let ca = h.user_caps("alice", &alice, &["peer-sig"]);
     let (b, c) = (srv_b(), srv_c());
     let lb = h.link_out(0, &b);
     h.clear();
@@ -2442,11 +1882,11 @@ fn a_relayed_frame_reaches_a_peer_sig_user_with_its_first_signature() {
 
 #[test]
 fn after_a_link_comes_back_our_users_are_advertised_afresh() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let alice = test_key("user1");
-    h.login("alice", &alice);
+    h.user("alice", &alice);
     let b = srv_b();
-    let adverts = |h: &mut Harness, c: ConnId| -> Vec<Value> {
+    let adverts = |h: &mut CoreHarness, c: ConnId| -> Vec<Value> {
         h.frames_to(c)
             .into_iter()
             .filter(|f| f.kind == types::USER_ADVERTISE)
@@ -2473,7 +1913,7 @@ fn after_a_link_comes_back_our_users_are_advertised_afresh() {
 
 #[test]
 fn a_hello_here_cannot_take_the_id_of_a_user_the_mesh_knows_with_another_key() {
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice, bob, mallory) = (test_key("user1"), test_key("user2"), test_key("user3"));
     let (_ca, lb) = alice_and_bob_at_srv_b(&mut h, &alice, &bob);
     let ts = h.now.wall_ms;
@@ -2481,7 +1921,7 @@ fn a_hello_here_cannot_take_the_id_of_a_user_the_mesh_knows_with_another_key() {
     h.send(lb, &srv_b().frame(types::USER_REMOVE, "*", ts, &remove));
     h.clear();
     // "bob" says hello here on a fresh connection with `key`: what does the server answer?
-    let hello_as_bob = |h: &mut Harness, key: &PrivateKey| -> Vec<Envelope> {
+    let hello_as_bob = |h: &mut CoreHarness, key: &PrivateKey| -> Vec<Envelope> {
         let c = h.fresh_conn();
         h.input(opened(c));
         let payload = json!({"client": "t", "pubkey": key.public_key().encoded(), "meta": {}});

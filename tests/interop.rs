@@ -4,17 +4,17 @@
 //! by that implementation (`tests/fixtures/verify_content_sig.py`), the way their clients check.
 
 mod common;
+mod support;
 
 use common::keys::test_key;
 use serde_json::{Value, json};
 use socp::client::{Identity, Pins, Session};
-use socp::core::federation::{FedConfig, PeerSpec};
-use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer, close};
-use socp::store::Store;
+use socp::core::federation::FedConfig;
+use socp::core::server::{Action, ConnId, Input, Limits, Timer, close};
 use socp::wire::{Envelope, types};
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use support::*;
 
 fn vectors() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/deployed.json");
@@ -24,14 +24,12 @@ fn vectors() -> Value {
 /// Our server "srv-a" (server1) and, in memory, the connections around it: `socp` sessions,
 /// the link to the deployed server "srv-py" (played from the vectors), and raw connections.
 struct Mesh {
-    server: Server,
-    now: Time,
+    h: CoreHarness,
     sessions: Vec<(ConnId, Session)>,
     link: ConnId,
     to_link: Vec<Envelope>,
     to_raw: Vec<(ConnId, Envelope)>,
     closes: Vec<(ConnId, u16)>,
-    next: u64,
 }
 
 impl Mesh {
@@ -44,44 +42,26 @@ impl Mesh {
             max_message_size: 256 * 1024,
         };
         let cfg = FedConfig {
-            bootstrap: vec![PeerSpec {
-                host: "127.0.0.1".into(),
-                port: 9002,
-                tls: false,
-                key: Arc::clone(test_key("server2").public_key()),
-            }],
+            bootstrap: vec![spec("server2", 9002)],
             advertise_port: 9001,
             ..FedConfig::default()
         };
-        let store = Store::open_in_memory().unwrap();
-        let server =
-            Server::new("srv-a".into(), test_key("server1"), limits, store).with_federation(cfg);
-        let now = Time {
-            mono_ms: 1_000,
-            wall_ms,
-        };
+        let setup = Setup::new("srv-a")
+            .limits(limits)
+            .federation(cfg)
+            .at(1_000, wall_ms)
+            .started();
         let mut mesh = Mesh {
-            server,
-            now,
+            h: CoreHarness::build(setup),
             sessions: Vec::new(),
             link: ConnId(1),
             to_link: Vec::new(),
             to_raw: Vec::new(),
             closes: Vec::new(),
-            next: 2,
         };
-        mesh.server.start(now);
-        mesh.server.actions().for_each(drop); // the first dial's timer: fired at once
-        mesh.server.handle(now, Input::Timer(Timer::Redial(0)));
-        let dials: Vec<u32> = mesh
-            .server
-            .actions()
-            .filter_map(|a| match a {
-                Action::Dial { target, .. } => Some(target),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(dials, [0]);
+        mesh.h.take(); // the first dial's timer: fired at once
+        mesh.h.fire(Timer::Redial(0));
+        assert_eq!(dial_targets(&mesh.h.take()), [0]);
         mesh.input(Input::Dialled {
             conn: mesh.link,
             target: 0,
@@ -92,7 +72,7 @@ impl Mesh {
     }
 
     fn input(&mut self, input: Input<'_>) {
-        self.server.handle(self.now, input);
+        self.h.input(input);
         self.settle();
     }
 
@@ -103,32 +83,26 @@ impl Mesh {
             for i in 0..self.sessions.len() {
                 let conn = self.sessions[i].0;
                 for text in std::mem::take(&mut self.sessions[i].1.outbox) {
-                    self.server
-                        .handle(self.now, Input::Text { conn, text: &text });
+                    self.h.input(Input::Text { conn, text: &text });
                     moved = true;
                 }
             }
-            if self.server.has_deferred() {
-                self.server.run_deferred(self.now);
-            }
-            let actions: Vec<Action> = self.server.actions().collect();
+            let actions = self.h.take();
             moved |= !actions.is_empty();
-            for a in actions {
-                match a {
-                    Action::Send { conn, text } | Action::Route { conn, text } => {
-                        let env = Envelope::parse(text.as_str()).unwrap();
-                        if conn == self.link {
-                            self.to_link.push(env);
-                        } else if let Some((_, s)) =
-                            self.sessions.iter_mut().find(|(c, _)| *c == conn)
-                        {
-                            s.on_frame(text.as_str(), self.now.wall_ms);
-                        } else {
-                            self.to_raw.push((conn, env));
-                        }
+            for a in &actions {
+                if let Some(o) = outgoing(a) {
+                    let env = Envelope::parse(o.text).unwrap();
+                    if o.conn == self.link {
+                        self.to_link.push(env);
+                    } else if let Some((_, s)) =
+                        self.sessions.iter_mut().find(|(c, _)| *c == o.conn)
+                    {
+                        s.on_frame(o.text, self.h.now.wall_ms);
+                    } else {
+                        self.to_raw.push((o.conn, env));
                     }
-                    Action::Close { conn, code, .. } => self.closes.push((conn, code)),
-                    Action::Timer { .. } | Action::Dial { .. } => {}
+                } else if let Action::Close { conn, code, .. } = a {
+                    self.closes.push((*conn, *code));
                 }
             }
             if !moved {
@@ -138,10 +112,11 @@ impl Mesh {
     }
 
     fn open(&mut self) -> ConnId {
-        let conn = ConnId(self.next << 32);
-        self.next += 1;
-        let peer = std::net::Ipv4Addr::LOCALHOST.into();
-        self.input(Input::Opened { conn, peer });
+        let conn = self.h.fresh_conn();
+        self.input(Input::Opened {
+            conn,
+            peer: LOOPBACK,
+        });
         conn
     }
 
@@ -154,7 +129,7 @@ impl Mesh {
             key: test_key(key),
         };
         let mut session = Session::new(me, "ws://srv-a", Pins::default());
-        session.hello(self.now.wall_ms);
+        session.hello(self.h.now.wall_ms);
         self.sessions.push((conn, session));
         self.settle();
         assert!(self.sessions.last().unwrap().1.ready(), "hello completed");
@@ -162,7 +137,7 @@ impl Mesh {
     }
 
     fn command(&mut self, i: usize, line: &str) {
-        self.sessions[i].1.command(line, self.now.wall_ms);
+        self.sessions[i].1.command(line, self.h.now.wall_ms);
         self.settle();
     }
 
@@ -180,10 +155,6 @@ impl Mesh {
             text,
         });
     }
-}
-
-fn kinds(frames: &[Envelope]) -> Vec<&str> {
-    frames.iter().map(|f| f.kind.as_str()).collect()
 }
 
 /// Runs the independent verifier over `items`; returns its verdict per item.
@@ -247,7 +218,7 @@ fn deployed_servers_users_and_ours_see_each_other_as_authentic() {
     let file = dir.0.join("notes.txt");
     std::fs::write(&file, vec![b'x'; 1000]).unwrap();
     mesh.command(alice, &format!("/file pyalice {}", file.display()));
-    while mesh.sessions[alice].1.pump(mesh.now.wall_ms) {
+    while mesh.sessions[alice].1.pump(mesh.h.now.wall_ms) {
         mesh.settle();
     }
     mesh.settle();

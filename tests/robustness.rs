@@ -5,24 +5,15 @@
 //! set SOCP_ROBUSTNESS_SEED to explore others.
 
 mod common;
+mod support;
 
 use common::keys::test_key;
 use serde_json::{Map, Value, json};
-use socp::core::federation::{FedConfig, PeerSpec};
-use socp::core::server::{Action, ConnId, Input, Limits, Server, Time};
-use socp::crypto::{PrivateKey, PublicKey};
-use socp::store::Store;
-use socp::wire::{Envelope, SignedPayload, encode_frame};
-use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
-
-/// An accepted connection from loopback (§5.3: login budgets are per source address).
-fn opened(conn: ConnId) -> Input<'static> {
-    Input::Opened {
-        conn,
-        peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
-    }
-}
+use socp::core::federation::FedConfig;
+use socp::core::server::{Action, ConnId, Input, Limits};
+use socp::crypto::PrivateKey;
+use socp::wire::{SignedPayload, encode_frame};
+use support::*;
 
 struct Rng(u64);
 
@@ -210,129 +201,57 @@ fn random_frame(rng: &mut Rng, from: &str, key: Option<&PrivateKey>, now: i64) -
     }
 }
 
-struct Harness {
-    server: Server,
-    now: Time,
-    next_conn: u64,
-}
-
-impl Harness {
-    fn new() -> Harness {
-        let b_key = Arc::new(PublicKey::parse(test_key("server2").public_key().encoded()).unwrap());
-        let fed = FedConfig {
-            advertise_port: 9001,
-            bootstrap: vec![PeerSpec {
-                host: "127.0.0.1".into(),
-                port: 9002,
-                tls: false,
-                key: b_key,
-            }],
-            ..FedConfig::default()
-        };
-        let limits = Limits {
-            hello_timeout_ms: 30_000,
-            error_burst: 32,
-            error_refill_per_s: 4,
-            max_message_size: 65536,
-        };
-        let server = Server::new(
-            "srv-a".into(),
-            test_key("server1"),
-            limits,
-            Store::open_in_memory().unwrap(),
-        )
-        .with_federation(fed)
+/// "srv-a" with srv-b (server2 at 127.0.0.1:9002) as its pinned bootstrap peer; not started.
+fn harness() -> CoreHarness {
+    let fed = FedConfig {
+        advertise_port: 9001,
+        bootstrap: vec![spec("server2", 9002)],
+        ..FedConfig::default()
+    };
+    let limits = Limits {
+        hello_timeout_ms: 30_000,
+        error_burst: 32,
+        error_refill_per_s: 4,
+        max_message_size: 65536,
+    };
+    let setup = Setup::new("srv-a")
+        .limits(limits)
+        .federation(fed)
         // Many transfers at once, so random FILE_STARTs keep reaching the routing code.
-        .with_transfer_limits(socp::core::transfer::TransferLimits {
+        .transfer_limits(socp::core::transfer::TransferLimits {
             max_per_user: usize::MAX,
             ..Default::default()
-        });
-        Harness {
-            server,
-            now: Time {
-                mono_ms: 0,
-                wall_ms: 1_800_000_000_000,
-            },
-            next_conn: 1,
-        }
-    }
+        })
+        .at(0, 1_800_000_000_000);
+    CoreHarness::build(setup)
+}
 
-    fn input(&mut self, input: Input<'_>) -> Vec<Action> {
-        self.server.handle(self.now, input);
-        self.server.run_deferred(self.now);
-        self.server.actions().collect()
-    }
+/// Feeds one input; returns its actions (and only its own).
+fn step(h: &mut CoreHarness, input: Input<'_>) -> Vec<Action> {
+    h.take();
+    h.input(input);
+    h.take()
+}
 
-    fn open(&mut self) -> ConnId {
-        let conn = ConnId(self.next_conn << 32);
-        self.next_conn += 1;
-        self.input(opened(conn));
-        conn
-    }
-
-    fn texts_to(actions: &[Action], conn: ConnId) -> Vec<Envelope> {
-        actions
+/// An inbound link from srv-b (pinned through the bootstrap list).
+fn peer(h: &mut CoreHarness, key: &PrivateKey) -> ConnId {
+    let conn = h.open_fresh();
+    let hello = json!({"host": "127.0.0.1", "port": 9002, "pubkey": key.public_key().encoded()});
+    let text = signed_frame(
+        "SERVER_HELLO_JOIN",
+        "srv-b",
+        "127.0.0.1:9001",
+        h.now.wall_ms,
+        &hello,
+        key,
+    );
+    let acts = step(h, Input::Text { conn, text: &text });
+    assert!(
+        envelopes_to(&acts, conn)
             .iter()
-            .filter_map(|a| match a {
-                Action::Send { conn: c, text } | Action::Route { conn: c, text } if *c == conn => {
-                    Envelope::parse(text.as_str()).ok()
-                }
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// A user that completes the hello.
-    fn user(&mut self, id: &str, key: &PrivateKey) -> ConnId {
-        let conn = self.open();
-        let pk = key.public_key().encoded();
-        let hello =
-            SignedPayload::unsigned(&json!({"pubkey": pk, "meta": {"display_name": id}})).unwrap();
-        let acts = self.input(Input::Text {
-            conn,
-            text: &encode_frame("USER_HELLO", id, "", self.now.wall_ms, &hello),
-        });
-        let ch = Self::texts_to(&acts, conn)
-            .into_iter()
-            .find(|e| e.kind == "AUTH_CHALLENGE")
-            .unwrap();
-        let resp = json!({"nonce": ch.payload["nonce"], "server_id": "srv-a", "user_id": id});
-        let signed = SignedPayload::sign(&resp, key).unwrap();
-        let acts = self.input(Input::Text {
-            conn,
-            text: &encode_frame("AUTH_RESPONSE", id, "srv-a", self.now.wall_ms, &signed),
-        });
-        assert!(
-            Self::texts_to(&acts, conn)
-                .iter()
-                .any(|e| e.kind == "USER_HELLO_ACK")
-        );
-        conn
-    }
-
-    /// An inbound link from srv-b (pinned through the bootstrap list).
-    fn peer(&mut self, key: &PrivateKey) -> ConnId {
-        let conn = self.open();
-        let hello =
-            json!({"host": "127.0.0.1", "port": 9002, "pubkey": key.public_key().encoded()});
-        let signed = SignedPayload::sign(&hello, key).unwrap();
-        let acts = self.input(Input::Text {
-            conn,
-            text: &encode_frame(
-                "SERVER_HELLO_JOIN",
-                "srv-b",
-                "127.0.0.1:9001",
-                self.now.wall_ms,
-                &signed,
-            ),
-        });
-        assert!(
-            Self::texts_to(&acts, conn)
-                .iter()
-                .any(|e| e.kind == "SERVER_WELCOME")
-        );
-        conn
-    }
+            .any(|e| e.kind == "SERVER_WELCOME")
+    );
+    conn
 }
 
 #[test]
@@ -343,13 +262,13 @@ fn random_frames_never_crash_the_core_and_service_continues() {
         .unwrap_or(0x5eed_1234_abcd_0001u64);
     eprintln!("robustness seed {seed} (set SOCP_ROBUSTNESS_SEED to reproduce)");
     let mut rng = Rng(seed | 1);
-    let mut h = Harness::new();
-    h.server.start(h.now);
-    let _ = h.server.actions().count();
+    let mut h = harness();
+    h.start();
+    h.take();
     let (alice_key, bob_key, b_key) = (test_key("user1"), test_key("user2"), test_key("server2"));
     let mut alice = h.user("alice", &alice_key);
     let bob = h.user("bob", &bob_key);
-    let peer = h.peer(&b_key);
+    let peer = peer(&mut h, &b_key);
 
     for round in 0..6000 {
         // Random frames include CTRL_CLOSE: keep alice logged in so hers reach deep handlers.
@@ -359,20 +278,20 @@ fn random_frames_never_crash_the_core_and_service_continues() {
         h.now.mono_ms += rng.below(50) as u64;
         h.now.wall_ms += rng.below(50) as i64;
         let (conn, from, key) = match rng.below(4) {
-            0 => (h.open(), "mallory", None),
+            0 => (h.open_fresh(), "mallory", None),
             1 => (alice, "alice", Some(&alice_key)),
             2 => (peer, *rng.pick(&["srv-b", "srv-c", "srv-a"]), Some(&b_key)),
             _ => (peer, "srv-b", Some(&b_key)),
         };
         let text = random_frame(&mut rng, from, key, h.now.wall_ms);
         if rng.below(20) == 0 {
-            h.input(Input::Binary { conn });
+            step(&mut h, Input::Binary { conn });
         } else {
-            h.input(Input::Text { conn, text: &text });
+            step(&mut h, Input::Text { conn, text: &text });
         }
         // Now and then a stranger's connection goes away (alice, bob and the link stay).
         if round % 97 == 0 && from == "mallory" {
-            h.input(Input::Closed { conn });
+            step(&mut h, Input::Closed { conn });
         }
     }
 
@@ -390,11 +309,14 @@ fn random_frames_never_crash_the_core_and_service_continues() {
     let payload = json!({"ciphertext": ct, "sender_pub": test_key("user3").public_key().encoded(),
                          "content_sig": sig});
     let signed = SignedPayload::unsigned(&payload).unwrap();
-    let acts = h.input(Input::Text {
-        conn: alice,
-        text: &encode_frame("MSG_DIRECT", "carol", "bob", ts, &signed),
-    });
-    let got = Harness::texts_to(&acts, bob_conn);
+    let acts = step(
+        &mut h,
+        Input::Text {
+            conn: alice,
+            text: &encode_frame("MSG_DIRECT", "carol", "bob", ts, &signed),
+        },
+    );
+    let got = envelopes_to(&acts, bob_conn);
     assert!(
         got.iter().any(|e| e.kind == "USER_DELIVER"),
         "service stopped: {got:?}"
@@ -405,7 +327,7 @@ fn random_frames_never_crash_the_core_and_service_continues() {
 fn a_file_frame_with_a_float_in_an_extra_field_is_refused_not_fatal() {
     // Regression: the user's file payload is forwarded whole and signed by the server; a float
     // anywhere in it has no canonical form (§3.3), which used to panic the server.
-    let mut h = Harness::new();
+    let mut h = harness();
     let (alice_key, bob_key) = (test_key("user1"), test_key("user2"));
     let alice = h.user("alice", &alice_key);
     let _bob = h.user("bob", &bob_key);
@@ -414,11 +336,14 @@ fn a_file_frame_with_a_float_in_an_extra_field_is_refused_not_fatal() {
     let text = json!({"type": "FILE_START", "from": "alice", "to": "bob", "ts": h.now.wall_ms,
                       "payload": start, "sig": ""})
     .to_string();
-    let acts = h.input(Input::Text {
-        conn: alice,
-        text: &text,
-    });
-    let errors: Vec<_> = Harness::texts_to(&acts, alice)
+    let acts = step(
+        &mut h,
+        Input::Text {
+            conn: alice,
+            text: &text,
+        },
+    );
+    let errors: Vec<_> = envelopes_to(&acts, alice)
         .into_iter()
         .filter(|e| e.kind == "ERROR")
         .collect();
