@@ -21,7 +21,7 @@ use crate::core::server::{Action, ConnId, Server, State, Time, Timer, close};
 use crate::core::signer::Urgency;
 use crate::crypto::PublicKey;
 use crate::wire::canon;
-use crate::wire::frame::{Frame, Signed};
+use crate::wire::frame::{Frame, Lane, Signed};
 use crate::wire::{self, Envelope, ErrorCode, Fields, WireError, types};
 use log::{debug, info, warn};
 use serde_json::{Map, Value, json};
@@ -991,6 +991,7 @@ impl Server {
         for user_id in users {
             if let Some(signed) = self.advert(now, &user_id) {
                 let text = self.own_broadcast(now, types::USER_ADVERTISE, &signed);
+                let text = text.in_lane(Lane::presence(&user_id));
                 self.out.push(Action::Send { conn, text });
             }
         }
@@ -1504,7 +1505,10 @@ impl Server {
         // Only when the payload is complete: one without `ts` is re-signed with it.
         if self.is_peer_sig(dest) && env.payload.contains_key("ts") {
             let signed = Signed::ready(canonical.to_string(), env.sig.clone());
-            let text = signed.frame(kind, &env.from, user_id, env.ts);
+            let sender = env.payload.get("sender").and_then(Value::as_str);
+            let text = signed
+                .frame(kind, &env.from, user_id, env.ts)
+                .in_lane(sender.map_or(Lane::Ordered, Lane::from_user));
             self.out.push(Action::Route { conn: dest, text });
             return Ok(());
         }

@@ -21,7 +21,7 @@ use crate::core::random::{OsRandom, Random};
 use crate::core::signer::{InlineSigner, Signer, Urgency};
 use crate::core::transfer::{TransferLimits, Transfers};
 use crate::crypto::{KeyCache, PrivateKey, PublicKey};
-use crate::wire::frame::{Frame, Signed, Slot};
+use crate::wire::frame::{Frame, Lane, Signed, Slot};
 use crate::wire::{
     self, AuthResponse, Envelope, ErrorCode, UserHello, UserMessage, WireError, types,
 };
@@ -761,7 +761,7 @@ impl Server {
         // measures. The newcomer's own frames follow.
         if let Some(advert) = self.advert(now, &user_id) {
             let text = self.own_broadcast(now, types::USER_ADVERTISE, &advert);
-            self.broadcast(text, Some(conn), None);
+            self.broadcast(text.in_lane(Lane::presence(&user_id)), Some(conn), None);
         }
         // The newcomer's own frames, in this order before anything else reaches it (§7: no
         // other frame before its snapshot). The two snapshots are written at the end of the
@@ -989,10 +989,16 @@ impl Server {
         // 2./3. the hosting server, over its link or by flooding every link.
         let host = entry.server_id.clone();
         payload.insert("user_id".into(), Value::from(target));
+        let payload_sender = payload
+            .get("sender")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let Some(signed) = self.sign(&Value::Object(payload), Urgency::Conversation) else {
             return Err(not_found());
         };
-        let text = signed.frame(server_kind, &self.id, &host, now.wall_ms);
+        let text = signed
+            .frame(server_kind, &self.id, &host, now.wall_ms)
+            .in_lane(sender_lane(&payload_sender));
         if self.route_toward(&host, text, None) {
             Ok(())
         } else {
@@ -1011,6 +1017,8 @@ impl Server {
         payload: &Value,
     ) {
         if let Some(text) = self.signed_frame(now, kind, to, payload, Urgency::Conversation) {
+            let sender = payload.get("sender").and_then(Value::as_str);
+            let text = text.in_lane(sender.map_or(Lane::Ordered, Lane::from_user));
             self.out.push(Action::Route { conn, text });
         }
     }
@@ -1036,7 +1044,7 @@ impl Server {
         };
         let slot = Slot::new(frame_type, &self.id, to, now.wall_ms);
         self.burst.push((kind, Arc::clone(&slot)));
-        let text = Frame::Pending(slot);
+        let text = Frame::pending(slot);
         self.out.push(Action::Send { conn, text });
     }
 
@@ -1096,7 +1104,7 @@ impl Server {
                         json!({"user_id": user_id, "server_id": self.id, "ts": now.wall_ms});
                     if let Some(signed) = self.sign(&payload, Urgency::Bulk) {
                         let text = self.own_broadcast(now, types::USER_REMOVE, &signed);
-                        self.broadcast(text, None, None);
+                        self.broadcast(text.in_lane(Lane::presence(&user_id)), None, None);
                     }
                     self.channel.bump();
                     self.channel_changed(now, None);
@@ -1208,6 +1216,10 @@ impl Server {
         original: Option<&str>,
         urgency: Urgency,
     ) {
+        let lane = payload
+            .get("user_id")
+            .and_then(Value::as_str)
+            .map_or(Lane::Ordered, Lane::presence);
         let mut resigned = Vec::new();
         let mut unchanged = Vec::new();
         for conn in self.dir.local_conns() {
@@ -1217,7 +1229,7 @@ impl Server {
             }
         }
         if let Some(original) = original.filter(|_| !unchanged.is_empty()) {
-            let text = Frame::from(original.to_string());
+            let text = Frame::from(original.to_string()).in_lane(lane);
             for conn in unchanged {
                 let text = text.clone();
                 self.out.push(Action::Send { conn, text });
@@ -1229,7 +1241,7 @@ impl Server {
         let Some(signed) = self.sign(payload, urgency) else {
             return;
         };
-        let text = signed.frame(kind, &self.id, "*", now.wall_ms);
+        let text = signed.frame(kind, &self.id, "*", now.wall_ms).in_lane(lane);
         for conn in resigned {
             self.out.push(Action::Send {
                 conn,
@@ -1320,6 +1332,11 @@ impl Server {
             self.error(now, conn, &err);
         }
     }
+}
+
+/// The lane of a frame routed for `sender` (see [`Lane`]).
+fn sender_lane(sender: &Option<String>) -> Lane {
+    sender.as_deref().map_or(Lane::Ordered, Lane::from_user)
 }
 
 /// How the log names a user: `alice (id 5c0e…)` by the display name it chose (escaped: it is

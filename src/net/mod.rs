@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::core::server::{self, Action, ConnId, Input, Server, Time};
 use crate::net::timer::TimerWheel;
 use crate::net::tls::{MaybeTls, TlsStream};
-use crate::wire::frame::Frame;
+use crate::wire::frame::{Frame, Lane};
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
@@ -146,6 +146,7 @@ fn write_from(
 }
 
 impl Outbox {
+    #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
@@ -168,7 +169,35 @@ impl Outbox {
         self.pending
     }
 
+    /// Frames routed here that still wait for their signatures: what a sender feeding this
+    /// connection is paused for ([`SIGN_BACKLOG`]). Presence is not counted: it is not what
+    /// a sender sends, and its frames let routed ones pass.
+    fn signing_backlog(&mut self) -> usize {
+        if self.unsigned() == 0 {
+            return 0;
+        }
+        self.queue
+            .iter()
+            .filter(|w| w.pending && !matches!(w.frame.lane(), Lane::Presence(_)))
+            .count()
+    }
+
+    /// Where `frame` goes: at the back, or before the presence it may pass (see
+    /// [`crate::wire::frame::Lane`]: a frame carried for one user passes presence of others
+    /// still being signed).
+    fn place_for(&self, frame: &Frame) -> usize {
+        let mut at = self.queue.len();
+        while at > 0 && self.queue[at - 1].frame.may_be_passed_by(frame) {
+            at -= 1;
+        }
+        at
+    }
+
     fn push(&mut self, frame: Frame, offset: usize) {
+        self.insert(self.queue.len(), frame, offset);
+    }
+
+    fn insert(&mut self, at: usize, frame: Frame, offset: usize) {
         let len = frame.len();
         // (An empty message at offset 0 is still a message to send.)
         if offset < len || offset == 0 {
@@ -176,12 +205,15 @@ impl Outbox {
             let pending = frame.ready().is_none();
             self.bytes += charged;
             self.pending += usize::from(pending);
-            self.queue.push_back(Waiting {
-                frame,
-                offset,
-                charged,
-                pending,
-            });
+            self.queue.insert(
+                at,
+                Waiting {
+                    frame,
+                    offset,
+                    charged,
+                    pending,
+                },
+            );
         }
     }
 
@@ -1144,18 +1176,22 @@ impl Net {
         let Io::Open(ws) = &mut conn.io else {
             return;
         };
+        let at = conn.out.place_for(&frame);
         let text = match frame.ready() {
-            Some(text) if conn.blocked_since.is_none() && conn.out.is_empty() => text.clone(),
+            Some(text) if conn.blocked_since.is_none() && at == 0 => text.clone(),
             _ => {
                 // The socket is full, or this frame or one before it waits for its
                 // signature: wait in line, in order, without a copy.
                 let signing = frame.ready().is_none();
-                conn.out.push(frame, 0);
+                let passed = at < conn.out.queue.len();
+                conn.out.insert(at, frame, 0);
                 if routed {
                     self.hit_blocked.push(id);
                 }
                 if signing {
                     self.wait_for_signature(idx);
+                } else if passed {
+                    self.mark_dirty(idx); // may be first in line now
                 }
                 return self.check_waiting(idx);
             }
@@ -1164,7 +1200,7 @@ impl Net {
             Ok(Wrote::All) => self.mark_dirty(idx),
             // The rest waits for the next writable event.
             Ok(Wrote::Blocked(next)) => {
-                conn.out.push(Frame::Ready(text), next);
+                conn.out.push(Frame::ready_text(text), next);
                 if routed {
                     self.hit_blocked.push(id);
                 }
@@ -1197,7 +1233,7 @@ impl Net {
         for id in std::mem::take(&mut self.hit_blocked) {
             if let Some(idx) = self.index_of(id) {
                 let conn = &mut self.conns[idx];
-                if conn.out.unsigned() > SIGN_BACKLOG {
+                if conn.out.signing_backlog() > SIGN_BACKLOG {
                     conn.holds_back = true;
                     why = why.or(Some("frames for a destination wait for their signatures"));
                 }
@@ -1283,7 +1319,7 @@ impl Net {
     fn signed_enough(&mut self, idx: usize) {
         if let Some(conn) = self.conns.get_mut(idx)
             && conn.holds_back
-            && conn.out.unsigned() <= SIGN_BACKLOG
+            && conn.out.signing_backlog() <= SIGN_BACKLOG
         {
             conn.holds_back = false;
             self.resume_paused();
@@ -1576,6 +1612,41 @@ mod tests {
     use crate::wire::Text;
     use tungstenite::protocol::Role;
 
+    /// A frame carried for a user passes presence of other users still being signed, never
+    /// the sender's own presence, a signed frame, or another routed frame.
+    #[test]
+    fn a_routed_frame_passes_unsigned_presence_of_others_only() {
+        use crate::wire::frame::{Lane, Signed};
+        let presence = |who: &str| {
+            Signed::pending("{}".into())
+                .frame("USER_ADVERTISE", "s", "*", 1)
+                .in_lane(Lane::presence(who))
+        };
+        let dm = |from: &str, n: u32| Frame::from(format!("dm {n}")).in_lane(Lane::from_user(from));
+        let mut out = Outbox::default();
+        out.push(dm("alice", 0), 0);
+        out.push(presence("bob"), 0);
+        out.push(presence("alice"), 0);
+        out.push(presence("carol"), 0);
+        // Passes carol's, stops behind alice's own.
+        assert_eq!(out.place_for(&dm("alice", 1)), 3);
+        // bob's frame passes carol's and alice's, stops behind bob's.
+        assert_eq!(out.place_for(&dm("bob", 1)), 2);
+        // dave's passes all three, stops behind alice's DM (routed frames keep their order).
+        let at = out.place_for(&dm("dave", 1));
+        assert_eq!(at, 1);
+        out.insert(at, dm("dave", 1), 0);
+        assert_eq!(out.place_for(&dm("dave", 2)), 2);
+        // An ordered frame (a snapshot, an error) is never put ahead of anything.
+        assert_eq!(
+            out.place_for(&Frame::from("x".to_string())),
+            out.queue.len()
+        );
+        // Only unsigned presence is passed, and backlog counts routed frames only.
+        assert_eq!(out.signing_backlog(), 0);
+        assert_eq!(out.unsigned(), 3);
+    }
+
     /// Frames whose signatures complete out of order (a pool of four signers, each sleeping a
     /// random time before each job), mixed with frames complete from the start, leave one
     /// connection in the order they were queued, each with a valid signature.
@@ -1770,14 +1841,14 @@ mod tests {
         for t in &texts {
             let text = Text::from(t.clone());
             if blocked || !out.is_empty() {
-                out.push(Frame::Ready(text), 0);
+                out.push(Frame::ready_text(text), 0);
                 continue;
             }
             match write_from(&mut ws, &text, 0).expect("write") {
                 Wrote::All => {}
                 Wrote::Blocked(next) => {
                     blocked = true;
-                    out.push(Frame::Ready(text), next);
+                    out.push(Frame::ready_text(text), next);
                 }
             }
         }

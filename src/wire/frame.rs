@@ -19,12 +19,54 @@
 use super::{Text, canon};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// The text of a frame to send.
+/// The text of a frame to send, and which [`Lane`] it travels in.
 #[derive(Clone)]
-pub enum Frame {
+pub struct Frame {
+    body: Body,
+    lane: Lane,
+}
+
+#[derive(Clone)]
+enum Body {
     Ready(Text),
     /// Waiting for a signature; shared by every connection it goes to.
     Pending(Arc<Slot>),
+}
+
+/// How a frame may move in a connection's queue (issue "signatures off the loop":
+/// conversations under way come first). Frames to one connection leave in the order the core
+/// made them, with one exception: a frame carried for user X ([`Lane::From`]) may pass
+/// presence about *another* user ([`Lane::Presence`]) whose signature is still being made.
+/// Presence is about one user and idempotent, so what a user sees in the end is the same;
+/// X's own presence is never passed, so a message never arrives from a user not yet
+/// announced. Presence frames never pass each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lane {
+    #[default]
+    Ordered,
+    /// `USER_ADVERTISE` / `USER_REMOVE` about the user whose id hashes to this.
+    Presence(u64),
+    /// A frame routed for the user whose id hashes to this (a delivery, a channel copy).
+    From(u64),
+}
+
+impl Lane {
+    /// Presence about `user_id`.
+    pub fn presence(user_id: &str) -> Lane {
+        Lane::Presence(user_hash(user_id))
+    }
+
+    /// Carried for `user_id`.
+    pub fn from_user(user_id: &str) -> Lane {
+        Lane::From(user_hash(user_id))
+    }
+}
+
+/// FNV-1a of a user id. A collision only keeps two frames in order.
+fn user_hash(user_id: &str) -> u64 {
+    user_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A frame whose payload and signature are still to come.
@@ -83,11 +125,48 @@ impl Slot {
 }
 
 impl Frame {
+    /// A complete frame.
+    pub fn ready_text(text: Text) -> Frame {
+        Frame {
+            body: Body::Ready(text),
+            lane: Lane::Ordered,
+        }
+    }
+
+    /// A frame completed when `slot` is (see [`Signed::attach`]).
+    pub fn pending(slot: Arc<Slot>) -> Frame {
+        Frame {
+            body: Body::Pending(slot),
+            lane: Lane::Ordered,
+        }
+    }
+
+    /// The same frame in `lane`.
+    pub fn in_lane(mut self, lane: Lane) -> Frame {
+        self.lane = lane;
+        self
+    }
+
+    pub fn lane(&self) -> Lane {
+        self.lane
+    }
+
+    /// Whether `other`, queued after this frame for the same connection, may leave before it
+    /// (see [`Lane`]).
+    pub fn may_be_passed_by(&self, other: &Frame) -> bool {
+        match (self.lane, other.lane) {
+            (Lane::Presence(about), Lane::From(sender)) => {
+                about != sender && self.ready().is_none()
+            }
+            _ => false,
+        }
+    }
+
     /// The text, if it is complete.
     pub fn ready(&self) -> Option<&Text> {
-        match self {
-            Frame::Ready(text) => Some(text),
-            Frame::Pending(slot) => slot.text.get(),
+        match &self.body {
+            Body::Ready(text) => Some(text),
+            Body::Pending(slot) => slot.text.get(),
         }
     }
 
@@ -103,18 +182,18 @@ impl Frame {
 
     /// The start of the frame, complete or not: its type, from, to and ts are always there.
     pub fn head(&self) -> &str {
-        match self {
-            Frame::Ready(text) => text.as_str(),
-            Frame::Pending(slot) => &slot.head,
+        match &self.body {
+            Body::Ready(text) => text.as_str(),
+            Body::Pending(slot) => &slot.head,
         }
     }
 
     /// Its length: exact once complete, else as expected (the payload may not be known yet).
     pub fn len(&self) -> usize {
-        match (self, self.ready()) {
+        match (&self.body, self.ready()) {
             (_, Some(text)) => text.len(),
-            (Frame::Pending(slot), None) => slot.head.len() + slot.rest,
-            (Frame::Ready(text), None) => text.len(),
+            (Body::Pending(slot), None) => slot.head.len() + slot.rest,
+            (Body::Ready(text), None) => text.len(),
         }
     }
 
@@ -137,8 +216,8 @@ impl PartialEq for Frame {
     fn eq(&self, other: &Frame) -> bool {
         match (self.ready(), other.ready()) {
             (Some(a), Some(b)) => a == b,
-            _ => match (self, other) {
-                (Frame::Pending(a), Frame::Pending(b)) => Arc::ptr_eq(a, b),
+            _ => match (&self.body, &other.body) {
+                (Body::Pending(a), Body::Pending(b)) => Arc::ptr_eq(a, b),
                 _ => false,
             },
         }
@@ -147,13 +226,13 @@ impl PartialEq for Frame {
 
 impl From<Text> for Frame {
     fn from(text: Text) -> Frame {
-        Frame::Ready(text)
+        Frame::ready_text(text)
     }
 }
 
 impl From<String> for Frame {
     fn from(text: String) -> Frame {
-        Frame::Ready(text.into())
+        Frame::ready_text(text.into())
     }
 }
 
@@ -232,8 +311,8 @@ impl Signed {
         let slot = Slot::with_payload_len(kind, from, to, ts, self.0.canonical.len());
         self.attach(Arc::clone(&slot));
         match slot.text.get() {
-            Some(text) => Frame::Ready(text.clone()),
-            None => Frame::Pending(slot),
+            Some(text) => Frame::ready_text(text.clone()),
+            None => Frame::pending(slot),
         }
     }
 }
@@ -281,7 +360,7 @@ mod tests {
     #[test]
     fn a_slot_attached_late_gets_the_payload_decided_late() {
         let slot = Slot::new("LIST_RESPONSE", "s", "u", 1);
-        let frame = Frame::Pending(Arc::clone(&slot));
+        let frame = Frame::pending(Arc::clone(&slot));
         let signed = Signed::pending("{\"users\":[]}".into());
         signed.attach(slot);
         assert!(frame.ready().is_none());
@@ -291,6 +370,33 @@ mod tests {
                 .as_str()
                 .contains("\"payload\":{\"users\":[]},\"sig\":\"S\"}")
         );
+    }
+
+    #[test]
+    fn a_frame_for_one_user_passes_unsigned_presence_of_others_only() {
+        let presence = |who: &str| {
+            Signed::pending("{}".into())
+                .frame("USER_ADVERTISE", "s", "*", 1)
+                .in_lane(Lane::presence(who))
+        };
+        let dm_from = |who: &str| Frame::from("dm".to_string()).in_lane(Lane::from_user(who));
+        assert!(presence("bob").may_be_passed_by(&dm_from("alice")));
+        // Never the sender's own presence: no message from a user not yet announced.
+        assert!(!presence("alice").may_be_passed_by(&dm_from("alice")));
+        // Presence never passes presence, and ordered frames are never passed.
+        assert!(!presence("bob").may_be_passed_by(&presence("carol")));
+        assert!(
+            !Signed::pending("{}".into())
+                .frame("X", "s", "u", 1)
+                .may_be_passed_by(&dm_from("alice"))
+        );
+        // Once signed, presence keeps its place.
+        let signed = Signed::pending("{}".into());
+        let done = signed
+            .frame("USER_REMOVE", "s", "*", 1)
+            .in_lane(Lane::presence("bob"));
+        signed.complete("S".into());
+        assert!(!done.may_be_passed_by(&dm_from("alice")));
     }
 
     #[test]
