@@ -311,6 +311,14 @@ const SIGNED: Token = Token(usize::MAX - 3);
 /// off the loop": 2,000 users leaving at once stalled everyone for 13 s).
 const GONE_SLICE: usize = 64;
 
+/// Text frames handed to the core per loop turn, over all connections; the rest wait in the
+/// backlog for the next turn (after a poll, so completed signatures and timers are not held up
+/// by a burst of input).
+const TURN_BUDGET: usize = 256;
+
+/// Bytes written from the outboxes per loop turn (see [`Net::flush_dirty`]).
+const FLUSH_BUDGET: usize = 1 << 20;
+
 /// Frames routed to one connection that may wait for their signatures before the senders
 /// feeding it are paused (backpressure, as for a reader that does not keep up).
 const SIGN_BACKLOG: usize = 16;
@@ -463,6 +471,8 @@ pub struct Net {
     signed: Option<Arc<AtomicBool>>,
     /// Dropped connections reported to the core this turn (see [`GONE_SLICE`]).
     gone_this_turn: usize,
+    /// Text frames handed to the core this turn (see [`TURN_BUDGET`]).
+    inputs_this_turn: usize,
 }
 
 impl Net {
@@ -541,6 +551,7 @@ impl Net {
             signing: Vec::new(),
             signed,
             gone_this_turn: 0,
+            inputs_this_turn: 0,
         })
     }
 
@@ -564,13 +575,15 @@ impl Net {
         self.apply_actions();
         while !self.shutdown_done {
             self.gone_this_turn = 0;
-            let timeout = if self.backlog.is_empty() && self.gone.is_empty() {
-                self.wheel
-                    .next_deadline()
-                    .map(|at| Duration::from_millis(at.saturating_sub(self.mono_ms())))
-            } else {
-                Some(Duration::ZERO)
-            };
+            self.inputs_this_turn = 0;
+            let timeout =
+                if self.backlog.is_empty() && self.gone.is_empty() && self.dirty.is_empty() {
+                    self.wheel
+                        .next_deadline()
+                        .map(|at| Duration::from_millis(at.saturating_sub(self.mono_ms())))
+                } else {
+                    Some(Duration::ZERO)
+                };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -1014,6 +1027,11 @@ impl Net {
     /// Reads until `WouldBlock` (or the read budget), handing each message to the core.
     fn read_frames(&mut self, idx: usize) {
         for _ in 0..READ_BUDGET {
+            if self.inputs_this_turn >= TURN_BUDGET {
+                // Enough for one turn (a login storm is 1,000 hellos in one poll): the rest
+                // is read after the next poll, so frames signed meanwhile leave in between.
+                return self.backlog.push(idx);
+            }
             let Some(conn) = self.conns.get_mut(idx) else {
                 return;
             };
@@ -1035,6 +1053,7 @@ impl Net {
             let now = self.now();
             match result {
                 Ok(Message::Text(text)) if !closing => {
+                    self.inputs_this_turn += 1;
                     self.hit_blocked.clear();
                     self.core.handle(
                         now,
@@ -1345,18 +1364,39 @@ impl Net {
     }
 
     /// One flush per dirty connection per loop turn.
+    ///
+    /// Connections with the least waiting go first, and one turn writes at most
+    /// [`FLUSH_BUDGET`] bytes from the outboxes: after a login burst, newcomers' directory
+    /// snapshots (~0.8 KiB per user online, each) must not hold up a conversation's next
+    /// frame for a whole turn. The rest stay dirty for the next turn, which polls without
+    /// waiting.
     fn flush_dirty(&mut self) {
-        for idx in std::mem::take(&mut self.dirty) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        if dirty.len() > 1 {
+            dirty.sort_by_key(|&idx| self.conns.get(idx).map_or(0, |c| c.out.bytes));
+        }
+        let mut written = 0usize;
+        for (n, &idx) in dirty.iter().enumerate() {
+            if written >= FLUSH_BUDGET {
+                for &rest in &dirty[n..] {
+                    if self.conns.contains(rest) {
+                        self.dirty.push(rest); // still marked dirty
+                    }
+                }
+                break;
+            }
             let Some(conn) = self.conns.get_mut(idx) else {
                 continue;
             };
             conn.dirty = false;
             let closing = matches!(conn.io, Io::Closing(_));
+            let before = conn.out.bytes;
             let result = match &mut conn.io {
                 // tungstenite's buffer written out: hand it what waits.
                 Io::Open(ws) | Io::Closing(ws) => ws.flush().and_then(|()| conn.out.pump(ws)),
                 _ => continue,
             };
+            written += before.saturating_sub(conn.out.bytes);
             match result {
                 Ok(Pumped::Drained | Pumped::Blocked)
                     if conn.close_after.is_some() && !conn.out.has_pending() =>
