@@ -197,7 +197,15 @@ fn healthz_and_metrics_report_users_frames_signatures_and_errors() {
     assert_eq!(h["users_local"], 0);
     assert_eq!(h["users_mesh"], 0);
     assert!(h["uptime_s"].is_u64(), "{h}");
-    let m = metrics(&server);
+    // One signature, a spare challenge, made by a signer thread soon after the start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let m = loop {
+        let m = metrics(&server);
+        if sample(&m, "socp_signatures_total") >= 1.0 || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert_eq!(sample(&m, r#"socp_users_online{scope="local"}"#), 0.0);
     assert_eq!(
         sample(&m, r#"socp_signatures_total"#),
