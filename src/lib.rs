@@ -44,16 +44,24 @@
 //!    `type`: here, a user's frame after the hello (§5.4).
 //! 4. **core.** It checks the payload (alice's `sender_pub` is her key), looks bob up in the
 //!    [directory](crate::core::directory) (§7) and routes: to a user here as `USER_DELIVER`, or,
-//!    as here, to bob's server as `SERVER_DELIVER` (§6), signed with the server's key
-//!    ([`crypto`], canonical JSON from [`wire::canon`], §3.3–§3.4). Links, relays and dedup of
-//!    frames between servers are [`core::federation`] and [`core::dedup`].
+//!    as here, to bob's server as `SERVER_DELIVER` (§6). Its payload is put in canonical form
+//!    ([`wire::canon`], §3.3) and handed to the core's [signer](crate::core::signer): the
+//!    frame ([`wire::frame::Frame`]) is made at once, its `sig` may come later. Links, relays
+//!    and dedup of frames between servers are [`core::federation`] and [`core::dedup`].
 //! 5. **core → actions.** Nothing is written yet: the core queues
 //!    [`Action`](crate::core::server::Action)s (`Route` this text to that connection, `Send`,
 //!    `Close`, arm a `Timer`, `Dial` a peer) and the net layer drains them after every input.
-//! 6. **net writes.** The net layer `write()`s each frame to its connection at once and
-//!    `flush()`es every written connection once per loop turn; what a full socket does not take
-//!    waits, in order, for its writable event. Timers the core armed fire from the net layer's
-//!    [timer wheel](crate::net::timer) and come back as `Input::Timer`.
+//! 6. **signing.** With `--sign-threads N` (the default: one per CPU) a
+//!    [pool of threads](crate::net::signpool) makes the RSA signature, conversations before
+//!    logins and leaves, completes every frame waiting for it and wakes the loop; with `0`
+//!    it is made at once, on the loop.
+//! 7. **net writes.** The net layer `write()`s each complete frame to its connection at once
+//!    and `flush()`es every written connection once per loop turn; a frame still waiting for
+//!    its signature, or refused by a full socket, waits in the connection's outbox, and what
+//!    comes after it waits behind it, in order (the one exception: a frame carried for a user
+//!    may pass another user's presence still being signed, [`wire::frame::Lane`]). Timers the
+//!    core armed fire from the net layer's [timer wheel](crate::net::timer) and come back as
+//!    `Input::Timer`.
 //!
 //! Because steps 2–5 are plain function calls with no I/O, `tests/core*.rs` drive the core
 //! (and a mesh of cores) with simulated time; the other tests run the real binaries over
