@@ -6,6 +6,7 @@
 
 use crate::core::server::ConnId;
 use crate::crypto::PublicKey;
+use crate::wire::Text;
 use crate::wire::canon::{self, NotCanonical};
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -20,6 +21,11 @@ pub struct Entry {
     pub local: Option<ConnId>,
     pub pubkey: Arc<PublicKey>,
     pub meta: Map<String, Value>,
+    /// For a remote user, the newest `USER_ADVERTISE` its hosting server signed that was
+    /// applied here, exactly as received: handed unchanged to each new link (§4.3, §7), since
+    /// only that server may sign the user's presence. None for local users and for users known
+    /// only from a `SERVER_WELCOME`. Goes with the entry, so a user who left is never re-sent.
+    pub advert: Option<Text>,
 }
 
 impl Entry {
@@ -67,6 +73,26 @@ impl Directory {
         }
         self.version += 1;
         Some(entry)
+    }
+
+    /// Keeps `advert` as the original `USER_ADVERTISE` of remote user `user_id` (see
+    /// [`Entry::advert`]); nothing happens for a user not in the directory or a local one.
+    pub fn set_advert(&mut self, user_id: &str, advert: Text) {
+        if let Some(e) = self.users.get_mut(user_id)
+            && e.local.is_none()
+        {
+            e.advert = Some(advert);
+        }
+    }
+
+    /// The original adverts of the remote users not hosted by `except`, sorted by user id:
+    /// what a new link to `except` is told of the users behind other servers (§4.3).
+    pub fn remote_adverts(&self, except: &str) -> Vec<Text> {
+        self.users
+            .values()
+            .filter(|e| e.local.is_none() && e.server_id != except)
+            .filter_map(|e| e.advert.clone())
+            .collect()
     }
 
     /// Users hosted by `server_id`.
@@ -204,6 +230,7 @@ mod tests {
                 local: (i == 1).then_some(ConnId(7)),
                 pubkey: Arc::clone(&key),
                 meta,
+                advert: None,
             };
             dir.insert(id, entry);
         }

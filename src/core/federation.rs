@@ -22,7 +22,7 @@ use crate::core::signer::Urgency;
 use crate::crypto::PublicKey;
 use crate::wire::canon;
 use crate::wire::frame::{Frame, Signed};
-use crate::wire::{self, Envelope, ErrorCode, Fields, WireError, types};
+use crate::wire::{self, Envelope, ErrorCode, Fields, Text, WireError, types};
 use log::{debug, info, warn};
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -994,6 +994,20 @@ impl Server {
                 self.out.push(Action::Send { conn, text });
             }
         }
+        // … and the users behind other servers: only their hosting server may sign their
+        // presence (§6 *Who may sign*), so each goes as the newest advert that server signed,
+        // unchanged, as a broadcast is forwarded (§6) — the announces above let the peer verify
+        // it. Without this, users learned while this link was down (in a partial mesh, before
+        // it first came up) would never reach the peer (§7 *Login-order independence*). A copy
+        // the peer has seen is a duplicate to it; one older than the peer's newest presence for
+        // that user is ignored there (§7 `ts`); a user who left is gone from our directory, and
+        // its advert with it.
+        for advert in self.dir.remote_adverts(server_id) {
+            self.out.push(Action::Send {
+                conn,
+                text: Frame::from(advert),
+            });
+        }
         let payload = json!({"version": self.channel.version(), "wraps": []});
         if let Some(signed) = self.sign(&payload, Urgency::Conversation) {
             let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);
@@ -1211,8 +1225,10 @@ impl Server {
             }
             if existing.pubkey == pubkey && existing.server_id == server_id && existing.meta == meta
             {
-                // Nothing new here; a server behind us may not know it yet.
+                // Nothing new here; a server behind us may not know it yet. This advert (at
+                // least as new as the last, §7) is the one a new link gets from now on.
                 if let Some((text, link)) = advert {
+                    self.dir.set_advert(user_id, Text::from(text.to_string()));
                     self.forward(text, link);
                 }
                 return Ok(());
@@ -1224,6 +1240,7 @@ impl Server {
             local: None,
             pubkey,
             meta,
+            advert: advert.map(|(text, _)| Text::from(text.to_string())),
         };
         let relay = Directory::entry_json(user_id, &entry);
         self.dir.insert(user_id, entry);

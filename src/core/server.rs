@@ -754,6 +754,7 @@ impl Server {
                 local: Some(conn),
                 pubkey,
                 meta,
+                advert: None,
             },
         );
         self.channel.bump();
