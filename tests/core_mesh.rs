@@ -453,6 +453,16 @@ fn carried_one(mesh: &Mesh, a: usize, b: usize, kind: &str, user_id: &str) -> St
     found.into_iter().next().unwrap()
 }
 
+/// The first frame of `kind` put on the wire from `a` to `b` whose payload has `user_id`.
+#[track_caller]
+fn carried_first(mesh: &Mesh, a: usize, b: usize, kind: &str, user_id: &str) -> String {
+    mesh.carried(a, b)
+        .into_iter()
+        .find(|(e, _)| e.kind == kind && e.payload.get("user_id") == Some(&json!(user_id)))
+        .map(|(_, t)| t.to_string())
+        .unwrap_or_else(|| panic!("no {kind} for {user_id} from {a} to {b}"))
+}
+
 /// §6, §5.6, §7 through a server in the middle: carol's presence and her DM reach srv-a only
 /// through srv-b, which relays them unchanged (srv-c's `from` and `sig`, the same text). At
 /// srv-a, alice (who takes other servers' signatures) gets srv-c's signed payload with srv-c's
@@ -780,10 +790,11 @@ fn a_new_link_gets_the_users_behind_other_servers_as_their_server_signed_them() 
         assert_eq!(mesh.directory(i), all, "{}", IDS[i]);
     }
 
-    // The one advert of alice srv-a signed for srv-b went on to srv-c unchanged.
-    let advert = carried_one(&mesh, 0, 1, types::USER_ADVERTISE, "alice");
+    // The advert of alice srv-a signed for srv-b went on to srv-c unchanged. (Later ones are
+    // srv-a's refreshes, see below.)
+    let advert = carried_first(&mesh, 0, 1, types::USER_ADVERTISE, "alice");
     assert_eq!(
-        carried_one(&mesh, 1, 2, types::USER_ADVERTISE, "alice"),
+        carried_first(&mesh, 1, 2, types::USER_ADVERTISE, "alice"),
         advert
     );
     let parsed = Envelope::parse(&advert).unwrap();
@@ -881,7 +892,7 @@ fn a_user_who_left_before_a_link_came_up_is_not_resurrected_by_it() {
         assert_eq!(mesh.directory(i), want, "{}", IDS[i]);
     }
     // srv-b relayed ann's advert and nothing of alice.
-    let ann_advert = carried_one(&mesh, 1, 2, types::USER_ADVERTISE, "ann");
+    let ann_advert = carried_first(&mesh, 1, 2, types::USER_ADVERTISE, "ann");
     assert_eq!(Envelope::parse(&ann_advert).unwrap().from, "srv-a");
     // (Nor anywhere else: srv-c dialled srv-b, whose welcome lists the users it knows.)
     assert!(
@@ -935,4 +946,54 @@ fn a_user_who_moves_to_another_server_is_found_there_everywhere() {
     );
     mesh.settle();
     assert_eq!(kinds(&mesh.nodes[2].frames_to(bob)), [types::USER_DELIVER]);
+}
+
+/// §6 freshness, §7: a link that comes up long after a user logged in still carries that
+/// user. srv-b keeps srv-a's advert of alice to hand to new links, and a copy older than the
+/// dedup window (5 minutes) would be refused by srv-c; so srv-a re-advertises its users well
+/// inside the window, and srv-b keeps the newest. srv-b's own user is not told again.
+#[test]
+fn a_user_online_for_long_reaches_a_server_that_links_in_later() {
+    let mut mesh = mesh_of(&[vec![1], vec![0, 2], vec![1]], false);
+    mesh.cut(1, 2, Cut::Reset);
+    for i in 0..3 {
+        mesh.start(i);
+    }
+    mesh.advance(5_000);
+    assert_eq!(mesh.linked(1), ["srv-a"]);
+    let bob = mesh.login(1, "bob", &user_key(1));
+    mesh.login(0, "alice", &user_key(0));
+    mesh.advance(600_000); // twice the window
+
+    let kept = mesh.nodes[1].server.directory().get("alice").unwrap();
+    let kept = Envelope::parse(kept.advert.as_ref().expect("an advert kept").as_str()).unwrap();
+    assert_eq!(kept.from, "srv-a");
+    let age = mesh.now.wall_ms - kept.payload["ts"].as_i64().unwrap();
+    assert!(age < 150_000, "srv-b keeps an advert {age} ms old");
+    let to_bob = mesh.nodes[1].frames_to(bob);
+    assert_eq!(presence(&to_bob, types::USER_ADVERTISE), ["alice"]);
+
+    mesh.heal(1, 2);
+    mesh.advance(120_000);
+    assert_eq!(mesh.linked(2), ["srv-b"]);
+    let want = vec![
+        ("alice".to_string(), "srv-a".to_string()),
+        ("bob".to_string(), "srv-b".to_string()),
+    ];
+    assert_eq!(mesh.directory(2), want, "srv-c");
+    assert!(
+        mesh.carried(1, 2)
+            .iter()
+            .any(|(e, text)| e.kind == types::USER_ADVERTISE
+                && e.from == "srv-a"
+                && e.payload["user_id"] == "alice"
+                && *text == kept_text(&mesh)),
+        "srv-b handed srv-c the advert it keeps"
+    );
+}
+
+/// The advert srv-b keeps of alice, as text.
+fn kept_text(mesh: &support::mesh::Mesh) -> String {
+    let entry = mesh.nodes[1].server.directory().get("alice").unwrap();
+    entry.advert.as_ref().unwrap().as_str().to_string()
 }

@@ -296,6 +296,10 @@ struct ChannelNews {
 /// the 5-minute window in which a relayed copy is still accepted).
 const REANNOUNCE_EVERY: u32 = 8;
 
+/// The fewest of our users' adverts refreshed per heartbeat when any are due (see
+/// `Server::refresh_adverts`).
+const REFRESH_AT_LEAST: usize = 64;
+
 impl Federation {
     pub fn new(cfg: FedConfig) -> Federation {
         Federation {
@@ -1241,6 +1245,7 @@ impl Server {
             pubkey,
             meta,
             advert: advert.map(|(text, _)| Text::from(text.to_string())),
+            advertised_ms: 0,
         };
         let relay = Directory::entry_json(user_id, &entry);
         self.dir.insert(user_id, entry);
@@ -1439,6 +1444,28 @@ impl Server {
                     other.chars().take(40).collect::<String>()
                 ),
             )),
+        }
+    }
+
+    /// Re-advertises, signed afresh, our users whose advert last went to every link a third of
+    /// the dedup window ago or more: a new link anywhere in the mesh is handed the adverts
+    /// other servers keep of them (see `link_up`), and one older than the window would be
+    /// refused there (§6 freshness), so a user online for long would never reach a server
+    /// that links in later. As announces are (see [`REANNOUNCE_EVERY`]), adverts are kept
+    /// inside the window. The receivers forward them and tell their users nothing (nothing
+    /// changed). At most an eighth of our users (at least [`REFRESH_AT_LEAST`]) per heartbeat,
+    /// so a login storm does not come back as a signing storm: with the defaults every advert
+    /// relayed is at most 100 s + 15 s + 8 × 15 s old.
+    fn refresh_adverts(&mut self, now: Time) {
+        let third = (self.fed.cfg.dedup_window_ms / 3) as i64;
+        let before = now.wall_ms.saturating_sub(third);
+        let max = (self.dir.local_len() / 8).max(REFRESH_AT_LEAST);
+        for user_id in self.dir.local_adverts_due(before, max) {
+            if let Some(signed) = self.advert(now, &user_id) {
+                let text = self.own_broadcast(now, types::USER_ADVERTISE, &signed);
+                self.send_links(text, None);
+                self.dir.set_advertised(&user_id, now.wall_ms);
+            }
         }
     }
 
@@ -1668,6 +1695,9 @@ impl Server {
             if !self.fed.links.is_empty() {
                 self.announce_self(now);
             }
+        }
+        if !self.fed.links.is_empty() {
+            self.refresh_adverts(now);
         }
         self.out.push(Action::Timer {
             at_ms: now.mono_ms + self.fed.cfg.heartbeat_ms,

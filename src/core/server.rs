@@ -755,6 +755,7 @@ impl Server {
                 pubkey,
                 meta,
                 advert: None,
+                advertised_ms: now.wall_ms,
             },
         );
         self.channel.bump();
