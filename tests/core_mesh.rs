@@ -453,6 +453,16 @@ fn carried_one(mesh: &Mesh, a: usize, b: usize, kind: &str, user_id: &str) -> St
     found.into_iter().next().unwrap()
 }
 
+/// The first frame of `kind` put on the wire from `a` to `b` whose payload has `user_id`.
+#[track_caller]
+fn carried_first(mesh: &Mesh, a: usize, b: usize, kind: &str, user_id: &str) -> String {
+    mesh.carried(a, b)
+        .into_iter()
+        .find(|(e, _)| e.kind == kind && e.payload.get("user_id") == Some(&json!(user_id)))
+        .map(|(_, t)| t.to_string())
+        .unwrap_or_else(|| panic!("no {kind} for {user_id} from {a} to {b}"))
+}
+
 /// §6, §5.6, §7 through a server in the middle: carol's presence and her DM reach srv-a only
 /// through srv-b, which relays them unchanged (srv-c's `from` and `sig`, the same text). At
 /// srv-a, alice (who takes other servers' signatures) gets srv-c's signed payload with srv-c's
@@ -722,16 +732,13 @@ fn users_on_each_server_see_each_others_presence_once() {
 
 /// §7 login-order independence in a partial mesh: srv-a and srv-c are up with their users
 /// before srv-b, the only server between them, starts. Once srv-b has linked both, each user
-/// should see the other (the directory, and the list).
+/// sees the other (the directory, and the list).
 ///
-/// Fails today (a core bug, reported, not worked around here): srv-c never learns alice.
-/// srv-b dials both at once. srv-a's welcome and advert of alice reach srv-b while its link to
-/// srv-c is not up yet, so there is no other link to forward them to; then the srv-b – srv-c
-/// link comes up, and a link coming up carries only each side's *local* users
-/// (`USER_ADVERTISE`). srv-c hears of alice only if she logs in again. (carol reaches srv-a:
-/// her advert arrives once both links are up.) §4.3/§7 ask for the full directory.
+/// srv-b dials both at once, so srv-a's welcome and advert of alice may reach srv-b before its
+/// link to srv-c is up, with no other link to forward them to. A link coming up then carries
+/// srv-b's whole directory (§4.3): its own users signed afresh, and the users behind other
+/// servers as the adverts their servers signed.
 #[test]
-#[ignore = "core bug: a remote user learned before another link is up never reaches it (see doc)"]
 fn a_partial_mesh_converges_when_the_middle_starts_last() {
     let mut mesh = mesh_of(&[vec![1], vec![0, 2], vec![1]], false);
     mesh.start(0);
@@ -754,6 +761,150 @@ fn a_partial_mesh_converges_when_the_middle_starts_last() {
     mesh.nodes[2].clear();
     assert_eq!(mesh.nodes[0].list(alice, "alice"), ["alice", "carol"]);
     assert_eq!(mesh.nodes[2].list(carol, "carol"), ["alice", "carol"]);
+}
+
+/// §4.3, §5.6, §6 *Who may sign*: what the middle server tells a new link of a user behind
+/// another server is the advert that user's server signed, unchanged — srv-b cannot sign for
+/// alice's server. carol (who takes other servers' signatures) gets srv-a's frame as srv-a put
+/// it on the wire; cy (who does not) gets it signed by srv-c. Nobody is told of anyone twice,
+/// and srv-b does not send srv-c's own users back to it.
+#[test]
+fn a_new_link_gets_the_users_behind_other_servers_as_their_server_signed_them() {
+    let mut mesh = mesh_of(&[vec![1], vec![0, 2], vec![1]], false);
+    mesh.start(0);
+    mesh.start(2);
+    let alice = mesh.login(0, "alice", &user_key(0));
+    let carol = mesh.login_caps(2, "carol", &user_key(2), &["peer-sig"]);
+    let cy = mesh.login(2, "cy", &test_key("user5"));
+    mesh.nodes[2].clear();
+    mesh.advance(2_000);
+    mesh.start(1);
+    mesh.advance(120_000);
+    assert_eq!(mesh.linked(1), ["srv-a", "srv-c"]);
+    let all = vec![
+        ("alice".to_string(), "srv-a".to_string()),
+        ("carol".to_string(), "srv-c".to_string()),
+        ("cy".to_string(), "srv-c".to_string()),
+    ];
+    for i in 0..3 {
+        assert_eq!(mesh.directory(i), all, "{}", IDS[i]);
+    }
+
+    // The advert of alice srv-a signed for srv-b went on to srv-c unchanged. (Later ones are
+    // srv-a's refreshes, see below.)
+    let advert = carried_first(&mesh, 0, 1, types::USER_ADVERTISE, "alice");
+    assert_eq!(
+        carried_first(&mesh, 1, 2, types::USER_ADVERTISE, "alice"),
+        advert
+    );
+    let parsed = Envelope::parse(&advert).unwrap();
+    assert_eq!(parsed.from, "srv-a");
+    assert_eq!(parsed.payload["server_id"], "srv-a");
+    assert!(
+        wire::verify_payload_sig(
+            test_key("server1").public_key(),
+            &parsed.payload,
+            &parsed.sig
+        )
+        .unwrap()
+    );
+    // srv-c's users are not sent back to it.
+    assert!(
+        mesh.carried(1, 2)
+            .iter()
+            .all(|(e, _)| e.kind != types::USER_ADVERTISE || e.payload["server_id"] != "srv-c"),
+        "srv-b sent srv-c its own users"
+    );
+
+    // carol: srv-a's frame itself, once (after the list that vouches for srv-a's key).
+    let to_carol = mesh.nodes[2].sent_to(carol);
+    let adverts: Vec<_> = to_carol
+        .iter()
+        .filter(|s| s.env.kind == types::USER_ADVERTISE)
+        .collect();
+    assert_eq!(adverts.len(), 1, "{to_carol:#?}");
+    assert_eq!(
+        adverts[0].text, advert,
+        "carol gets srv-a's advert unchanged"
+    );
+    let list_before = to_carol.iter().position(|s| {
+        s.env.kind == types::LIST_RESPONSE
+            && s.env.payload["servers"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|s| s["server_id"] == "srv-a"))
+    });
+    let advert_at = to_carol
+        .iter()
+        .position(|s| s.env.kind == types::USER_ADVERTISE);
+    assert!(
+        list_before.is_some() && list_before < advert_at,
+        "srv-a's key is vouched for before its frame: {to_carol:#?}"
+    );
+    // cy: re-signed by srv-c, once.
+    let to_cy = mesh.nodes[2].frames_to(cy);
+    assert_eq!(presence(&to_cy, types::USER_ADVERTISE), ["alice"]);
+    let ad = to_cy
+        .iter()
+        .find(|f| f.kind == types::USER_ADVERTISE)
+        .unwrap();
+    assert_eq!(ad.from, "srv-c");
+    assert_eq!(ad.payload["server_id"], "srv-a");
+    assert_eq!(ad.payload["pubkey"], parsed.payload["pubkey"]);
+    // And alice hears of carol and cy once each.
+    let to_alice = mesh.nodes[0].frames_to(alice);
+    let mut told = presence(&to_alice, types::USER_ADVERTISE);
+    told.sort();
+    assert_eq!(told, ["carol", "cy"], "{to_alice:#?}");
+}
+
+/// What the fix above could break (§7): a user who left before a link came up is not brought
+/// back by it. alice and ann are online at srv-a, linked with srv-b; alice leaves; then srv-c
+/// starts and links srv-b. srv-b tells srv-c of ann (srv-a's advert, besides its welcome) and
+/// of no one else.
+#[test]
+fn a_user_who_left_before_a_link_came_up_is_not_resurrected_by_it() {
+    let mut mesh = mesh_of(&[vec![1], vec![0, 2], vec![1]], false);
+    mesh.start(0);
+    mesh.start(1);
+    mesh.advance(5_000);
+    assert_eq!(mesh.linked(1), ["srv-a"]);
+    let alice = mesh.login(0, "alice", &user_key(0));
+    mesh.login(0, "ann", &test_key("user5"));
+    mesh.advance(1_000);
+    mesh.user_leaves(0, alice);
+    carried_one(&mesh, 0, 1, types::USER_REMOVE, "alice");
+    let ann_only = vec![("ann".to_string(), "srv-a".to_string())];
+    assert_eq!(mesh.directory(1), ann_only, "srv-b");
+
+    // carol is online at srv-c before its link comes up, so she is told of ann by an advert.
+    mesh.cut(1, 2, Cut::Reset);
+    mesh.start(2);
+    let carol = mesh.login_caps(2, "carol", &user_key(2), &["peer-sig"]);
+    assert!(mesh.linked(2).is_empty());
+    mesh.heal(1, 2);
+    mesh.advance(120_000);
+    assert_eq!(mesh.linked(1), ["srv-a", "srv-c"]);
+    let want = vec![
+        ("ann".to_string(), "srv-a".to_string()),
+        ("carol".to_string(), "srv-c".to_string()),
+    ];
+    for i in 0..3 {
+        assert_eq!(mesh.directory(i), want, "{}", IDS[i]);
+    }
+    // srv-b relayed ann's advert and nothing of alice.
+    let ann_advert = carried_first(&mesh, 1, 2, types::USER_ADVERTISE, "ann");
+    assert_eq!(Envelope::parse(&ann_advert).unwrap().from, "srv-a");
+    // (Nor anywhere else: srv-c dialled srv-b, whose welcome lists the users it knows.)
+    assert!(
+        mesh.carried(1, 2)
+            .iter()
+            .all(|(_, text)| !text.contains("\"alice\"")),
+        "alice reached srv-c"
+    );
+    let to_carol = mesh.nodes[2].frames_to(carol);
+    assert_eq!(presence(&to_carol, types::USER_ADVERTISE), ["ann"]);
+    assert!(presence(&to_carol, types::USER_REMOVE).is_empty());
+    assert_eq!(mesh.nodes[2].list(carol, "carol"), ["ann", "carol"]);
 }
 
 /// §7 across servers: a user who leaves one server and logs in at another, with the same key,
@@ -795,4 +946,54 @@ fn a_user_who_moves_to_another_server_is_found_there_everywhere() {
     );
     mesh.settle();
     assert_eq!(kinds(&mesh.nodes[2].frames_to(bob)), [types::USER_DELIVER]);
+}
+
+/// §6 freshness, §7: a link that comes up long after a user logged in still carries that
+/// user. srv-b keeps srv-a's advert of alice to hand to new links, and a copy older than the
+/// dedup window (5 minutes) would be refused by srv-c; so srv-a re-advertises its users well
+/// inside the window, and srv-b keeps the newest. srv-b's own user is not told again.
+#[test]
+fn a_user_online_for_long_reaches_a_server_that_links_in_later() {
+    let mut mesh = mesh_of(&[vec![1], vec![0, 2], vec![1]], false);
+    mesh.cut(1, 2, Cut::Reset);
+    for i in 0..3 {
+        mesh.start(i);
+    }
+    mesh.advance(5_000);
+    assert_eq!(mesh.linked(1), ["srv-a"]);
+    let bob = mesh.login(1, "bob", &user_key(1));
+    mesh.login(0, "alice", &user_key(0));
+    mesh.advance(600_000); // twice the window
+
+    let kept = mesh.nodes[1].server.directory().get("alice").unwrap();
+    let kept = Envelope::parse(kept.advert.as_ref().expect("an advert kept").as_str()).unwrap();
+    assert_eq!(kept.from, "srv-a");
+    let age = mesh.now.wall_ms - kept.payload["ts"].as_i64().unwrap();
+    assert!(age < 150_000, "srv-b keeps an advert {age} ms old");
+    let to_bob = mesh.nodes[1].frames_to(bob);
+    assert_eq!(presence(&to_bob, types::USER_ADVERTISE), ["alice"]);
+
+    mesh.heal(1, 2);
+    mesh.advance(120_000);
+    assert_eq!(mesh.linked(2), ["srv-b"]);
+    let want = vec![
+        ("alice".to_string(), "srv-a".to_string()),
+        ("bob".to_string(), "srv-b".to_string()),
+    ];
+    assert_eq!(mesh.directory(2), want, "srv-c");
+    assert!(
+        mesh.carried(1, 2)
+            .iter()
+            .any(|(e, text)| e.kind == types::USER_ADVERTISE
+                && e.from == "srv-a"
+                && e.payload["user_id"] == "alice"
+                && *text == kept_text(&mesh)),
+        "srv-b handed srv-c the advert it keeps"
+    );
+}
+
+/// The advert srv-b keeps of alice, as text.
+fn kept_text(mesh: &support::mesh::Mesh) -> String {
+    let entry = mesh.nodes[1].server.directory().get("alice").unwrap();
+    entry.advert.as_ref().unwrap().as_str().to_string()
 }

@@ -6,6 +6,7 @@
 
 use crate::core::server::ConnId;
 use crate::crypto::PublicKey;
+use crate::wire::Text;
 use crate::wire::canon::{self, NotCanonical};
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -20,6 +21,14 @@ pub struct Entry {
     pub local: Option<ConnId>,
     pub pubkey: Arc<PublicKey>,
     pub meta: Map<String, Value>,
+    /// For a remote user, the newest `USER_ADVERTISE` its hosting server signed that was
+    /// applied here, exactly as received: handed unchanged to each new link (§4.3, §7), since
+    /// only that server may sign the user's presence. None for local users and for users known
+    /// only from a `SERVER_WELCOME`. Goes with the entry, so a user who left is never re-sent.
+    pub advert: Option<Text>,
+    /// For a local user: when its advert last went to every link (wall ms). See
+    /// `Server::refresh_adverts`.
+    pub advertised_ms: i64,
 }
 
 impl Entry {
@@ -67,6 +76,54 @@ impl Directory {
         }
         self.version += 1;
         Some(entry)
+    }
+
+    /// Keeps `advert` as the original `USER_ADVERTISE` of remote user `user_id` (see
+    /// [`Entry::advert`]); nothing happens for a user not in the directory or a local one.
+    pub fn set_advert(&mut self, user_id: &str, advert: Text) {
+        if let Some(e) = self.users.get_mut(user_id)
+            && e.local.is_none()
+        {
+            e.advert = Some(advert);
+        }
+    }
+
+    /// Up to `max` local users whose advert last went out before `before` (wall ms), the
+    /// longest ago first.
+    pub fn local_adverts_due(&self, before: i64, max: usize) -> Vec<String> {
+        let mut due: Vec<(i64, &str)> = self
+            .local
+            .values()
+            .filter_map(|id| Some((self.users.get(id)?.advertised_ms, id.as_str())))
+            .filter(|(at, _)| *at < before)
+            .collect();
+        due.sort_unstable();
+        due.truncate(max);
+        due.into_iter().map(|(_, id)| id.to_string()).collect()
+    }
+
+    /// Records that local user `user_id`'s advert went to every link at `at_ms`.
+    pub fn set_advertised(&mut self, user_id: &str, at_ms: i64) {
+        if let Some(e) = self.users.get_mut(user_id)
+            && e.local.is_some()
+        {
+            e.advertised_ms = at_ms;
+        }
+    }
+
+    /// How many users are connected here.
+    pub fn local_len(&self) -> usize {
+        self.local.len()
+    }
+
+    /// The original adverts of the remote users not hosted by `except`, sorted by user id:
+    /// what a new link to `except` is told of the users behind other servers (§4.3).
+    pub fn remote_adverts(&self, except: &str) -> Vec<Text> {
+        self.users
+            .values()
+            .filter(|e| e.local.is_none() && e.server_id != except)
+            .filter_map(|e| e.advert.clone())
+            .collect()
     }
 
     /// Users hosted by `server_id`.
@@ -204,6 +261,8 @@ mod tests {
                 local: (i == 1).then_some(ConnId(7)),
                 pubkey: Arc::clone(&key),
                 meta,
+                advert: None,
+                advertised_ms: 0,
             };
             dir.insert(id, entry);
         }
@@ -220,5 +279,43 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(dir.list_canonical(version, &servers).unwrap(), expected);
+    }
+
+    #[test]
+    fn local_adverts_due_are_the_oldest_local_ones_and_remote_adverts_skip_the_host() {
+        let private = PrivateKey::from_pem(include_str!("../../tests/fixtures/keys/user1.pem"));
+        let key = Arc::clone(private.unwrap().public_key());
+        let mut dir = Directory::default();
+        let entry = |server: &str, local: Option<u64>, at: i64, advert: Option<&str>| Entry {
+            server_id: server.into(),
+            local: local.map(ConnId),
+            pubkey: Arc::clone(&key),
+            meta: Map::new(),
+            advert: advert.map(|t| Text::from(t.to_string())),
+            advertised_ms: at,
+        };
+        dir.insert("a", entry("me", Some(1), 300, None));
+        dir.insert("b", entry("me", Some(2), 100, None));
+        dir.insert("c", entry("me", Some(3), 200, None));
+        dir.insert("d", entry("me", Some(4), 900, None));
+        dir.insert("r", entry("srv-x", None, 0, Some("rx")));
+        dir.insert("s", entry("srv-y", None, 0, Some("sy")));
+        dir.insert("t", entry("srv-y", None, 0, None));
+        assert_eq!(dir.local_adverts_due(500, 10), ["b", "c", "a"]);
+        assert_eq!(dir.local_adverts_due(500, 2), ["b", "c"]);
+        assert!(dir.local_adverts_due(100, 10).is_empty());
+        dir.set_advertised("b", 1000);
+        dir.set_advertised("r", 1000); // remote: nothing to do
+        assert_eq!(dir.local_adverts_due(500, 10), ["c", "a"]);
+        assert_eq!(dir.local_len(), 4);
+        // A local user's entry keeps no advert to relay.
+        dir.set_advert("a", Text::from("x".to_string()));
+        assert!(dir.get("a").unwrap().advert.is_none());
+        let texts = |v: Vec<Text>| v.iter().map(|t| t.as_str().to_string()).collect::<Vec<_>>();
+        assert_eq!(texts(dir.remote_adverts("me")), ["rx", "sy"]);
+        assert_eq!(texts(dir.remote_adverts("srv-y")), ["rx"]);
+        // Gone with the user.
+        dir.remove_if_hosted_by("r", "srv-x");
+        assert_eq!(texts(dir.remote_adverts("srv-y")), Vec::<String>::new());
     }
 }

@@ -22,7 +22,7 @@ use crate::core::signer::Urgency;
 use crate::crypto::PublicKey;
 use crate::wire::canon;
 use crate::wire::frame::{Frame, Lane, Signed};
-use crate::wire::{self, Envelope, ErrorCode, Fields, WireError, types};
+use crate::wire::{self, Envelope, ErrorCode, Fields, Text, WireError, types};
 use log::{debug, info, warn};
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -295,6 +295,10 @@ struct ChannelNews {
 /// Heartbeat rounds between our periodic `SERVER_ANNOUNCE`s (8 × 15 s = 2 minutes, well inside
 /// the 5-minute window in which a relayed copy is still accepted).
 const REANNOUNCE_EVERY: u32 = 8;
+
+/// The fewest of our users' adverts refreshed per heartbeat when any are due (see
+/// `Server::refresh_adverts`).
+const REFRESH_AT_LEAST: usize = 64;
 
 impl Federation {
     pub fn new(cfg: FedConfig) -> Federation {
@@ -995,6 +999,20 @@ impl Server {
                 self.out.push(Action::Send { conn, text });
             }
         }
+        // … and the users behind other servers: only their hosting server may sign their
+        // presence (§6 *Who may sign*), so each goes as the newest advert that server signed,
+        // unchanged, as a broadcast is forwarded (§6) — the announces above let the peer verify
+        // it. Without this, users learned while this link was down (in a partial mesh, before
+        // it first came up) would never reach the peer (§7 *Login-order independence*). A copy
+        // the peer has seen is a duplicate to it; one older than the peer's newest presence for
+        // that user is ignored there (§7 `ts`); a user who left is gone from our directory, and
+        // its advert with it.
+        for advert in self.dir.remote_adverts(server_id) {
+            self.out.push(Action::Send {
+                conn,
+                text: Frame::from(advert),
+            });
+        }
         let payload = json!({"version": self.channel.version(), "wraps": []});
         if let Some(signed) = self.sign(&payload, Urgency::Conversation) {
             let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);
@@ -1212,8 +1230,10 @@ impl Server {
             }
             if existing.pubkey == pubkey && existing.server_id == server_id && existing.meta == meta
             {
-                // Nothing new here; a server behind us may not know it yet.
+                // Nothing new here; a server behind us may not know it yet. This advert (at
+                // least as new as the last, §7) is the one a new link gets from now on.
                 if let Some((text, link)) = advert {
+                    self.dir.set_advert(user_id, Text::from(text.to_string()));
                     self.forward(text, link);
                 }
                 return Ok(());
@@ -1225,6 +1245,8 @@ impl Server {
             local: None,
             pubkey,
             meta,
+            advert: advert.map(|(text, _)| Text::from(text.to_string())),
+            advertised_ms: 0,
         };
         let relay = Directory::entry_json(user_id, &entry);
         self.dir.insert(user_id, entry);
@@ -1423,6 +1445,28 @@ impl Server {
                     other.chars().take(40).collect::<String>()
                 ),
             )),
+        }
+    }
+
+    /// Re-advertises, signed afresh, our users whose advert last went to every link a third of
+    /// the dedup window ago or more: a new link anywhere in the mesh is handed the adverts
+    /// other servers keep of them (see `link_up`), and one older than the window would be
+    /// refused there (§6 freshness), so a user online for long would never reach a server
+    /// that links in later. As announces are (see [`REANNOUNCE_EVERY`]), adverts are kept
+    /// inside the window. The receivers forward them and tell their users nothing (nothing
+    /// changed). At most an eighth of our users (at least [`REFRESH_AT_LEAST`]) per heartbeat,
+    /// so a login storm does not come back as a signing storm: with the defaults every advert
+    /// relayed is at most 100 s + 15 s + 8 × 15 s old.
+    fn refresh_adverts(&mut self, now: Time) {
+        let third = (self.fed.cfg.dedup_window_ms / 3) as i64;
+        let before = now.wall_ms.saturating_sub(third);
+        let max = (self.dir.local_len() / 8).max(REFRESH_AT_LEAST);
+        for user_id in self.dir.local_adverts_due(before, max) {
+            if let Some(signed) = self.advert(now, &user_id) {
+                let text = self.own_broadcast(now, types::USER_ADVERTISE, &signed);
+                self.send_links(text, None);
+                self.dir.set_advertised(&user_id, now.wall_ms);
+            }
         }
     }
 
@@ -1655,6 +1699,9 @@ impl Server {
             if !self.fed.links.is_empty() {
                 self.announce_self(now);
             }
+        }
+        if !self.fed.links.is_empty() {
+            self.refresh_adverts(now);
         }
         self.out.push(Action::Timer {
             at_ms: now.mono_ms + self.fed.cfg.heartbeat_ms,

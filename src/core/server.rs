@@ -754,6 +754,8 @@ impl Server {
                 local: Some(conn),
                 pubkey,
                 meta,
+                advert: None,
+                advertised_ms: now.wall_ms,
             },
         );
         self.channel.bump();
