@@ -126,7 +126,7 @@ impl Mesh {
         let me = Identity {
             user_id: user_id.into(),
             display_name: user_id.into(),
-            key: test_key(key),
+            key: test_key(key).into(),
         };
         let mut session = Session::new(me, "ws://srv-a", Pins::default());
         session.hello(self.h.now.wall_ms);

@@ -26,7 +26,7 @@ fn alice(dir: &TempDir) -> Session {
     let me = Identity {
         user_id: "alice".into(),
         display_name: "alice".into(),
-        key: test_key("user1"),
+        key: test_key("user1").into(),
     };
     Session::new(me, "ws://test", Pins::load(&dir.0.join("server-pins.json")))
 }
@@ -360,4 +360,281 @@ fn a_file_under_way_is_refused_once_its_senders_key_changes() {
     );
     let got = shown(&mut s).join("\n");
     assert!(!got.contains("received file"), "{got}");
+}
+
+/// Alice (user1) starts sending `data` to bob (user2) through `maker`; returns the session and
+/// the transfer's file id. Nothing is pumped yet.
+fn sending(
+    dir: &TempDir,
+    data: &[u8],
+    maker: Box<dyn socp::client::chunks::ChunkMaker>,
+) -> (Session, String) {
+    let bob = test_key("user2");
+    let mut s = alice_with(dir, &[("bob", &bob)]);
+    s.set_chunk_maker(maker);
+    let path = dir.0.join("out.bin");
+    std::fs::write(&path, data).unwrap();
+    s.command(&format!("/file bob {}", path.display()), TS);
+    let start: Value = serde_json::from_str(&s.outbox.remove(0)).unwrap();
+    assert_eq!(start["type"], types::FILE_START);
+    let file_id = start["payload"]["file_id"].as_str().unwrap().to_string();
+    (s, file_id)
+}
+
+/// Deterministic bytes.
+fn bytes(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+/// Checks one `FILE_CHUNK` frame as bob would: its `content_sig` over (ciphertext, alice, bob,
+/// the frame's `ts`) with alice's key; returns its index, `ts` and plaintext.
+fn open_chunk(frame: &Value) -> (i64, i64, Vec<u8>) {
+    assert_eq!(frame["type"], types::FILE_CHUNK, "{frame}");
+    let p = &frame["payload"];
+    let ts = frame["ts"].as_i64().unwrap();
+    let ct = p["ciphertext"].as_str().unwrap();
+    assert!(
+        crypto::verify_content_sig(
+            test_key("user1").public_key(),
+            p["content_sig"].as_str().unwrap(),
+            ct,
+            "alice",
+            Some("bob"),
+            ts,
+        ),
+        "chunk {} has a bad content_sig",
+        p["index"]
+    );
+    let raw = socp::wire::b64::decode(ct).unwrap();
+    let plain = test_key("user2").decrypt(&raw).unwrap();
+    (p["index"].as_i64().unwrap(), ts, plain)
+}
+
+/// The server's `ACK` of chunk `index` of `file_id`.
+fn ack(file_id: &str, index: i64) -> String {
+    server_frame(
+        types::ACK,
+        &json!({"msg_ref": format!("{file_id}:{index}")}),
+    )
+}
+
+/// Waits (at most 20 s) until `done` holds.
+fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    true
+}
+
+#[test]
+fn chunks_prepared_out_of_order_on_threads_go_out_in_index_order_with_valid_signatures() {
+    use socp::client::chunks::ThreadedMaker;
+    let dir = TempDir::new("session-chunks-order");
+    let data = bytes(446 * 150 + 17); // 151 chunks: more than two windows
+    // Three workers that each sleep up to 3 ms before sealing: completions overtake each other.
+    let maker = ThreadedMaker::start_with_jitter(3, None, 3000).unwrap();
+    let probe = maker.probe();
+    let (mut s, file_id) = sending(&dir, &data, Box::new(maker));
+    let mut received = Vec::new();
+    let mut next = 0;
+    let mut now = TS;
+    let mut ended = false;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ended {
+        assert!(std::time::Instant::now() < deadline, "the file never ended");
+        now += 1;
+        if !s.pump(now) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        for frame in std::mem::take(&mut s.outbox) {
+            let frame: Value = serde_json::from_str(&frame).unwrap();
+            if frame["type"] == types::FILE_END {
+                assert_eq!(frame["payload"]["file_id"], file_id.as_str());
+                ended = true;
+                continue;
+            }
+            assert!(!ended, "a frame after FILE_END");
+            let (index, ts, plain) = open_chunk(&frame);
+            assert_eq!(index, next, "chunks out of order");
+            assert!(
+                ts <= now,
+                "the frame's ts is the one signed, no later than sending"
+            );
+            next += 1;
+            received.extend(plain);
+            // The server acknowledges every 16th chunk.
+            if index % 16 == 15 {
+                s.on_frame(&ack(&file_id, index), now);
+            }
+        }
+    }
+    assert_eq!(next, 151);
+    assert_eq!(received, data);
+    assert!(
+        probe.out_of_order() > 0,
+        "the jittered workers never completed a chunk before a lower one"
+    );
+    assert!(probe.high_water() <= socp::core::transfer::WINDOW as usize);
+    let got = shown(&mut s).join("\n");
+    assert!(got.contains("out.bin"), "{got}");
+    assert!(!s.sending_files());
+    assert!(!probe.holds(&file_id), "the maker forgot the finished file");
+}
+
+#[test]
+fn threads_prepare_no_more_than_the_window_ahead_and_sign_with_the_ts_they_send() {
+    use socp::client::chunks::ThreadedMaker;
+    use socp::core::transfer::WINDOW;
+    let dir = TempDir::new("session-chunks-window");
+    let data = bytes(446 * 300); // 300 chunks
+    let maker = ThreadedMaker::start(2, None).unwrap();
+    let probe = maker.probe();
+    let (mut s, file_id) = sending(&dir, &data, Box::new(maker));
+    // Nothing pumped: the workers fill the window, and stop there.
+    assert!(wait_until(|| probe.ahead(&file_id) == WINDOW as usize));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(probe.ahead(&file_id), WINDOW as usize);
+    assert!(s.can_pump());
+    // Sent 5 s later: each frame carries the ts its chunk was signed with (the allowance's).
+    let later = TS + 5_000;
+    let mut sent = 0;
+    while s.pump(later) {}
+    for frame in std::mem::take(&mut s.outbox) {
+        let (index, ts, _) = open_chunk(&serde_json::from_str(&frame).unwrap());
+        assert_eq!(index, sent);
+        assert_eq!(ts, TS, "chunk {index} was prepared at TS");
+        sent += 1;
+    }
+    assert_eq!(sent, WINDOW, "exactly the window goes out without an ACK");
+    assert!(!s.can_pump());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        probe.ahead(&file_id),
+        0,
+        "nothing prepared beyond the window"
+    );
+    // An ACK of chunk 15 opens 16 more: those, and no more, are prepared, signed with its ts.
+    let at_ack = TS + 6_000;
+    s.on_frame(&ack(&file_id, 15), at_ack);
+    assert!(wait_until(|| probe.ahead(&file_id) == 16));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(probe.ahead(&file_id), 16);
+    assert!(probe.high_water() <= WINDOW as usize);
+    // Sent after more than a minute: signed again, with the time they are sent.
+    let stale = at_ack + 120_000;
+    while s.pump(stale) {}
+    let frames = std::mem::take(&mut s.outbox);
+    assert_eq!(frames.len(), 16);
+    for frame in frames {
+        let (index, ts, _) = open_chunk(&serde_json::from_str(&frame).unwrap());
+        assert_eq!(index, sent);
+        assert_eq!(ts, stale, "a stale chunk is signed again when sent");
+        sent += 1;
+    }
+}
+
+#[test]
+fn quitting_mid_file_stops_and_joins_the_chunk_workers_promptly() {
+    use socp::client::chunks::ThreadedMaker;
+    let dir = TempDir::new("session-chunks-quit");
+    let data = bytes(446 * 2000);
+    let maker = ThreadedMaker::start_with_jitter(2, None, 2000).unwrap();
+    let probe = maker.probe();
+    let (mut s, file_id) = sending(&dir, &data, Box::new(maker));
+    assert_eq!(probe.alive(), 2);
+    // Some chunks go out; the workers are busy with the next ones.
+    assert!(wait_until(|| {
+        s.pump(TS);
+        s.outbox.len() >= 20
+    }));
+    s.on_frame(&ack(&file_id, 15), TS);
+    s.pump(TS);
+    assert!(s.sending_files());
+    assert_eq!(s.command("/quit", TS), socp::client::Outcome::Quit);
+    let started = std::time::Instant::now();
+    s.abandon_files();
+    assert!(!s.sending_files());
+    assert!(!probe.holds(&file_id), "the maker stops preparing the file");
+    assert!(!s.can_pump() && !s.pump(TS));
+    drop(s);
+    let took = started.elapsed();
+    assert_eq!(probe.alive(), 0, "a worker outlived the session");
+    assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_s() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    assert_eq!(rc, 0);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}
+
+/// Sends `data` from alice's session through `maker`, acknowledging like the server (every 16th
+/// chunk), until `FILE_END`; returns the wall time taken and the CPU time of the session's thread.
+fn time_sending(
+    dir: &TempDir,
+    data: &[u8],
+    maker: Box<dyn socp::client::chunks::ChunkMaker>,
+) -> (std::time::Duration, f64) {
+    let (mut s, file_id) = sending(dir, data, maker);
+    let started = std::time::Instant::now();
+    let cpu = thread_cpu_s();
+    let mut index = 0;
+    loop {
+        if !s.pump(TS) {
+            // What the client's loop does is block until the maker's waker: sleep instead.
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        for frame in std::mem::take(&mut s.outbox) {
+            if frame.contains(types::FILE_END) {
+                return (started.elapsed(), thread_cpu_s() - cpu);
+            }
+            if index % 16 == 15 {
+                s.on_frame(&ack(&file_id, index), TS);
+            }
+            index += 1;
+        }
+    }
+}
+
+/// Client-side throughput of `/file`: chunks made on the session's thread (inline) against
+/// chunks made ahead by worker threads. Noisy on a shared machine: run it alone, e.g.
+/// `cargo test --test session -- --ignored --nocapture chunk_throughput`.
+#[test]
+#[ignore = "a timing, not a check: run by hand"]
+fn chunk_throughput_inline_vs_threaded() {
+    use socp::client::chunks::{InlineMaker, ThreadedMaker};
+    let dir = TempDir::new("session-chunks-timing");
+    let data = bytes(446 * 1000);
+    let spare = ThreadedMaker::spare_cores();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for round in 1..=3 {
+        let (inline, inline_cpu) = time_sending(&dir, &data, Box::new(InlineMaker::default()));
+        let mut line = format!(
+            "round {round}: inline {:.0} ms (session thread CPU {:.0} ms)",
+            inline.as_secs_f64() * 1e3,
+            inline_cpu * 1e3
+        );
+        for workers in [spare, cores] {
+            let maker = ThreadedMaker::start(workers, None).unwrap();
+            let (threaded, cpu) = time_sending(&dir, &data, Box::new(maker));
+            line += &format!(
+                "; {workers} worker(s) {:.0} ms, inline/threaded {:.2} (session thread CPU {:.0} ms, {:.1}x less)",
+                threaded.as_secs_f64() * 1e3,
+                inline.as_secs_f64() / threaded.as_secs_f64(),
+                cpu * 1e3,
+                inline_cpu / cpu
+            );
+        }
+        println!("{line}");
+    }
 }

@@ -6,6 +6,7 @@
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use socp::client::chunks::ThreadedMaker;
 use socp::client::{Event, Identity, Outcome, Pins, Session, warning};
 use socp::net::tls::{MaybeTls, TlsStream};
 use std::cell::{Cell, RefCell};
@@ -546,7 +547,7 @@ fn register(ws: &mut WebSocket<Stream>, name: &str, pw: &str) -> Result<Identity
     Ok(Identity {
         user_id,
         display_name: name.to_string(),
-        key,
+        key: key.into(),
     })
 }
 
@@ -572,7 +573,7 @@ fn login(ws: &mut WebSocket<Stream>, name: &str, pw: &str) -> Result<Identity, F
     Ok(Identity {
         user_id,
         display_name: name.to_string(),
-        key,
+        key: key.into(),
     })
 }
 
@@ -832,6 +833,17 @@ fn event_loop(
     // its eventfd and could take a just-posted wake-up (end of input) with it.
     let waker = std::sync::Arc::new(Waker::new(poll.registry(), STDIN).map_err(|e| e.to_string())?);
     let thread_waker = std::sync::Arc::clone(&waker);
+    // File chunks are read, encrypted and signed ahead on the spare cores (woken through the
+    // same waker: a turn of the loop then sends what is ready). Dropped with the session.
+    match ThreadedMaker::start(
+        ThreadedMaker::spare_cores(),
+        Some(Box::new(std::sync::Arc::clone(&waker))),
+    ) {
+        Ok(maker) => session.set_chunk_maker(Box::new(maker)),
+        Err(e) => printer.print([Event::Notice(format!(
+            "cannot start threads for file chunks ({e}); they are prepared as they are sent"
+        ))]),
+    }
     let (tx, rx) = mpsc::channel::<Option<String>>();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {

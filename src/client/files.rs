@@ -9,9 +9,10 @@
 //! and SHA-256 must match the manifest; only then is the file published under its sanitised name,
 //! never over an existing file. Anything else deletes the partial file and says why.
 
+use crate::client::chunks::{ChunkMaker, InlineMaker, Job, Piece};
 use crate::client::{Event, Session, warning};
 use crate::core::transfer::WINDOW;
-use crate::crypto::{self, MAX_PLAINTEXT, PublicKey};
+use crate::crypto;
 use crate::wire::{Envelope, types};
 use aws_lc_rs::digest;
 use serde_json::json;
@@ -24,14 +25,15 @@ use std::sync::Arc;
 const PUMP_BATCH: usize = 8;
 /// Progress is reported at most this often.
 const PROGRESS_EVERY_MS: i64 = 1000;
+/// A chunk prepared longer ago than this is signed again when sent, with the time then: servers
+/// refuse a `ts` more than 5 minutes off (§6), and a chunk may wait for a stalled connection.
+const RESIGN_AFTER_MS: i64 = 60_000;
 
 /// A file being sent.
 pub(crate) struct Outgoing {
     file_id: String,
     to: String,
     to_name: String,
-    key: Arc<PublicKey>,
-    reader: BufReader<File>,
     name: String,
     size: u64,
     sent: u64,
@@ -56,12 +58,24 @@ pub(crate) struct Incoming {
 }
 
 /// Files in flight, both ways.
-#[derive(Default)]
 pub(crate) struct Files {
     pub(crate) outgoing: Vec<Outgoing>,
+    /// Prepares the chunks of `outgoing` files.
+    maker: Box<dyn ChunkMaker>,
     pub(crate) incoming: std::collections::HashMap<(String, String), Incoming>,
     /// Transfers already refused: their remaining frames are dropped without more warnings.
     rejected: std::collections::HashSet<(String, String)>,
+}
+
+impl Default for Files {
+    fn default() -> Files {
+        Files {
+            outgoing: Vec::new(),
+            maker: Box::new(InlineMaker::default()),
+            incoming: Default::default(),
+            rejected: Default::default(),
+        }
+    }
 }
 
 /// A safe file name from one a sender chose: its last path component, without control
@@ -191,12 +205,20 @@ impl Session {
         self.events.push(Event::Notice(format!(
             "sending {name} ({size} bytes) to {to_name}"
         )));
+        self.files.maker.start(Job {
+            file_id: file_id.clone(),
+            reader: Box::new(reader),
+            size,
+            from: self.me.user_id.clone(),
+            to: to.clone(),
+            recipient: peer.key,
+            signer: Arc::clone(&self.me.key),
+        });
+        self.files.maker.allow(&file_id, WINDOW, now_ms);
         self.files.outgoing.push(Outgoing {
             file_id,
             to,
             to_name,
-            key: peer.key,
-            reader,
             name,
             size,
             sent: 0,
@@ -206,12 +228,12 @@ impl Session {
         });
     }
 
-    /// Whether [`Session::pump`] would produce a frame now.
+    /// Whether [`Session::pump`] would produce a frame now: a window is open and its next
+    /// chunk is prepared.
     pub fn can_pump(&self) -> bool {
-        self.files
-            .outgoing
-            .iter()
-            .any(|o| o.next_index - o.acked < WINDOW)
+        self.files.outgoing.iter().any(|o| {
+            o.next_index - o.acked < WINDOW && self.files.maker.ready(&o.file_id, o.next_index)
+        })
     }
 
     /// Whether files are still being sent (the client waits for them before leaving).
@@ -219,72 +241,93 @@ impl Session {
         !self.files.outgoing.is_empty()
     }
 
-    /// Produces the next few chunks of outgoing files, as far as their windows allow. Call it
-    /// when the connection has taken everything written so far. Returns whether it produced any.
+    /// Produces the next few chunks of outgoing files, as far as their windows allow and the
+    /// chunk maker has them ready, strictly in index order. Call it when the connection has
+    /// taken everything written so far. Returns whether it produced any.
     pub fn pump(&mut self, now_ms: i64) -> bool {
         let mut produced = 0;
         let mut i = 0;
         while i < self.files.outgoing.len() && produced < PUMP_BATCH {
-            let o = &mut self.files.outgoing[i];
+            let o = &self.files.outgoing[i];
             if o.next_index - o.acked >= WINDOW {
                 i += 1;
                 continue;
             }
-            let mut piece = [0u8; MAX_PLAINTEXT];
-            let n = match read_full(&mut o.reader, &mut piece) {
-                Ok(n) => n,
-                Err(e) => {
-                    let o = self.files.outgoing.remove(i);
+            let (file_id, index, until) = (o.file_id.clone(), o.next_index, o.acked + WINDOW);
+            self.files.maker.allow(&file_id, until, now_ms);
+            let Some(piece) = self.files.maker.take(&file_id, index) else {
+                i += 1; // not prepared yet: the maker's waker calls us back
+                continue;
+            };
+            let (ct, content_sig, ts, n) = match piece {
+                Piece::Chunk {
+                    ciphertext,
+                    content_sig,
+                    ts,
+                    len,
+                } => (ciphertext, content_sig, ts, len),
+                Piece::Unreadable(e) => {
+                    let o = self.stop_outgoing(i);
                     self.warn(
                         warning::FILE_UNREADABLE,
                         &format!("file {} to {}: read failed: {e}", o.name, o.to_name),
                     );
                     continue;
                 }
-            };
-            if n == 0 || o.sent + n as u64 > o.size {
-                let o = self.files.outgoing.remove(i);
-                let (file_id, to) = (o.file_id.clone(), o.to.clone());
-                self.push_frame(
-                    types::FILE_END,
-                    &to,
-                    now_ms,
-                    &json!({"file_id": file_id}),
-                    false,
-                );
-                let event = if o.sent == o.size {
-                    Event::Sent {
-                        command: "file",
-                        to: vec![(o.to.clone(), o.to_name.clone())],
-                        parts: 1,
-                        file: Some((o.name.clone(), o.size)),
-                    }
-                } else {
-                    Event::Warning {
-                        code: warning::FILE_CHANGED,
-                        detail: format!(
-                            "file {} changed while being sent; {} will reject it",
-                            o.name, o.to_name
-                        ),
-                    }
-                };
-                self.events.push(event);
-                produced += 1;
-                continue;
-            }
-            let ct = match o.key.encrypt(&piece[..n]) {
-                Ok(ct) => ct,
-                Err(e) => {
-                    let o = self.files.outgoing.remove(i);
+                Piece::EncryptFailed(e) => {
+                    let o = self.stop_outgoing(i);
                     self.warn(warning::ENCRYPT_FAILED, &format!("file {}: {e}", o.name));
                     continue;
                 }
+                Piece::End => {
+                    let o = self.stop_outgoing(i);
+                    let (file_id, to) = (o.file_id.clone(), o.to.clone());
+                    self.push_frame(
+                        types::FILE_END,
+                        &to,
+                        now_ms,
+                        &json!({"file_id": file_id}),
+                        false,
+                    );
+                    let event = if o.sent == o.size {
+                        Event::Sent {
+                            command: "file",
+                            to: vec![(o.to.clone(), o.to_name.clone())],
+                            parts: 1,
+                            file: Some((o.name.clone(), o.size)),
+                        }
+                    } else {
+                        Event::Warning {
+                            code: warning::FILE_CHANGED,
+                            detail: format!(
+                                "file {} changed while being sent; {} will reject it",
+                                o.name, o.to_name
+                            ),
+                        }
+                    };
+                    self.events.push(event);
+                    produced += 1;
+                    continue;
+                }
             };
-            let ciphertext = crate::wire::b64::encode(&ct);
-            let content_sig =
-                crypto::make_content_sig(&self.me.key, &ct, &self.me.user_id, Some(&o.to), now_ms);
+            let o = &mut self.files.outgoing[i];
+            // §3.5: the frame's `ts` is the one the signature covers. A chunk that waited so
+            // long that servers would find its `ts` stale is signed again, now.
+            let (ts, content_sig) = if now_ms - ts > RESIGN_AFTER_MS {
+                let sig = crypto::make_content_sig(
+                    &self.me.key,
+                    &ct,
+                    &self.me.user_id,
+                    Some(&o.to),
+                    now_ms,
+                );
+                (now_ms, sig)
+            } else {
+                (ts, content_sig)
+            };
             let payload = json!({"file_id": o.file_id, "index": o.next_index,
-                                 "ciphertext": ciphertext, "content_sig": content_sig});
+                                 "ciphertext": crate::wire::b64::encode(&ct),
+                                 "content_sig": content_sig});
             o.next_index += 1;
             o.sent += n as u64;
             let progress = (now_ms - o.last_progress_ms >= PROGRESS_EVERY_MS).then(|| {
@@ -297,15 +340,40 @@ impl Session {
                 }
             });
             let to = o.to.clone();
-            self.push_frame(types::FILE_CHUNK, &to, now_ms, &payload, false);
+            self.push_frame(types::FILE_CHUNK, &to, ts, &payload, false);
             self.events.extend(progress);
             produced += 1;
         }
         produced > 0
     }
 
-    /// `ACK {msg_ref: "<file_id>:<index>"}` opens the sender's window.
-    pub(crate) fn on_file_ack(&mut self, msg_ref: &str) {
+    /// Ends outgoing transfer `i` (the chunk maker forgets it).
+    fn stop_outgoing(&mut self, i: usize) -> Outgoing {
+        let o = self.files.outgoing.remove(i);
+        self.files.maker.stop(&o.file_id);
+        o
+    }
+
+    /// Installs the chunk maker for files sent from now on (`socp` installs a
+    /// [`ThreadedMaker`](crate::client::chunks::ThreadedMaker); the default prepares each chunk
+    /// when it is sent). Files already being sent are ended with a warning.
+    pub fn set_chunk_maker(&mut self, maker: Box<dyn ChunkMaker>) {
+        while !self.files.outgoing.is_empty() {
+            let o = self.stop_outgoing(0);
+            self.warn(
+                warning::FILE_FAILED,
+                &format!(
+                    "file {} to {} stopped: the chunk maker changed",
+                    o.name, o.to_name
+                ),
+            );
+        }
+        self.files.maker = maker;
+    }
+
+    /// `ACK {msg_ref: "<file_id>:<index>"}` opens the sender's window (and the chunk maker may
+    /// prepare that much further).
+    pub(crate) fn on_file_ack(&mut self, msg_ref: &str, now_ms: i64) {
         let Some((file_id, index)) = msg_ref.rsplit_once(':') else {
             return;
         };
@@ -319,6 +387,7 @@ impl Session {
             .find(|o| o.file_id == file_id)
         {
             o.acked = o.acked.max(index + 1);
+            self.files.maker.allow(&o.file_id, o.acked + WINDOW, now_ms);
         }
     }
 
@@ -330,7 +399,7 @@ impl Session {
             .iter()
             .position(|o| detail.contains(&o.file_id))
         {
-            let o = self.files.outgoing.remove(i);
+            let o = self.stop_outgoing(i);
             self.warn(
                 warning::FILE_FAILED,
                 &format!("file {} to {} failed: {detail}", o.name, o.to_name),
@@ -525,24 +594,16 @@ impl Session {
         Ok(())
     }
 
-    /// Deletes partial files (at exit): nothing incomplete is left looking complete.
+    /// Deletes partial files and stops preparing chunks (at exit): nothing incomplete is left
+    /// looking complete.
     pub fn abandon_files(&mut self) {
+        while !self.files.outgoing.is_empty() {
+            self.stop_outgoing(0);
+        }
         for (_, inc) in self.files.incoming.drain() {
             let _ = std::fs::remove_file(&inc.part);
         }
     }
-}
-
-/// Reads until `buf` is full or the end of the file.
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match reader.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

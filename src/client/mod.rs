@@ -15,6 +15,7 @@
 //! `socp` binary reads and writes, and hands the session what arrived. Reading and writing
 //! files on disk (the key file, downloads) is the exception, done where a command asks for it.
 
+pub mod chunks;
 pub mod files;
 
 use crate::crypto::{self, PrivateKey, PublicKey};
@@ -28,7 +29,7 @@ use std::sync::Arc;
 pub struct Identity {
     pub user_id: String,
     pub display_name: String,
-    pub key: PrivateKey,
+    pub key: Arc<PrivateKey>,
 }
 
 impl Identity {
@@ -54,14 +55,14 @@ impl Identity {
                 Ok(Identity {
                     user_id,
                     display_name,
-                    key,
+                    key: Arc::new(key),
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let identity = Identity {
                     user_id: crate::wire::ids::new_uuid(),
                     display_name: display_name.to_string(),
-                    key: PrivateKey::generate().map_err(|e| e.to_string())?,
+                    key: Arc::new(PrivateKey::generate().map_err(|e| e.to_string())?),
                 };
                 identity
                     .save(path)
@@ -926,7 +927,7 @@ impl Session {
             }
             types::ACK => {
                 if let Ok(msg_ref) = env.fields().str("msg_ref") {
-                    self.on_file_ack(msg_ref);
+                    self.on_file_ack(msg_ref, now_ms);
                 }
             }
             types::HEARTBEAT => {}

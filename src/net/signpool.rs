@@ -54,6 +54,12 @@ pub trait Wake: Send + Sync {
     fn wake(&self);
 }
 
+impl<W: Wake + ?Sized> Wake for Arc<W> {
+    fn wake(&self) {
+        (**self).wake()
+    }
+}
+
 impl Wake for mio::Waker {
     fn wake(&self) {
         if let Err(e) = mio::Waker::wake(self) {
