@@ -16,6 +16,7 @@ pub mod b64;
 pub mod canon;
 pub mod frame;
 pub mod ids;
+pub mod peer;
 pub mod user;
 
 use canon::NotCanonical;
