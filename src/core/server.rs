@@ -110,7 +110,7 @@ pub enum Action {
     /// Close with this WebSocket close code. The core has already forgotten the connection.
     Close {
         conn: ConnId,
-        code: u16,
+        code: CloseCode,
         reason: &'static str,
     },
     Timer {
@@ -127,12 +127,44 @@ pub enum Action {
     },
 }
 
-/// Close codes we use (§1).
+/// The WebSocket close codes the core uses (§1). The net layer writes [`CloseCode::code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseCode {
+    /// 1000: done (a `CTRL_CLOSE`, a duplicate link, a welcome that never came).
+    Normal,
+    /// 1001: this server is stopping, or a link went silent.
+    GoingAway,
+    /// 1008: the peer broke the protocol (a bad first frame, a hello timeout, a refused link).
+    Policy,
+    /// 1009: a message over the size limit.
+    TooBig,
+}
+
+impl CloseCode {
+    /// The code as the close frame carries it.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseCode::Normal => 1000,
+            CloseCode::GoingAway => 1001,
+            CloseCode::Policy => 1008,
+            CloseCode::TooBig => 1009,
+        }
+    }
+}
+
+impl From<CloseCode> for u16 {
+    fn from(code: CloseCode) -> u16 {
+        code.code()
+    }
+}
+
+/// Short names for the close codes (§1).
 pub mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
+    use super::CloseCode;
+    pub const NORMAL: CloseCode = CloseCode::Normal;
+    pub const GOING_AWAY: CloseCode = CloseCode::GoingAway;
+    pub const POLICY: CloseCode = CloseCode::Policy;
+    pub const TOO_BIG: CloseCode = CloseCode::TooBig;
 }
 
 /// The core's own tunables (a subset of [`crate::config::Config`]).
@@ -1088,7 +1120,7 @@ impl Server {
         }
     }
 
-    pub(crate) fn close(&mut self, now: Time, conn: ConnId, code: u16, reason: &'static str) {
+    pub(crate) fn close(&mut self, now: Time, conn: ConnId, code: CloseCode, reason: &'static str) {
         if self.conns.contains_key(&conn) {
             self.forget(now, conn);
             self.out.push(Action::Close { conn, code, reason });
@@ -1323,5 +1355,21 @@ pub(crate) fn store_error(e: &crate::core::persist::PersistError) -> WireError {
             warn!("storage error: {other}");
             WireError::new(ErrorCode::Timeout, "storage unavailable, try again")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_are_the_websocket_numbers() {
+        let codes = [
+            close::NORMAL,
+            close::GOING_AWAY,
+            close::POLICY,
+            close::TOO_BIG,
+        ];
+        assert_eq!(codes.map(u16::from), [1000, 1001, 1008, 1009]);
     }
 }
