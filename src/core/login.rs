@@ -32,7 +32,7 @@ use crate::account;
 use crate::core::persist::{Conflict, PersistError, UserRecord};
 use crate::core::server::{Bucket, ConnId, Server, Time, store_error};
 use crate::core::signer::Urgency;
-use crate::wire::user::{Login, Register, auth_bytes};
+use crate::wire::user::{Login, NewAccount, Register, auth_bytes};
 use crate::wire::{self, Envelope, ErrorCode, WireError, types};
 use log::info;
 use serde_json::json;
@@ -168,11 +168,14 @@ impl Server {
         let Register {
             user_id,
             pubkey,
+            account,
+        } = register;
+        let pubkey = self.parse_key("pubkey", pubkey)?;
+        let NewAccount {
             privkey_store,
             auth,
             display_name,
-        } = register;
-        let pubkey = self.parse_key("pubkey", pubkey)?;
+        } = account?;
         if !wire::verify_payload_sig(&pubkey, &env.payload, &env.sig)? {
             return Err(WireError::new(
                 ErrorCode::InvalidSig,

@@ -67,6 +67,13 @@ pub struct Register<'a> {
     pub user_id: &'a str,
     /// As sent: the core parses the key.
     pub pubkey: &'a str,
+    /// The rest, judged after the key (an unusable key is the answer before any of these).
+    pub account: Payload<NewAccount<'a>>,
+}
+
+/// What `USER_REGISTER` stores besides the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAccount<'a> {
     /// Base64, at most [`MAX_PRIVKEY_STORE`] characters.
     pub privkey_store: &'a str,
     /// The decoded `auth`: 32 bytes.
@@ -179,7 +186,14 @@ fn parse_register(env: &Envelope) -> Payload<Register<'_>> {
             "envelope from differs from payload.user_id",
         ));
     }
-    let pubkey = f.str("pubkey")?;
+    Ok(Register {
+        user_id,
+        pubkey: f.str("pubkey")?,
+        account: parse_account(f),
+    })
+}
+
+fn parse_account(f: Fields<'_>) -> Payload<NewAccount<'_>> {
     let privkey_store = f.str("privkey_store")?;
     if privkey_store.len() > MAX_PRIVKEY_STORE || wire::b64::decode(privkey_store).is_none() {
         return Err(WireError::field(
@@ -199,9 +213,7 @@ fn parse_register(env: &Envelope) -> Payload<Register<'_>> {
             "must be 1-32 characters of [A-Za-z0-9._-]",
         ));
     }
-    Ok(Register {
-        user_id,
-        pubkey,
+    Ok(NewAccount {
         privkey_store,
         auth,
         display_name,
@@ -359,8 +371,9 @@ mod tests {
         let UserFrame::Register(Ok(reg)) = UserFrame::parse(&e) else {
             panic!("a good USER_REGISTER was refused")
         };
-        assert_eq!((reg.user_id, reg.display_name), ("u1", "alice"));
-        assert_eq!(reg.auth, vec![7; 32]);
+        let account = reg.account.unwrap();
+        assert_eq!((reg.user_id, account.display_name), ("u1", "alice"));
+        assert_eq!(account.auth, vec![7; 32]);
 
         let e = env("USER_REGISTER", "u2", "", good.clone());
         let UserFrame::Register(Err(err)) = UserFrame::parse(&e) else {
@@ -371,7 +384,10 @@ mod tests {
         let mut short = good;
         short["auth"] = serde_json::json!(wire::b64::encode(&[7; 31]));
         let e = env("USER_REGISTER", "", "", short);
-        let UserFrame::Register(Err(err)) = UserFrame::parse(&e) else {
+        let UserFrame::Register(Ok(Register {
+            account: Err(err), ..
+        })) = UserFrame::parse(&e)
+        else {
             panic!("a 31-byte auth was taken")
         };
         assert_eq!(err.detail, "payload.auth: must be 32 bytes of base64");
