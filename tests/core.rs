@@ -1726,3 +1726,61 @@ fn only_routed_frames_are_flow_controlled() {
     assert!(routed.is_empty(), "{routed:?}");
     assert_eq!(sent, [types::LIST_RESPONSE, types::ERROR]);
 }
+
+// -------------------------------------------------------------------- typed frames: the
+// connection's state is judged before the payload
+
+#[test]
+fn a_frame_is_judged_by_its_type_in_the_state_before_its_payload() {
+    let mut h = harness();
+    let alice = test_key("user1");
+    let bad = json!({"pubkey": 5});
+
+    // Authenticated: a second hello is refused as such, whatever its payload.
+    let ca = conn(1);
+    h.login(ca, "alice", &alice);
+    h.clear();
+    let f = h.user_frame(types::USER_HELLO, "alice", SRV, &bad, None);
+    h.send(ca, &f);
+    let frames = h.frames_to(ca);
+    assert_error(&frames, "NAME_IN_USE", "already authenticated");
+    assert!(h.closes(ca).is_empty());
+
+    // Fresh: a malformed AUTH_RESPONSE is a bad first frame, not a bad payload.
+    let cf = conn(2);
+    h.open(cf);
+    h.timers();
+    let f = h.user_frame(types::AUTH_RESPONSE, "bob", SRV, &json!({}), None);
+    h.send(cf, &f);
+    let frames = h.frames_to(cf);
+    assert_error(&frames, "INVALID_SIG", "first frame must be");
+    assert_eq!(h.closes(cf), [close::POLICY]);
+
+    // Challenged: a malformed AUTH_RESPONSE names its field and still uses up the challenge.
+    let bob = test_key("user2");
+    let cb = conn(3);
+    h.open(cb);
+    h.timers();
+    let ch = h.challenge(cb, "bob", &bob);
+    let f = h.user_frame(types::AUTH_RESPONSE, "bob", SRV, &json!({"nonce": 1}), None);
+    h.send(cb, &f);
+    assert_error(
+        &h.frames_to(cb),
+        "BAD_KEY",
+        "payload.nonce: must be a string",
+    );
+    let good = h.auth_response("bob", &bob, &ch);
+    h.send(cb, &good);
+    assert_error(&h.frames_to(cb), "INVALID_SIG", "no challenge outstanding");
+    assert!(h.closes(cb).is_empty());
+
+    // USER_REGISTER: an unusable key is the answer before the fields after it.
+    let cr = conn(4);
+    h.open(cr);
+    h.timers();
+    let register = json!({"user_id": "carol", "pubkey": "not a key", "privkey_store": "!",
+        "auth": "", "meta": {}});
+    let f = h.user_frame(types::USER_REGISTER, "carol", SRV, &register, None);
+    h.send(cr, &f);
+    assert_error(&h.frames_to(cr), "BAD_KEY", "payload.pubkey");
+}

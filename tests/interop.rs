@@ -10,7 +10,7 @@ use common::keys::test_key;
 use serde_json::{Value, json};
 use socp::client::{Identity, Pins, Session};
 use socp::core::federation::FedConfig;
-use socp::core::server::{Action, ConnId, Input, Limits, Timer, close};
+use socp::core::server::{Action, CloseCode, ConnId, Input, Limits, Timer, close};
 use socp::wire::{Envelope, types};
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -29,7 +29,7 @@ struct Mesh {
     link: ConnId,
     to_link: Vec<Envelope>,
     to_raw: Vec<(ConnId, Envelope)>,
-    closes: Vec<(ConnId, u16)>,
+    closes: Vec<(ConnId, CloseCode)>,
 }
 
 impl Mesh {

@@ -22,6 +22,8 @@ use crate::core::signer::Urgency;
 use crate::crypto::PublicKey;
 use crate::wire::canon;
 use crate::wire::frame::{Frame, Lane, Signed};
+use crate::wire::peer::{Announce, Delivery, PeerFrame, Presence, Route, port_of};
+use crate::wire::user::unknown_type;
 use crate::wire::{self, Envelope, ErrorCode, Fields, Text, WireError, types};
 use log::{debug, info, warn};
 use serde_json::{Map, Value, json};
@@ -718,13 +720,12 @@ impl Server {
         t: u32,
         env: &Envelope,
     ) -> Result<(), WireError> {
-        match env.kind.as_str() {
-            types::SERVER_WELCOME => {
+        match PeerFrame::parse(env) {
+            PeerFrame::Welcome => {
                 self.on_welcome(now, conn, t, env);
                 Ok(())
             }
-            types::ERROR => {
-                let detail = env.fields().str("detail").unwrap_or("");
+            PeerFrame::Error { detail, .. } => {
                 debug!("conn {conn}: peer refused our hello: {detail}");
                 self.note_dial_failure(t, format!("peer refused our hello: {detail}"));
                 Ok(())
@@ -1313,13 +1314,9 @@ impl Server {
         if let Some(l) = self.fed.links.get_mut(link) {
             l.last_rx_ms = now.mono_ms;
         }
-        if env.kind == types::ERROR {
-            let f = env.fields();
-            info!(
-                "server {link} reports {}: {}",
-                f.str("code").unwrap_or("?"),
-                f.str("detail").unwrap_or("")
-            );
+        let frame = PeerFrame::parse(env);
+        if let PeerFrame::Error { code, detail } = frame {
+            info!("server {link} reports {code}: {detail}");
             return Ok(()); // never answer an error with an error
         }
         if env.from == self.id {
@@ -1329,9 +1326,9 @@ impl Server {
         // yet introduces it, proving possession of the key it carries; the link vouches for it.
         let key = match self.fed.known.get(&env.from) {
             Some(k) => Arc::clone(&k.key),
-            None if env.kind == types::SERVER_ANNOUNCE => {
+            None if let PeerFrame::Announce(announce) = &frame => {
                 wire::check_id("from", &env.from)?;
-                self.parse_key("pubkey", env.fields().str("pubkey")?)?
+                self.parse_key("pubkey", announce.pubkey.clone()?)?
             }
             None => {
                 return Err(WireError::new(
@@ -1374,7 +1371,7 @@ impl Server {
         }
         // A heartbeat does nothing twice, and its one signed payload (`{}`) could otherwise be
         // re-sent with any envelope to fill the cache: it is not recorded.
-        if env.kind != types::HEARTBEAT {
+        if !matches!(frame, PeerFrame::Heartbeat) {
             let until = self.fed.seen.insert(dedup_key, ts, now.wall_ms);
             if payload_ts.is_some()
                 && let Err(e) = self.store.remember_seen(&dedup_key, until)
@@ -1382,12 +1379,12 @@ impl Server {
                 warn!("could not save a seen-cache entry: {e}");
             }
         }
-        match env.kind.as_str() {
-            types::HEARTBEAT => Ok(()),
-            types::SERVER_ANNOUNCE => self.on_announce(now, env, key, link, text),
-            types::USER_ADVERTISE | types::USER_REMOVE => {
-                let f = env.fields();
-                let (user_id, server_id) = (f.id("user_id")?, f.str("server_id")?);
+        let is_advert = matches!(frame, PeerFrame::Advertise(_));
+        match frame {
+            PeerFrame::Heartbeat => Ok(()),
+            PeerFrame::Announce(announce) => self.on_announce(now, env, announce, key, link, text),
+            PeerFrame::Advertise(presence) | PeerFrame::Remove(presence) => {
+                let Presence { user_id, server_id } = presence?;
                 if server_id != env.from {
                     return Err(WireError::new(
                         ErrorCode::InvalidSig,
@@ -1401,7 +1398,7 @@ impl Server {
                     debug!("ignoring {} for {user_id}: older than the last", env.kind);
                     return Ok(());
                 }
-                if env.kind == types::USER_ADVERTISE {
+                if is_advert {
                     let advert = Some((text, link));
                     return self.learn_remote_user(now, &env.payload, &env.from, advert);
                 }
@@ -1420,31 +1417,25 @@ impl Server {
                 }
                 Ok(())
             }
-            types::PUBLIC_CHANNEL_ADD => {
+            PeerFrame::ChannelAdd => {
                 self.forward(text, link);
                 Ok(())
             }
-            types::PUBLIC_CHANNEL_UPDATED => {
-                self.channel.adopt(env.fields().i64("version")?);
+            PeerFrame::ChannelUpdated(version) => {
+                self.channel.adopt(version?);
                 self.forward(text, link);
                 Ok(())
             }
-            types::SERVER_DELIVER
-            | types::MSG_PUBLIC_CHANNEL
-            | types::FILE_START
-            | types::FILE_CHUNK
-            | types::FILE_END => self.on_peer_delivery(now, env, link, text, &canonical),
-            types::SERVER_WELCOME | types::SERVER_HELLO_JOIN | types::SERVER_HELLO_LINK => {
+            PeerFrame::Delivery(delivery) => {
+                self.on_peer_delivery(now, env, delivery, link, text, &canonical)
+            }
+            PeerFrame::Welcome | PeerFrame::Hello => {
                 debug!("ignoring {} on an established link", env.kind);
                 Ok(())
             }
-            other => Err(WireError::new(
-                ErrorCode::UnknownType,
-                format!(
-                    "unknown type {:?}",
-                    other.chars().take(40).collect::<String>()
-                ),
-            )),
+            // Answered above.
+            PeerFrame::Error { .. } => Ok(()),
+            PeerFrame::Unknown(kind) => Err(unknown_type(kind)),
         }
     }
 
@@ -1482,14 +1473,14 @@ impl Server {
         &mut self,
         now: Time,
         env: &Envelope,
+        announce: Announce<'_>,
         key: Arc<PublicKey>,
         link: &str,
         text: &str,
     ) -> Result<(), WireError> {
-        let f = env.fields();
-        let host = f.str("host")?.to_string();
-        let port = port_of(f)?;
-        if self.parse_key("pubkey", f.str("pubkey")?)? != key {
+        let (host, port) = announce.addr?;
+        let host = host.to_string();
+        if self.parse_key("pubkey", announce.pubkey?)? != key {
             return Err(WireError::field(
                 "pubkey",
                 "differs from the key pinned for this server",
@@ -1515,6 +1506,7 @@ impl Server {
         &mut self,
         now: Time,
         env: &Envelope,
+        delivery: Delivery<'_>,
         link: &str,
         text: &str,
         canonical: &str,
@@ -1526,9 +1518,7 @@ impl Server {
             }
             return Ok(());
         }
-        let f = env.fields();
-        let user_id = f.id("user_id")?;
-        let sender = f.id("sender")?;
+        let Route { user_id, sender } = delivery.route?;
         // A delivery may claim only a sender its signing server hosts (§6).
         if self.dir.get(sender).map(|e| e.server_id.as_str()) != Some(env.from.as_str()) {
             return Err(WireError::new(
@@ -1540,10 +1530,7 @@ impl Server {
             debug!("{} for {user_id}, who is not here: dropped", env.kind);
             return Ok(());
         };
-        let kind = match env.kind.as_str() {
-            types::SERVER_DELIVER => types::USER_DELIVER,
-            other => other,
-        };
+        let kind = delivery.local_kind;
         // §5.6: a user who takes other servers' signatures gets the payload that server signed,
         // unchanged (its `from` and `sig`; only `type` and `to` change): no signature here.
         // Only when the payload is complete: one without `ts` is re-signed with it.
@@ -1707,12 +1694,5 @@ impl Server {
             at_ms: now.mono_ms + self.fed.cfg.heartbeat_ms,
             timer: Timer::Heartbeat,
         });
-    }
-}
-
-fn port_of(f: Fields<'_>) -> Result<u16, WireError> {
-    match f.i64("port")? {
-        p @ 1..=65535 => Ok(p as u16),
-        _ => Err(WireError::field("port", "must be 1-65535")),
     }
 }

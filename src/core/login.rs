@@ -32,6 +32,7 @@ use crate::account;
 use crate::core::persist::{Conflict, PersistError, UserRecord};
 use crate::core::server::{Bucket, ConnId, Server, Time, store_error};
 use crate::core::signer::Urgency;
+use crate::wire::user::{Login, NewAccount, Register, auth_bytes};
 use crate::wire::{self, Envelope, ErrorCode, WireError, types};
 use log::info;
 use serde_json::json;
@@ -54,8 +55,6 @@ pub const NAME_BURST: u32 = 100;
 pub const NAME_REFILL_MS: u64 = 600;
 /// Keys tracked by each budget map (sources, (name, source) pairs, names).
 pub const MAX_TRACKED: usize = 10_000;
-/// Largest sealed key accepted (the §5.3 document for an RSA-4096 key is about 3.4 KiB).
-const MAX_PRIVKEY_STORE: usize = 16 * 1024;
 
 /// Where a login attempt comes from, for its budgets (§5.3): an IPv4 address, or the /64
 /// prefix of an IPv6 address. See the module documentation.
@@ -164,37 +163,19 @@ impl Server {
         now: Time,
         conn: ConnId,
         env: &Envelope,
+        register: Register<'_>,
     ) -> Result<(), WireError> {
-        let f = env.fields();
-        let user_id = f.id("user_id")?;
-        if !env.from.is_empty() && env.from != user_id {
-            return Err(WireError::new(
-                ErrorCode::InvalidSig,
-                "envelope from differs from payload.user_id",
-            ));
-        }
-        let pubkey = self.parse_key("pubkey", f.str("pubkey")?)?;
-        let privkey_store = f.str("privkey_store")?;
-        if privkey_store.len() > MAX_PRIVKEY_STORE
-            || crate::wire::b64::decode(privkey_store).is_none()
-        {
-            return Err(WireError::field(
-                "privkey_store",
-                "must be base64, at most 16 KiB",
-            ));
-        }
-        let auth = auth_bytes(f.str("auth")?)
-            .ok_or_else(|| WireError::field("auth", "must be 32 bytes of base64"))?;
-        let display_name = f
-            .obj("meta")?
-            .str("display_name")
-            .map_err(|_| WireError::field("meta.display_name", "missing"))?;
-        if !crate::wire::ids::is_valid_display_name(display_name) {
-            return Err(WireError::field(
-                "meta.display_name",
-                "must be 1-32 characters of [A-Za-z0-9._-]",
-            ));
-        }
+        let Register {
+            user_id,
+            pubkey,
+            account,
+        } = register;
+        let pubkey = self.parse_key("pubkey", pubkey)?;
+        let NewAccount {
+            privkey_store,
+            auth,
+            display_name,
+        } = account?;
         if !wire::verify_payload_sig(&pubkey, &env.payload, &env.sig)? {
             return Err(WireError::new(
                 ErrorCode::InvalidSig,
@@ -238,11 +219,12 @@ impl Server {
         &mut self,
         now: Time,
         conn: ConnId,
-        env: &Envelope,
+        login: Login<'_>,
     ) -> Result<(), WireError> {
-        let f = env.fields();
-        let name = f.str("display_name")?;
-        let auth = f.str("auth")?;
+        let Login {
+            display_name: name,
+            auth,
+        } = login;
         if !self.login_allowed(now, conn, name) {
             info!("conn {conn}: login attempts for {name:?} rate-limited");
             self.metrics.login_rate_limited();
@@ -295,11 +277,6 @@ impl Server {
         }
         self.login_budgets.take(now.mono_ms, Source::of(peer), name)
     }
-}
-
-/// `auth` as raw bytes: base64 of exactly 32 bytes.
-fn auth_bytes(auth: &str) -> Option<Vec<u8>> {
-    crate::wire::b64::decode(auth).filter(|b| b.len() == 32)
 }
 
 #[cfg(test)]

@@ -528,7 +528,7 @@ mod tests {
             },
             Action::Close {
                 conn,
-                code: 1000,
+                code: crate::core::server::CloseCode::Normal,
                 reason: "",
             },
         ]);

@@ -22,9 +22,8 @@ use crate::core::signer::{InlineSigner, Signer, Urgency};
 use crate::core::transfer::{TransferLimits, Transfers};
 use crate::crypto::{KeyCache, PrivateKey, PublicKey};
 use crate::wire::frame::{Frame, Lane, Signed, Slot};
-use crate::wire::{
-    self, AuthResponse, Envelope, ErrorCode, UserHello, UserMessage, WireError, types,
-};
+use crate::wire::user::{Addressed, FileFrame, Hello, Payload, UserFrame, unknown_type};
+use crate::wire::{self, AuthResponse, Envelope, ErrorCode, UserMessage, WireError, types};
 use log::{debug, info, warn};
 use serde_json::{Map, Value, json};
 use std::collections::{HashMap, VecDeque};
@@ -111,7 +110,7 @@ pub enum Action {
     /// Close with this WebSocket close code. The core has already forgotten the connection.
     Close {
         conn: ConnId,
-        code: u16,
+        code: CloseCode,
         reason: &'static str,
     },
     Timer {
@@ -128,12 +127,44 @@ pub enum Action {
     },
 }
 
-/// Close codes we use (§1).
+/// The WebSocket close codes the core uses (§1). The net layer writes [`CloseCode::code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseCode {
+    /// 1000: done (a `CTRL_CLOSE`, a duplicate link, a welcome that never came).
+    Normal,
+    /// 1001: this server is stopping, or a link went silent.
+    GoingAway,
+    /// 1008: the peer broke the protocol (a bad first frame, a hello timeout, a refused link).
+    Policy,
+    /// 1009: a message over the size limit.
+    TooBig,
+}
+
+impl CloseCode {
+    /// The code as the close frame carries it.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseCode::Normal => 1000,
+            CloseCode::GoingAway => 1001,
+            CloseCode::Policy => 1008,
+            CloseCode::TooBig => 1009,
+        }
+    }
+}
+
+impl From<CloseCode> for u16 {
+    fn from(code: CloseCode) -> u16 {
+        code.code()
+    }
+}
+
+/// Short names for the close codes (§1).
 pub mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
+    use super::CloseCode;
+    pub const NORMAL: CloseCode = CloseCode::Normal;
+    pub const GOING_AWAY: CloseCode = CloseCode::GoingAway;
+    pub const POLICY: CloseCode = CloseCode::Policy;
+    pub const TOO_BIG: CloseCode = CloseCode::TooBig;
 }
 
 /// The core's own tunables (a subset of [`crate::config::Config`]).
@@ -532,23 +563,23 @@ impl Server {
         env: &Envelope,
     ) -> Result<(), WireError> {
         let fresh = matches!(self.state(conn), Some(State::Fresh));
-        match env.kind.as_str() {
-            types::USER_HELLO => {
+        match UserFrame::parse(env) {
+            UserFrame::Hello(hello) => {
                 self.set_state(conn, State::UserPending);
-                self.on_user_hello(now, conn, env)
+                self.on_user_hello(now, conn, hello?)
             }
-            types::AUTH_RESPONSE if !fresh => self.on_auth_response(now, conn, env),
-            types::SERVER_HELLO_JOIN | types::SERVER_HELLO_LINK if fresh => {
+            UserFrame::AuthResponse(resp) if !fresh => self.on_auth_response(now, conn, env, resp),
+            UserFrame::ServerHello if fresh => {
                 self.on_server_hello(now, conn, env);
                 Ok(())
             }
-            types::USER_REGISTER => {
+            UserFrame::Register(register) => {
                 self.set_state(conn, State::UserPending);
-                self.on_register(now, conn, env)
+                self.on_register(now, conn, env, register?)
             }
-            types::USER_LOGIN => {
+            UserFrame::Login(login) => {
                 self.set_state(conn, State::UserPending);
-                self.on_login(now, conn, env)
+                self.on_login(now, conn, login?)
             }
             _ if fresh => {
                 let err = WireError::new(
@@ -574,36 +605,38 @@ impl Server {
         user_id: &str,
         env: &Envelope,
     ) -> Result<(), WireError> {
-        match env.kind.as_str() {
-            types::MSG_DIRECT => self.on_user_message(now, user_id, env, false),
-            types::MSG_PUBLIC_CHANNEL => self.on_user_message(now, user_id, env, true),
-            types::FILE_START | types::FILE_CHUNK | types::FILE_END => {
-                self.on_user_file(now, conn, user_id, env)
-            }
-            types::LIST_REQUEST => {
+        match UserFrame::parse(env) {
+            UserFrame::Direct(msg) => self.on_user_message(now, user_id, env.ts, msg?, false),
+            UserFrame::PublicChannel(msg) => self.on_user_message(now, user_id, env.ts, msg?, true),
+            UserFrame::File(file) => self.on_user_file(now, conn, user_id, env, file?),
+            UserFrame::ListRequest => {
                 self.send_list(now, conn, user_id);
                 Ok(())
             }
-            types::CTRL_CLOSE => {
+            UserFrame::CtrlClose => {
                 self.close(now, conn, close::NORMAL, "bye");
                 Ok(())
             }
-            types::USER_HELLO | types::AUTH_RESPONSE | types::USER_REGISTER | types::USER_LOGIN => {
-                Err(WireError::new(
-                    ErrorCode::NameInUse,
-                    "already authenticated on this connection",
-                ))
-            }
-            other => Err(unknown_type(other)),
+            UserFrame::Hello(_)
+            | UserFrame::AuthResponse(_)
+            | UserFrame::Register(_)
+            | UserFrame::Login(_) => Err(WireError::new(
+                ErrorCode::NameInUse,
+                "already authenticated on this connection",
+            )),
+            UserFrame::ServerHello | UserFrame::Unknown(_) => Err(unknown_type(&env.kind)),
         }
     }
 
     // ---------------------------------------------------------------- hello (§5.2)
 
-    fn on_user_hello(&mut self, now: Time, conn: ConnId, env: &Envelope) -> Result<(), WireError> {
-        let user_id = env.from.as_str();
-        wire::check_id("from", user_id)?;
-        let hello = UserHello::parse(env.fields())?;
+    fn on_user_hello(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        hello: Hello<'_>,
+    ) -> Result<(), WireError> {
+        let Hello { user_id, hello } = hello;
         let pubkey = self.parse_key("pubkey", hello.pubkey)?;
         if let Some(enc) = hello.enc_pubkey
             && self.parse_key("enc_pubkey", enc)? != pubkey
@@ -677,6 +710,7 @@ impl Server {
         now: Time,
         conn: ConnId,
         env: &Envelope,
+        resp: Payload<AuthResponse<'_>>,
     ) -> Result<(), WireError> {
         // The nonce is single-use: whatever happens next, the challenge is consumed.
         let Some(State::Challenged(ch)) = self.take_state(conn, State::UserPending) else {
@@ -685,7 +719,7 @@ impl Server {
                 "no challenge outstanding: send USER_HELLO first",
             ));
         };
-        let resp = AuthResponse::parse(env.fields())?;
+        let resp = resp?;
         let from_ok = env.from.is_empty() || env.from == ch.user_id;
         if resp.nonce != ch.nonce
             || resp.server_id != self.id
@@ -885,11 +919,11 @@ impl Server {
         &mut self,
         now: Time,
         user_id: &str,
-        env: &Envelope,
+        ts: i64,
+        msg: Addressed<'_, UserMessage<'_>>,
         public: bool,
     ) -> Result<(), WireError> {
-        wire::check_id("to", &env.to)?;
-        let msg = UserMessage::parse(env.fields())?;
+        let Addressed { to, body: msg } = msg;
         let sender_pub = self.parse_key("sender_pub", msg.sender_pub)?;
         let own = self.dir.get(user_id).map(|e| e.pubkey.clone());
         if own.as_ref() != Some(&sender_pub) {
@@ -900,13 +934,13 @@ impl Server {
         payload.insert("sender".into(), Value::from(user_id));
         payload.insert("sender_pub".into(), Value::from(msg.sender_pub));
         payload.insert("content_sig".into(), Value::from(msg.content_sig));
-        payload.insert("ts".into(), Value::from(env.ts));
+        payload.insert("ts".into(), Value::from(ts));
         let (local_kind, server_kind) = if public {
             (types::MSG_PUBLIC_CHANNEL, types::MSG_PUBLIC_CHANNEL)
         } else {
             (types::USER_DELIVER, types::SERVER_DELIVER)
         };
-        self.route(now, &env.to, local_kind, server_kind, payload)
+        self.route(now, to, local_kind, server_kind, payload)
     }
 
     /// `FILE_START` / `FILE_CHUNK` / `FILE_END` (§9): routed like a DM, the user's payload plus
@@ -917,48 +951,26 @@ impl Server {
         conn: ConnId,
         user_id: &str,
         env: &Envelope,
+        file: FileFrame<'_>,
     ) -> Result<(), WireError> {
-        wire::check_id("to", &env.to)?;
+        // Errors name the file, so the sender knows which transfer failed.
+        let name_file =
+            |e: WireError| WireError::new(e.code, format!("file {}: {}", file.file_id, e.detail));
+        self.transfer_check(now, conn, user_id, &file)
+            .map_err(name_file)?;
         // The user's payload is forwarded as it is (§9): it is canonical, as every payload
         // that passed Envelope::parse is.
-        let f = env.fields();
-        f.id("file_id")?;
-        match env.kind.as_str() {
-            types::FILE_START => {
-                f.str("name")?;
-                if f.i64("size")? < 0 {
-                    return Err(WireError::field("size", "must not be negative"));
-                }
-                let sha = f.str("sha256")?;
-                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(WireError::field("sha256", "must be 64 hex digits"));
-                }
-            }
-            types::FILE_CHUNK => {
-                if f.i64("index")? < 0 {
-                    return Err(WireError::field("index", "must not be negative"));
-                }
-                f.b64("ciphertext", wire::RSA_BLOCK)?;
-                f.b64("content_sig", wire::RSA_BLOCK)?;
-            }
-            _ => {}
-        }
-        // Errors name the file, so the sender knows which transfer failed.
-        let file_id = env.fields().str("file_id").unwrap_or("?").to_string();
-        let name_file =
-            |e: WireError| WireError::new(e.code, format!("file {file_id}: {}", e.detail));
-        self.transfer_check(now, conn, user_id, env)
-            .map_err(name_file)?;
         let mut payload = env.payload.clone();
         payload.insert("sender".into(), Value::from(user_id));
         payload.insert("ts".into(), Value::from(env.ts));
-        match self.route(now, &env.to, &env.kind, &env.kind, payload) {
+        let kind = file.kind();
+        match self.route(now, file.to, kind, kind, payload) {
             Ok(()) => {
-                self.transfer_routed(now, conn, user_id, env);
+                self.transfer_routed(now, conn, user_id, &file);
                 Ok(())
             }
             Err(e) => {
-                self.transfer_failed(user_id, env);
+                self.transfer_failed(user_id, &file);
                 Err(name_file(e))
             }
         }
@@ -1118,7 +1130,7 @@ impl Server {
         }
     }
 
-    pub(crate) fn close(&mut self, now: Time, conn: ConnId, code: u16, reason: &'static str) {
+    pub(crate) fn close(&mut self, now: Time, conn: ConnId, code: CloseCode, reason: &'static str) {
         if self.conns.contains_key(&conn) {
             self.forget(now, conn);
             self.out.push(Action::Close { conn, code, reason });
@@ -1353,11 +1365,6 @@ pub(crate) fn user_name(user_id: &str, display_name: Option<&str>) -> String {
     }
 }
 
-fn unknown_type(kind: &str) -> WireError {
-    let shown: String = kind.chars().take(40).collect();
-    WireError::new(ErrorCode::UnknownType, format!("unknown type {shown:?}"))
-}
-
 pub(crate) fn store_error(e: &crate::core::persist::PersistError) -> WireError {
     match e {
         crate::core::persist::PersistError::Conflict(what) => {
@@ -1367,5 +1374,21 @@ pub(crate) fn store_error(e: &crate::core::persist::PersistError) -> WireError {
             warn!("storage error: {other}");
             WireError::new(ErrorCode::Timeout, "storage unavailable, try again")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_are_the_websocket_numbers() {
+        let codes = [
+            close::NORMAL,
+            close::GOING_AWAY,
+            close::POLICY,
+            close::TOO_BIG,
+        ];
+        assert_eq!(codes.map(u16::from), [1000, 1001, 1008, 1009]);
     }
 }

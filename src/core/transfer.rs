@@ -13,7 +13,8 @@
 
 use crate::core::server::{ConnId, Server, Time, Timer};
 use crate::core::signer::Urgency;
-use crate::wire::{Envelope, ErrorCode, WireError, types};
+use crate::wire::user::{FileFrame, FilePart};
+use crate::wire::{ErrorCode, WireError, types};
 use log::info;
 use serde_json::json;
 use std::collections::HashMap;
@@ -78,15 +79,12 @@ impl Server {
         now: Time,
         conn: ConnId,
         sender: &str,
-        env: &Envelope,
+        file: &FileFrame<'_>,
     ) -> Result<(), WireError> {
-        let f = env.fields();
-        let file_id = f.id("file_id")?;
-        let key = (sender.to_string(), file_id.to_string());
+        let key = (sender.to_string(), file.file_id.to_string());
         let limits = self.transfers.limits.clone();
-        match env.kind.as_str() {
-            types::FILE_START => {
-                let size = f.i64("size")?;
+        match file.part {
+            FilePart::Start { size, .. } => {
                 if size > limits.max_file_size {
                     return Err(WireError::field(
                         "size",
@@ -117,7 +115,7 @@ impl Server {
                 self.transfers.active.insert(
                     key,
                     Transfer {
-                        to: env.to.clone(),
+                        to: file.to.to_string(),
                         conn,
                         size,
                         next_index: 0,
@@ -133,22 +131,21 @@ impl Server {
                 }
                 Ok(())
             }
-            types::FILE_CHUNK | types::FILE_END => {
+            FilePart::Chunk { .. } | FilePart::End => {
                 let Some(t) = self.transfers.active.get_mut(&key) else {
                     return Err(WireError::field("file_id", "no FILE_START for this file"));
                 };
-                if t.to != env.to {
+                if t.to != file.to {
                     return Err(WireError::new(
                         ErrorCode::BadKey,
                         "file frame to another recipient",
                     ));
                 }
                 t.last_ms = now.mono_ms;
-                if env.kind == types::FILE_END {
+                let FilePart::Chunk { index, .. } = file.part else {
                     self.transfers.active.remove(&key);
                     return Ok(());
-                }
-                let index = f.i64("index")?;
+                };
                 if index != t.next_index {
                     return Err(WireError::field(
                         "index",
@@ -165,7 +162,6 @@ impl Server {
                 t.next_index += 1;
                 Ok(())
             }
-            _ => Ok(()),
         }
     }
 
@@ -175,15 +171,12 @@ impl Server {
         now: Time,
         conn: ConnId,
         sender: &str,
-        env: &Envelope,
+        file: &FileFrame<'_>,
     ) {
-        if env.kind != types::FILE_CHUNK {
-            return;
-        }
-        let f = env.fields();
-        let (Ok(file_id), Ok(index)) = (f.str("file_id"), f.i64("index")) else {
+        let FilePart::Chunk { index, .. } = file.part else {
             return;
         };
+        let file_id = file.file_id;
         if (index + 1) % ACK_EVERY == 0 {
             let payload = json!({"msg_ref": format!("{file_id}:{index}")});
             self.send_signed(
@@ -198,12 +191,10 @@ impl Server {
     }
 
     /// A routing failure aborts the transfer the frame belonged to.
-    pub(crate) fn transfer_failed(&mut self, sender: &str, env: &Envelope) {
-        if let Ok(file_id) = env.fields().str("file_id") {
-            self.transfers
-                .active
-                .remove(&(sender.to_string(), file_id.to_string()));
-        }
+    pub(crate) fn transfer_failed(&mut self, sender: &str, file: &FileFrame<'_>) {
+        self.transfers
+            .active
+            .remove(&(sender.to_string(), file.file_id.to_string()));
     }
 
     /// `user_id` left: its own transfers end, and senders to it are told theirs failed.

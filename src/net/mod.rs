@@ -1170,7 +1170,7 @@ impl Net {
                 Action::Route { conn, text } => self.send(conn, text, true),
                 Action::Close { conn, code, reason } => {
                     if let Some(idx) = self.index_of(conn) {
-                        self.start_closing(idx, Some((code, reason)));
+                        self.start_closing(idx, Some((code.code(), reason)));
                     }
                 }
                 Action::Timer { at_ms, timer } => self.wheel.insert(at_ms, NetTimer::Core(timer)),

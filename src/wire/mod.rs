@@ -2,8 +2,10 @@
 //!
 //! It owns the envelope and frame types (this file), canonical JSON ([`canon`], the bytes every
 //! signature covers), base64 as the wire writes and reads it ([`b64`]) and ids and display names
-//! ([`ids`]). It turns text into typed values and typed values into text; it must not touch a
-//! socket, a clock, the store or any server state (the core decides what a frame *means*).
+//! ([`ids`]), and the frames that come in, parsed once by type: [`user::UserFrame`] from a client
+//! connection, [`peer::PeerFrame`] from a linked server. It turns text into typed values and
+//! typed values into text; it must not touch a socket, a clock, the store or any server state
+//! (the core decides what a frame *means*).
 //!
 //! This file is the wire profile (PROTOCOL.md §1, §5–§10): the envelope, frame types, error
 //! codes, typed payloads with validation that names the bad field, and the strict emitter.
@@ -16,6 +18,8 @@ pub mod b64;
 pub mod canon;
 pub mod frame;
 pub mod ids;
+pub mod peer;
+pub mod user;
 
 use canon::NotCanonical;
 use serde_json::{Map, Value};

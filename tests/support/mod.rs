@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use socp::core::federation::{FedConfig, PeerSpec};
 use socp::core::persist::MemStore;
 use socp::core::random::SeededRandom;
-use socp::core::server::{Action, ConnId, Input, Limits, Server, Time, Timer};
+use socp::core::server::{Action, CloseCode, ConnId, Input, Limits, Server, Time, Timer};
 use socp::core::transfer::TransferLimits;
 use socp::crypto::{self, PrivateKey, PublicKey};
 use socp::store::Store;
@@ -544,7 +544,7 @@ impl CoreHarness {
     }
 
     /// Takes the close actions for `c`: their codes.
-    pub fn closes(&mut self, c: ConnId) -> Vec<u16> {
+    pub fn closes(&mut self, c: ConnId) -> Vec<CloseCode> {
         self.extract(|a| match a {
             Action::Close { conn, code, .. } if *conn == c => Some(*code),
             _ => None,
