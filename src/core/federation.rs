@@ -17,7 +17,7 @@
 use crate::core::dedup::{self, SeenCache, Stale};
 use crate::core::directory::{Directory, Entry};
 use crate::core::persist::ServerRecord;
-use crate::core::server::{Action, ConnId, Server, State, Time, Timer, close};
+use crate::core::server::{ConnId, Server, State, Time, Timer, close};
 use crate::core::signer::Urgency;
 use crate::crypto::PublicKey;
 use crate::wire::canon;
@@ -510,15 +510,10 @@ impl Server {
             );
         }
         for t in 0..self.fed.targets.len() as u32 {
-            self.out.push(Action::Timer {
-                at_ms: now.mono_ms,
-                timer: Timer::Redial(t),
-            });
+            self.out.arm(now.mono_ms, Timer::Redial(t));
         }
-        self.out.push(Action::Timer {
-            at_ms: now.mono_ms + self.fed.cfg.heartbeat_ms,
-            timer: Timer::Heartbeat,
-        });
+        self.out
+            .arm(now.mono_ms + self.fed.cfg.heartbeat_ms, Timer::Heartbeat);
     }
 
     /// Dials a server we learned of, unless it is linked or we only dial bootstrap peers.
@@ -527,10 +522,7 @@ impl Server {
             return;
         }
         if let Some(t) = self.fed.add_target(Some(id), host, port, key, None) {
-            self.out.push(Action::Timer {
-                at_ms: now.mono_ms,
-                timer: Timer::Redial(t),
-            });
+            self.out.arm(now.mono_ms, Timer::Redial(t));
         }
     }
 
@@ -574,12 +566,8 @@ impl Server {
             target.name(),
             target.attempts
         );
-        self.out.push(Action::Dial {
-            target: t,
-            host: target.host.clone(),
-            port: target.port,
-            tls: target.tls,
-        });
+        self.out
+            .dial(t, target.host.clone(), target.port, target.tls);
     }
 
     pub(crate) fn on_dial_failed(&mut self, now: Time, t: u32, reason: &str) {
@@ -655,10 +643,7 @@ impl Server {
         let attempts = self.fed.targets[t as usize].attempts;
         let delay = self.fed.backoff_ms(attempts.max(1));
         self.fed.targets[t as usize].state = TargetState::Waiting;
-        self.out.push(Action::Timer {
-            at_ms: now.mono_ms + delay,
-            timer: Timer::Redial(t),
-        });
+        self.out.arm(now.mono_ms + delay, Timer::Redial(t));
         Some(delay)
     }
 
@@ -668,11 +653,8 @@ impl Server {
             return;
         };
         if self.fed.stopping {
-            self.out.push(Action::Close {
-                conn,
-                code: close::GOING_AWAY,
-                reason: "server shutting down",
-            });
+            self.out
+                .close(conn, close::GOING_AWAY, "server shutting down");
             return;
         }
         let to = format!("{}:{}", target.host, target.port);
@@ -686,10 +668,10 @@ impl Server {
             &payload,
             Urgency::Conversation,
         );
-        self.out.push(Action::Timer {
-            at_ms: now.mono_ms + self.fed.cfg.welcome_timeout_ms,
-            timer: Timer::Welcome(conn),
-        });
+        self.out.arm(
+            now.mono_ms + self.fed.cfg.welcome_timeout_ms,
+            Timer::Welcome(conn),
+        );
     }
 
     fn hello_payload(&self) -> Value {
@@ -986,7 +968,7 @@ impl Server {
             .map(|(_, text)| text.clone())
             .collect();
         for text in relayed {
-            self.out.push(Action::Send { conn, text });
+            self.out.send(conn, text);
         }
 
         // §4.3: after the link is up, our directory of online users, as USER_ADVERTISE, each
@@ -997,7 +979,7 @@ impl Server {
             if let Some(signed) = self.advert(now, &user_id) {
                 let text = self.own_broadcast(now, types::USER_ADVERTISE, &signed);
                 let text = text.in_lane(Lane::presence(&user_id));
-                self.out.push(Action::Send { conn, text });
+                self.out.send(conn, text);
             }
         }
         // … and the users behind other servers: only their hosting server may sign their
@@ -1009,15 +991,12 @@ impl Server {
         // that user is ignored there (§7 `ts`); a user who left is gone from our directory, and
         // its advert with it.
         for advert in self.dir.remote_adverts(server_id) {
-            self.out.push(Action::Send {
-                conn,
-                text: Frame::from(advert),
-            });
+            self.out.send(conn, Frame::from(advert));
         }
         let payload = json!({"version": self.channel.version(), "wraps": []});
         if let Some(signed) = self.sign(&payload, Urgency::Conversation) {
             let text = self.own_broadcast(now, types::PUBLIC_CHANNEL_UPDATED, &signed);
-            self.out.push(Action::Send { conn, text });
+            self.out.send(conn, text);
         }
         true
     }
@@ -1540,7 +1519,7 @@ impl Server {
             let text = signed
                 .frame(kind, &env.from, user_id, env.ts)
                 .in_lane(sender.map_or(Lane::Ordered, Lane::from_user));
-            self.out.push(Action::Route { conn: dest, text });
+            self.out.route(dest, text);
             return Ok(());
         }
         let mut payload = env.payload.clone();
@@ -1564,10 +1543,7 @@ impl Server {
             _ => self.fed.link_conns(except).collect(),
         };
         for &conn in &conns {
-            self.out.push(Action::Route {
-                conn,
-                text: text.clone(),
-            });
+            self.out.route(conn, text.clone());
         }
         !conns.is_empty()
     }
@@ -1575,12 +1551,7 @@ impl Server {
     /// Sends `text` to every linked server but `except`; returns how many.
     fn send_links(&mut self, text: Frame, except: Option<&str>) -> usize {
         let conns: Vec<ConnId> = self.fed.link_conns(except).collect();
-        for &conn in &conns {
-            self.out.push(Action::Send {
-                conn,
-                text: text.clone(),
-            });
-        }
+        self.out.broadcast(conns.iter().copied(), &text);
         conns.len()
     }
 
@@ -1600,10 +1571,7 @@ impl Server {
         let news = match &mut self.fed.channel_news {
             Some(news) => news,
             None => {
-                self.out.push(Action::Timer {
-                    at_ms: now.mono_ms + CHANNEL_BATCH_MS,
-                    timer: Timer::Channel,
-                });
+                self.out.arm(now.mono_ms + CHANNEL_BATCH_MS, Timer::Channel);
                 self.fed.channel_news.insert(ChannelNews {
                     if_version: self.channel.version() - 1,
                     added: Vec::new(),
@@ -1674,7 +1642,7 @@ impl Server {
                 .collect();
             for (id, conn) in links {
                 let text = signed.frame(types::HEARTBEAT, &self.id, &id, now.wall_ms);
-                self.out.push(Action::Send { conn, text });
+                self.out.send(conn, text);
             }
         }
         if let Err(e) = self.store.forget_seen(now.wall_ms) {
@@ -1690,9 +1658,7 @@ impl Server {
         if !self.fed.links.is_empty() {
             self.refresh_adverts(now);
         }
-        self.out.push(Action::Timer {
-            at_ms: now.mono_ms + self.fed.cfg.heartbeat_ms,
-            timer: Timer::Heartbeat,
-        });
+        self.out
+            .arm(now.mono_ms + self.fed.cfg.heartbeat_ms, Timer::Heartbeat);
     }
 }

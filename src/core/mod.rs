@@ -23,6 +23,7 @@ pub mod directory;
 pub mod federation;
 pub mod login;
 pub mod metrics;
+pub mod outbox;
 pub mod persist;
 pub mod random;
 pub mod server;

@@ -16,6 +16,7 @@
 use crate::core::channel::PublicChannel;
 use crate::core::directory::{Directory, Entry};
 use crate::core::federation::{FedConfig, Federation};
+use crate::core::outbox::Outbox;
 use crate::core::persist::{Persistence, UserRecord};
 use crate::core::random::{OsRandom, Random};
 use crate::core::signer::{InlineSigner, Signer, Urgency};
@@ -307,7 +308,8 @@ pub struct Server {
     challenges: Vec<(String, Signed)>,
     /// Counters for `GET /metrics` (see [`crate::core::metrics`]).
     pub(crate) metrics: crate::core::metrics::Metrics,
-    pub(crate) out: Vec<Action>,
+    /// What the net layer is to do, in order.
+    pub(crate) out: Outbox,
 }
 
 /// Work left for the end of the net layer's turn ([`Server::run_deferred`]).
@@ -371,7 +373,7 @@ impl Server {
             login_budgets: Default::default(),
             transfers: Transfers::new(TransferLimits::default()),
             metrics,
-            out: Vec::new(),
+            out: Outbox::default(),
         }
     }
 
@@ -424,10 +426,19 @@ impl Server {
         &self.dir
     }
 
-    /// The actions produced so far, in order; the net layer drains them after every input.
-    pub fn actions(&mut self) -> std::vec::Drain<'_, Action> {
-        self.metrics.frames_leaving(&self.out);
-        self.out.drain(..)
+    /// The next thing the net layer is to do, in the order the core decided them; `None` when
+    /// nothing is left. The pull half of the core's API: the net layer feeds an input with
+    /// [`Server::handle`], then carries out actions until this says `None`, and calls
+    /// [`Server::run_deferred`] at the end of its turn.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        let action = self.out.pop()?;
+        self.metrics.frames_leaving(std::slice::from_ref(&action));
+        Some(action)
+    }
+
+    /// Every action produced so far, in order (the actions [`Server::poll_action`] would give).
+    pub fn actions(&mut self) -> impl Iterator<Item = Action> + '_ {
+        std::iter::from_fn(move || self.poll_action())
     }
 
     /// Whether actions are waiting to be drained.
@@ -443,10 +454,10 @@ impl Server {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.peer = Some(peer);
                 }
-                self.out.push(Action::Timer {
-                    at_ms: now.mono_ms + self.limits.hello_timeout_ms,
-                    timer: Timer::Hello(conn),
-                });
+                self.out.arm(
+                    now.mono_ms + self.limits.hello_timeout_ms,
+                    Timer::Hello(conn),
+                );
             }
             Input::Text { conn, text } => self.on_text(now, conn, text),
             Input::Binary { conn } => {
@@ -677,7 +688,7 @@ impl Server {
         };
         self.deferred.push_back(Deferred::Challenge);
         let text = signed.frame(types::AUTH_CHALLENGE, &self.id, user_id, now.wall_ms);
-        self.out.push(Action::Send { conn, text });
+        self.out.send(conn, text);
         self.set_state(
             conn,
             State::Challenged(Box::new(Challenge {
@@ -829,20 +840,33 @@ impl Server {
 
     /// Whether work is waiting for [`Server::run_deferred`].
     pub fn has_deferred(&self) -> bool {
-        !self.deferred.is_empty() || !self.burst.is_empty()
+        !self.deferred.is_empty() || (!self.burst.is_empty() && self.snapshots_signed())
+    }
+
+    /// Whether the last directory and channel snapshots are signed. Until they are, newcomers'
+    /// snapshots wait (see [`Server::run_deferred`]): a login storm is then answered in as many
+    /// snapshots as the signers can make, not one per turn of the loop, which with signing
+    /// off the loop is short.
+    fn snapshots_signed(&self) -> bool {
+        fn signed<V>(cache: &Option<(V, Signed)>) -> bool {
+            cache.as_ref().is_none_or(|(_, s)| s.sig().is_some())
+        }
+        signed(&self.list_cache) && signed(&self.snapshot_cache)
     }
 
     /// The end of a turn: the net layer calls this once it has handled the inputs of one
     /// readiness pass (a bounded slice). Writes the snapshots handed out during the turn —
     /// one `LIST_RESPONSE` payload and one `PUBLIC_CHANNEL_SNAPSHOT` payload, each signed
-    /// once, for every newcomer of the turn — and signs challenges ahead of need.
+    /// once, for every newcomer of the turn — and signs challenges ahead of need. While the
+    /// last snapshots are still being signed, newcomers wait for the next ones, so that a storm
+    /// is answered in as few as the signers can make ([`Server::has_deferred`] says when).
     ///
     /// A snapshot written here is newer than its place in the newcomer's order: the presence
     /// changes in between also reach the newcomer, after it, and each is idempotent (an
     /// advert for a user listed, a removal for one not listed), so the newcomer ends where
     /// everyone else does (§7).
     pub fn run_deferred(&mut self, _now: Time) {
-        if !self.burst.is_empty() {
+        if !self.burst.is_empty() && self.snapshots_signed() {
             let burst = std::mem::take(&mut self.burst);
             let list = burst
                 .iter()
@@ -1033,7 +1057,7 @@ impl Server {
         if let Some(text) = self.signed_frame(now, kind, to, payload, Urgency::Conversation) {
             let sender = payload.get("sender").and_then(Value::as_str);
             let text = text.in_lane(sender.map_or(Lane::Ordered, Lane::from_user));
-            self.out.push(Action::Route { conn, text });
+            self.out.route(conn, text);
         }
     }
 
@@ -1059,7 +1083,7 @@ impl Server {
         let slot = Slot::new(frame_type, &self.id, to, now.wall_ms);
         self.burst.push((kind, Arc::clone(&slot)));
         let text = Frame::pending(slot);
-        self.out.push(Action::Send { conn, text });
+        self.out.send(conn, text);
     }
 
     /// The `LIST_RESPONSE` payload now, signed once per (directory version, pinned servers).
@@ -1133,7 +1157,7 @@ impl Server {
     pub(crate) fn close(&mut self, now: Time, conn: ConnId, code: CloseCode, reason: &'static str) {
         if self.conns.contains_key(&conn) {
             self.forget(now, conn);
-            self.out.push(Action::Close { conn, code, reason });
+            self.out.close(conn, code, reason);
         }
     }
 
@@ -1176,7 +1200,7 @@ impl Server {
         urgency: Urgency,
     ) {
         if let Some(text) = self.signed_frame(now, kind, to, payload, urgency) {
-            self.out.push(Action::Send { conn, text });
+            self.out.send(conn, text);
         }
     }
 
@@ -1205,12 +1229,7 @@ impl Server {
         // which then overlaps with our writes to local users.
         let users = self.dir.local_conns().filter(|c| Some(*c) != except_user);
         let targets: Vec<ConnId> = self.fed.link_conns(except_link).chain(users).collect();
-        for conn in targets {
-            self.out.push(Action::Send {
-                conn,
-                text: text.clone(),
-            });
-        }
+        self.out.broadcast(targets, &text);
     }
 
     /// Encodes a broadcast (`to: "*"`) that we originate. (A copy the mesh floods back to us
@@ -1244,10 +1263,7 @@ impl Server {
         }
         if let Some(original) = original.filter(|_| !unchanged.is_empty()) {
             let text = Frame::from(original.to_string()).in_lane(lane);
-            for conn in unchanged {
-                let text = text.clone();
-                self.out.push(Action::Send { conn, text });
-            }
+            self.out.broadcast(unchanged, &text);
         }
         if resigned.is_empty() {
             return;
@@ -1256,12 +1272,7 @@ impl Server {
             return;
         };
         let text = signed.frame(kind, &self.id, "*", now.wall_ms).in_lane(lane);
-        for conn in resigned {
-            self.out.push(Action::Send {
-                conn,
-                text: text.clone(),
-            });
-        }
+        self.out.broadcast(resigned, &text);
     }
 
     /// Whether `conn` is a user who announced `peer-sig` (§5.6).
@@ -1329,7 +1340,7 @@ impl Server {
         };
         let text = signed.frame(types::ERROR, &self.id, &to, now.wall_ms);
         self.metrics.error_sent(err.code);
-        self.out.push(Action::Send { conn, text });
+        self.out.send(conn, text);
     }
 
     /// An error that also closes: a bad first frame (§1).

@@ -124,10 +124,8 @@ impl Server {
                 );
                 if !self.transfers.sweep_armed {
                     self.transfers.sweep_armed = true;
-                    self.out.push(crate::core::server::Action::Timer {
-                        at_ms: now.mono_ms + limits.idle_ms / 2,
-                        timer: Timer::Transfers,
-                    });
+                    self.out
+                        .arm(now.mono_ms + limits.idle_ms / 2, Timer::Transfers);
                 }
                 Ok(())
             }
@@ -245,10 +243,7 @@ impl Server {
         }
         self.transfers.sweep_armed = !self.transfers.active.is_empty();
         if self.transfers.sweep_armed {
-            self.out.push(crate::core::server::Action::Timer {
-                at_ms: now.mono_ms + idle / 2,
-                timer: Timer::Transfers,
-            });
+            self.out.arm(now.mono_ms + idle / 2, Timer::Transfers);
         }
     }
 }

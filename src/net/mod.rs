@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::core::server::{self, Action, ConnId, Input, Server, Time};
 use crate::net::timer::TimerWheel;
 use crate::net::tls::{MaybeTls, TlsStream};
-use crate::wire::frame::{Frame, Lane};
+use crate::wire::frame::{Completions, Frame, Lane};
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
@@ -42,6 +42,11 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message, WebSocket};
+
+/// A poisoned lock only means a thread panicked while holding it; the list is still sound.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A connection's byte stream: plain TCP, or TLS over it when we serve `wss://` or dial a
 /// `wss://` peer. tungstenite runs over either unchanged; see [`crate::net::tls`] for how TLS keeps
@@ -156,6 +161,14 @@ impl Outbox {
         self.unsigned() > 0
     }
 
+    /// The first queued frame still waiting for its signature.
+    fn first_unsigned(&self) -> Option<&Frame> {
+        self.queue
+            .iter()
+            .find(|w| w.pending && w.frame.ready().is_none())
+            .map(|w| &w.frame)
+    }
+
     /// How many queued frames still wait for their signatures.
     fn unsigned(&mut self) -> usize {
         if self.pending > 0 {
@@ -245,7 +258,18 @@ impl Outbox {
                 }
             }
         }
+        self.release();
         Ok(Pumped::Drained)
+    }
+
+    /// Gives back the queue's memory once it is empty. Frames wait here for their signatures
+    /// on every connection now, not only on a full socket, so without this every connection
+    /// would keep the largest queue it ever had (a login burst: one slot per newcomer's
+    /// advert), and idle memory would grow by kilobytes per connection.
+    fn release(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > 0 {
+            self.queue = VecDeque::new();
+        }
     }
 
     /// Hands everything to tungstenite, whatever the socket takes (before a close frame,
@@ -311,7 +335,8 @@ const SIGNED: Token = Token(usize::MAX - 3);
 /// off the loop": 2,000 users leaving at once stalled everyone for 13 s).
 const GONE_SLICE: usize = 64;
 
-/// Text frames handed to the core per loop turn, over all connections; the rest wait in the
+/// Messages read per loop turn (text frames for the core, close frames, pings), over all
+/// connections; the rest wait in the
 /// backlog for the next turn (after a poll, so completed signatures and timers are not held up
 /// by a burst of input).
 const TURN_BUDGET: usize = 256;
@@ -381,7 +406,7 @@ struct Conn {
     paused: bool,
     /// What the socket has not taken yet, beyond the frame tungstenite holds.
     out: Outbox,
-    /// Listed in [`Net::signing`]: its outbox waits for a signature.
+    /// Its outbox waits for a signature, and the frame will report it ([`Frame::watch`]).
     signing: bool,
     /// Senders were paused because too many frames for it wait for signatures.
     holds_back: bool,
@@ -460,18 +485,18 @@ pub struct Net {
     /// each is reported after the actions under way are done, and its own are carried out
     /// before the next one is reported.
     gone: VecDeque<Gone>,
-    /// Scratch space for expired timers and core actions.
+    /// Scratch space for expired timers.
     fired: Vec<NetTimer>,
-    actions: VecDeque<Action>,
     shutting_down: bool,
     shutdown_done: bool,
-    /// Connections whose outbox waits for a signature.
-    signing: Vec<usize>,
+    /// Connections whose outbox's first waiting frame has been completed since the loop last
+    /// looked (see [`Net::wait_for_signature`]).
+    completions: Completions,
     /// Set by the signer threads when they complete frames (None: signing in line).
     signed: Option<Arc<AtomicBool>>,
     /// Dropped connections reported to the core this turn (see [`GONE_SLICE`]).
     gone_this_turn: usize,
-    /// Text frames handed to the core this turn (see [`TURN_BUDGET`]).
+    /// Messages read this turn (see [`TURN_BUDGET`]).
     inputs_this_turn: usize,
 }
 
@@ -544,11 +569,10 @@ impl Net {
             slow_reader_timeout_ms: cfg.slow_reader_timeout_ms,
             max_write_buffer: cfg.max_write_buffer,
             fired: Vec::new(),
-            actions: VecDeque::new(),
             gone: VecDeque::new(),
             shutting_down: false,
             shutdown_done: false,
-            signing: Vec::new(),
+            completions: Completions::default(),
             signed,
             gone_this_turn: 0,
             inputs_this_turn: 0,
@@ -927,9 +951,11 @@ impl Net {
         }
     }
 
-    fn dial_failed(&mut self, now: Time, target: u32, reason: &str) {
-        let reason = reason.to_string();
-        self.core.handle(now, Input::DialFailed { target, reason });
+    /// Reported to the core with the other losses (see `gone`), not while its actions are
+    /// being carried out.
+    fn dial_failed(&mut self, _now: Time, target: u32, reason: &str) {
+        self.gone
+            .push_back(Gone::DialFailed(target, reason.to_string()));
     }
 
     /// DESIGN rule 4: on readiness, check `take_error()` and `peer_addr()`; only a connected
@@ -1051,9 +1077,12 @@ impl Net {
                 _ => return,
             };
             let now = self.now();
+            if result.is_ok() {
+                // Every message counts: a mass leave is a thousand close frames in one poll.
+                self.inputs_this_turn += 1;
+            }
             match result {
                 Ok(Message::Text(text)) if !closing => {
-                    self.inputs_this_turn += 1;
                     self.hit_blocked.clear();
                     self.core.handle(
                         now,
@@ -1153,12 +1182,13 @@ impl Net {
 
     // ------------------------------------------------------------ actions
 
-    /// Carries out the core's actions, in order. Carrying one out may feed the core again (a
-    /// slow reader dropped is reported as closed), so the queue is refilled as it goes.
+    /// Carries out the core's actions, in order, taking them one at a time
+    /// ([`Server::poll_action`]). Carrying one out never feeds the core: what it causes (a
+    /// connection dropped or closed, a dial that failed) waits in `gone` and is reported once
+    /// the core has nothing left for us.
     fn apply_actions(&mut self) {
         loop {
-            self.actions.extend(self.core.actions());
-            let Some(action) = self.actions.pop_front() else {
+            let Some(action) = self.core.poll_action() else {
                 if self.gone_this_turn < GONE_SLICE && self.report_gone() {
                     self.gone_this_turn += 1;
                     continue;
@@ -1203,11 +1233,26 @@ impl Net {
                 // signature: wait in line, in order, without a copy.
                 let signing = frame.ready().is_none();
                 let passed = at < conn.out.queue.len();
+                // Goes before every frame still waiting: it is the one to watch now.
+                let first_waiting = signing
+                    && conn
+                        .out
+                        .queue
+                        .iter()
+                        .position(|w| w.pending && w.frame.ready().is_none())
+                        .is_none_or(|p| at <= p);
+                let watched = first_waiting.then(|| frame.clone());
                 conn.out.insert(at, frame, 0);
                 if routed {
                     self.hit_blocked.push(id);
                 }
-                if signing {
+                if let Some(frame) = watched {
+                    if frame.watch(idx, &self.completions) {
+                        self.mark_dirty(idx);
+                    } else {
+                        self.conns[idx].signing = true;
+                    }
+                } else if signing {
                     self.wait_for_signature(idx);
                 } else if passed {
                     self.mark_dirty(idx); // may be first in line now
@@ -1265,12 +1310,24 @@ impl Net {
     }
 
     /// Lists `idx` among the connections to look at when signatures complete.
+    ///
+    /// The first frame of its outbox still waiting is asked to report `idx` when it is
+    /// complete ([`Frame::watch`]); that is the one holding the rest back.
     fn wait_for_signature(&mut self, idx: usize) {
-        if let Some(conn) = self.conns.get_mut(idx)
-            && !conn.signing
-        {
+        let Some(conn) = self.conns.get_mut(idx) else {
+            return;
+        };
+        if conn.signing {
+            return;
+        }
+        let ready_now = match conn.out.first_unsigned() {
+            Some(frame) => frame.watch(idx, &self.completions),
+            None => true,
+        };
+        if ready_now {
+            self.mark_dirty(idx);
+        } else {
             conn.signing = true;
-            self.signing.push(idx);
         }
     }
 
@@ -1278,21 +1335,17 @@ impl Net {
     /// newcomers, challenges signed ahead), then every connection whose outbox waited for a
     /// signature that is made by now is flushed (by [`Net::flush_dirty`]).
     fn end_turn(&mut self) {
-        let mut look = false;
         if self.core.has_deferred() {
             let now = self.now();
             self.core.run_deferred(now);
             self.apply_actions();
-            look = true; // signed in line: its frames are complete now
         }
         if let Some(woken) = &self.signed {
             // Cleared before looking: a completion after the look sets it and wakes us again.
-            look |= woken.swap(false, Ordering::AcqRel);
+            woken.store(false, Ordering::Release);
         }
-        if !look {
-            return;
-        }
-        for idx in std::mem::take(&mut self.signing) {
+        let completed = std::mem::take(&mut *lock(&self.completions));
+        for idx in completed {
             if let Some(conn) = self.conns.get_mut(idx) {
                 conn.signing = false;
                 self.mark_dirty(idx);
@@ -1457,8 +1510,7 @@ impl Net {
             // (see `flush_dirty`). The core has forgotten the connection.
             if conn.close_after.is_none() {
                 conn.close_after = Some(code);
-                let now = self.now();
-                self.core.handle(now, Input::Closed { conn: id });
+                self.gone.push_back(Gone::Closed(id));
                 self.wait_for_signature(idx);
                 let at = self.mono_ms() + CLOSE_LINGER_MS + SIGNING_GRACE_MS;
                 self.wheel.insert(at, NetTimer::CloseLinger(id));
@@ -1485,8 +1537,8 @@ impl Net {
             }
         };
         conn.io = Io::Closing(ws);
-        let now = self.now();
-        self.core.handle(now, Input::Closed { conn: id });
+        // The core hears of it once the actions under way are carried out (see `gone`).
+        self.gone.push_back(Gone::Closed(id));
         if !sent {
             return self.drop_conn(idx);
         }

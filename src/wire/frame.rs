@@ -77,6 +77,18 @@ pub struct Slot {
     /// a connection's queue before it is complete.
     rest: usize,
     text: OnceLock<Text>,
+    /// Who to tell when it is complete (see [`Frame::watch`]).
+    watch: Mutex<Watch>,
+}
+
+/// A list of tokens (the net layer's connection slots) whose frames were completed since it
+/// last looked: shared by the loop and the threads that complete frames.
+pub type Completions = Arc<Mutex<Vec<usize>>>;
+
+#[derive(Default)]
+struct Watch {
+    completions: Option<Completions>,
+    tokens: Vec<usize>,
 }
 
 /// A `sig` field: 512 signature bytes in base64url, quoted, and the closing brace.
@@ -110,6 +122,7 @@ impl Slot {
             head,
             rest: payload_len + SIG_FIELD,
             text: OnceLock::new(),
+            watch: Mutex::default(),
         })
     }
 
@@ -121,6 +134,10 @@ impl Slot {
         canon::write_string(sig, &mut out);
         out.push('}');
         let _ = self.text.set(out.into());
+        let mut watch = lock(&self.watch);
+        if let Some(completions) = watch.completions.take() {
+            lock(&completions).append(&mut watch.tokens);
+        }
     }
 }
 
@@ -160,6 +177,25 @@ impl Frame {
             }
             _ => false,
         }
+    }
+
+    /// Asks for `token` to be added to `completions` when this frame is complete; returns
+    /// true, and asks nothing, if it is complete already. Whoever completes it (a signer thread,
+    /// or the loop itself) adds the token: the loop then looks only at the connections whose
+    /// frames are ready, not at every one that waits.
+    pub fn watch(&self, token: usize, completions: &Completions) -> bool {
+        let Body::Pending(slot) = &self.body else {
+            return true;
+        };
+        let mut watch = lock(&slot.watch);
+        if slot.text.get().is_some() {
+            return true;
+        }
+        watch
+            .completions
+            .get_or_insert_with(|| Arc::clone(completions));
+        watch.tokens.push(token);
+        false
     }
 
     /// The text, if it is complete.
@@ -397,6 +433,21 @@ mod tests {
             .in_lane(Lane::presence("bob"));
         signed.complete("S".into());
         assert!(!done.may_be_passed_by(&dm_from("alice")));
+    }
+
+    #[test]
+    fn a_watched_frame_reports_its_token_once_complete() {
+        let completions = Completions::default();
+        let signed = Signed::pending("{}".into());
+        let frame = signed.frame("X", "s", "u", 1);
+        assert!(!frame.watch(7, &completions));
+        assert!(!frame.watch(9, &completions));
+        assert!(lock(&completions).is_empty());
+        signed.complete("S".into());
+        assert_eq!(*lock(&completions), [7, 9]);
+        // Complete already: nothing to wait for, nothing recorded.
+        assert!(frame.watch(11, &completions));
+        assert_eq!(lock(&completions).len(), 2);
     }
 
     #[test]
