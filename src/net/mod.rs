@@ -182,9 +182,9 @@ impl Outbox {
         self.pending
     }
 
-    /// Frames routed here that still wait for their signatures: what a sender feeding this
-    /// connection is paused for ([`SIGN_BACKLOG`]). Presence is not counted: it is not what
-    /// a sender sends, and its frames let routed ones pass.
+    /// Frames here that still wait for their signatures, presence apart: what a sender feeding
+    /// this connection is paused for ([`SIGN_BACKLOG`]). Presence is not counted: it is not
+    /// what a sender sends, and routed frames pass it.
     fn signing_backlog(&mut self) -> usize {
         if self.unsigned() == 0 {
             return 0;
@@ -206,6 +206,7 @@ impl Outbox {
         at
     }
 
+    #[cfg(test)]
     fn push(&mut self, frame: Frame, offset: usize) {
         self.insert(self.queue.len(), frame, offset);
     }
@@ -355,7 +356,7 @@ const READ_BUDGET: usize = 64;
 const CLOSE_LINGER_MS: u64 = 2_000;
 /// How long a connection closed by the core may wait for the signatures of its last frames
 /// (behind a storm's queue of signing work) before it is dropped without them.
-const SIGNING_GRACE_MS: u64 = 10_000;
+const SIGNING_GRACE_MS: u64 = 12_000;
 /// How long a graceful shutdown waits for connections to finish closing.
 const SHUTDOWN_LINGER_MS: u64 = 1_000;
 
@@ -413,6 +414,8 @@ struct Conn {
     /// The core closed it while frames before the close still waited for their signatures:
     /// the close frame follows them (see [`Net::start_closing`]). Not read meanwhile.
     close_after: Option<Option<(u16, &'static str)>>,
+    /// The core has been told it is gone (once is enough).
+    reported: bool,
 }
 
 /// A response to a plain HTTP request, and how much of it the socket took.
@@ -435,6 +438,9 @@ enum Gone {
 enum NetTimer {
     Handshake(ConnId),
     CloseLinger(ConnId),
+    /// A connection closed by the core still waits for its last frames' signatures: drop it
+    /// if it still does.
+    SigningGrace(ConnId),
     /// The connection has been blocked since this time; close it if it still is.
     Blocked(ConnId, u64),
     Shutdown,
@@ -738,6 +744,7 @@ impl Net {
             signing: false,
             holds_back: false,
             close_after: None,
+            reported: false,
         });
         let at = self.mono_ms() + self.handshake_timeout_ms;
         self.wheel.insert(at, NetTimer::Handshake(id));
@@ -1264,7 +1271,9 @@ impl Net {
             Ok(Wrote::All) => self.mark_dirty(idx),
             // The rest waits for the next writable event.
             Ok(Wrote::Blocked(next)) => {
-                conn.out.push(Frame::ready_text(text), next);
+                // First in line: it may have passed presence still being signed (`at` is 0),
+                // and the rest of a message must follow its first fragments.
+                conn.out.insert(at, Frame::ready_text(text), next);
                 if routed {
                     self.hit_blocked.push(id);
                 }
@@ -1335,14 +1344,14 @@ impl Net {
     /// newcomers, challenges signed ahead), then every connection whose outbox waited for a
     /// signature that is made by now is flushed (by [`Net::flush_dirty`]).
     fn end_turn(&mut self) {
+        if let Some(woken) = &self.signed {
+            // Cleared before looking: a completion after the look sets it and wakes us again.
+            woken.swap(false, Ordering::AcqRel);
+        }
         if self.core.has_deferred() {
             let now = self.now();
             self.core.run_deferred(now);
             self.apply_actions();
-        }
-        if let Some(woken) = &self.signed {
-            // Cleared before looking: a completion after the look sets it and wakes us again.
-            woken.store(false, Ordering::Release);
         }
         let completed = std::mem::take(&mut *lock(&self.completions));
         for idx in completed {
@@ -1458,6 +1467,8 @@ impl Net {
                     let code = conn.close_after.take().flatten();
                     self.unblocked(idx);
                     self.start_closing(idx, code);
+                    // Input that arrived meanwhile is read (and dropped) as closing goes on.
+                    self.backlog.push(idx);
                 }
                 Ok(Pumped::Drained) => {
                     self.unblocked(idx);
@@ -1505,15 +1516,18 @@ impl Net {
             Io::Closing(_) | Io::Gone => return,
         }
         let id = conn.id;
-        if conn.out.has_pending() {
-            // Frames before the close wait for their signatures: the close follows them
-            // (see `flush_dirty`). The core has forgotten the connection.
+        // A close we start (an error, a policy) follows the frames before it, which may still
+        // wait for their signatures (see `flush_dirty`). After the peer's close nothing more
+        // can be sent: what waits is dropped (`spill` skips it).
+        if code.is_some() && conn.out.has_pending() {
             if conn.close_after.is_none() {
                 conn.close_after = Some(code);
-                self.gone.push_back(Gone::Closed(id));
+                if !std::mem::replace(&mut conn.reported, true) {
+                    self.gone.push_back(Gone::Closed(id));
+                }
                 self.wait_for_signature(idx);
-                let at = self.mono_ms() + CLOSE_LINGER_MS + SIGNING_GRACE_MS;
-                self.wheel.insert(at, NetTimer::CloseLinger(id));
+                let at = self.mono_ms() + SIGNING_GRACE_MS;
+                self.wheel.insert(at, NetTimer::SigningGrace(id));
             }
             return;
         }
@@ -1538,7 +1552,9 @@ impl Net {
         };
         conn.io = Io::Closing(ws);
         // The core hears of it once the actions under way are carried out (see `gone`).
-        self.gone.push_back(Gone::Closed(id));
+        if !std::mem::replace(&mut conn.reported, true) {
+            self.gone.push_back(Gone::Closed(id));
+        }
         if !sent {
             return self.drop_conn(idx);
         }
@@ -1564,7 +1580,7 @@ impl Net {
         if conn.blocked_since.is_some() || conn.holds_back {
             self.resume_paused();
         }
-        let was_open = matches!(conn.io, Io::Open(_));
+        let was_open = matches!(conn.io, Io::Open(_)) && !conn.reported;
         debug!("conn {}: dropped", conn.id);
         drop(conn.io); // closes the socket, which also removes it from the poll
         // The core hears of it once the actions under way are carried out (see `Gone`).
@@ -1637,6 +1653,14 @@ impl Net {
                 }
                 NetTimer::CloseLinger(id) => {
                     if let Some(idx) = self.index_of(id) {
+                        self.drop_conn(idx);
+                    }
+                }
+                NetTimer::SigningGrace(id) => {
+                    if let Some(idx) = self.index_of(id)
+                        && self.conns[idx].close_after.is_some()
+                    {
+                        info!("conn {id}: its last frames were not signed in time; dropping it");
                         self.drop_conn(idx);
                     }
                 }
