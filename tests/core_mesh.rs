@@ -304,17 +304,7 @@ fn a_reset_link_is_redialled_with_backoff_and_presence_comes_back() {
     // Still nobody told anything new while the peer was away.
     assert!(mesh.nodes[0].frames_to(alice).is_empty());
 
-    mesh.heal(0, 1);
-    mesh.advance(75_000);
-    assert_converged_pair(&mesh);
-    assert_eq!(
-        presence(&mesh.nodes[0].frames_to(alice), types::USER_ADVERTISE),
-        ["bob"]
-    );
-    assert_eq!(
-        presence(&mesh.nodes[1].frames_to(bob), types::USER_ADVERTISE),
-        ["alice"]
-    );
+    heal_and_meet_again(&mut mesh, alice, bob);
     // And a DM crosses the new link.
     let (payload, _) = mesh.nodes[0].dm(
         alice,
@@ -330,6 +320,22 @@ fn a_reset_link_is_redialled_with_backoff_and_presence_comes_back() {
 }
 
 #[track_caller]
+/// Heals the srv-a – srv-b link and lets it come back: converged, and alice (on srv-a) and bob
+/// (on srv-b) each told of the other again.
+fn heal_and_meet_again(mesh: &mut Mesh, alice: ConnId, bob: ConnId) {
+    mesh.heal(0, 1);
+    mesh.advance(75_000);
+    assert_converged_pair(mesh);
+    assert_eq!(
+        presence(&mesh.nodes[0].frames_to(alice), types::USER_ADVERTISE),
+        ["bob"]
+    );
+    assert_eq!(
+        presence(&mesh.nodes[1].frames_to(bob), types::USER_ADVERTISE),
+        ["alice"]
+    );
+}
+
 fn assert_converged_pair(mesh: &Mesh) {
     assert_eq!(mesh.linked(0), ["srv-b"]);
     assert_eq!(mesh.linked(1), ["srv-a"]);
@@ -369,17 +375,7 @@ fn a_silent_link_is_found_dead_by_heartbeats_and_comes_back() {
         mesh.dial_log
     );
 
-    mesh.heal(0, 1);
-    mesh.advance(75_000);
-    assert_converged_pair(&mesh);
-    assert_eq!(
-        presence(&mesh.nodes[0].frames_to(alice), types::USER_ADVERTISE),
-        ["bob"]
-    );
-    assert_eq!(
-        presence(&mesh.nodes[1].frames_to(bob), types::USER_ADVERTISE),
-        ["alice"]
-    );
+    heal_and_meet_again(&mut mesh, alice, bob);
 }
 
 /// §4.4: a server that shuts down closes its links; the others mark its users offline and
