@@ -342,6 +342,9 @@ const GONE_SLICE: usize = 64;
 /// by a burst of input).
 const TURN_BUDGET: usize = 256;
 
+/// A loop turn this long is logged (at debug), with what it handled.
+const SLOW_TURN: Duration = Duration::from_millis(20);
+
 /// Bytes written from the outboxes per loop turn (see [`Net::flush_dirty`]).
 const FLUSH_BUDGET: usize = 1 << 20;
 
@@ -619,6 +622,7 @@ impl Net {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+            let turn_start = Instant::now();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -643,6 +647,17 @@ impl Net {
                 self.apply_actions();
                 self.end_turn();
                 self.flush_dirty();
+            }
+            let took = turn_start.elapsed();
+            if took >= SLOW_TURN {
+                // Every connection waited this long: worth knowing why.
+                debug!(
+                    "slow loop turn: {} ms, {} events, {} messages read, {} losses reported",
+                    took.as_millis(),
+                    events.iter().count(),
+                    self.inputs_this_turn,
+                    self.gone_this_turn
+                );
             }
         }
         info!("shutdown complete");
