@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::core::server::{self, Action, ConnId, Input, Server, Time};
 use crate::net::timer::TimerWheel;
 use crate::net::tls::{MaybeTls, TlsStream};
-use crate::wire::frame::{Completions, Frame, Lane};
+use crate::wire::frame::{Completions, Frame, Lane, lock};
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
@@ -42,11 +42,6 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message, WebSocket};
-
-/// A poisoned lock only means a thread panicked while holding it; the list is still sound.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A connection's byte stream: plain TCP, or TLS over it when we serve `wss://` or dial a
 /// `wss://` peer. tungstenite runs over either unchanged; see [`crate::net::tls`] for how TLS keeps

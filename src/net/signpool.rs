@@ -192,7 +192,7 @@ impl Drop for SignPool {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queues> {
-        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+        crate::wire::frame::lock(&self.queues)
     }
 
     fn run(&self) {

@@ -362,8 +362,9 @@ impl std::fmt::Debug for Signed {
     }
 }
 
-/// A poisoned lock only means a thread panicked while holding it; the list is still sound.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// A poisoned lock only means a thread panicked while holding it; the lists it guards (of
+/// frames and tokens) are still sound.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
