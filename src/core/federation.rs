@@ -1518,7 +1518,7 @@ impl Server {
             let sender = env.payload.get("sender").and_then(Value::as_str);
             let text = signed
                 .frame(kind, &env.from, user_id, env.ts)
-                .in_lane(sender.map_or(Lane::Ordered, Lane::from_user));
+                .in_lane(Lane::for_sender(sender));
             self.out.route(dest, text);
             return Ok(());
         }

@@ -148,12 +148,10 @@ impl Metrics {
         self.frames_received[kind.map_or(OTHER, type_index)] += 1;
     }
 
-    /// Counts the frames among `actions`, which are leaving the core: one per recipient.
-    pub(crate) fn frames_leaving(&mut self, actions: &[Action]) {
-        for action in actions {
-            if let Action::Send { text, .. } | Action::Route { text, .. } = action {
-                self.frames_sent[sent_type(text.head())] += 1;
-            }
+    /// Counts `action` if it is a frame leaving the core (one per recipient).
+    pub(crate) fn frame_leaving(&mut self, action: &Action) {
+        if let Action::Send { text, .. } | Action::Route { text, .. } = action {
+            self.frames_sent[sent_type(text.head())] += 1;
         }
     }
 
@@ -520,7 +518,7 @@ mod tests {
         let pending =
             crate::wire::frame::Signed::pending("{}".into()).frame(types::ERROR, "s", "u", 1);
         let conn = crate::core::server::ConnId(1);
-        m.frames_leaving(&[
+        for action in [
             Action::Send { conn, text },
             Action::Route {
                 conn,
@@ -531,7 +529,9 @@ mod tests {
                 code: crate::core::server::CloseCode::Normal,
                 reason: "",
             },
-        ]);
+        ] {
+            m.frame_leaving(&action);
+        }
         assert_eq!(m.frames_sent(types::ERROR), 2);
     }
 

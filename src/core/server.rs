@@ -432,7 +432,7 @@ impl Server {
     /// [`Server::run_deferred`] at the end of its turn.
     pub fn poll_action(&mut self) -> Option<Action> {
         let action = self.out.pop()?;
-        self.metrics.frames_leaving(std::slice::from_ref(&action));
+        self.metrics.frame_leaving(&action);
         Some(action)
     }
 
@@ -1027,16 +1027,13 @@ impl Server {
         // 2./3. the hosting server, over its link or by flooding every link.
         let host = entry.server_id.clone();
         payload.insert("user_id".into(), Value::from(target));
-        let payload_sender = payload
-            .get("sender")
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let lane = Lane::for_sender(payload.get("sender").and_then(Value::as_str));
         let Some(signed) = self.sign(&Value::Object(payload), Urgency::Conversation) else {
             return Err(not_found());
         };
         let text = signed
             .frame(server_kind, &self.id, &host, now.wall_ms)
-            .in_lane(sender_lane(&payload_sender));
+            .in_lane(lane);
         if self.route_toward(&host, text, None) {
             Ok(())
         } else {
@@ -1056,7 +1053,7 @@ impl Server {
     ) {
         if let Some(text) = self.signed_frame(now, kind, to, payload, Urgency::Conversation) {
             let sender = payload.get("sender").and_then(Value::as_str);
-            let text = text.in_lane(sender.map_or(Lane::Ordered, Lane::from_user));
+            let text = text.in_lane(Lane::for_sender(sender));
             self.out.route(conn, text);
         }
     }
@@ -1357,11 +1354,6 @@ impl Server {
             self.error(now, conn, &err);
         }
     }
-}
-
-/// The lane of a frame routed for `sender` (see [`Lane`]).
-fn sender_lane(sender: &Option<String>) -> Lane {
-    sender.as_deref().map_or(Lane::Ordered, Lane::from_user)
 }
 
 /// How the log names a user: `alice (id 5c0e…)` by the display name it chose (escaped: it is

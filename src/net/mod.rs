@@ -923,7 +923,6 @@ impl Net {
     /// `Dialled` or `DialFailed`. `tls`: a `wss://` peer, whose certificate must be valid for
     /// `host` (its pinned key is checked by the core as for any peer).
     fn dial(&mut self, target: u32, host: &str, port: u16, tls: bool) {
-        let now = self.now();
         let tls = match tls {
             false => None,
             true => {
@@ -936,7 +935,7 @@ impl Net {
                 };
                 match started {
                     Ok(conn) => Some(Box::new(conn)),
-                    Err(why) => return self.dial_failed(now, target, &why),
+                    Err(why) => return self.dial_failed(target, &why),
                 }
             }
         };
@@ -944,12 +943,12 @@ impl Net {
         // (re)dials, never per frame.
         let addr = match (host, port).to_socket_addrs().map(|mut a| a.next()) {
             Ok(Some(addr)) => addr,
-            Ok(None) => return self.dial_failed(now, target, "no address for that host"),
-            Err(e) => return self.dial_failed(now, target, &format!("address lookup: {e}")),
+            Ok(None) => return self.dial_failed(target, "no address for that host"),
+            Err(e) => return self.dial_failed(target, &format!("address lookup: {e}")),
         };
         let stream = match TcpStream::connect(addr) {
             Ok(s) => s,
-            Err(e) => return self.dial_failed(now, target, &e.to_string()),
+            Err(e) => return self.dial_failed(target, &e.to_string()),
         };
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         let url = if host.contains(':') {
@@ -964,13 +963,13 @@ impl Net {
             Some(target),
         ) {
             Ok(id) => debug!("conn {id}: connecting to {shown}"),
-            Err(e) => self.dial_failed(now, target, &e.to_string()),
+            Err(e) => self.dial_failed(target, &e.to_string()),
         }
     }
 
     /// Reported to the core with the other losses (see `gone`), not while its actions are
     /// being carried out.
-    fn dial_failed(&mut self, _now: Time, target: u32, reason: &str) {
+    fn dial_failed(&mut self, target: u32, reason: &str) {
         self.gone
             .push_back(Gone::DialFailed(target, reason.to_string()));
     }

@@ -156,12 +156,6 @@ impl SignPool {
     pub fn woken(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.shared.woken)
     }
-
-    /// Jobs waiting for a worker (not counting those being signed).
-    pub fn queued(&self) -> usize {
-        let q = self.shared.lock();
-        q.conversation.len() + q.bulk.len()
-    }
 }
 
 impl Signer for SignPool {

@@ -60,6 +60,11 @@ impl Lane {
     pub fn from_user(user_id: &str) -> Lane {
         Lane::From(user_hash(user_id))
     }
+
+    /// The lane of a frame routed for its payload's `sender`, if it names one.
+    pub fn for_sender(sender: Option<&str>) -> Lane {
+        sender.map_or(Lane::Ordered, Lane::from_user)
+    }
 }
 
 /// FNV-1a of a user id. A collision only keeps two frames in order.
