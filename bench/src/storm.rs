@@ -1,41 +1,49 @@
-//! Scenario s, login storm and mass leave (issue 11): while two steady users on the first
-//! server (the *probe*) exchange direct messages at `--probe-rate`, S extra clients on that
-//! server log in at once, and later all leave at once.
+//! Scenario s, login storm and mass leave (issue 11): while two users on the first server (the
+//! *probe*) exchange direct messages at `--probe-rate`, S extra clients on that server log in
+//! at once, and later all leave at once.
 //!
+//! - **The probe is apart**: its two users have their own connections and event loop, on a
+//!   thread of their own ([`Probe`]). An unrelated user reads its socket on its own machine; in
+//!   one loop with the storm clients, a probe message that arrived was read only after the
+//!   frames of a thousand storm clients ready in the same poll, and that wait was the bench's,
+//!   not the server's. The thread still shares this machine's CPUs with the servers and the
+//!   rest of the bench. Presence is timed on two steady users of the first server (the
+//!   *watchers*), read by the main loop.
 //! - **Before the clock**: the probe's messages are encrypted and signed (on every CPU, as in the
 //!   dm scenario), and the S storm clients' TCP connections and WebSocket handshakes are made;
 //!   each waits, open and silent, with its `USER_HELLO` held back. The hellos themselves are
 //!   built when sent (a few µs each); the `AUTH_RESPONSE` signature covers the server's nonce,
 //!   so it cannot be made beforehand: a separate bench thread makes it ([`Signer`]), so that the
-//!   loop keeps reading and timing the probe while storm clients sign. Its signing time is
+//!   loop keeps reading the storm clients while they sign. Its signing time is
 //!   reported, and the bench's whole CPU time with it.
 //! - **Login storm**: after `--probe-idle` seconds of probe alone (the idle baseline), every
 //!   storm client's `USER_HELLO` is written in one burst. Timed from the burst: each client's
 //!   `USER_HELLO_ACK` ("all hellos complete"), its `LIST_RESPONSE` and its
 //!   `PUBLIC_CHANNEL_SNAPSHOT` (the server sends both after every hello, PROTOCOL.md §7), and the
-//!   probe users' `USER_ADVERTISE` of every storm user.
+//!   watchers' `USER_ADVERTISE` of every storm user.
 //! - **Mass leave**: after another `--probe-idle` seconds of probe with the storm users online,
 //!   every storm client writes a WebSocket close frame and shuts its side of the socket, in one
-//!   burst. Timed: until both probe users have read the `USER_REMOVE` of every storm user, and
+//!   burst. Timed: until both watchers have read the `USER_REMOVE` of every storm user, and
 //!   until the server has closed every storm connection.
 //!
 //! The probe's figure is a **one-way** delivery latency, not a round trip: from each message's
 //! scheduled send time (message j at j/R s; even j from the first probe user to the second, odd j
-//! back) until the receiver reads its `USER_DELIVER`. Sender and receiver are in this process,
+//! back) until the receiver reads its `USER_DELIVER`. Sender and receiver are in one thread,
 //! so both ends use one monotonic clock; a round trip would be two such legs. Messages count in
-//! the phase during which they were scheduled: idle (before the burst), storm (from the burst
-//! until everything timed above is complete). No message is scheduled after a phase completes;
+//! the phase during which they were scheduled: idle (before the burst was written), storm (from
+//! the burst until everything timed above is complete). No message is scheduled after a phase completes;
 //! those in flight are waited for, and any not delivered within `--timeout` counts as lost.
 
 use crate::common::{
     Mesh, Meter, MeterReading, Outcome, Pacer, Sample, SampleKind, Samples, Trouble, all_ready,
-    row, since,
+    login_all, row, since,
 };
 use crate::dm::{Pre, precompute};
-use crate::fleet::{MsgKey, Note, Phase, Signer};
+use crate::fleet::{Fleet, MsgKey, Note, Phase, ServerEnd, Signer};
 use crate::stats::{Lat, round3};
 use serde_json::{Value, json};
 use std::collections::HashMap;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Which burst a stage ends with.
@@ -53,6 +61,9 @@ struct ProbePhase {
     lag: Lat,
     sent: u64,
     delivered: u64,
+    /// The slowest message: when it was due, in ms from the burst (negative: before it), and
+    /// its latency in ms. Where in a storm the worst wait falls says what it waited for.
+    worst: Option<(f64, f64)>,
 }
 
 impl ProbePhase {
@@ -63,6 +74,7 @@ impl ProbePhase {
             "lost": self.sent - self.delivered,
             "latency_ms": self.latency.json(),
             "sender_lag_max_ms": round3(self.lag.summary().max),
+            "worst_due_after_burst_ms": self.worst.map(|w| round3(w.0)),
             "cpu": meter.as_ref().map(MeterReading::json),
         })
     }
@@ -100,15 +112,178 @@ fn secs(d: Option<Duration>) -> Option<f64> {
     d.map(|d| round3(d.as_secs_f64()))
 }
 
+/// The probe: two users with connections and an event loop of their own, run on a thread of
+/// their own during each stage. An unrelated user is on another machine: its messages must be
+/// read when they arrive, not after this process's main loop has read a thousand storm
+/// clients' frames (that wait is the bench's, not the server's). The thread shares the CPUs
+/// with everything else, as such a user's machine would not.
+struct Probe {
+    fleet: Fleet,
+    users: [usize; 2],
+    samples: Samples,
+}
+
+/// One probe message as sent: when it was due, how late the probe wrote it, and (once read)
+/// its one-way latency.
+struct Probed {
+    due: Instant,
+    lag: Duration,
+    latency: Option<Duration>,
+}
+
+impl Probe {
+    /// Two users `{prefix}-probe0` and `-probe1` on the first server, logged in.
+    fn start(m: &Mesh, timeout: Duration) -> Result<Probe, String> {
+        let ends = m
+            .fleet
+            .servers
+            .iter()
+            .map(|e| ServerEnd {
+                url: e.url.clone(),
+                addr: e.addr,
+                server_id: None,
+                key: None,
+            })
+            .collect();
+        let mut fleet = Fleet::new(ends, 4 << 10).map_err(|e| format!("probe: {e}"))?;
+        fleet.peer_sig = m.fleet.peer_sig;
+        let prefix = &m.opts.id_prefix;
+        let users = [0, 1].map(|i| fleet.add_client(format!("{prefix}-probe{i}"), 0, true));
+        login_all(
+            &mut fleet,
+            &m.pids,
+            &users,
+            2,
+            timeout,
+            "probe",
+            &mut |_| Ok(()),
+        )?;
+        Ok(Probe {
+            fleet,
+            users,
+            samples: Samples::new(8),
+        })
+    }
+
+    /// Sends `msgs` on schedule from `t0` until told (through `stop`) when the stage's work
+    /// was complete; no message due after that is sent. Then waits for those in flight, up to
+    /// `timeout`. Returns the probe, each message sent (in order), and what went wrong.
+    fn run(
+        mut self,
+        mut msgs: Vec<Pre>,
+        t0: Instant,
+        stop: mpsc::Receiver<Instant>,
+        timeout: Duration,
+    ) -> Result<(Probe, Vec<Probed>, Trouble), String> {
+        let index: HashMap<MsgKey, usize> =
+            msgs.iter().enumerate().map(|(i, p)| (p.key, i)).collect();
+        let _pacer = Pacer::start(
+            self.fleet.waker(),
+            msgs.iter().map(|p| t0 + p.offset).collect(),
+        );
+        let mut sent: Vec<Probed> = Vec::with_capacity(msgs.len());
+        let mut delivered = 0usize;
+        let mut trouble = Trouble::default();
+        let mut until: Option<Instant> = None;
+        loop {
+            if until.is_none() {
+                match stop.try_recv() {
+                    Ok(at) => until = Some(at),
+                    Err(mpsc::TryRecvError::Empty) => {}
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        return Err("the probe was abandoned".into());
+                    }
+                }
+            }
+            let now = Instant::now();
+            let mut wrote = false;
+            while let Some(p) = msgs.get_mut(sent.len()) {
+                let due = t0 + p.offset;
+                if due > now || until.is_some_and(|u| due > u) {
+                    break;
+                }
+                let (sender, frame) = (p.sender, std::mem::take(&mut p.frame));
+                if !self.fleet.send(sender, frame) {
+                    return Err(format!(
+                        "probe user {} is no longer connected",
+                        self.fleet.clients[sender].user_id
+                    ));
+                }
+                sent.push(Probed {
+                    due,
+                    lag: since(now, due),
+                    latency: None,
+                });
+                wrote = true;
+            }
+            if wrote {
+                self.fleet.flush_dirty();
+            }
+            match until {
+                Some(u) if delivered == sent.len() || now > u + timeout => break,
+                None if sent.len() == msgs.len() => {
+                    return Err(format!(
+                        "the probe ran out of its {} precomputed messages before the stage \
+                         completed",
+                        msgs.len()
+                    ));
+                }
+                _ => {}
+            }
+            let wait = msgs.get(sent.len()).map_or(Duration::from_millis(50), |p| {
+                (t0 + p.offset).saturating_duration_since(now)
+            });
+            self.fleet
+                .turn(Some(wait.min(Duration::from_millis(50))))
+                .map_err(|e| format!("probe poll: {e}"))?;
+            for note in std::mem::take(&mut self.fleet.notes) {
+                match note {
+                    Note::Message {
+                        client,
+                        key,
+                        at,
+                        text,
+                    } => {
+                        let Some(&i) = index.get(&key) else { continue };
+                        let Some(s) = sent.get_mut(i) else { continue };
+                        if s.latency.is_some() || msgs[i].receiver != client {
+                            continue;
+                        }
+                        s.latency = Some(since(at, s.due));
+                        delivered += 1;
+                        if i % 50 == 0 {
+                            self.samples.push(Sample {
+                                recipient: client,
+                                text,
+                                what: SampleKind::Message {
+                                    sender: msgs[i].sender,
+                                    public: false,
+                                    plaintext: msgs[i].plaintext.clone(),
+                                },
+                            });
+                        }
+                    }
+                    // Presence of the storm users (not in this fleet) is ignored by the fleet.
+                    other => {
+                        trouble.note(&self.fleet, &other);
+                    }
+                }
+            }
+        }
+        Ok((self, sent, trouble))
+    }
+}
+
 /// Runs the probe for `--probe-idle` s, then the burst, until the burst's work is complete
-/// (or `--timeout` after it), then waits for the probe's messages in flight.
+/// (or `--timeout` after it), then waits for the probe's messages in flight. `watchers` are
+/// the two steady users on the first server whose presence updates are timed.
 fn stage(
     m: &mut Mesh,
-    probe: [usize; 2],
+    probe: Probe,
+    watchers: [usize; 2],
     storm: std::ops::Range<usize>,
     burst: Burst,
-    samples: &mut Samples,
-) -> Result<Stage, String> {
+) -> Result<(Stage, Probe), String> {
     let rate = m.opts.probe_rate;
     let idle_s = m.opts.probe_idle_s;
     let timeout = m.timeout();
@@ -120,13 +295,9 @@ fn stage(
         Burst::Leave => "storm-leave",
     };
     let pre_started = Instant::now();
-    let pairs = [(probe[0], probe[1]), (probe[1], probe[0])];
-    let mut msgs: Vec<Pre> = precompute(&m.fleet, &pairs, count, rate, tag);
+    let [p0, p1] = probe.users;
+    let msgs: Vec<Pre> = precompute(&probe.fleet, &[(p0, p1), (p1, p0)], count, rate, tag);
     let precompute_s = pre_started.elapsed().as_secs_f64();
-    let index: HashMap<MsgKey, usize> = msgs.iter().enumerate().map(|(i, p)| (p.key, i)).collect();
-    // Per message: None = not sent; Some(false) idle phase; Some(true) busy phase.
-    let mut busy_of: Vec<Option<bool>> = vec![None; msgs.len()];
-    let mut delivered = vec![false; msgs.len()];
     let s_n = storm.len();
     let member = |c: usize| storm.contains(&c);
     let mut acked = vec![false; s_n];
@@ -134,7 +305,7 @@ fn stage(
     let mut ready = vec![false; s_n];
     let mut closed = vec![false; s_n];
     let (mut n_acked, mut n_listed, mut n_ready, mut n_closed) = (0, 0, 0, 0);
-    // Storm users each probe user has seen arrive (login) or leave (leave).
+    // Storm users each watcher has seen arrive (login) or leave (leave).
     let mut saw = [vec![false; s_n], vec![false; s_n]];
     let mut n_saw = [0usize; 2];
     // Progress on stderr at every tenth (large storms take tens of seconds).
@@ -164,15 +335,17 @@ fn stage(
     let mut meter = Meter::start(&m.pids);
     let t0 = Instant::now() + Duration::from_millis(100);
     let burst_due = t0 + Duration::from_secs_f64(idle_s);
-    let mut pacer_times: Vec<Instant> = msgs.iter().map(|p| t0 + p.offset).collect();
-    pacer_times.push(burst_due);
-    pacer_times.sort();
-    let _pacer = Pacer::start(m.fleet.waker(), pacer_times);
-    let mut next = 0usize;
+    let _pacer = Pacer::start(m.fleet.waker(), vec![burst_due]);
+    let (stop, stop_rx) = mpsc::channel();
+    let probe_waker = probe.fleet.waker();
+    let probe_thread = std::thread::spawn(move || probe.run(msgs, t0, stop_rx, timeout));
+    let tell_probe = |at: Instant| {
+        let _ = stop.send(at);
+        let _ = probe_waker.wake();
+    };
     let mut burst_at: Option<Instant> = None;
-    // When the burst's work was complete: no probe message is scheduled after it.
+    // When the burst's work was complete (or timed out): the probe schedules nothing later.
     let mut done_at: Option<Instant> = None;
-    let mut sending_until: Option<Instant> = None;
     loop {
         let now = Instant::now();
         if burst_at.is_none() && now >= burst_due {
@@ -197,54 +370,25 @@ fn stage(
             st.burst_write_ms = started.elapsed().as_secs_f64() * 1000.0;
             burst_at = Some(started);
         }
-        // Probe messages due (none after the burst's work is complete).
-        let mut wrote = false;
-        while next < msgs.len()
-            && t0 + msgs[next].offset <= now
-            && sending_until.is_none_or(|u| t0 + msgs[next].offset <= u)
+        if let Some(b) = burst_at
+            && done_at.is_none()
         {
-            let frame = std::mem::take(&mut msgs[next].frame);
-            if m.fleet.send(msgs[next].sender, frame) {
-                let is_busy = burst_at.is_some();
-                busy_of[next] = Some(is_busy);
-                let phase = if is_busy { &mut st.busy } else { &mut st.idle };
-                phase.sent += 1;
-                phase.lag.record(since(now, t0 + msgs[next].offset));
-            } else {
-                return Err(format!(
-                    "probe user {} is no longer connected",
-                    m.fleet.clients[msgs[next].sender].user_id
-                ));
-            }
-            next += 1;
-            wrote = true;
-        }
-        if wrote {
-            m.fleet.flush_dirty();
-        }
-        if let Some(b) = burst_at {
             let complete = match burst {
                 Burst::Login => n_acked == s_n && n_listed == s_n && n_ready == s_n,
                 Burst::Leave => n_closed == s_n,
             } && n_saw == [s_n, s_n];
-            if complete && done_at.is_none() {
+            if complete {
                 done_at = Some(now);
-                sending_until = Some(now);
+                tell_probe(now);
                 st.busy_meter = Some(meter.stop());
-            }
-            let all_in = st.idle.delivered + st.busy.delivered == st.idle.sent + st.busy.sent;
-            if let Some(d) = done_at
-                && (all_in || now > d + timeout)
-            {
-                break;
-            }
-            if done_at.is_none() && now > b + timeout {
-                sending_until = Some(now);
+            } else if now > b + timeout {
+                done_at = Some(now);
+                tell_probe(now);
                 st.busy_meter = Some(meter.stop());
                 st.trouble.examples.push(format!(
                     "{} not complete {:.0} s after the burst: {n_acked} hellos acknowledged, \
                      {n_listed} lists, {n_ready} snapshots, {n_closed} connections closed of \
-                     {s_n}; the probe users saw {} and {} of {s_n}",
+                     {s_n}; the watchers saw {} and {} of {s_n}",
                     match burst {
                         Burst::Login => "login storm",
                         Burst::Leave => "mass leave",
@@ -253,62 +397,23 @@ fn stage(
                     n_saw[0],
                     n_saw[1]
                 ));
-                done_at = Some(now);
             }
         }
-        if next == msgs.len() && done_at.is_none() {
-            return Err(format!(
-                "the probe ran out of its {} precomputed messages before the {} completed",
-                msgs.len(),
-                match burst {
-                    Burst::Login => "login storm",
-                    Burst::Leave => "mass leave",
-                }
-            ));
+        // The probe's thread ends once it has its messages in flight back (or fails).
+        if probe_thread.is_finished() {
+            break;
         }
         let wait = if burst_at.is_none() {
             burst_due.saturating_duration_since(now)
         } else {
             Duration::from_millis(50)
-        }
-        .min(if next < msgs.len() && sending_until.is_none() {
-            (t0 + msgs[next].offset).saturating_duration_since(now)
-        } else {
-            Duration::from_millis(50)
-        });
+        };
         m.fleet
             .turn(Some(wait.min(Duration::from_millis(50))))
             .map_err(|e| format!("poll: {e}"))?;
         for note in std::mem::take(&mut m.fleet.notes) {
             let from_burst = |at: Instant| burst_at.map(|b| since(at, b));
             match note {
-                Note::Message {
-                    client,
-                    key,
-                    at,
-                    text,
-                } => {
-                    let Some(&i) = index.get(&key) else { continue };
-                    if delivered[i] || msgs[i].receiver != client {
-                        continue;
-                    }
-                    let Some(is_busy) = busy_of[i] else { continue };
-                    delivered[i] = true;
-                    let phase = if is_busy { &mut st.busy } else { &mut st.idle };
-                    phase.delivered += 1;
-                    phase.latency.record(since(at, t0 + msgs[i].offset));
-                    if i % 50 == 0 {
-                        samples.push(Sample {
-                            recipient: client,
-                            text,
-                            what: SampleKind::Message {
-                                sender: msgs[i].sender,
-                                public: false,
-                                plaintext: msgs[i].plaintext.clone(),
-                            },
-                        });
-                    }
-                }
                 Note::Acked { client, at } if member(client) && burst == Burst::Login => {
                     let k = client - storm.start;
                     if !std::mem::replace(&mut acked[k], true)
@@ -386,8 +491,8 @@ fn stage(
                 }
                 Note::Advertise {
                     client, user, at, ..
-                } if burst == Burst::Login && member(user) && probe.contains(&client) => {
-                    let p = usize::from(client == probe[1]);
+                } if burst == Burst::Login && member(user) && watchers.contains(&client) => {
+                    let p = usize::from(client == watchers[1]);
                     if !std::mem::replace(&mut saw[p][user - storm.start], true) {
                         n_saw[p] += 1;
                         if n_saw == [s_n, s_n] {
@@ -396,9 +501,9 @@ fn stage(
                     }
                 }
                 Note::Remove { client, user, at }
-                    if burst == Burst::Leave && member(user) && probe.contains(&client) =>
+                    if burst == Burst::Leave && member(user) && watchers.contains(&client) =>
                 {
-                    let p = usize::from(client == probe[1]);
+                    let p = usize::from(client == watchers[1]);
                     if !std::mem::replace(&mut saw[p][user - storm.start], true) {
                         n_saw[p] += 1;
                         if n_saw == [s_n, s_n] {
@@ -412,9 +517,41 @@ fn stage(
             }
         }
     }
+    let (probe, sent, trouble) = probe_thread
+        .join()
+        .map_err(|_| "the probe's thread panicked".to_string())??;
+    // A message belongs to the phase it was due in: before the burst was written, or after.
+    let burst_at = burst_at.ok_or("the probe ended before the burst")?;
+    for s in &sent {
+        let phase = if s.due < burst_at {
+            &mut st.idle
+        } else {
+            &mut st.busy
+        };
+        phase.sent += 1;
+        phase.lag.record(s.lag);
+        if let Some(l) = s.latency {
+            phase.delivered += 1;
+            phase.latency.record(l);
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            let due = if s.due < burst_at {
+                -ms(burst_at - s.due)
+            } else {
+                ms(s.due - burst_at)
+            };
+            if phase.worst.is_none_or(|(_, worst)| ms(l) > worst) {
+                phase.worst = Some((due, ms(l)));
+            }
+        }
+    }
+    for (code, n) in trouble.errors {
+        *st.trouble.errors.entry(code).or_default() += n;
+    }
+    st.trouble.disconnects += trouble.disconnects;
+    st.trouble.examples.extend(trouble.examples);
     let signing1 = m.fleet.signer.as_ref().map_or((0, 0.0), Signer::work);
     st.signing = (signing1.0 - signing0.0, signing1.1 - signing0.1);
-    Ok(st)
+    Ok((st, probe))
 }
 
 /// Ratio of a storm phase's probe p99 to the idle p99 (None when either is missing).
@@ -441,7 +578,7 @@ pub fn run(m: &mut Mesh) -> Result<Outcome, String> {
         .collect();
     let [a, b, ..] = on_first[..] else {
         return Err(format!(
-            "the storm's probe needs two steady clients on the first server; it has {} \
+            "the storm's watchers are two steady clients on the first server; it has {} \
              (--clients must be at least 2 x --servers)",
             on_first.len()
         ));
@@ -449,7 +586,7 @@ pub fn run(m: &mut Mesh) -> Result<Outcome, String> {
     run_with(m, [a, b], s_n)
 }
 
-fn run_with(m: &mut Mesh, probe: [usize; 2], s_n: usize) -> Result<Outcome, String> {
+fn run_with(m: &mut Mesh, watchers: [usize; 2], s_n: usize) -> Result<Outcome, String> {
     let prefix = m.opts.id_prefix.clone();
     let first = m.fleet.clients.len();
     for i in 0..s_n {
@@ -510,34 +647,37 @@ fn run_with(m: &mut Mesh, probe: [usize; 2], s_n: usize) -> Result<Outcome, Stri
     }
     let connect_s = opened.elapsed().as_secs_f64();
 
+    let probe = Probe::start(m, timeout)?;
     m.fleet.signer = Some(Signer::start(1, m.fleet.waker()));
-    let mut samples = Samples::new(8);
     eprintln!(
         "  [storm] probe idle {} s, then {s_n} hellos at once ...",
         m.opts.probe_idle_s
     );
-    let login = stage(m, probe, storm.clone(), Burst::Login, &mut samples);
-    let login = match login {
+    let login = stage(m, probe, watchers, storm.clone(), Burst::Login);
+    let (login, probe) = match login {
         Ok(s) => s,
         Err(e) => {
             m.fleet.signer = None;
             return Err(e);
         }
     };
-    let leave = if login.all_ready_s.is_some() {
+    let (leave, probe) = if login.all_ready_s.is_some() {
         eprintln!(
             "  [storm] probe idle {} s, then {s_n} leave at once ...",
             m.opts.probe_idle_s
         );
-        Some(stage(m, probe, storm.clone(), Burst::Leave, &mut samples))
+        let leave = stage(m, probe, watchers, storm.clone(), Burst::Leave);
+        m.fleet.signer = None;
+        let (leave, probe) = leave?;
+        (Some(leave), probe)
     } else {
-        None
+        (None, probe)
     };
     m.fleet.signer = None;
-    let leave = leave.transpose()?;
-    let verified = samples.verify(&m.fleet);
+    let verified = probe.samples.verify(&probe.fleet);
 
-    let pu = |i: usize| m.fleet.clients[probe[i]].user_id.clone();
+    let pu = |i: usize| probe.fleet.clients[probe.users[i]].user_id.clone();
+    let wu = |i: usize| m.fleet.clients[watchers[i]].user_id.clone();
     let login_ratio = ratio(&login.busy.latency, &login.idle.latency);
     let leave_ratio = leave
         .as_ref()
@@ -567,12 +707,15 @@ fn run_with(m: &mut Mesh, probe: [usize; 2], s_n: usize) -> Result<Outcome, Stri
         let s = p.latency.summary();
         format!(
             "probe, {name}: {} sent, {} delivered; p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms \
-             (sender lag max {:.2} ms); {}",
+             ({}; sender lag max {:.2} ms); {}",
             p.sent,
             p.delivered,
             s.p50,
             s.p99,
             s.max,
+            p.worst.map_or("-".into(), |(due, _)| format!(
+                "the slowest due {due:+.0} ms from the burst"
+            )),
             p.lag.summary().max,
             meter
                 .as_ref()
@@ -592,17 +735,20 @@ fn run_with(m: &mut Mesh, probe: [usize; 2], s_n: usize) -> Result<Outcome, Stri
     };
     let mut lines = vec![
         format!(
-            "probe: {} <-> {} on server 1, {:.0} DMs/s alternating directions; one-way latency \
-             from each scheduled send; {s_n} storm clients on server 1, connections opened \
+            "probe: {} <-> {} on server 1 (own connections, own thread), {:.0} DMs/s \
+             alternating directions; one-way latency from each scheduled send; watchers {} and \
+             {} (steady users on server 1); {s_n} storm clients on server 1, connections opened \
              beforehand in {connect_s:.1} s",
             pu(0),
             pu(1),
-            m.opts.probe_rate
+            m.opts.probe_rate,
+            wu(0),
+            wu(1)
         ),
         phase_line("idle", &login.idle, &login.idle_meter),
         format!(
             "login storm: {s_n} hellos written in {:.1} ms; all USER_HELLO_ACKs after {}, all \
-             LIST_RESPONSEs after {}, all snapshots after {}; the probe users saw every advert \
+             LIST_RESPONSEs after {}, all snapshots after {}; the watchers saw every advert \
              after {}",
             login.burst_write_ms,
             opt_s(login.all_acked_s),
@@ -628,7 +774,7 @@ fn run_with(m: &mut Mesh, probe: [usize; 2], s_n: usize) -> Result<Outcome, Stri
                 &l.idle_meter,
             ),
             format!(
-                "mass leave: {s_n} closes written in {:.1} ms; the probe users saw every \
+                "mass leave: {s_n} closes written in {:.1} ms; the watchers saw every \
                  USER_REMOVE after {}; the server closed every storm connection after {}",
                 l.burst_write_ms,
                 opt_s(l.probe_saw_all_s),
@@ -681,17 +827,20 @@ fn run_with(m: &mut Mesh, probe: [usize; 2], s_n: usize) -> Result<Outcome, Stri
 
     let json = json!({
         "status": status,
-        "definition": "probe: one-way DM latency between two steady users on the first server, \
+        "definition": "probe: one-way DM latency between two users on the first server with \
+                       their own connections and event loop on a thread of the bench's own, \
                        from each message's scheduled send (j/R s, directions alternating) to the \
                        receiver's read of its USER_DELIVER, counted in the phase it was \
                        scheduled in; login storm: S clients, connected beforehand, write their \
                        USER_HELLO in one burst, times from the burst to each USER_HELLO_ACK, \
-                       LIST_RESPONSE and PUBLIC_CHANNEL_SNAPSHOT and to both probe users having \
+                       LIST_RESPONSE and PUBLIC_CHANNEL_SNAPSHOT and to both watchers (two \
+                       steady users on the first server) having \
                        every USER_ADVERTISE; mass leave: all S write a close frame and shut \
-                       their socket in one burst, times from the burst to both probe users \
+                       their socket in one burst, times from the burst to both watchers \
                        having every USER_REMOVE and to the server closing every connection",
         "storm_users": s_n,
         "probe_users": [pu(0), pu(1)],
+        "watchers": [wu(0), wu(1)],
         "probe_rate_per_s": m.opts.probe_rate,
         "connect_beforehand_s": round3(connect_s),
         "probe": {
