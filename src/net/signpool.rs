@@ -11,6 +11,14 @@
 //! servers already connected) before [`Urgency::Bulk`] (logins and leaves). A worker takes a
 //! bulk job at least once per [`BULK_SHARE`] jobs while both wait, so a steady stream of
 //! conversations slows a login storm down but cannot stop it.
+//!
+//! The `N` workers run at a lower priority ([`WORKER_NICE`]), so the loop gets a core the
+//! moment it needs one. One more worker, the *express* one, runs at the loop's own priority
+//! and signs conversations only: a conversation waits neither for a worker to finish the
+//! login storm's signature it has started, nor behind whatever else competes for the CPUs at
+//! normal priority (at nice 10 a thread gets about a tenth of a core shared with one at nice
+//! 0). The low-priority workers take conversations too, when more wait than the express worker
+//! is free to take.
 
 use crate::core::signer::{SignStats, Signer, Urgency};
 use crate::crypto::PrivateKey;
@@ -70,7 +78,10 @@ impl Wake for mio::Waker {
 
 struct Shared {
     queues: Mutex<Queues>,
+    /// Wakes the low-priority workers.
     work: Condvar,
+    /// Wakes the express worker.
+    express: Condvar,
     key: Arc<PrivateKey>,
     stats: Arc<SignStats>,
     waker: Box<dyn Wake>,
@@ -87,15 +98,26 @@ struct Queues {
     bulk: VecDeque<Signed>,
     /// Conversation jobs taken in a row while bulk ones waited.
     streak: u32,
+    /// The express worker is waiting for a conversation (it takes the next one).
+    express_idle: bool,
     stop: bool,
 }
 
 impl Queues {
+    /// The next job for a low-priority worker: conversations first (those the idle express
+    /// worker is about to take excepted), with bulk's share.
     fn next(&mut self) -> Option<Signed> {
+        let spare = self
+            .conversation
+            .len()
+            .saturating_sub(usize::from(self.express_idle));
         let bulk_turn = self.streak + 1 >= BULK_SHARE;
-        if !self.bulk.is_empty() && (self.conversation.is_empty() || bulk_turn) {
+        if !self.bulk.is_empty() && (spare == 0 || bulk_turn) {
             self.streak = 0;
             return self.bulk.pop_front();
+        }
+        if spare == 0 {
+            return None;
         }
         let job = self.conversation.pop_front()?;
         self.streak = if self.bulk.is_empty() {
@@ -130,6 +152,7 @@ impl SignPool {
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues::default()),
             work: Condvar::new(),
+            express: Condvar::new(),
             key,
             stats: Arc::clone(&stats),
             waker,
@@ -148,6 +171,11 @@ impl SignPool {
                 .spawn(move || shared.run())?;
             pool.workers.push(worker);
         }
+        let shared = Arc::clone(&pool.shared);
+        let express = std::thread::Builder::new()
+            .name("signer-express".into())
+            .spawn(move || shared.run_express())?;
+        pool.workers.push(express);
         Ok(pool)
     }
 
@@ -165,8 +193,17 @@ impl Signer for SignPool {
             Urgency::Conversation => q.conversation.push_back(signed.clone()),
             Urgency::Bulk => q.bulk.push_back(signed.clone()),
         }
+        // The express worker takes a conversation if it is free; a low-priority worker takes
+        // any job it leaves.
+        let express = urgency == Urgency::Conversation && q.express_idle;
+        let worker = urgency == Urgency::Bulk || q.conversation.len() > usize::from(q.express_idle);
         drop(q);
-        self.shared.work.notify_one();
+        if express {
+            self.shared.express.notify_one();
+        }
+        if worker {
+            self.shared.work.notify_one();
+        }
     }
 
     fn stats(&self) -> &Arc<SignStats> {
@@ -178,6 +215,7 @@ impl Drop for SignPool {
     fn drop(&mut self) {
         self.shared.lock().stop = true;
         self.shared.work.notify_all();
+        self.shared.express.notify_all();
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
@@ -204,14 +242,39 @@ impl Shared {
                     q = self.work.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            if self.jitter_us > 0 {
-                let us = u64::from_le_bytes(crate::crypto::random_bytes::<8>()) % self.jitter_us;
-                std::thread::sleep(std::time::Duration::from_micros(us));
-            }
-            self.stats.sign_now(&self.key, &job);
-            if !self.woken.swap(true, Ordering::AcqRel) {
-                self.waker.wake();
-            }
+            self.sign(&job);
+        }
+    }
+
+    /// The express worker: conversations only, at the loop's priority.
+    fn run_express(&self) {
+        loop {
+            let job = {
+                let mut q = self.lock();
+                loop {
+                    if q.stop {
+                        return;
+                    }
+                    if let Some(job) = q.conversation.pop_front() {
+                        q.express_idle = false;
+                        break job;
+                    }
+                    q.express_idle = true;
+                    q = self.express.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            self.sign(&job);
+        }
+    }
+
+    fn sign(&self, job: &Signed) {
+        if self.jitter_us > 0 {
+            let us = u64::from_le_bytes(crate::crypto::random_bytes::<8>()) % self.jitter_us;
+            std::thread::sleep(std::time::Duration::from_micros(us));
+        }
+        self.stats.sign_now(&self.key, job);
+        if !self.woken.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
         }
     }
 }
@@ -243,6 +306,83 @@ mod tests {
         );
         assert_eq!(order.len(), 16);
         assert_eq!(order.iter().filter(|b| **b).count(), 8);
+    }
+
+    #[test]
+    fn a_conversation_is_left_to_the_idle_express_worker_and_the_rest_spill_over() {
+        let mut q = Queues {
+            express_idle: true,
+            ..Queues::default()
+        };
+        q.conversation.push_back(signed(1));
+        assert!(q.next().is_none(), "the express worker takes the only one");
+        q.bulk.push_back(signed(100));
+        assert_eq!(
+            q.next().map(|s| s.canonical().len()),
+            Some(9),
+            "bulk meanwhile"
+        );
+        q.conversation.push_back(signed(2));
+        assert_eq!(
+            q.next().map(|s| s.canonical().to_string()).as_deref(),
+            Some("{\"n\":1}")
+        );
+        assert!(q.next().is_none());
+        q.express_idle = false;
+        assert!(
+            q.next().is_some(),
+            "a busy express worker leaves it to the others"
+        );
+    }
+
+    /// Counts wake-ups.
+    struct Bell(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Bell {
+        fn wake(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn every_job_is_signed_whichever_worker_takes_it() {
+        let pem = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/keys/server1.pem"
+        ))
+        .expect("test key");
+        let key = Arc::new(PrivateKey::from_pem(&pem).expect("key"));
+        let bell = Arc::new(Bell(Default::default()));
+        let pool =
+            SignPool::start_with_jitter(Arc::clone(&key), 1, Box::new(Arc::clone(&bell)), 500)
+                .expect("pool");
+        let jobs: Vec<(Signed, Urgency)> = (0..24)
+            .map(|n| {
+                let urgency = if n % 3 == 0 {
+                    Urgency::Bulk
+                } else {
+                    Urgency::Conversation
+                };
+                (signed(n), urgency)
+            })
+            .collect();
+        for (job, urgency) in &jobs {
+            pool.submit(job, *urgency);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while jobs.iter().any(|(j, _)| j.sig().is_none()) {
+            assert!(std::time::Instant::now() < deadline, "jobs left unsigned");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(bell.0.load(Ordering::SeqCst) > 0);
+        for (job, _) in &jobs {
+            let sig = job.sig().expect("signed");
+            assert!(
+                key.public_key().verify_b64(job.canonical().as_bytes(), sig),
+                "{}",
+                job.canonical()
+            );
+        }
     }
 
     #[test]
