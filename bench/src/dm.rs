@@ -19,6 +19,7 @@ use socp::wire::{self, SignedPayload, types};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tungstenite::Utf8Bytes;
 
 /// A ready-to-send message.
 pub struct Pre {
@@ -29,6 +30,21 @@ pub struct Pre {
     pub frame: String,
     pub key: MsgKey,
     pub plaintext: String,
+}
+
+impl Pre {
+    /// This message as `recipient` read it, to check completely once the clock has stopped.
+    pub fn sample(&self, recipient: usize, text: Utf8Bytes) -> Sample {
+        Sample {
+            recipient,
+            text,
+            what: SampleKind::Message {
+                sender: self.sender,
+                public: false,
+                plaintext: self.plaintext.clone(),
+            },
+        }
+    }
 }
 
 /// For each steady client, a receiver on another server (the next such client), if any.
@@ -236,15 +252,7 @@ fn window(m: &mut Mesh, pairs: &[(usize, usize)], rate: f64, secs: f64, tag: &st
                     latency.record(took);
                     halves[usize::from(msgs[i].offset > half_point)].record(took);
                     if i % (msgs.len() / 8).max(1) == 0 {
-                        samples.push(Sample {
-                            recipient: client,
-                            text,
-                            what: SampleKind::Message {
-                                sender: msgs[i].sender,
-                                public: false,
-                                plaintext: msgs[i].plaintext.clone(),
-                            },
-                        });
+                        samples.push(msgs[i].sample(client, text));
                     }
                 }
                 other => {

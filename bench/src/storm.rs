@@ -35,8 +35,7 @@
 //! those in flight are waited for, and any not delivered within `--timeout` counts as lost.
 
 use crate::common::{
-    Mesh, Meter, MeterReading, Outcome, Pacer, Sample, SampleKind, Samples, Trouble, all_ready,
-    login_all, row, since,
+    Mesh, Meter, MeterReading, Outcome, Pacer, Samples, Trouble, all_ready, login_all, row, since,
 };
 use crate::dm::{Pre, precompute};
 use crate::fleet::{Fleet, MsgKey, Note, Phase, ServerEnd, Signer};
@@ -252,15 +251,7 @@ impl Probe {
                         s.latency = Some(since(at, s.due));
                         delivered += 1;
                         if i % 50 == 0 {
-                            self.samples.push(Sample {
-                                recipient: client,
-                                text,
-                                what: SampleKind::Message {
-                                    sender: msgs[i].sender,
-                                    public: false,
-                                    plaintext: msgs[i].plaintext.clone(),
-                                },
-                            });
+                            self.samples.push(msgs[i].sample(client, text));
                         }
                     }
                     // Presence of the storm users (not in this fleet) is ignored by the fleet.

@@ -127,6 +127,13 @@ impl Queues {
         };
         Some(job)
     }
+
+    /// The next job for the express worker: a conversation, or none (it is then idle).
+    fn next_express(&mut self) -> Option<Signed> {
+        let job = self.conversation.pop_front();
+        self.express_idle = job.is_none();
+        job
+    }
 }
 
 impl SignPool {
@@ -168,13 +175,13 @@ impl SignPool {
             let shared = Arc::clone(&pool.shared);
             let worker = std::thread::Builder::new()
                 .name(format!("signer-{i}"))
-                .spawn(move || shared.run())?;
+                .spawn(move || shared.run(false))?;
             pool.workers.push(worker);
         }
         let shared = Arc::clone(&pool.shared);
         let express = std::thread::Builder::new()
             .name("signer-express".into())
-            .spawn(move || shared.run_express())?;
+            .spawn(move || shared.run(true))?;
         pool.workers.push(express);
         Ok(pool)
     }
@@ -227,27 +234,13 @@ impl Shared {
         crate::wire::frame::lock(&self.queues)
     }
 
-    fn run(&self) {
-        lower_priority();
-        loop {
-            let job = {
-                let mut q = self.lock();
-                loop {
-                    if q.stop {
-                        return;
-                    }
-                    if let Some(job) = q.next() {
-                        break job;
-                    }
-                    q = self.work.wait(q).unwrap_or_else(|e| e.into_inner());
-                }
-            };
-            self.sign(&job);
+    /// A worker's life: take the next job it may take, sign it, tell the loop. The express
+    /// worker (conversations only) keeps the loop's priority.
+    fn run(&self, express: bool) {
+        if !express {
+            lower_priority();
         }
-    }
-
-    /// The express worker: conversations only, at the loop's priority.
-    fn run_express(&self) {
+        let bell = if express { &self.express } else { &self.work };
         loop {
             let job = {
                 let mut q = self.lock();
@@ -255,12 +248,11 @@ impl Shared {
                     if q.stop {
                         return;
                     }
-                    if let Some(job) = q.conversation.pop_front() {
-                        q.express_idle = false;
+                    let job = if express { q.next_express() } else { q.next() };
+                    if let Some(job) = job {
                         break job;
                     }
-                    q.express_idle = true;
-                    q = self.express.wait(q).unwrap_or_else(|e| e.into_inner());
+                    q = bell.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
             };
             self.sign(&job);
