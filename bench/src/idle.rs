@@ -151,7 +151,7 @@ fn one(opts: &Opts, target: &Target, n: usize) -> Result<(Value, Vec<String>), F
                 bin,
                 extra: flags.clone(),
                 mesh: false,
-                log_level: "info",
+                log_level: &opts.server_log,
                 tag: "idle",
                 env: opts.server_env(),
             };

@@ -254,7 +254,7 @@ fn mesh_scenarios(
             bin: server_bin,
             extra: flags.clone(),
             mesh: true,
-            log_level: "info",
+            log_level: &opts.server_log,
             tag: "mesh",
             env: opts.server_env(),
         };

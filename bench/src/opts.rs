@@ -70,6 +70,8 @@ OPTIONS:
   --peer-sig              clients announce the peer-sig capability (PROTOCOL.md §5.6): frames other
                           servers signed reach them unchanged (default: re-signed copies)
   --keep-logs             keep the servers' data directories (logs) and print where
+  --server-log FILTER     the servers' RUST_LOG, e.g. socp::net=debug for the slow-turn log
+                          (with --keep-logs) [info]
   --compare BEFORE AFTER  compare two results files (latency, rates, CPU, memory side by side,
                           regressions over 10 % marked); runs nothing
   -h, --help              this help
@@ -181,6 +183,8 @@ pub struct Opts {
     pub id_prefix: String,
     pub json: PathBuf,
     pub keep_logs: bool,
+    /// `RUST_LOG` of the servers started.
+    pub server_log: String,
     /// Clients announce `caps:["peer-sig"]` (PROTOCOL.md §5.6).
     pub peer_sig: bool,
 }
@@ -217,6 +221,7 @@ impl Default for Opts {
             id_prefix: "bench".into(),
             json: PathBuf::from("bench-results.json"),
             keep_logs: false,
+            server_log: "info".into(),
             peer_sig: false,
         }
     }
@@ -329,6 +334,7 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Parse
             Long("id-prefix") => o.id_prefix = string(p.value().map_err(s)?)?,
             Long("json") => o.json = p.value().map_err(s)?.into(),
             Long("keep-logs") => o.keep_logs = true,
+            Long("server-log") => o.server_log = string(p.value().map_err(s)?)?,
             Long("peer-sig") => o.peer_sig = true,
             _ => return Err(arg.unexpected().to_string()),
         }
