@@ -152,7 +152,7 @@ impl Outbox {
     }
 
     /// Frames here that still wait for their signatures, presence apart: what a sender feeding
-    /// this connection is paused for ([`SIGN_BACKLOG`](super::SIGN_BACKLOG)). Presence is not counted: it is not
+    /// this connection is paused for ([`SIGN_BACKLOG`](crate::net::conn::SIGN_BACKLOG)). Presence is not counted: it is not
     /// what a sender sends, and routed frames pass it.
     pub(super) fn signing_backlog(&mut self) -> usize {
         if self.unsigned() == 0 {
@@ -423,7 +423,7 @@ mod tests {
     }
 
     /// Three messages, the middle one far larger than the socket buffers, written the way
-    /// `Net::send` and `Net::flush_dirty` do while the peer is not reading yet: each arrives
+    /// `Conn::send` and `Conn::flush` do while the peer is not reading yet: each arrives
     /// whole and in order, and what the socket cannot take waits in the outbox.
     #[test]
     fn the_outbox_keeps_messages_whole_and_in_order_across_a_full_socket() {
