@@ -147,7 +147,7 @@ pub(super) enum Sent {
     /// the outbox may leave now (flush the connection).
     Queued { blocked: Option<u64>, flush: bool },
     /// More than the write limit waits for the connection (it is not reading), or the socket
-    /// failed: drop it.
+    /// failed: drop it (what was sent is not taken back).
     Overflow,
     /// Not open (handshaking or closing): nothing is sent.
     NotOpen,
@@ -198,7 +198,13 @@ pub(super) struct Ended {
     pub(super) dial: Option<u32>,
 }
 
-/// The slab slot in a [`ConnId`] (its low 32 bits; the high ones are a serial number).
+/// The [`ConnId`] of the connection in slab slot `slot`, the `serial`th made: the slot in
+/// the low 32 bits, the serial number (which tells a slot's successive tenants apart) above.
+pub(super) fn conn_id(serial: u32, slot: usize) -> ConnId {
+    ConnId((u64::from(serial) << 32) | slot as u64)
+}
+
+/// The slab slot in a [`ConnId`] (see [`conn_id`]).
 pub(super) fn slot(id: ConnId) -> usize {
     (id.0 & 0xffff_ffff) as usize
 }
@@ -848,5 +854,166 @@ fn violation(e: &WsError) -> Option<Code> {
             | P::InvalidCloseSequence,
         ) => Some((CloseCode::Protocol.into(), "protocol error")),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::frame::{Signed, lock};
+    use std::time::{Duration, Instant};
+    use tungstenite::protocol::Role;
+
+    /// An open server-side connection (non-blocking, eager writes, as the loop makes them) and
+    /// the blocking client at the other end of it.
+    fn open_pair() -> (Conn, WebSocket<std::net::TcpStream>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let (stream, _) = listener.accept().expect("accept");
+        stream.set_nonblocking(true).expect("non-blocking");
+        let config = WebSocketConfig::default().write_buffer_size(0);
+        let ws = WebSocket::from_raw_socket(
+            MaybeTls::Plain(TcpStream::from_std(stream)),
+            Role::Server,
+            Some(config),
+        );
+        let client = WebSocket::from_raw_socket(client, Role::Client, None);
+        (Conn::new(ConnId(5), Io::Open(ws), None), client)
+    }
+
+    fn text(ws: &mut WebSocket<std::net::TcpStream>) -> String {
+        match ws.read().expect("read") {
+            Message::Text(t) => t.to_string(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// A frame waiting for its signature holds back what is sent after it, and a close the
+    /// core asks for meanwhile waits for it too: the peer gets everything in order, then the
+    /// close frame. The connection is not read while its close waits.
+    #[test]
+    fn a_frame_waiting_for_its_signature_holds_back_later_frames_and_the_close() {
+        let (mut conn, mut client) = open_pair();
+        let completions = Completions::default();
+        let now = || 7;
+        let max = 1 << 20;
+        let sent = conn.send(Frame::from("a".to_string()), now, max, &completions);
+        assert!(matches!(sent, Sent::Written));
+        let signed = Signed::pending("{}".into());
+        let waiting = signed.frame("X", "s", "u", 1);
+        let sent = conn.send(waiting.clone(), now, max, &completions);
+        assert!(matches!(
+            sent,
+            Sent::Queued {
+                blocked: None,
+                flush: false
+            }
+        ));
+        let sent = conn.send(Frame::from("b".to_string()), now, max, &completions);
+        assert!(matches!(
+            sent,
+            Sent::Queued {
+                blocked: None,
+                flush: false
+            }
+        ));
+
+        let code = (1008, "policy");
+        let closing = conn.start_close(Some(code), &completions);
+        assert!(matches!(
+            closing,
+            Closing::AfterSignatures {
+                started: true,
+                flush: false
+            }
+        ));
+        assert!(conn.closes_after_signing());
+        client.send(Message::text("ignored")).expect("client send");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(matches!(conn.read(), Received::Nothing));
+        assert!(matches!(conn.flush(), Flushed::Signing));
+
+        signed.complete("sig".into());
+        assert_eq!(*lock(&completions), vec![slot(conn.id())]);
+        conn.signed();
+        match conn.flush() {
+            Flushed::Close(Some(c)) => assert_eq!(c, code),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            conn.start_close(Some(code), &completions),
+            Closing::Sent
+        ));
+        assert!(matches!(conn.flush(), Flushed::Drained));
+        assert!(matches!(
+            conn.start_close(None, &completions),
+            Closing::Already
+        ));
+
+        assert_eq!(text(&mut client), "a");
+        assert_eq!(text(&mut client), waiting.as_str());
+        assert_eq!(text(&mut client), "b");
+        match client.read().expect("read") {
+            Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1008),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// A peer that does not read: sends are written until the socket refuses one, which
+    /// blocks the connection (once, since then) and queues the rest; past the write limit a
+    /// send is an overflow. Once the peer reads, flushing drains the outbox and unblocks it.
+    #[test]
+    fn a_full_socket_queues_blocks_and_overflows_then_drains() {
+        let (mut conn, mut client) = open_pair();
+        let completions = Completions::default();
+        let big = "x".repeat(1 << 20);
+        let max = 1 << 30;
+        let mut sent_count = 0;
+        loop {
+            assert!(sent_count < 256, "256 MiB did not fill the socket");
+            sent_count += 1;
+            match conn.send(Frame::from(big.clone()), || 7, max, &completions) {
+                Sent::Written => {}
+                Sent::Queued {
+                    blocked: Some(7),
+                    flush: true,
+                } => break,
+                _ => panic!("unexpected send"),
+            }
+        }
+        assert!(conn.is_blocked() && conn.blocked_since(7));
+        let sent = conn.send(Frame::from("tail".to_string()), || 8, max, &completions);
+        assert!(matches!(
+            sent,
+            Sent::Queued {
+                blocked: None,
+                flush: false
+            }
+        ));
+        let waiting = conn.waiting();
+        assert!(waiting > 4, "the rest waits: {waiting}");
+        let sent = conn.send(Frame::from("over".to_string()), || 8, waiting, &completions);
+        assert!(matches!(sent, Sent::Overflow));
+
+        let reader = std::thread::spawn(move || {
+            (0..=sent_count + 1)
+                .map(|_| text(&mut client).len())
+                .collect::<Vec<usize>>()
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(Instant::now() < deadline, "the outbox never drained");
+            match conn.flush() {
+                Flushed::Drained => break,
+                Flushed::Blocked { .. } => std::thread::sleep(Duration::from_millis(1)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(conn.waiting(), 0);
+        assert!(conn.unblock() && !conn.is_blocked());
+        let mut lens = vec![1 << 20; sent_count];
+        lens.extend([4, 4]);
+        assert_eq!(reader.join().expect("reader"), lens);
     }
 }

@@ -398,7 +398,7 @@ impl Net {
             Interest::READABLE | Interest::WRITABLE,
         )?;
         self.serial = self.serial.wrapping_add(1);
-        let id = ConnId((u64::from(self.serial) << 32) | idx as u64);
+        let id = conn::conn_id(self.serial, idx);
         entry.insert(conn(id, stream));
         let at = self.mono_ms() + self.handshake_timeout_ms;
         self.wheel.insert(at, NetTimer::Handshake(id));
