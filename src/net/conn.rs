@@ -275,8 +275,11 @@ impl Conn {
         match self.io {
             Io::Http(_) => stats.http += 1,
             Io::Closing(_) => stats.closing += 1,
+            Io::Accepted(_)
+            | Io::Handshaking(_)
+            | Io::Connecting { .. }
+            | Io::ClientHandshaking(_) => stats.handshaking += 1,
             Io::Open(_) | Io::Gone => {}
-            _ => stats.handshaking += 1,
         }
         stats.outbox_bytes += self.out.bytes();
         stats.blocked += usize::from(self.blocked_since.is_some());
