@@ -863,6 +863,7 @@ fn violation(e: &WsError) -> Option<Code> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::outbox::tests::read_texts;
     use crate::wire::frame::{Signed, lock};
     use std::time::{Duration, Instant};
     use tungstenite::protocol::Role;
@@ -883,13 +884,6 @@ mod tests {
         );
         let client = WebSocket::from_raw_socket(client, Role::Client, None);
         (Conn::new(ConnId(5), Io::Open(ws), None), client)
-    }
-
-    fn text(ws: &mut WebSocket<std::net::TcpStream>) -> String {
-        match ws.read().expect("read") {
-            Message::Text(t) => t.to_string(),
-            other => panic!("unexpected {other:?}"),
-        }
     }
 
     /// A frame waiting for its signature holds back what is sent after it, and a close the
@@ -954,9 +948,10 @@ mod tests {
             Closing::Already
         ));
 
-        assert_eq!(text(&mut client), "a");
-        assert_eq!(text(&mut client), waiting.as_str());
-        assert_eq!(text(&mut client), "b");
+        assert_eq!(
+            read_texts(&mut client, 3),
+            ["a", waiting.as_str(), "b"].map(String::from)
+        );
         match client.read().expect("read") {
             Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1008),
             other => panic!("unexpected {other:?}"),
@@ -1000,8 +995,9 @@ mod tests {
         assert!(matches!(sent, Sent::Overflow));
 
         let reader = std::thread::spawn(move || {
-            (0..=sent_count + 1)
-                .map(|_| text(&mut client).len())
+            read_texts(&mut client, sent_count + 2)
+                .iter()
+                .map(String::len)
                 .collect::<Vec<usize>>()
         });
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -268,18 +268,31 @@ impl Outbox {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::net::signpool;
     use crate::net::tls::{MaybeTls, TlsStream};
     use crate::wire::Text;
     use mio::net::TcpStream;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
     use tungstenite::protocol::Role;
     use tungstenite::protocol::WebSocketConfig;
+
+    /// Reads `n` messages, each a text message, as a client does.
+    pub(in crate::net) fn read_texts<S: Read + Write>(
+        ws: &mut WebSocket<S>,
+        n: usize,
+    ) -> Vec<String> {
+        (0..n)
+            .map(|_| match ws.read().expect("read") {
+                Message::Text(t) => t.to_string(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
 
     /// A frame carried for a user passes presence of other users still being signed, never
     /// the sender's own presence, a signed frame, or another routed frame.
@@ -351,12 +364,7 @@ mod tests {
         let reader = std::thread::spawn(move || {
             let (stream, _) = listener.accept().expect("accept");
             let mut ws = WebSocket::from_raw_socket(MaybeTls::Plain(stream), Role::Client, None);
-            (0..N)
-                .map(|_| match ws.read().expect("read") {
-                    Message::Text(t) => t.to_string(),
-                    other => panic!("unexpected {other:?}"),
-                })
-                .collect::<Vec<String>>()
+            read_texts(&mut ws, N)
         });
         let stream = std::net::TcpStream::connect(addr).expect("connect");
         stream.set_nonblocking(true).expect("non-blocking");
@@ -468,12 +476,7 @@ mod tests {
             };
             let mut ws = WebSocket::from_raw_socket(stream, Role::Client, None);
             std::thread::sleep(Duration::from_millis(300)); // let the writer's socket fill
-            (0..3)
-                .map(|_| match ws.read().expect("read") {
-                    Message::Text(t) => t.to_string(),
-                    other => panic!("unexpected {other:?}"),
-                })
-                .collect::<Vec<String>>()
+            read_texts(&mut ws, 3)
         });
         let stream = std::net::TcpStream::connect(addr).expect("connect");
         stream.set_nonblocking(true).expect("non-blocking");
