@@ -31,8 +31,8 @@
 //!
 //! Take a `MSG_DIRECT` from alice, connected here, to bob on another server (§6):
 //!
-//! 1. **socket → net.** `mio` reports alice's socket readable. [`net::Net`] reads WebSocket
-//!    messages from it until `WouldBlock` (DESIGN.md "Rules of the event loop", rule 1), within
+//! 1. **socket → net.** `mio` reports alice's socket readable. [`net::Net`] has her connection
+//!    read WebSocket messages from it until `WouldBlock` (DESIGN.md "Rules of the event loop", rule 1), within
 //!    a per-turn budget, over plain TCP or [`net::tls`].
 //! 2. **net → core.** Each text message goes to the core as
 //!    [`Input::Text`](crate::core::server::Input::Text) with the current

@@ -9,315 +9,45 @@
 //! Every connection's registration is `READABLE | WRITABLE`, edge-triggered: a writable event
 //! comes only when a full socket buffer drains, so nothing spins on it.
 //!
-//! This file is the event loop ([`Net`]); beside it are the hashed timer wheel ([`timer`]), the
-//! plain-or-TLS byte stream under tungstenite ([`tls`], which the `socp` client uses too) and
-//! the answers to plain HTTP requests on the WebSocket port ([`http`]). The layer owns I/O and
+//! This file is the event loop ([`Net`]): the registry of connections, timers, the lists of
+//! connections to flush, read again or keep paused, and the one place inputs reach the core.
+//! Beside it are one connection and its I/O (`conn`: handshakes, reads, writes, closing), its
+//! outbox of messages the socket has not taken yet (`outbox`), the signer threads
+//! ([`signpool`]), the hashed timer wheel ([`timer`]), the plain-or-TLS byte stream under
+//! tungstenite ([`tls`], which the `socp` client uses too) and the answers to plain HTTP
+//! requests on the WebSocket port ([`http`]). The layer owns I/O and
 //! time; it must not decide what a frame means or keep protocol state: it parses nothing past
 //! the WebSocket frame, and every decision about a SOCP frame is the core's.
 
+mod conn;
 pub mod http;
+mod outbox;
 pub mod signpool;
 pub mod timer;
 pub mod tls;
 
 use crate::config::Config;
 use crate::core::server::{self, Action, ConnId, Input, Server, Time};
+use crate::net::conn::{Closing, Code, Conn, Flushed, Received, Sent, Step};
 use crate::net::timer::TimerWheel;
-use crate::net::tls::{MaybeTls, TlsStream};
-use crate::wire::frame::{Completions, Frame, Lane, lock};
+use crate::net::tls::MaybeTls;
+use crate::wire::frame::{Completions, Frame, lock};
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::collections::VecDeque;
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, ToSocketAddrs};
+use std::io::{self, ErrorKind, Read};
+use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tungstenite::handshake::client::ClientHandshake;
-use tungstenite::handshake::server::{NoCallback, ServerHandshake};
-use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::protocol::WebSocketConfig;
-use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::{Error as WsError, Message, WebSocket};
 
 /// A connection's byte stream: plain TCP, or TLS over it when we serve `wss://` or dial a
 /// `wss://` peer. tungstenite runs over either unchanged; see [`crate::net::tls`] for how TLS keeps
 /// the event-loop rules (reads drain decrypted data, records are flushed eagerly).
 type Stream = MaybeTls<TcpStream>;
-
-/// Largest WebSocket frame we send: bigger messages go as a fragmented message (RFC 6455 §5.4).
-/// tungstenite reserves its write buffer per frame and never shrinks it, so without this every
-/// connection would keep a buffer as large as the largest frame it was ever sent — a directory
-/// snapshot is ~0.8 KiB per online user, which made idle memory grow with users × connections.
-const FRAGMENT: usize = 4096;
-
-/// Messages for one connection that its socket has not taken yet. While a socket refuses
-/// data, what follows waits here as the shared [`Text`](crate::wire::Text) it was sent as (a
-/// broadcast is one allocation for all its recipients), not copied into tungstenite's write
-/// buffer, which would keep that size for as long as the connection lives. tungstenite holds
-/// at most the one frame that met `WouldBlock`.
-///
-/// A frame whose signature is still being made waits here too, holding back only the frames
-/// behind it on this connection (issue "signatures off the loop").
-#[derive(Default)]
-struct Outbox {
-    /// Messages in order.
-    queue: VecDeque<Waiting>,
-    /// Bytes waiting in `queue` (of a frame not complete yet, the part known).
-    bytes: usize,
-    /// Frames in `queue` not complete when queued (some may be by now).
-    pending: usize,
-}
-
-/// One message in an [`Outbox`].
-struct Waiting {
-    frame: Frame,
-    /// How many of its bytes tungstenite already has.
-    offset: usize,
-    /// What it adds to [`Outbox::bytes`].
-    charged: usize,
-    /// It was not complete when queued (counted in [`Outbox::pending`]).
-    pending: bool,
-}
-
-/// What handing queued messages to tungstenite came to.
-#[derive(Debug, PartialEq, Eq)]
-enum Pumped {
-    /// Everything is written.
-    Drained,
-    /// The socket refused data.
-    Blocked,
-    /// The next message's signature is not made yet.
-    Signing,
-}
-
-/// What writing a message (from byte `offset`) to tungstenite came to.
-enum Wrote {
-    /// All of it is written.
-    All,
-    /// The socket refused data: tungstenite holds the frame that met `WouldBlock`; the
-    /// message's bytes from this offset on still have to be written.
-    Blocked(usize),
-}
-
-/// Writes `text` from byte `offset` as one message, in frames of at most [`FRAGMENT`] bytes
-/// (zero-copy slices of the shared text; the first frame of a fragmented message says `Text`,
-/// the others `Continue`). Stops at the first frame that meets `WouldBlock`.
-fn write_from(
-    ws: &mut WebSocket<Stream>,
-    text: &crate::wire::Text,
-    offset: usize,
-) -> Result<Wrote, WsError> {
-    use tungstenite::protocol::frame::Frame;
-    use tungstenite::protocol::frame::coding::{Data, OpCode};
-    let blocked = |e: &WsError| matches!(e, WsError::Io(e) if e.kind() == ErrorKind::WouldBlock);
-    if offset == 0 && text.len() <= FRAGMENT {
-        return match ws.write(Message::Text(text.clone())) {
-            Ok(()) => Ok(Wrote::All),
-            Err(e) if blocked(&e) => Ok(Wrote::Blocked(text.len())),
-            Err(e) => Err(e),
-        };
-    }
-    let bytes: &tungstenite::Bytes = text.as_ref();
-    let mut start = offset;
-    while start < bytes.len() {
-        let end = (start + FRAGMENT).min(bytes.len());
-        let opcode = if start == 0 {
-            Data::Text
-        } else {
-            Data::Continue
-        };
-        let frame = Frame::message(
-            bytes.slice(start..end),
-            OpCode::Data(opcode),
-            end == bytes.len(),
-        );
-        match ws.write(Message::Frame(frame)) {
-            Ok(()) => {}
-            Err(e) if blocked(&e) => return Ok(Wrote::Blocked(end)),
-            Err(e) => return Err(e),
-        }
-        start = end;
-    }
-    Ok(Wrote::All)
-}
-
-impl Outbox {
-    #[cfg(test)]
-    fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    /// Whether a queued frame still waits for its signature.
-    fn has_pending(&mut self) -> bool {
-        self.unsigned() > 0
-    }
-
-    /// The first queued frame still waiting for its signature.
-    fn first_unsigned(&self) -> Option<&Frame> {
-        self.queue
-            .iter()
-            .find(|w| w.pending && w.frame.ready().is_none())
-            .map(|w| &w.frame)
-    }
-
-    /// How many queued frames still wait for their signatures.
-    fn unsigned(&mut self) -> usize {
-        if self.pending > 0 {
-            for w in &mut self.queue {
-                if w.pending && w.frame.ready().is_some() {
-                    w.pending = false;
-                    self.pending -= 1;
-                }
-            }
-        }
-        self.pending
-    }
-
-    /// Frames here that still wait for their signatures, presence apart: what a sender feeding
-    /// this connection is paused for ([`SIGN_BACKLOG`]). Presence is not counted: it is not
-    /// what a sender sends, and routed frames pass it.
-    fn signing_backlog(&mut self) -> usize {
-        if self.unsigned() == 0 {
-            return 0;
-        }
-        self.queue
-            .iter()
-            .filter(|w| w.pending && !matches!(w.frame.lane(), Lane::Presence(_)))
-            .count()
-    }
-
-    /// Where `frame` goes: at the back, or before the presence it may pass (see
-    /// [`crate::wire::frame::Lane`]: a frame carried for one user passes presence of others
-    /// still being signed).
-    fn place_for(&self, frame: &Frame) -> usize {
-        let mut at = self.queue.len();
-        while at > 0 && self.queue[at - 1].frame.may_be_passed_by(frame) {
-            at -= 1;
-        }
-        at
-    }
-
-    #[cfg(test)]
-    fn push(&mut self, frame: Frame, offset: usize) {
-        self.insert(self.queue.len(), frame, offset);
-    }
-
-    fn insert(&mut self, at: usize, frame: Frame, offset: usize) {
-        let len = frame.len();
-        // (An empty message at offset 0 is still a message to send.)
-        if offset < len || offset == 0 {
-            let charged = len - offset;
-            let pending = frame.ready().is_none();
-            self.bytes += charged;
-            self.pending += usize::from(pending);
-            self.queue.insert(
-                at,
-                Waiting {
-                    frame,
-                    offset,
-                    charged,
-                    pending,
-                },
-            );
-        }
-    }
-
-    fn pop(&mut self) {
-        if let Some(w) = self.queue.pop_front() {
-            self.bytes -= w.charged;
-            self.pending -= usize::from(w.pending);
-        }
-    }
-
-    /// Hands queued messages to tungstenite until one meets `WouldBlock`, one is not signed
-    /// yet, or the queue is empty. Call only when tungstenite's own buffer is flushed.
-    fn pump(&mut self, ws: &mut WebSocket<Stream>) -> Result<Pumped, WsError> {
-        while let Some(w) = self.queue.front_mut() {
-            let Some(text) = w.frame.ready() else {
-                return Ok(Pumped::Signing);
-            };
-            match write_from(ws, text, w.offset)? {
-                Wrote::All => self.pop(),
-                Wrote::Blocked(next) => {
-                    let left = text.len() - next;
-                    self.bytes = self.bytes - w.charged + left;
-                    w.charged = left;
-                    w.offset = next;
-                    if next == text.len() {
-                        self.pop();
-                    }
-                    return Ok(Pumped::Blocked);
-                }
-            }
-        }
-        self.release();
-        Ok(Pumped::Drained)
-    }
-
-    /// Gives back the queue's memory once it is empty. Frames wait here for their signatures
-    /// on every connection now, not only on a full socket, so without this every connection
-    /// would keep the largest queue it ever had (a login burst: one slot per newcomer's
-    /// advert), and idle memory would grow by kilobytes per connection.
-    fn release(&mut self) {
-        if self.queue.is_empty() && self.queue.capacity() > 0 {
-            self.queue = VecDeque::new();
-        }
-    }
-
-    /// Hands everything to tungstenite, whatever the socket takes (before a close frame,
-    /// which must come last). Gives up at the first error other than `WouldBlock`. Call only
-    /// when no frame waits for its signature.
-    fn spill(&mut self, ws: &mut WebSocket<Stream>) {
-        while let Some(w) = self.queue.pop_front() {
-            let Some(text) = w.frame.ready() else {
-                continue; // not reached: see above
-            };
-            let mut offset = w.offset;
-            while offset < text.len() {
-                match write_from(ws, text, offset) {
-                    Ok(Wrote::All) => break,
-                    Ok(Wrote::Blocked(next)) => offset = next,
-                    Err(_) => {
-                        self.queue.clear();
-                        break;
-                    }
-                }
-            }
-        }
-        self.bytes = 0;
-        self.pending = 0;
-    }
-}
-
-/// The close frame a read error calls for when the peer broke RFC 6455 (§7.4.1): 1007 for a
-/// text message that is not UTF-8 (§8.1), 1002 for a frame that breaks the framing rules
-/// (reserved bits set, §5.2; an unmasked client frame, §5.1; bad opcodes, fragmentation,
-/// control frames or close payload, §5.4-5.5). None for the rest (a reset, an I/O error):
-/// those end the connection without a frame.
-fn violation(e: &WsError) -> Option<(u16, &'static str)> {
-    use tungstenite::error::ProtocolError as P;
-    match e {
-        WsError::Utf8(_) => Some((CloseCode::Invalid.into(), "invalid UTF-8")),
-        WsError::Protocol(
-            P::NonZeroReservedBits
-            | P::UnmaskedFrameFromClient
-            | P::MaskedFrameFromServer
-            | P::FragmentedControlFrame
-            | P::ControlFrameTooBig
-            | P::UnknownControlFrameType(_)
-            | P::UnknownDataFrameType(_)
-            | P::UnexpectedContinueFrame
-            | P::ExpectedFragment(_)
-            | P::InvalidOpcode(_)
-            | P::InvalidCloseSequence,
-        ) => Some((CloseCode::Protocol.into(), "protocol error")),
-        _ => None,
-    }
-}
 
 /// The listening socket.
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -343,10 +73,6 @@ const SLOW_TURN: Duration = Duration::from_millis(20);
 /// Bytes written from the outboxes per loop turn (see [`Net::flush_dirty`]).
 const FLUSH_BUDGET: usize = 1 << 20;
 
-/// Frames routed to one connection that may wait for their signatures before the senders
-/// feeding it are paused (backpressure, as for a reader that does not keep up).
-const SIGN_BACKLOG: usize = 16;
-
 /// Messages read from one connection in one loop turn before others get a turn; the rest wait
 /// in the backlog (read again next turn without waiting for a new readiness event).
 const READ_BUDGET: usize = 64;
@@ -358,71 +84,9 @@ const SIGNING_GRACE_MS: u64 = 12_000;
 /// How long a graceful shutdown waits for connections to finish closing.
 const SHUTDOWN_LINGER_MS: u64 = 1_000;
 
-type Handshake = MidHandshake<ServerHandshake<Stream, NoCallback>>;
-type ClientHs = MidHandshake<ClientHandshake<Stream>>;
-
-enum Io {
-    /// Accepted; its request head is peeked at, not consumed, until it shows whether it is a
-    /// WebSocket upgrade (then `Handshaking`, which reads it as before) or a plain HTTP
-    /// request (then `Http`). See [`Net::sniff_request`]. Over TLS, what is peeked at is the
-    /// decrypted request (the TLS handshake runs as it is peeked for).
-    Accepted(Stream),
-    /// Answering a plain HTTP request (`GET /healthz`, `GET /metrics`); closed after it.
-    Http(HttpReply),
-    /// The WebSocket handshake has not completed.
-    Handshaking(Handshake),
-    /// We are dialling a peer: TCP connect under way (§4.4, DESIGN rule 4). `tls`: the TLS
-    /// client side to run over it once connected (a `wss://` peer).
-    Connecting {
-        stream: TcpStream,
-        url: String,
-        tls: Option<Box<rustls::ClientConnection>>,
-    },
-    /// We dialled a peer: TCP is up, our WebSocket handshake is under way.
-    ClientHandshaking(ClientHs),
-    /// Open and known to the core.
-    Open(WebSocket<Stream>),
-    /// Close frame sent; flushing and waiting for the peer's reply until the linger deadline.
-    Closing(WebSocket<Stream>),
-    /// Transient, while a handshake step owns the stream.
-    Gone,
-}
-
-struct Conn {
-    id: ConnId,
-    io: Io,
-    /// The peer target this connection dials for, until it is open.
-    dial: Option<u32>,
-    /// The incoming stream can no longer be parsed (a refused frame is half read): only raw
-    /// bytes are read and dropped from now on. tungstenite must not read again after an
-    /// error: its codec keeps the refused frame's header.
-    discard: bool,
-    /// Has written data not yet flushed.
-    dirty: bool,
-    /// The socket refused data (`WouldBlock`): the peer reads slower than we write. Since when.
-    blocked_since: Option<u64>,
-    /// We stopped reading this connection because frames routed for it fed a blocked one.
-    paused: bool,
-    /// What the socket has not taken yet, beyond the frame tungstenite holds.
-    out: Outbox,
-    /// Its outbox waits for a signature, and the frame will report it ([`Frame::watch`]).
-    signing: bool,
-    /// Senders were paused because too many frames for it wait for signatures.
-    holds_back: bool,
-    /// The core closed it while frames before the close still waited for their signatures:
-    /// the close frame follows them (see [`Net::start_closing`]). Not read meanwhile.
-    close_after: Option<Option<(u16, &'static str)>>,
-    /// The core has been told it is gone (once is enough).
-    reported: bool,
-}
-
-/// A response to a plain HTTP request, and how much of it the socket took.
-struct HttpReply {
-    stream: Stream,
-    out: Vec<u8>,
-    sent: usize,
-    /// All of it has left (TLS records flushed) and our side is shut down.
-    shut: bool,
+/// Milliseconds since `start`: the loop's monotonic clock.
+fn mono_ms(start: Instant) -> u64 {
+    start.elapsed().as_millis() as u64
 }
 
 /// A dropped connection the core has not been told about yet (see `Net::gone`).
@@ -494,7 +158,7 @@ pub struct Net {
     shutting_down: bool,
     shutdown_done: bool,
     /// Connections whose outbox's first waiting frame has been completed since the loop last
-    /// looked (see [`Net::wait_for_signature`]).
+    /// looked (see [`Conn::wait_for_signature`]).
     completions: Completions,
     /// Set by the signer threads when they complete frames (None: signing in line).
     signed: Option<Arc<AtomicBool>>,
@@ -670,7 +334,7 @@ impl Net {
     }
 
     fn mono_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        mono_ms(self.start)
     }
 
     // ------------------------------------------------------------ accept and handshake
@@ -712,14 +376,8 @@ impl Net {
             },
             None => None,
         };
-        let io = |stream| {
-            Io::Accepted(match tls {
-                Some(conn) => MaybeTls::Tls(Box::new(TlsStream::new(conn.into(), stream))),
-                None => MaybeTls::Plain(stream),
-            })
-        };
         // The request is looked at when it arrives (a readable event).
-        match self.insert_conn(stream, io, None) {
+        match self.insert_conn(stream, |id, stream| Conn::accepted(id, stream, tls)) {
             Ok(id) => debug!("conn {id}: accepted from {addr}"),
             Err(e) => warn!("register {addr}: {e}"),
         }
@@ -730,8 +388,7 @@ impl Net {
     fn insert_conn(
         &mut self,
         mut stream: TcpStream,
-        io: impl FnOnce(TcpStream) -> Io,
-        dial: Option<u32>,
+        conn: impl FnOnce(ConnId, TcpStream) -> Conn,
     ) -> io::Result<ConnId> {
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
@@ -741,129 +398,11 @@ impl Net {
             Interest::READABLE | Interest::WRITABLE,
         )?;
         self.serial = self.serial.wrapping_add(1);
-        let id = ConnId((u64::from(self.serial) << 32) | idx as u64);
-        entry.insert(Conn {
-            id,
-            io: io(stream),
-            dial,
-            discard: false,
-            dirty: false,
-            blocked_since: None,
-            out: Outbox::default(),
-            paused: false,
-            signing: false,
-            holds_back: false,
-            close_after: None,
-            reported: false,
-        });
+        let id = conn::conn_id(self.serial, idx);
+        entry.insert(conn(id, stream));
         let at = self.mono_ms() + self.handshake_timeout_ms;
         self.wheel.insert(at, NetTimer::Handshake(id));
         Ok(id)
-    }
-
-    /// Peeks at an accepted connection's request head (up to [`http::MAX_HEAD`] bytes, not
-    /// consumed): a WebSocket upgrade goes to tungstenite's handshake exactly as before, on any
-    /// path; a plain HTTP request is answered here and the connection closed. An incomplete
-    /// head waits for more bytes (a new readable event) under the handshake deadline.
-    fn sniff_request(&mut self, idx: usize) {
-        let Some(Conn {
-            io: Io::Accepted(stream),
-            id,
-            ..
-        }) = self.conns.get_mut(idx)
-        else {
-            return;
-        };
-        let id = *id;
-        let mut buf = [0u8; http::MAX_HEAD];
-        let n = loop {
-            let peeked = match stream {
-                MaybeTls::Plain(tcp) => tcp.peek(&mut buf),
-                // A client that does not speak TLS fails here (an error), and is dropped.
-                MaybeTls::Tls(tls) => tls.peek(&mut buf),
-            };
-            match peeked {
-                Ok(0) => return self.drop_conn(idx),
-                Ok(n) => break n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(_) => return self.drop_conn(idx),
-            }
-        };
-        let plain = match http::classify(&buf[..n], n == buf.len()) {
-            http::Request::Incomplete => return,
-            http::Request::WebSocket => None,
-            http::Request::Plain(request) => Some(request),
-        };
-        let conn = &mut self.conns[idx];
-        let Io::Accepted(stream) = std::mem::replace(&mut conn.io, Io::Gone) else {
-            unreachable!("checked above")
-        };
-        let Some(request) = plain else {
-            let ws_config = Some(self.ws_config);
-            conn.io = Io::Handshaking(ServerHandshake::start(stream, NoCallback, ws_config));
-            return self.drive_handshake(idx);
-        };
-        debug!("conn {id}: plain HTTP request: {request:?}");
-        // In the `Http` state first, so the report counts this connection as one.
-        conn.io = Io::Http(HttpReply {
-            stream,
-            out: Vec::new(),
-            sent: 0,
-            shut: false,
-        });
-        let out = http::answer(request, &self.core, &self.net_stats());
-        if let Io::Http(reply) = &mut self.conns[idx].io {
-            reply.out = out;
-        }
-        self.drive_http(idx);
-    }
-
-    /// Writes the reply to a plain HTTP request, then half-closes and reads what the client
-    /// still sends until it closes: closing with unread input would reset the connection and
-    /// could destroy the reply before the client read it. The handshake deadline bounds it all.
-    fn drive_http(&mut self, idx: usize) {
-        let Some(Conn {
-            io: Io::Http(reply),
-            ..
-        }) = self.conns.get_mut(idx)
-        else {
-            return;
-        };
-        while reply.sent < reply.out.len() {
-            match reply.stream.write(&reply.out[reply.sent..]) {
-                Ok(0) => return self.drop_conn(idx),
-                Ok(n) => reply.sent += n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return, // a writable event resumes
-                Err(_) => return self.drop_conn(idx),
-            }
-        }
-        if !reply.shut {
-            // Over TLS, records rustls still holds must leave before our side shuts.
-            match reply.stream.flush() {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return, // a writable event resumes
-                Err(_) => return self.drop_conn(idx),
-            }
-            if let MaybeTls::Tls(tls) = &mut reply.stream {
-                let _ = tls.close_notify();
-            }
-            let _ = reply.stream.tcp().shutdown(Shutdown::Write);
-            reply.shut = true;
-        }
-        let mut buf = [0u8; 4096];
-        for _ in 0..16 {
-            match reply.stream.read(&mut buf) {
-                Ok(0) => return self.drop_conn(idx),
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(_) => return self.drop_conn(idx),
-            }
-        }
-        // Still sending after its answer: not worth more of the loop's time.
-        self.drop_conn(idx);
     }
 
     /// The net layer's numbers for `GET /metrics` and `GET /healthz`.
@@ -873,48 +412,9 @@ impl Net {
             ..Default::default()
         };
         for (_, conn) in &self.conns {
-            match conn.io {
-                Io::Accepted(_)
-                | Io::Handshaking(_)
-                | Io::Connecting { .. }
-                | Io::ClientHandshaking(_) => stats.handshaking += 1,
-                Io::Http(_) => stats.http += 1,
-                Io::Closing(_) => stats.closing += 1,
-                Io::Open(_) | Io::Gone => {}
-            }
-            stats.outbox_bytes += conn.out.bytes;
-            stats.blocked += usize::from(conn.blocked_since.is_some());
+            conn.count(&mut stats);
         }
         stats
-    }
-
-    fn drive_handshake(&mut self, idx: usize) {
-        let Some(conn) = self.conns.get_mut(idx) else {
-            return;
-        };
-        let Io::Handshaking(_) = conn.io else { return };
-        let Io::Handshaking(mid) = std::mem::replace(&mut conn.io, Io::Gone) else {
-            unreachable!("checked above")
-        };
-        match mid.handshake() {
-            Ok(ws) => {
-                // Login budgets are per source address (§5.3). A socket whose peer address is
-                // gone is already dead: nothing it sent will be read.
-                let unknown = std::net::Ipv4Addr::UNSPECIFIED.into();
-                let peer = ws.get_ref().tcp().peer_addr().map_or(unknown, |a| a.ip());
-                conn.io = Io::Open(ws);
-                let id = conn.id;
-                let now = self.now();
-                self.core.handle(now, Input::Opened { conn: id, peer });
-                self.apply_actions();
-                self.read_frames(idx);
-            }
-            Err(HandshakeError::Interrupted(mid)) => conn.io = Io::Handshaking(mid),
-            Err(HandshakeError::Failure(e)) => {
-                debug!("conn {}: handshake failed: {e}", conn.id);
-                self.drop_conn(idx);
-            }
-        }
     }
 
     // ------------------------------------------------------------ dialling peers
@@ -957,11 +457,8 @@ impl Net {
             format!("{scheme}://{host}:{port}/")
         };
         let shown = url.clone();
-        match self.insert_conn(
-            stream,
-            |stream| Io::Connecting { stream, url, tls },
-            Some(target),
-        ) {
+        let connecting = |id, stream| Conn::connecting(id, stream, target, url, tls);
+        match self.insert_conn(stream, connecting) {
             Ok(id) => debug!("conn {id}: connecting to {shown}"),
             Err(e) => self.dial_failed(target, &e.to_string()),
         }
@@ -974,87 +471,14 @@ impl Net {
             .push_back(Gone::DialFailed(target, reason.to_string()));
     }
 
-    /// DESIGN rule 4: on readiness, check `take_error()` and `peer_addr()`; only a connected
-    /// socket starts the client handshake.
-    fn drive_connect(&mut self, idx: usize) {
-        let conn = &mut self.conns[idx];
-        let Io::Connecting { stream, .. } = &conn.io else {
-            return;
-        };
-        match stream.take_error() {
-            Ok(None) => {}
-            Ok(Some(e)) | Err(e) => return self.drop_conn_because(idx, &e.to_string()),
-        }
-        match stream.peer_addr() {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::NotConnected => return, // not yet
-            Err(e) => return self.drop_conn_because(idx, &e.to_string()),
-        }
-        let Io::Connecting { stream, url, tls } = std::mem::replace(&mut conn.io, Io::Gone) else {
-            unreachable!("checked above")
-        };
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!("set_nodelay: {e}");
-        }
-        // With TLS, its handshake runs inside the WebSocket handshake's reads and writes.
-        let stream = match tls {
-            Some(conn) => MaybeTls::Tls(Box::new(TlsStream::new((*conn).into(), stream))),
-            None => MaybeTls::Plain(stream),
-        };
-        let result =
-            tungstenite::client::client_with_config(url, stream, Some(self.peer_ws_config));
-        self.client_handshake_step(idx, result.map(|(ws, _)| ws));
-    }
-
-    fn drive_client_handshake(&mut self, idx: usize) {
-        let conn = &mut self.conns[idx];
-        let Io::ClientHandshaking(_) = conn.io else {
-            return;
-        };
-        let Io::ClientHandshaking(mid) = std::mem::replace(&mut conn.io, Io::Gone) else {
-            unreachable!("checked above")
-        };
-        let result = mid.handshake().map(|(ws, _)| ws);
-        self.client_handshake_step(idx, result);
-    }
-
-    fn client_handshake_step(
-        &mut self,
-        idx: usize,
-        result: Result<WebSocket<Stream>, HandshakeError<ClientHandshake<Stream>>>,
-    ) {
-        match result {
-            Ok(ws) => {
-                let conn = &mut self.conns[idx];
-                conn.io = Io::Open(ws);
-                let (id, target) = (conn.id, conn.dial.take().expect("a dial"));
-                let now = self.now();
-                self.core.handle(now, Input::Dialled { conn: id, target });
-                self.apply_actions();
-                self.read_frames(idx);
-            }
-            Err(HandshakeError::Interrupted(mid)) => {
-                self.conns[idx].io = Io::ClientHandshaking(mid);
-            }
-            Err(HandshakeError::Failure(e)) => {
-                self.drop_conn_because(idx, &format!("WebSocket handshake: {e}"));
-            }
-        }
-    }
-
     // ------------------------------------------------------------ readiness
 
     fn on_ready(&mut self, idx: usize, readable: bool, writable: bool) {
-        let Some(conn) = self.conns.get(idx) else {
+        let Some(conn) = self.conns.get_mut(idx) else {
             return;
         };
-        match conn.io {
-            Io::Accepted(_) => self.sniff_request(idx),
-            Io::Http(_) => self.drive_http(idx),
-            Io::Handshaking(_) => self.drive_handshake(idx),
-            Io::Connecting { .. } => self.drive_connect(idx),
-            Io::ClientHandshaking(_) => self.drive_client_handshake(idx),
-            Io::Open(_) | Io::Closing(_) => {
+        match conn.advance(&self.ws_config, &self.peer_ws_config) {
+            Step::Open => {
                 if writable {
                     self.mark_dirty(idx);
                 }
@@ -1062,7 +486,32 @@ impl Net {
                     self.read_frames(idx);
                 }
             }
-            Io::Gone => {}
+            step => self.opening(idx, step),
+        }
+    }
+
+    /// Carries out what a step of a connection not open yet came to ([`Conn::advance`]).
+    fn opening(&mut self, idx: usize, step: Step) {
+        let Some(conn) = self.conns.get(idx) else {
+            return;
+        };
+        let id = conn.id();
+        match step {
+            Step::Wait | Step::Open => {}
+            Step::Http(request) => {
+                let out = http::answer(request, &self.core, &self.net_stats());
+                let step = self.conns[idx].answer(out);
+                self.opening(idx, step);
+            }
+            Step::Accepted(peer) => {
+                self.input(Input::Opened { conn: id, peer });
+                self.read_frames(idx);
+            }
+            Step::Dialled(target) => {
+                self.input(Input::Dialled { conn: id, target });
+                self.read_frames(idx);
+            }
+            Step::Drop(reason) => self.drop_conn_because(idx, &reason),
         }
     }
 
@@ -1077,126 +526,74 @@ impl Net {
             let Some(conn) = self.conns.get_mut(idx) else {
                 return;
             };
-            let id = conn.id;
-            let closing = matches!(conn.io, Io::Closing(_));
-            if conn.discard {
-                return self.discard_input(idx);
-            }
-            if conn.paused {
-                return; // resumed (and read) when what it feeds drains
-            }
-            if conn.close_after.is_some() {
-                return; // the core is done with it: closed once its last frames are signed
-            }
-            let result = match &mut conn.io {
-                Io::Open(ws) | Io::Closing(ws) => ws.read(),
-                _ => return,
-            };
-            let now = self.now();
-            if result.is_ok() {
+            let id = conn.id();
+            let received = conn.read();
+            if let Received::Text(_) | Received::Binary | Received::PeerClosed | Received::Control =
+                received
+            {
                 // Every message counts: a mass leave is a thousand close frames in one poll.
                 self.inputs_this_turn += 1;
             }
-            match result {
-                Ok(Message::Text(text)) if !closing => {
+            match received {
+                Received::Text(text) => {
                     self.hit_blocked.clear();
-                    self.core.handle(
-                        now,
-                        Input::Text {
-                            conn: id,
-                            text: text.as_str(),
-                        },
-                    );
-                    self.apply_actions();
+                    self.input(Input::Text {
+                        conn: id,
+                        text: text.as_str(),
+                    });
                     if let Some(why) = self.hit_still_blocked() {
                         // Backpressure: what this connection sends to others cannot leave
                         // as fast as it arrives. Stop reading it until the blocked
                         // connection drains.
                         if let Some(conn) = self.conns.get_mut(idx)
-                            && !conn.paused
+                            && conn.pause()
                         {
                             debug!("conn {id}: paused ({why})");
-                            conn.paused = true;
                             self.paused.push(idx);
                         }
                         return;
                     }
                 }
-                Ok(Message::Binary(_)) if !closing => {
-                    self.core.handle(now, Input::Binary { conn: id });
-                    self.apply_actions();
-                }
-                Ok(Message::Close(_)) => {
-                    // tungstenite queued the close reply; flush it, then drop.
-                    debug!("conn {}: peer closed", id);
-                    self.start_closing(idx, None);
-                }
-                Ok(_) => self.mark_dirty(idx), // ping (pong queued), pong, or data while closing
-                Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(WsError::Io(e)) if e.kind() == ErrorKind::Interrupted => {}
-                Err(WsError::Capacity(e)) if !closing => {
-                    info!("conn {}: {e}", id);
-                    self.conns[idx].discard = true;
-                    self.core.handle(now, Input::TooLarge { conn: id });
-                    self.apply_actions();
-                    return;
-                }
-                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
-                    self.drop_conn(idx);
-                    return;
-                }
-                Err(e) if closing => {
-                    // The rest of a refused frame: discard it rather than close with unread
-                    // bytes, which would reset the connection and could destroy our ERROR
-                    // and close frame before the peer reads them.
-                    debug!("conn {id}: discarding input while closing: {e}");
-                    self.conns[idx].discard = true;
-                    return self.discard_input(idx);
-                }
-                Err(e) => {
-                    let Some(code) = violation(&e) else {
-                        debug!("conn {id}: read: {e}");
-                        self.drop_conn(idx);
-                        return;
-                    };
-                    // RFC 6455 §7.1.7: the peer broke the protocol; fail the connection with
-                    // a close frame that says how (issue "trust at the edges"), not a bare
-                    // TCP close. tungstenite must not read again (its codec may hold part of
-                    // the refused frame): from now on only raw bytes are read and dropped.
-                    info!("conn {id}: {e}; closing with {}", code.0);
-                    self.conns[idx].discard = true;
+                Received::Binary => self.input(Input::Binary { conn: id }),
+                // tungstenite queued the close reply; flush it, then drop.
+                Received::PeerClosed => self.start_closing(idx, None),
+                Received::Control => self.mark_dirty(idx),
+                Received::TooLarge => return self.input(Input::TooLarge { conn: id }),
+                Received::Violation(code) => {
                     self.start_closing(idx, Some(code));
-                    self.discard_input(idx);
+                    // What came after the refused frame is read and dropped.
+                    if let Some(conn) = self.conns.get_mut(idx)
+                        && let Received::Lost = conn.read()
+                    {
+                        self.drop_conn(idx);
+                    }
                     // The core forgot the connection: what it says about that (a
                     // USER_REMOVE) goes out now.
-                    self.apply_actions();
-                    return;
+                    return self.apply_actions();
                 }
+                Received::Nothing => return,
+                Received::Lost => return self.drop_conn(idx),
             }
         }
         self.backlog.push(idx);
     }
 
-    /// Reads and drops raw bytes from a closing connection until `WouldBlock`; at end of
-    /// stream the connection is dropped (the linger timer bounds the rest).
-    fn discard_input(&mut self, idx: usize) {
-        let mut buf = [0u8; 4096];
-        loop {
-            let ws = match self.conns.get_mut(idx).map(|c| &mut c.io) {
-                Some(Io::Closing(ws) | Io::Open(ws)) => ws,
-                _ => return,
-            };
-            match ws.get_mut().read(&mut buf) {
-                Ok(0) => return self.drop_conn(idx),
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return self.drop_conn(idx),
-            }
-        }
+    // ------------------------------------------------------------ inputs and actions
+
+    /// Hands one input to the core, then carries out what it calls for: every input, from a
+    /// connection, a timer or the loop, reaches the core here, one at a time, each one's
+    /// actions done before the next is read (backpressure is decided between them).
+    fn input(&mut self, input: Input<'_>) {
+        self.feed(input);
+        self.apply_actions();
     }
 
-    // ------------------------------------------------------------ actions
+    /// Hands one input to the core, at the current time (see [`Net::input`]; a loss is fed
+    /// from inside [`Net::apply_actions`]).
+    fn feed(&mut self, input: Input<'_>) {
+        let now = self.now();
+        self.core.handle(now, input);
+    }
 
     /// Carries out the core's actions, in order, taking them one at a time
     /// ([`Server::poll_action`]). Carrying one out never feeds the core: what it causes (a
@@ -1230,74 +627,30 @@ impl Net {
         }
     }
 
-    /// Writes `text` to connection `id`, or queues it behind what the socket has not taken.
-    /// `routed`: a frame the core routes for the input's sender ([`Action::Route`]); only
-    /// those pause the input's connection when `id` is blocked (see `hit_blocked`).
+    /// Writes `frame` to connection `id`, or queues it ([`Conn::send`]). `routed`: a frame the
+    /// core routes for the input's sender ([`Action::Route`]); only those pause the input's
+    /// connection when `id` is blocked (see `hit_blocked`).
     fn send(&mut self, id: ConnId, frame: Frame, routed: bool) {
         let Some(idx) = self.index_of(id) else {
             return;
         };
-        let conn = &mut self.conns[idx];
-        let Io::Open(ws) = &mut conn.io else {
-            return;
-        };
-        let at = conn.out.place_for(&frame);
-        let text = match frame.ready() {
-            Some(text) if conn.blocked_since.is_none() && at == 0 => text.clone(),
-            _ => {
-                // The socket is full, or this frame or one before it waits for its
-                // signature: wait in line, in order, without a copy.
-                let signing = frame.ready().is_none();
-                let passed = at < conn.out.queue.len();
-                // Goes before every frame still waiting: it is the one to watch now.
-                let first_waiting = signing
-                    && conn
-                        .out
-                        .queue
-                        .iter()
-                        .position(|w| w.pending && w.frame.ready().is_none())
-                        .is_none_or(|p| at <= p);
-                let watched = first_waiting.then(|| frame.clone());
-                conn.out.insert(at, frame, 0);
+        let start = self.start;
+        let now_ms = move || mono_ms(start);
+        match self.conns[idx].send(frame, now_ms, self.max_write_buffer, &self.completions) {
+            Sent::Written => self.mark_dirty(idx),
+            Sent::Queued { blocked, flush } => {
                 if routed {
                     self.hit_blocked.push(id);
                 }
-                if let Some(frame) = watched {
-                    if frame.watch(idx, &self.completions) {
-                        self.mark_dirty(idx);
-                    } else {
-                        self.conns[idx].signing = true;
-                    }
-                } else if signing {
-                    self.wait_for_signature(idx);
-                } else if passed {
-                    self.mark_dirty(idx); // may be first in line now
+                if let Some(since) = blocked {
+                    self.blocked_deadline(id, since);
                 }
-                return self.check_waiting(idx);
-            }
-        };
-        match write_from(ws, &text, 0) {
-            Ok(Wrote::All) => self.mark_dirty(idx),
-            // The rest waits for the next writable event.
-            Ok(Wrote::Blocked(next)) => {
-                // First in line: it may have passed presence still being signed (`at` is 0),
-                // and the rest of a message must follow its first fragments.
-                conn.out.insert(at, Frame::ready_text(text), next);
-                if routed {
-                    self.hit_blocked.push(id);
+                if flush {
+                    self.mark_dirty(idx);
                 }
-                self.mark_blocked(idx);
-                self.mark_dirty(idx);
-                self.check_waiting(idx);
             }
-            Err(WsError::WriteBufferFull(_)) => {
-                info!("conn {}: not reading, write buffer full; closing", id);
-                self.drop_conn(idx);
-            }
-            Err(e) => {
-                debug!("conn {}: write: {e}", id);
-                self.drop_conn(idx);
-            }
+            Sent::Overflow => self.drop_conn(idx),
+            Sent::NotOpen => {}
         }
     }
 
@@ -1305,21 +658,20 @@ impl Net {
     /// still is. One closed meanwhile (past the write limit) resumes nobody later: pausing the
     /// sender behind it would pause it for good (issue "trust at the edges").
     ///
-    /// A connection with more than [`SIGN_BACKLOG`] frames waiting for their signatures counts
-    /// as blocked too: the signers are what does not keep up, and a sender read faster than its
-    /// frames are signed would queue signing work without bound. It resumes its senders once
-    /// it is back under that mark ([`Net::flush_dirty`]).
+    /// A connection with more than [`SIGN_BACKLOG`](conn::SIGN_BACKLOG) frames waiting for
+    /// their signatures counts as blocked too: the signers are what does not keep up, and a
+    /// sender read faster than its frames are signed would queue signing work without bound.
+    /// It resumes its senders once it is back under that mark ([`Net::flush_dirty`]).
     /// Returns why, if so.
     fn hit_still_blocked(&mut self) -> Option<&'static str> {
         let mut why = None;
         for id in std::mem::take(&mut self.hit_blocked) {
             if let Some(idx) = self.index_of(id) {
                 let conn = &mut self.conns[idx];
-                if conn.out.signing_backlog() > SIGN_BACKLOG {
-                    conn.holds_back = true;
+                if conn.hold_back() {
                     why = why.or(Some("frames for a destination wait for their signatures"));
                 }
-                if conn.blocked_since.is_some() {
+                if conn.is_blocked() {
                     why = Some("a destination is not keeping up");
                 }
             }
@@ -1327,25 +679,13 @@ impl Net {
         why
     }
 
-    /// Lists `idx` among the connections to look at when signatures complete.
-    ///
-    /// The first frame of its outbox still waiting is asked to report `idx` when it is
-    /// complete ([`Frame::watch`]); that is the one holding the rest back.
+    /// Lists `idx` among the connections to look at when signatures complete
+    /// ([`Conn::wait_for_signature`]), or among those to flush if nothing is to be waited for.
     fn wait_for_signature(&mut self, idx: usize) {
-        let Some(conn) = self.conns.get_mut(idx) else {
-            return;
-        };
-        if conn.signing {
-            return;
-        }
-        let ready_now = match conn.out.first_unsigned() {
-            Some(frame) => frame.watch(idx, &self.completions),
-            None => true,
-        };
-        if ready_now {
+        if let Some(conn) = self.conns.get_mut(idx)
+            && conn.wait_for_signature(&self.completions)
+        {
             self.mark_dirty(idx);
-        } else {
-            conn.signing = true;
         }
     }
 
@@ -1365,41 +705,34 @@ impl Net {
         let completed = std::mem::take(&mut *lock(&self.completions));
         for idx in completed {
             if let Some(conn) = self.conns.get_mut(idx) {
-                conn.signing = false;
+                conn.signed();
                 self.mark_dirty(idx);
             }
         }
     }
 
-    /// Closes a connection with more than `max_write_buffer` bytes waiting for it.
-    fn check_waiting(&mut self, idx: usize) {
-        let Some(conn) = self.conns.get(idx) else {
-            return;
-        };
-        if conn.out.bytes > self.max_write_buffer {
-            info!(
-                "conn {}: not reading, write buffer full ({} bytes waiting); closing",
-                conn.id, conn.out.bytes
-            );
-            self.drop_conn(idx);
+    /// The socket refused data: remember since when, and arm the slow-reader deadline.
+    fn mark_blocked(&mut self, idx: usize) {
+        let now_ms = self.mono_ms();
+        if let Some(conn) = self.conns.get_mut(idx)
+            && conn.block(now_ms)
+        {
+            let id = conn.id();
+            self.blocked_deadline(id, now_ms);
         }
     }
 
-    /// The socket refused data: remember since when, and arm the slow-reader deadline.
-    fn mark_blocked(&mut self, idx: usize) {
-        let now = self.mono_ms();
-        let conn = &mut self.conns[idx];
-        if conn.blocked_since.is_none() {
-            conn.blocked_since = Some(now);
-            let at = now + self.slow_reader_timeout_ms;
-            self.wheel.insert(at, NetTimer::Blocked(conn.id, now));
-        }
+    /// Closes `id` if it is still blocked, as it has been since `since`, when the slow-reader
+    /// timeout has passed.
+    fn blocked_deadline(&mut self, id: ConnId, since: u64) {
+        let at = since + self.slow_reader_timeout_ms;
+        self.wheel.insert(at, NetTimer::Blocked(id, since));
     }
 
     /// A blocked connection drained: everything paused behind it may be read again.
     fn unblocked(&mut self, idx: usize) {
         if let Some(conn) = self.conns.get_mut(idx)
-            && conn.blocked_since.take().is_some()
+            && conn.unblock()
         {
             self.resume_paused();
         }
@@ -1408,10 +741,8 @@ impl Net {
     /// A connection that paused senders for its signing backlog is back under the mark.
     fn signed_enough(&mut self, idx: usize) {
         if let Some(conn) = self.conns.get_mut(idx)
-            && conn.holds_back
-            && conn.out.signing_backlog() <= SIGN_BACKLOG
+            && conn.signed_enough()
         {
-            conn.holds_back = false;
             self.resume_paused();
         }
     }
@@ -1419,7 +750,7 @@ impl Net {
     fn resume_paused(&mut self) {
         for idx in std::mem::take(&mut self.paused) {
             if let Some(conn) = self.conns.get_mut(idx) {
-                conn.paused = false;
+                conn.resume();
                 self.backlog.push(idx);
             }
         }
@@ -1427,9 +758,8 @@ impl Net {
 
     fn mark_dirty(&mut self, idx: usize) {
         if let Some(conn) = self.conns.get_mut(idx)
-            && !conn.dirty
+            && conn.mark_dirty()
         {
-            conn.dirty = true;
             self.dirty.push(idx);
         }
     }
@@ -1444,7 +774,7 @@ impl Net {
     fn flush_dirty(&mut self) {
         let mut dirty = std::mem::take(&mut self.dirty);
         if dirty.len() > 1 {
-            dirty.sort_by_key(|&idx| self.conns.get(idx).map_or(0, |c| c.out.bytes));
+            dirty.sort_by_key(|&idx| self.conns.get(idx).map_or(0, Conn::waiting));
         }
         let mut written = 0usize;
         for (n, &idx) in dirty.iter().enumerate() {
@@ -1459,47 +789,33 @@ impl Net {
             let Some(conn) = self.conns.get_mut(idx) else {
                 continue;
             };
-            conn.dirty = false;
-            let closing = matches!(conn.io, Io::Closing(_));
-            let before = conn.out.bytes;
-            let result = match &mut conn.io {
-                // tungstenite's buffer written out: hand it what waits.
-                Io::Open(ws) | Io::Closing(ws) => ws.flush().and_then(|()| conn.out.pump(ws)),
-                _ => continue,
-            };
-            written += before.saturating_sub(conn.out.bytes);
-            match result {
-                Ok(Pumped::Drained | Pumped::Blocked)
-                    if conn.close_after.is_some() && !conn.out.has_pending() =>
-                {
-                    // Its last frames are signed (written or queued): now the close frame.
-                    let code = conn.close_after.take().flatten();
+            let before = conn.waiting();
+            let flushed = conn.flush();
+            written += before.saturating_sub(conn.waiting());
+            match flushed {
+                Flushed::Close(code) => {
                     self.unblocked(idx);
                     self.start_closing(idx, code);
                     // Input that arrived meanwhile is read (and dropped) as closing goes on.
                     self.backlog.push(idx);
                 }
-                Ok(Pumped::Drained) => {
+                Flushed::Drained => {
                     self.unblocked(idx);
                     self.signed_enough(idx);
                 }
-                Ok(Pumped::Signing) => {
+                Flushed::Signing => {
                     self.unblocked(idx);
                     self.wait_for_signature(idx);
                     self.signed_enough(idx);
                 }
-
-                Ok(Pumped::Blocked) => {
+                Flushed::Blocked { pumped } => {
                     self.mark_blocked(idx);
-                    self.signed_enough(idx);
+                    if pumped {
+                        self.signed_enough(idx);
+                    }
                 }
-                // Kept in tungstenite's buffer; the writable event brings us back.
-                Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => self.mark_blocked(idx),
-                Err(WsError::ConnectionClosed) if closing => self.drop_conn(idx),
-                Err(e) => {
-                    debug!("conn {}: flush: {e}", conn.id);
-                    self.drop_conn(idx);
-                }
+                Flushed::Failed => self.drop_conn(idx),
+                Flushed::Idle => {}
             }
         }
         if self.shutting_down && self.conns.is_empty() {
@@ -1508,68 +824,47 @@ impl Net {
     }
 
     /// Sends a close frame (when `code` is given) and lingers until the peer answers or the
-    /// deadline passes. The core is told the connection is gone now.
-    fn start_closing(&mut self, idx: usize, code: Option<(u16, &'static str)>) {
+    /// deadline passes ([`Conn::start_close`]). The core is told the connection is gone now.
+    fn start_closing(&mut self, idx: usize, code: Option<Code>) {
         let Some(conn) = self.conns.get_mut(idx) else {
             return;
         };
-        match conn.io {
-            Io::Open(_) => {}
-            Io::Accepted(_)
-            | Io::Http(_)
-            | Io::Handshaking(_)
-            | Io::Connecting { .. }
-            | Io::ClientHandshaking(_) => {
-                return self.drop_conn(idx);
-            }
-            Io::Closing(_) | Io::Gone => return,
-        }
-        let id = conn.id;
-        // A close we start (an error, a policy) follows the frames before it, which may still
-        // wait for their signatures (see `flush_dirty`). After the peer's close nothing more
-        // can be sent: what waits is dropped (`spill` skips it).
-        if code.is_some() && conn.out.has_pending() {
-            if conn.close_after.is_none() {
-                conn.close_after = Some(code);
-                if !std::mem::replace(&mut conn.reported, true) {
-                    self.gone.push_back(Gone::Closed(id));
+        let id = conn.id();
+        match conn.start_close(code, &self.completions) {
+            Closing::Already | Closing::AfterSignatures { started: false, .. } => {}
+            Closing::NotOpen => self.drop_conn(idx),
+            Closing::AfterSignatures {
+                started: true,
+                flush,
+            } => {
+                self.report_closed(idx);
+                if flush {
+                    self.mark_dirty(idx);
                 }
-                self.wait_for_signature(idx);
                 let at = self.mono_ms() + SIGNING_GRACE_MS;
                 self.wheel.insert(at, NetTimer::SigningGrace(id));
             }
-            return;
-        }
-        let Io::Open(mut ws) = std::mem::replace(&mut conn.io, Io::Gone) else {
-            unreachable!("checked above")
-        };
-        // Whatever waits goes before the close frame.
-        conn.out.spill(&mut ws);
-        let sent = match code {
-            None => true,
-            Some((code, reason)) => {
-                let frame = CloseFrame {
-                    code: CloseCode::from(code),
-                    reason: reason.into(),
-                };
-                match ws.close(Some(frame)) {
-                    Ok(()) => true,
-                    Err(WsError::Io(e)) => e.kind() == ErrorKind::WouldBlock,
-                    Err(_) => false,
-                }
+            Closing::Sent => {
+                self.report_closed(idx);
+                self.mark_dirty(idx);
+                let at = self.mono_ms() + CLOSE_LINGER_MS;
+                self.wheel.insert(at, NetTimer::CloseLinger(id));
             }
-        };
-        conn.io = Io::Closing(ws);
-        // The core hears of it once the actions under way are carried out (see `gone`).
-        if !std::mem::replace(&mut conn.reported, true) {
-            self.gone.push_back(Gone::Closed(id));
+            Closing::Failed => {
+                self.report_closed(idx);
+                self.drop_conn(idx);
+            }
         }
-        if !sent {
-            return self.drop_conn(idx);
+    }
+
+    /// The core hears a closing connection is gone once the actions under way are carried
+    /// out (see `gone`); once is enough.
+    fn report_closed(&mut self, idx: usize) {
+        if let Some(conn) = self.conns.get_mut(idx)
+            && conn.report()
+        {
+            self.gone.push_back(Gone::Closed(conn.id()));
         }
-        self.mark_dirty(idx);
-        let at = self.mono_ms() + CLOSE_LINGER_MS;
-        self.wheel.insert(at, NetTimer::CloseLinger(id));
     }
 
     /// Forgets the connection: closes the socket and tells the core.
@@ -1585,17 +880,14 @@ impl Net {
         if !self.conns.contains(idx) {
             return;
         }
-        let conn = self.conns.remove(idx);
-        if conn.blocked_since.is_some() || conn.holds_back {
+        let ended = self.conns.remove(idx).end();
+        if ended.held_senders {
             self.resume_paused();
         }
-        let was_open = matches!(conn.io, Io::Open(_)) && !conn.reported;
-        debug!("conn {}: dropped", conn.id);
-        drop(conn.io); // closes the socket, which also removes it from the poll
         // The core hears of it once the actions under way are carried out (see `Gone`).
-        if was_open {
-            self.gone.push_back(Gone::Closed(conn.id));
-        } else if let Some(target) = conn.dial {
+        if ended.report {
+            self.gone.push_back(Gone::Closed(ended.id));
+        } else if let Some(target) = ended.dial {
             self.gone
                 .push_back(Gone::DialFailed(target, reason.to_string()));
         }
@@ -1609,20 +901,17 @@ impl Net {
         let Some(gone) = self.gone.pop_front() else {
             return false;
         };
-        let now = self.now();
         match gone {
-            Gone::Closed(conn) => self.core.handle(now, Input::Closed { conn }),
-            Gone::DialFailed(target, reason) => {
-                self.core.handle(now, Input::DialFailed { target, reason })
-            }
+            Gone::Closed(conn) => self.feed(Input::Closed { conn }),
+            Gone::DialFailed(target, reason) => self.feed(Input::DialFailed { target, reason }),
         }
         true
     }
 
     fn index_of(&self, id: ConnId) -> Option<usize> {
-        let idx = (id.0 & 0xffff_ffff) as usize;
+        let idx = conn::slot(id);
         match self.conns.get(idx) {
-            Some(conn) if conn.id == id => Some(idx),
+            Some(conn) if conn.id() == id => Some(idx),
             _ => None,
         }
     }
@@ -1636,14 +925,7 @@ impl Net {
             match timer {
                 NetTimer::Handshake(id) => {
                     if let Some(idx) = self.index_of(id)
-                        && matches!(
-                            self.conns[idx].io,
-                            Io::Accepted(_)
-                                | Io::Http(_)
-                                | Io::Handshaking(_)
-                                | Io::Connecting { .. }
-                                | Io::ClientHandshaking(_)
-                        )
+                        && self.conns[idx].is_opening()
                     {
                         info!("conn {}: connection or WebSocket handshake timed out", id);
                         self.drop_conn_because(idx, "timed out connecting");
@@ -1651,7 +933,7 @@ impl Net {
                 }
                 NetTimer::Blocked(id, since) => {
                     if let Some(idx) = self.index_of(id)
-                        && self.conns[idx].blocked_since == Some(since)
+                        && self.conns[idx].blocked_since(since)
                     {
                         info!(
                             "conn {id}: has not taken our data for {} ms; closing",
@@ -1667,7 +949,7 @@ impl Net {
                 }
                 NetTimer::SigningGrace(id) => {
                     if let Some(idx) = self.index_of(id)
-                        && self.conns[idx].close_after.is_some()
+                        && self.conns[idx].closes_after_signing()
                     {
                         info!("conn {id}: its last frames were not signed in time; dropping it");
                         self.drop_conn(idx);
@@ -1680,11 +962,7 @@ impl Net {
                     }
                     self.shutdown_done = true;
                 }
-                NetTimer::Core(timer) => {
-                    let now = self.now();
-                    self.core.handle(now, Input::Timer(timer));
-                    self.apply_actions();
-                }
+                NetTimer::Core(timer) => self.input(Input::Timer(timer)),
             }
         }
     }
@@ -1705,16 +983,7 @@ impl Net {
         let handshaking: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| {
-                matches!(
-                    c.io,
-                    Io::Accepted(_)
-                        | Io::Http(_)
-                        | Io::Handshaking(_)
-                        | Io::Connecting { .. }
-                        | Io::ClientHandshaking(_)
-                )
-            })
+            .filter(|(_, c)| c.is_opening())
             .map(|(i, _)| i)
             .collect();
         for idx in handshaking {
@@ -1728,276 +997,5 @@ impl Net {
         if self.conns.is_empty() {
             self.shutdown_done = true;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wire::Text;
-    use tungstenite::protocol::Role;
-
-    /// A frame carried for a user passes presence of other users still being signed, never
-    /// the sender's own presence, a signed frame, or another routed frame.
-    #[test]
-    fn a_routed_frame_passes_unsigned_presence_of_others_only() {
-        use crate::wire::frame::{Lane, Signed};
-        let presence = |who: &str| {
-            Signed::pending("{}".into())
-                .frame("USER_ADVERTISE", "s", "*", 1)
-                .in_lane(Lane::presence(who))
-        };
-        let dm = |from: &str, n: u32| Frame::from(format!("dm {n}")).in_lane(Lane::from_user(from));
-        let mut out = Outbox::default();
-        out.push(dm("alice", 0), 0);
-        out.push(presence("bob"), 0);
-        out.push(presence("alice"), 0);
-        out.push(presence("carol"), 0);
-        // Passes carol's, stops behind alice's own.
-        assert_eq!(out.place_for(&dm("alice", 1)), 3);
-        // bob's frame passes carol's and alice's, stops behind bob's.
-        assert_eq!(out.place_for(&dm("bob", 1)), 2);
-        // dave's passes all three, stops behind alice's DM (routed frames keep their order).
-        let at = out.place_for(&dm("dave", 1));
-        assert_eq!(at, 1);
-        out.insert(at, dm("dave", 1), 0);
-        assert_eq!(out.place_for(&dm("dave", 2)), 2);
-        // An ordered frame (a snapshot, an error) is never put ahead of anything.
-        assert_eq!(
-            out.place_for(&Frame::from("x".to_string())),
-            out.queue.len()
-        );
-        // Only unsigned presence is passed, and backlog counts routed frames only.
-        assert_eq!(out.signing_backlog(), 0);
-        assert_eq!(out.unsigned(), 3);
-    }
-
-    /// Frames whose signatures complete out of order (a pool of four signers, each sleeping a
-    /// random time before each job), mixed with frames complete from the start, leave one
-    /// connection in the order they were queued, each with a valid signature.
-    #[test]
-    fn frames_leave_in_order_when_signatures_complete_out_of_order() {
-        use crate::core::signer::{Signer, Urgency};
-        use crate::wire::frame::Signed;
-        use std::sync::{Condvar, Mutex};
-
-        #[derive(Default)]
-        struct Bell(Mutex<bool>, Condvar);
-        impl signpool::Wake for Arc<Bell> {
-            fn wake(&self) {
-                *self.0.lock().unwrap() = true;
-                self.1.notify_all();
-            }
-        }
-        let pem = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/keys/server1.pem"
-        ))
-        .expect("test key");
-        let key = Arc::new(crate::crypto::PrivateKey::from_pem(&pem).expect("key"));
-        let public = key.public_key().clone();
-        let bell = Arc::new(Bell::default());
-        let pool = signpool::SignPool::start_with_jitter(key, 4, Box::new(Arc::clone(&bell)), 4000)
-            .expect("pool");
-        let woken = pool.woken();
-
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("address");
-        const N: usize = 120;
-        let reader = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().expect("accept");
-            let mut ws = WebSocket::from_raw_socket(MaybeTls::Plain(stream), Role::Client, None);
-            (0..N)
-                .map(|_| match ws.read().expect("read") {
-                    Message::Text(t) => t.to_string(),
-                    other => panic!("unexpected {other:?}"),
-                })
-                .collect::<Vec<String>>()
-        });
-        let stream = std::net::TcpStream::connect(addr).expect("connect");
-        stream.set_nonblocking(true).expect("non-blocking");
-        let config = WebSocketConfig::default().write_buffer_size(0);
-        let mut ws = WebSocket::from_raw_socket(
-            MaybeTls::Plain(TcpStream::from_std(stream)),
-            Role::Server,
-            Some(config),
-        );
-
-        let mut out = Outbox::default();
-        for i in 0..N {
-            if i % 3 == 0 {
-                out.push(Frame::from(format!("ready {i}")), 0);
-                continue;
-            }
-            let signed = Signed::pending(format!("{{\"i\":{i}}}"));
-            let urgency = if i % 2 == 0 {
-                Urgency::Bulk
-            } else {
-                Urgency::Conversation
-            };
-            pool.submit(&signed, urgency);
-            out.push(signed.frame("X", "s", "u", i as i64), 0);
-        }
-        assert!(out.has_pending());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            assert!(Instant::now() < deadline, "the outbox never drained");
-            woken.store(false, Ordering::SeqCst);
-            let pumped = match ws.flush() {
-                Ok(()) => out.pump(&mut ws).expect("pump"),
-                Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => Pumped::Blocked,
-                Err(e) => panic!("flush: {e}"),
-            };
-            match pumped {
-                Pumped::Drained if ws.flush().is_ok() => break,
-                Pumped::Signing => {
-                    let mut rung = bell.0.lock().unwrap();
-                    while !*rung && !woken.load(Ordering::SeqCst) {
-                        rung = bell
-                            .1
-                            .wait_timeout(rung, Duration::from_millis(50))
-                            .unwrap()
-                            .0;
-                    }
-                    *rung = false;
-                }
-                _ => std::thread::sleep(Duration::from_millis(1)),
-            }
-        }
-        assert!(!out.has_pending());
-        assert_eq!(out.bytes, 0);
-        let got = reader.join().expect("reader");
-        for (i, text) in got.iter().enumerate() {
-            if i % 3 == 0 {
-                assert_eq!(text, &format!("ready {i}"));
-                continue;
-            }
-            let env = crate::wire::Envelope::parse(text).expect("a frame");
-            assert_eq!(env.ts, i as i64, "frame {i} out of order: {text}");
-            assert!(crate::wire::verify_payload_sig(&public, &env.payload, &env.sig).unwrap());
-        }
-    }
-
-    /// Three messages, the middle one far larger than the socket buffers, written the way
-    /// `Net::send` and `Net::flush_dirty` do while the peer is not reading yet: each arrives
-    /// whole and in order, and what the socket cannot take waits in the outbox.
-    #[test]
-    fn the_outbox_keeps_messages_whole_and_in_order_across_a_full_socket() {
-        outbox_across_a_full_socket(false);
-    }
-
-    /// The same over TLS: rustls's own buffer fills too, and a write it cannot take is
-    /// `WouldBlock`, so the outbox takes over just as on plain TCP.
-    #[test]
-    fn the_outbox_keeps_messages_whole_and_in_order_across_a_full_tls_socket() {
-        outbox_across_a_full_socket(true);
-    }
-
-    fn outbox_across_a_full_socket(tls: bool) {
-        let fixture = |name: &str| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/tls")
-                .join(name)
-        };
-        let (server_tls, client_tls) = if tls {
-            let server =
-                crate::net::tls::server_config(&fixture("server.pem"), &fixture("server.key"))
-                    .expect("server TLS");
-            let client =
-                crate::net::tls::client_config(Some(&fixture("ca.pem"))).expect("client TLS");
-            (Some(server), Some(client))
-        } else {
-            (None, None)
-        };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let reader = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().expect("accept");
-            let stream = match client_tls {
-                Some(config) => {
-                    let name = crate::net::tls::server_name("localhost").expect("name");
-                    let mut tls = TlsStream::client(&config, name, stream).expect("TLS client");
-                    tls.handshake().expect("TLS handshake");
-                    MaybeTls::Tls(Box::new(tls))
-                }
-                None => MaybeTls::Plain(stream),
-            };
-            let mut ws = WebSocket::from_raw_socket(stream, Role::Client, None);
-            std::thread::sleep(Duration::from_millis(300)); // let the writer's socket fill
-            (0..3)
-                .map(|_| match ws.read().expect("read") {
-                    Message::Text(t) => t.to_string(),
-                    other => panic!("unexpected {other:?}"),
-                })
-                .collect::<Vec<String>>()
-        });
-        let stream = std::net::TcpStream::connect(addr).expect("connect");
-        stream.set_nonblocking(true).expect("non-blocking");
-        let stream = TcpStream::from_std(stream);
-        let mut stream = match server_tls {
-            Some(config) => {
-                let conn = rustls::ServerConnection::new(config).expect("TLS server");
-                MaybeTls::Tls(Box::new(TlsStream::new(conn.into(), stream)))
-            }
-            None => MaybeTls::Plain(stream),
-        };
-        // The TLS handshake runs as the stream is read (in the server, inside tungstenite's).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while let MaybeTls::Tls(t) = &mut stream
-            && t.is_handshaking()
-        {
-            assert!(Instant::now() < deadline, "TLS handshake");
-            match t.read(&mut [0u8; 1]) {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                other => panic!("read during the handshake: {other:?}"),
-            }
-        }
-        let config = WebSocketConfig::default().write_buffer_size(0);
-        let mut ws = WebSocket::from_raw_socket(stream, Role::Server, Some(config));
-
-        let big: String = (0..32 << 20)
-            .map(|i| char::from(b'a' + (i % 26) as u8))
-            .collect();
-        let texts = ["first".to_string(), big, "last".to_string()];
-        let mut out = Outbox::default();
-        let mut blocked = false;
-        for t in &texts {
-            let text = Text::from(t.clone());
-            if blocked || !out.is_empty() {
-                out.push(Frame::ready_text(text), 0);
-                continue;
-            }
-            match write_from(&mut ws, &text, 0).expect("write") {
-                Wrote::All => {}
-                Wrote::Blocked(next) => {
-                    blocked = true;
-                    out.push(Frame::ready_text(text), next);
-                }
-            }
-        }
-        assert!(blocked && !out.is_empty(), "32 MiB did not fill the socket");
-        assert!(
-            out.bytes > 16 << 20,
-            "the rest waits in the outbox: {}",
-            out.bytes
-        );
-
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            assert!(Instant::now() < deadline, "the outbox never drained");
-            let flushed = match ws.flush() {
-                Ok(()) => out.pump(&mut ws).expect("pump") == Pumped::Drained,
-                Err(WsError::Io(e)) if e.kind() == ErrorKind::WouldBlock => false,
-                Err(e) => panic!("flush: {e}"),
-            };
-            if flushed && ws.flush().is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(out.bytes, 0);
-        assert_eq!(reader.join().expect("reader"), texts);
     }
 }
