@@ -56,16 +56,23 @@ const SIGNAL: Token = Token(usize::MAX - 2);
 /// Signer threads completed frames.
 const SIGNED: Token = Token(usize::MAX - 3);
 
-/// Dropped connections reported to the core per loop turn: each can cost a `USER_REMOVE` to
-/// every user, so a mass leave is handled in slices with polls in between (issue "signatures
-/// off the loop": 2,000 users leaving at once stalled everyone for 13 s).
+/// Dropped connections reported to the core per loop turn (and within [`TURN_TIME`]): each
+/// can cost a `USER_REMOVE` to every user, so a mass leave is handled in slices with polls in
+/// between (issue "signatures off the loop": 2,000 users leaving at once stalled everyone for
+/// 13 s).
 const GONE_SLICE: usize = 64;
 
 /// Messages read per loop turn (text frames for the core, close frames, pings), over all
-/// connections; the rest wait in the
-/// backlog for the next turn (after a poll, so completed signatures and timers are not held up
-/// by a burst of input).
+/// connections, and within [`TURN_TIME`]; the rest wait in the backlog for the next turn
+/// (after a poll, so completed signatures, timers and users already talking are not held up by
+/// a burst of input).
 const TURN_BUDGET: usize = 256;
+
+/// How long a turn may spend on input (frames read, dropped connections reported) before the
+/// rest waits for the next poll. The cost of one input varies a thousandfold (a login or a
+/// loss is a frame to every user), so a count alone would let a storm's turn run for tens of
+/// milliseconds while a user already talking waits for the next poll.
+const TURN_TIME: Duration = Duration::from_millis(2);
 
 /// A loop turn this long is logged (at debug), with what it handled.
 const SLOW_TURN: Duration = Duration::from_millis(20);
@@ -166,6 +173,8 @@ pub struct Net {
     gone_this_turn: usize,
     /// Messages read this turn (see [`TURN_BUDGET`]).
     inputs_this_turn: usize,
+    /// When this turn began (see [`TURN_TIME`]).
+    turn_start: Instant,
 }
 
 impl Net {
@@ -244,6 +253,7 @@ impl Net {
             signed,
             gone_this_turn: 0,
             inputs_this_turn: 0,
+            turn_start: Instant::now(),
         })
     }
 
@@ -282,6 +292,7 @@ impl Net {
                 Err(e) => return Err(e),
             }
             let turn_start = Instant::now();
+            self.turn_start = turn_start;
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -321,6 +332,12 @@ impl Net {
         }
         info!("shutdown complete");
         Ok(())
+    }
+
+    /// Whether this turn has had its [`TURN_TIME`], once it has handled `done` (> 0) inputs of
+    /// a kind: every turn handles at least one of each.
+    fn turn_spent(&self, done: usize) -> bool {
+        done > 0 && self.turn_start.elapsed() >= TURN_TIME
     }
 
     fn now(&self) -> Time {
@@ -518,7 +535,7 @@ impl Net {
     /// Reads until `WouldBlock` (or the read budget), handing each message to the core.
     fn read_frames(&mut self, idx: usize) {
         for _ in 0..READ_BUDGET {
-            if self.inputs_this_turn >= TURN_BUDGET {
+            if self.inputs_this_turn >= TURN_BUDGET || self.turn_spent(self.inputs_this_turn) {
                 // Enough for one turn (a login storm is 1,000 hellos in one poll): the rest
                 // is read after the next poll, so frames signed meanwhile leave in between.
                 return self.backlog.push(idx);
@@ -602,7 +619,10 @@ impl Net {
     fn apply_actions(&mut self) {
         loop {
             let Some(action) = self.core.poll_action() else {
-                if self.gone_this_turn < GONE_SLICE && self.report_gone() {
+                if self.gone_this_turn < GONE_SLICE
+                    && !self.turn_spent(self.gone_this_turn)
+                    && self.report_gone()
+                {
                     self.gone_this_turn += 1;
                     continue;
                 }
