@@ -767,7 +767,7 @@ impl Conn {
     /// tungstenite sends) after what waits. A close we start (an error, a policy) follows the
     /// frames before it, which may still wait for their signatures: then the close frame
     /// waits too ([`Flushed::Close`]), and nothing more is read. After the peer's close
-    /// nothing more can be sent: what waits for a signature is dropped.
+    /// nothing more can be sent: everything still queued is dropped.
     pub(super) fn start_close(&mut self, code: Option<Code>, completions: &Completions) -> Closing {
         match self.io {
             Io::Open(_) => {}

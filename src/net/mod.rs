@@ -10,7 +10,8 @@
 //! comes only when a full socket buffer drains, so nothing spins on it.
 //!
 //! This file is the event loop ([`Net`]): the registry of connections, timers, the lists of
-//! connections to flush, read again or keep paused, and the one place inputs reach the core.
+//! connections to flush, read again or keep paused, and the one place inputs reach the core
+//! (losses apart: they wait in a queue and are fed while the core's actions are carried out).
 //! Beside it are one connection and its I/O (`conn`: handshakes, reads, writes, closing), its
 //! outbox of messages the socket has not taken yet (`outbox`), the signer threads
 //! ([`signpool`]), the hashed timer wheel ([`timer`]), the plain-or-TLS byte stream under
@@ -196,7 +197,7 @@ impl Net {
                 let pool = signpool::SignPool::start(key, n, Box::new(waker))?;
                 let woken = pool.woken();
                 core.set_signer(Box::new(pool));
-                info!("signing on {n} thread(s)");
+                info!("signing on {n} thread(s), and one for conversations only");
                 Some(woken)
             }
         };
@@ -597,8 +598,8 @@ impl Net {
 
     // ------------------------------------------------------------ inputs and actions
 
-    /// Hands one input to the core, then carries out what it calls for: every input, from a
-    /// connection, a timer or the loop, reaches the core here, one at a time, each one's
+    /// Hands one input to the core, then carries out what it calls for: every input from a
+    /// connection, a timer or the loop (losses apart: [`Net::report_gone`]), one at a time, each one's
     /// actions done before the next is read (backpressure is decided between them).
     fn input(&mut self, input: Input<'_>) {
         self.feed(input);

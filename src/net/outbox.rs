@@ -243,12 +243,14 @@ impl Outbox {
     }
 
     /// Hands everything to tungstenite, whatever the socket takes (before a close frame,
-    /// which must come last). Gives up at the first error other than `WouldBlock`. Call only
-    /// when no frame waits for its signature.
+    /// which must come last). Gives up at the first error other than `WouldBlock`: after the
+    /// peer's close tungstenite refuses every write, and everything queued is dropped. A frame
+    /// still waiting for its signature is dropped too (only after the peer's close: a close we
+    /// start waits for them).
     pub(super) fn spill(&mut self, ws: &mut WebSocket<Stream>) {
         while let Some(w) = self.queue.pop_front() {
             let Some(text) = w.frame.ready() else {
-                continue; // not reached: see above
+                continue; // the peer closed: nothing more can be sent
             };
             let mut offset = w.offset;
             while offset < text.len() {
