@@ -599,8 +599,8 @@ impl Net {
     // ------------------------------------------------------------ inputs and actions
 
     /// Hands one input to the core, then carries out what it calls for: every input from a
-    /// connection, a timer or the loop (losses apart: [`Net::report_gone`]), one at a time, each one's
-    /// actions done before the next is read (backpressure is decided between them).
+    /// connection, a timer or the loop (losses apart: [`Net::report_gone`]), one at a time,
+    /// each one's actions done before the next is read (backpressure is decided between them).
     fn input(&mut self, input: Input<'_>) {
         self.feed(input);
         self.apply_actions();
