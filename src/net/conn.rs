@@ -583,7 +583,8 @@ impl Conn {
 
     /// Writes `frame`, or queues it behind what the socket has not taken or what waits for a
     /// signature, in its lane's place ([`Outbox::place_for`]). `now_ms`: the clock, read
-    /// only should the socket refuse it now. More than `max_waiting` bytes waiting is [`Sent::Overflow`].
+    /// only should the socket refuse it now. More than `max_waiting` bytes waiting is
+    /// [`Sent::Overflow`].
     /// A frame waiting for its signature (or first in line for one) is watched: it reports
     /// this connection's slot to `completions` when complete ([`Frame::watch`]).
     pub(super) fn send(

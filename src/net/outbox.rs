@@ -152,8 +152,8 @@ impl Outbox {
     }
 
     /// Frames here that still wait for their signatures, presence apart: what a sender feeding
-    /// this connection is paused for ([`SIGN_BACKLOG`](crate::net::conn::SIGN_BACKLOG)). Presence is not counted: it is not
-    /// what a sender sends, and routed frames pass it.
+    /// this connection is paused for ([`SIGN_BACKLOG`](crate::net::conn::SIGN_BACKLOG)).
+    /// Presence is not counted: it is not what a sender sends, and routed frames pass it.
     pub(super) fn signing_backlog(&mut self) -> usize {
         if self.unsigned() == 0 {
             return 0;
