@@ -1,6 +1,17 @@
 //! Federation: links between servers, presence across the mesh, and routing (PROTOCOL.md §4,
-//! §6, §7, §8). This is part of the sans-IO core: these are `impl Server` methods, fed by the
-//! same inputs and answering with the same actions.
+//! §6, §7, §8). This is part of the sans-IO core: the `impl Server` methods here are fed by the
+//! same inputs and answer with the same actions. They are glue: the state is [`Federation`]'s
+//! components, each with private fields, called with what they need:
+//!
+//! - `dialling`: the peers we dial, backoff with jitter, and the failure log (what to dial,
+//!   when to redial, what the operator has been told).
+//! - `links`: the live link to each server (one per pair), the pinned servers, the pins
+//!   version, the signed heartbeat.
+//! - `relay`: the seen-cache, the newest presence per user, the announces handed to new
+//!   links, the public-channel news not yet told.
+//!
+//! The glue holds what needs the rest of the server (the outbox, the signer, the store, the
+//! directory):
 //!
 //! - **Pins** (§4.2): a server may link only if its key is pinned — given in `--bootstrap`,
 //!   remembered in the database, listed in a `SERVER_WELCOME` from a pinned server, or announced
@@ -14,7 +25,13 @@
 //! - **Presence to local users** is re-signed by this server (one signature per event), so a
 //!   client verifies everything with the one server key it pinned.
 
-use crate::core::dedup::{self, SeenCache, Stale};
+mod dialling;
+mod links;
+mod relay;
+
+pub use dialling::{FailureLog, SUMMARY_EVERY_ATTEMPTS, SUMMARY_EVERY_MS, failure_log};
+
+use crate::core::dedup::{self, Stale};
 use crate::core::directory::{Directory, Entry};
 use crate::core::persist::ServerRecord;
 use crate::core::server::{ConnId, Server, State, Time, Timer, close};
@@ -25,9 +42,11 @@ use crate::wire::frame::{Frame, Lane, Signed};
 use crate::wire::peer::{Announce, Delivery, PeerFrame, Presence, Route, port_of};
 use crate::wire::user::unknown_type;
 use crate::wire::{self, Envelope, ErrorCode, Fields, Text, WireError, types};
+use dialling::Dialling;
+use links::{Admit, Links};
 use log::{debug, info, warn};
+use relay::Relay;
 use serde_json::{Map, Value, json};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A peer given on the command line: where to dial it and the key we pin for it.
@@ -95,96 +114,6 @@ impl Default for FedConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TargetState {
-    /// A redial timer is armed.
-    Waiting,
-    /// A dial or welcome is under way.
-    Dialling,
-    /// Linked (by our dial or theirs).
-    Linked,
-}
-
-/// A peer we keep dialling until linked.
-#[derive(Debug)]
-struct Target {
-    id: Option<String>,
-    host: String,
-    port: u16,
-    key: Arc<PublicKey>,
-    /// Dial with `wss://`.
-    tls: bool,
-    /// Dials since the start or the last link: the failures in a row, once one has failed.
-    attempts: u32,
-    state: TargetState,
-    /// What the log has said about this run of failures (see [`failure_log`]).
-    report: Report,
-    /// Why the dial under way failed, when the core knows better than "connection closed"
-    /// (a refused hello, a bad or missing welcome).
-    note: Option<String>,
-}
-
-/// What the log has said about a peer, so that it reports each change once and summarises
-/// the rest (§4.4: every attempt is logged, truthfully; only the level varies).
-#[derive(Debug, Default, Clone)]
-struct Report {
-    /// Wall time of the first failure of this run.
-    failing_since_ms: i64,
-    /// Failed dials in this run.
-    failures: u32,
-    /// The attempt of the last line at `warn` about this run (0: none yet).
-    attempt: u32,
-    /// When that line was logged (monotonic).
-    at_ms: u64,
-    /// An operator at `RUST_LOG=warn` was told the peer is down or unreachable, and not yet
-    /// that it is back.
-    warned: bool,
-    /// A link with it has been up: a failure now follows a link that went down.
-    was_linked: bool,
-}
-
-/// A repeated failure is summarised at `warn` at most once per this many attempts …
-pub const SUMMARY_EVERY_ATTEMPTS: u32 = 10;
-/// … and at most once per this many milliseconds.
-pub const SUMMARY_EVERY_MS: u64 = 5 * 60 * 1000;
-
-/// How a failed dial is logged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureLog {
-    /// The first failure of a run (since the start, or since the link went down): `warn`.
-    First,
-    /// A summary of the failures since the last line at `warn`: `warn`.
-    Summary,
-    /// Any other failure: `debug` only.
-    Quiet,
-}
-
-/// How to log failure number `attempt` of a run, when the last line at `warn` about it was at
-/// attempt `last_reported` (0: none), `ms_since_reported` ago.
-pub fn failure_log(attempt: u32, last_reported: u32, ms_since_reported: u64) -> FailureLog {
-    if attempt <= 1 || last_reported == 0 {
-        FailureLog::First
-    } else if attempt.saturating_sub(last_reported) >= SUMMARY_EVERY_ATTEMPTS
-        && ms_since_reported >= SUMMARY_EVERY_MS
-    {
-        FailureLog::Summary
-    } else {
-        FailureLog::Quiet
-    }
-}
-
-impl Target {
-    /// How the log names it: `srv-b (ws://10.0.0.2:9000)`, or the address alone until its id
-    /// is known.
-    fn name(&self) -> String {
-        let url = self.url();
-        match &self.id {
-            Some(id) => format!("{id} ({url})"),
-            None => url,
-        }
-    }
-}
-
 /// A server's address as a URL. Announces carry no scheme: an address learned of is shown as
 /// `ws://` (see `FedConfig::peer_tls` for how it is dialled).
 fn ws_url(host: &str, port: u16) -> String {
@@ -200,82 +129,14 @@ fn peer_url(tls: bool, host: &str, port: u16) -> String {
     }
 }
 
-/// `2027-01-15 08:00:00 UTC` for a wall time in ms since the epoch.
-fn utc(wall_ms: i64) -> String {
-    let secs = wall_ms.div_euclid(1000);
-    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
-}
-
-/// A delay for the log: `1.0 s`.
-fn secs(ms: u64) -> String {
-    format!("{:.1} s", ms as f64 / 1000.0)
-}
-
-impl Target {
-    /// `ws://host:port` or `wss://host:port`, for logs.
-    fn url(&self) -> String {
-        peer_url(self.tls, &self.host, self.port)
-    }
-}
-
-/// A pinned server: its key, and where it says it listens.
-#[derive(Debug, Clone)]
-struct Known {
-    key: Arc<PublicKey>,
-    host: String,
-    port: u16,
-}
-
-#[derive(Debug)]
-struct Link {
-    conn: ConnId,
-    dialled_by_us: bool,
-    last_rx_ms: u64,
-}
-
-/// Federation state owned by the core.
+/// Federation state owned by the core: its settings and three components, each with private
+/// state, that the `impl Server` glue below calls.
 #[derive(Debug)]
 pub struct Federation {
     cfg: FedConfig,
-    targets: Vec<Target>,
-    known: HashMap<String, Known>,
-    links: HashMap<String, Link>,
-    seen: SeenCache,
-    rng: u64,
-    /// `HEARTBEAT`'s payload `{}` never changes: signed once.
-    heartbeat: Option<Signed>,
-    /// The latest verified `SERVER_ANNOUNCE` of each server, as received: handed unchanged to
-    /// every new link. Servers re-announce every [`REANNOUNCE_EVERY`] heartbeats, so these stay
-    /// inside the peers' dedup window.
-    announces: HashMap<String, Frame>,
-    /// Heartbeat rounds since our last announce.
-    rounds: u32,
-    /// A graceful shutdown has begun: nothing is dialled or redialled any more.
-    stopping: bool,
-    /// Public-channel changes not yet told to the other servers (see [`CHANNEL_BATCH_MS`]).
-    channel_news: Option<ChannelNews>,
-    /// §7: the newest signed presence `ts` applied per (hosting server, user); older adverts
-    /// and removes are ignored. Bounded like the seen-cache: an entry older than the window
-    /// can go, since a frame that old is refused anyway.
-    presence: HashMap<(String, String), i64>,
-    /// See [`Federation::pins_version`].
-    pins_version: u64,
+    dialling: Dialling,
+    links: Links,
+    relay: Relay,
 }
 
 /// Membership changes of the public channel are told to the other servers at most once per
@@ -285,19 +146,6 @@ pub struct Federation {
 /// for them: members are the online users, which travel as presence at once.
 pub const CHANNEL_BATCH_MS: u64 = 100;
 
-/// Public-channel changes since the last announcement.
-#[derive(Debug)]
-struct ChannelNews {
-    /// The channel version before the first of these changes (`if_version` of the ADD).
-    if_version: i64,
-    /// Users who joined (logged in here), in order.
-    added: Vec<String>,
-}
-
-/// Heartbeat rounds between our periodic `SERVER_ANNOUNCE`s (8 × 15 s = 2 minutes, well inside
-/// the 5-minute window in which a relayed copy is still accepted).
-const REANNOUNCE_EVERY: u32 = 8;
-
 /// The fewest of our users' adverts refreshed per heartbeat when any are due (see
 /// `Server::refresh_adverts`).
 const REFRESH_AT_LEAST: usize = 64;
@@ -305,60 +153,26 @@ const REFRESH_AT_LEAST: usize = 64;
 impl Federation {
     pub fn new(cfg: FedConfig) -> Federation {
         Federation {
-            seen: SeenCache::new(cfg.dedup_window_ms, cfg.dedup_max_entries),
-            rng: cfg.rng_seed | 1,
+            dialling: Dialling::new(&cfg),
+            links: Links::default(),
+            relay: Relay::new(&cfg),
             cfg,
-            targets: Vec::new(),
-            known: HashMap::new(),
-            links: HashMap::new(),
-            heartbeat: None,
-            announces: HashMap::new(),
-            rounds: 0,
-            stopping: false,
-            channel_news: None,
-            presence: HashMap::new(),
-            pins_version: 0,
         }
     }
 
     /// Grows whenever a server's pinned key is added or changed.
     pub(crate) fn pins_version(&self) -> u64 {
-        self.pins_version
+        self.links.pins_version()
     }
 
     /// Every pinned server's id and key (encoded), sorted by id: `LIST_RESPONSE.servers` (§5.6).
     pub(crate) fn pinned_keys(&self) -> Vec<(&str, &str)> {
-        let mut keys: Vec<(&str, &str)> = self
-            .known
-            .iter()
-            .map(|(id, k)| (id.as_str(), k.key.encoded()))
-            .collect();
-        keys.sort_unstable();
-        keys
+        self.links.pinned_keys()
     }
 
     /// The server id of dial target `t`, once known.
     pub(crate) fn target_id(&self, t: u32) -> Option<String> {
-        self.targets.get(t as usize).and_then(|t| t.id.clone())
-    }
-
-    /// §7 ordering: whether presence for `user_id` from `server_id` signed at `ts` is at least
-    /// as new as the newest applied; if so, it becomes the newest.
-    fn presence_is_newest(&mut self, server_id: &str, user_id: &str, ts: i64, now: Time) -> bool {
-        let key = (server_id.to_string(), user_id.to_string());
-        if let Some(&newest) = self.presence.get(&key) {
-            if ts < newest {
-                return false;
-            }
-        } else if self.presence.len() >= self.cfg.dedup_max_entries {
-            let oldest = now.wall_ms.saturating_sub(self.cfg.dedup_window_ms as i64);
-            self.presence.retain(|_, t| *t >= oldest);
-            if self.presence.len() >= self.cfg.dedup_max_entries {
-                return true; // a flood of presence: ordered by the window and dedup alone
-            }
-        }
-        self.presence.insert(key, ts);
-        true
+        self.dialling.target_id(t)
     }
 
     /// Connections of every live link but `except`.
@@ -366,81 +180,17 @@ impl Federation {
         &'a self,
         except: Option<&'a str>,
     ) -> impl Iterator<Item = ConnId> + 'a {
-        self.links
-            .iter()
-            .filter(move |(id, _)| Some(id.as_str()) != except)
-            .map(|(_, l)| l.conn)
+        self.links.conns(except)
     }
 
     /// Ids of the servers we have a live link to, sorted.
     pub fn linked(&self) -> Vec<&str> {
-        let mut ids: Vec<&str> = self.links.keys().map(String::as_str).collect();
-        ids.sort_unstable();
-        ids
-    }
-
-    /// Backoff before attempt `attempts + 1`: base·2^(attempts−1), capped, ±20 % jitter.
-    fn backoff_ms(&mut self, attempts: u32) -> u64 {
-        let exp = attempts.saturating_sub(1).min(20);
-        let delay = self
-            .cfg
-            .backoff_base_ms
-            .saturating_mul(1 << exp)
-            .min(self.cfg.backoff_max_ms);
-        // xorshift64*: jitter needs spread, not secrecy.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11; // 53 bits
-        let unit = r as f64 / (1u64 << 53) as f64; // [0, 1)
-        (delay as f64 * (0.8 + 0.4 * unit)) as u64
-    }
-
-    /// Adds a dial target unless one with the same key exists (then refreshes its id and
-    /// address). Returns the index of a new target. `tls`: the scheme of a bootstrap peer,
-    /// which wins over an existing target's; `None` for a server learned of, dialled with
-    /// `peer_tls`.
-    fn add_target(
-        &mut self,
-        id: Option<&str>,
-        host: &str,
-        port: u16,
-        key: &Arc<PublicKey>,
-        tls: Option<bool>,
-    ) -> Option<u32> {
-        if let Some(t) = self.targets.iter_mut().find(|t| t.key == *key) {
-            if let Some(id) = id {
-                t.id = Some(id.to_string());
-            }
-            if !host.is_empty() && port != 0 {
-                t.host = host.to_string();
-                t.port = port;
-            }
-            if let Some(tls) = tls {
-                t.tls = tls;
-            }
-            return None;
-        }
-        if host.is_empty() || port == 0 {
-            return None;
-        }
-        self.targets.push(Target {
-            id: id.map(str::to_string),
-            host: host.to_string(),
-            port,
-            key: Arc::clone(key),
-            tls: tls.unwrap_or(self.cfg.peer_tls),
-            attempts: 0,
-            state: TargetState::Waiting,
-            report: Report::default(),
-            note: None,
-        });
-        Some(self.targets.len() as u32 - 1)
+        self.links.linked()
     }
 
     /// Whether `key` belongs to a pinned server or a bootstrap peer.
     fn is_pinned_key(&self, key: &PublicKey) -> bool {
-        self.targets.iter().any(|t| *t.key == *key) || self.known.values().any(|k| *k.key == *key)
+        self.dialling.has_key(key) || self.links.has_key(key)
     }
 }
 
@@ -452,7 +202,7 @@ impl Server {
         match self.store.seen_entries(now.wall_ms) {
             Ok(entries) => {
                 for (key, until) in entries {
-                    self.fed.seen.restore(key, until);
+                    self.fed.relay.restore_seen(key, until);
                 }
             }
             Err(e) => warn!("could not read the seen-cache: {e}"),
@@ -464,16 +214,10 @@ impl Server {
                     .filter(|r| r.pinned && r.server_id != self.id)
                 {
                     match self.keys.get(&rec.pubkey) {
-                        Ok(key) => {
-                            self.fed.known.insert(
-                                rec.server_id,
-                                Known {
-                                    key,
-                                    host: rec.host,
-                                    port: rec.port,
-                                },
-                            );
-                        }
+                        Ok(key) => self
+                            .fed
+                            .links
+                            .restore(rec.server_id, key, rec.host, rec.port),
                         Err(e) => warn!("stored key of server {} is unusable: {e}", rec.server_id),
                     }
                 }
@@ -483,25 +227,15 @@ impl Server {
         // Remembered servers first, so the operator's --bootstrap address wins for a key that
         // is both remembered and given.
         if self.fed.cfg.mesh {
-            let known: Vec<(String, Known)> = self
-                .fed
-                .known
-                .iter()
-                .map(|(i, k)| (i.clone(), k.clone()))
-                .collect();
-            for (id, k) in known {
+            for (id, host, port, key) in self.fed.links.known() {
                 self.fed
-                    .add_target(Some(&id), &k.host, k.port, &k.key, None);
+                    .dialling
+                    .add_target(Some(&id), &host, port, &key, None);
             }
         }
         for spec in self.fed.cfg.bootstrap.clone() {
-            let id = self
-                .fed
-                .known
-                .iter()
-                .find(|(_, k)| k.key == spec.key)
-                .map(|(id, _)| id.clone());
-            self.fed.add_target(
+            let id = self.fed.links.id_of_key(&spec.key);
+            self.fed.dialling.add_target(
                 id.as_deref(),
                 &spec.host,
                 spec.port,
@@ -509,7 +243,7 @@ impl Server {
                 Some(spec.tls),
             );
         }
-        for t in 0..self.fed.targets.len() as u32 {
+        for t in self.fed.dialling.all() {
             self.out.arm(now.mono_ms, Timer::Redial(t));
         }
         self.out
@@ -518,10 +252,14 @@ impl Server {
 
     /// Dials a server we learned of, unless it is linked or we only dial bootstrap peers.
     fn ensure_target(&mut self, now: Time, id: &str, host: &str, port: u16, key: &Arc<PublicKey>) {
-        if !self.fed.cfg.mesh || self.fed.links.contains_key(id) {
+        if !self.fed.cfg.mesh || self.fed.links.is_linked(id) {
             return;
         }
-        if let Some(t) = self.fed.add_target(Some(id), host, port, key, None) {
+        if let Some(t) = self
+            .fed
+            .dialling
+            .add_target(Some(id), host, port, key, None)
+        {
             self.out.arm(now.mono_ms, Timer::Redial(t));
         }
     }
@@ -529,135 +267,42 @@ impl Server {
     /// A graceful shutdown has begun: links that close are not redialled, and nothing armed
     /// before dials again.
     pub(crate) fn fed_stop(&mut self) {
-        self.fed.stopping = true;
+        self.fed.dialling.stop();
     }
 
     pub(crate) fn on_redial(&mut self, _now: Time, t: u32) {
-        if self.fed.stopping {
-            return;
+        let links = &self.fed.links;
+        if let Some(dial) = self.fed.dialling.redial(t, |id| links.is_linked(id)) {
+            self.out.dial(t, dial.host, dial.port, dial.tls);
         }
-        let linked = |id: &Option<String>, fed: &Federation| {
-            id.as_ref().is_some_and(|id| fed.links.contains_key(id))
-        };
-        let Some(target) = self.fed.targets.get(t as usize) else {
-            return;
-        };
-        if target.state != TargetState::Waiting {
-            return;
-        }
-        if linked(&target.id, &self.fed) {
-            self.fed.targets[t as usize].state = TargetState::Linked;
-            return;
-        }
-        let target = &mut self.fed.targets[t as usize];
-        target.attempts += 1;
-        target.state = TargetState::Dialling;
-        target.note = None;
-        // The first attempt of a run at info; the retries at debug (their failures are
-        // summarised, see `dial_ended`).
-        let level = if target.attempts == 1 {
-            log::Level::Info
-        } else {
-            log::Level::Debug
-        };
-        log::log!(
-            level,
-            "dialling peer {} (attempt {})",
-            target.name(),
-            target.attempts
-        );
-        self.out
-            .dial(t, target.host.clone(), target.port, target.tls);
     }
 
     pub(crate) fn on_dial_failed(&mut self, now: Time, t: u32, reason: &str) {
         self.dial_ended(now, t, reason);
     }
 
-    /// A dial or a link handshake for target `t` ended without a link: log it truthfully and
-    /// arm the next attempt. The first failure of a run is a warning, the next ones are logged
-    /// at debug and summarised at warn (see [`failure_log`]).
+    /// A dial or a link handshake for target `t` ended without a link: logged, and the next
+    /// attempt armed (see `Dialling::dial_ended`).
     pub(crate) fn dial_ended(&mut self, now: Time, t: u32, reason: &str) {
-        let Some(target) = self.fed.targets.get_mut(t as usize) else {
-            return;
-        };
-        if target.state == TargetState::Linked {
-            return;
+        let ended = self
+            .fed
+            .dialling
+            .dial_ended(now.mono_ms, now.wall_ms, t, reason);
+        if let Some(delay) = ended {
+            self.out.arm(now.mono_ms + delay, Timer::Redial(t));
         }
-        let reason = target.note.take().unwrap_or_else(|| reason.to_string());
-        let Some(delay) = self.schedule_redial(now, t) else {
-            let target = &self.fed.targets[t as usize];
-            info!(
-                "dial to peer {} failed (attempt {}): {reason}; not retried: shutting down",
-                target.name(),
-                target.attempts
-            );
-            return;
-        };
-        let target = &mut self.fed.targets[t as usize];
-        let (name, attempt) = (target.name(), target.attempts);
-        let report = &mut target.report;
-        report.failures += 1;
-        let next = secs(delay);
-        match failure_log(
-            attempt,
-            report.attempt,
-            now.mono_ms.saturating_sub(report.at_ms),
-        ) {
-            FailureLog::First => {
-                report.failing_since_ms = now.wall_ms;
-                let since = if report.was_linked {
-                    "; unreachable since its link went down"
-                } else {
-                    ""
-                };
-                warn!(
-                    "dial to peer {name} failed (attempt {attempt}): {reason}{since}; next try \
-                     in {next}; further failures are logged at debug and summarised every \
-                     {SUMMARY_EVERY_ATTEMPTS} attempts"
-                );
-            }
-            FailureLog::Summary => warn!(
-                "dial to peer {name} failed (attempt {attempt}): {reason}; still unreachable \
-                 after {attempt} attempts since {}; next try in {next}",
-                utc(report.failing_since_ms)
-            ),
-            FailureLog::Quiet => {
-                debug!(
-                    "dial to peer {name} failed (attempt {attempt}): {reason}; next try in {next}"
-                );
-                return;
-            }
-        }
-        report.attempt = attempt;
-        report.at_ms = now.mono_ms;
-        report.warned = true;
-    }
-
-    /// Arms the next dial of target `t`; returns its delay, or `None` while shutting down.
-    fn schedule_redial(&mut self, now: Time, t: u32) -> Option<u64> {
-        if self.fed.stopping {
-            self.fed.targets[t as usize].state = TargetState::Waiting;
-            return None;
-        }
-        let attempts = self.fed.targets[t as usize].attempts;
-        let delay = self.fed.backoff_ms(attempts.max(1));
-        self.fed.targets[t as usize].state = TargetState::Waiting;
-        self.out.arm(now.mono_ms + delay, Timer::Redial(t));
-        Some(delay)
     }
 
     /// Our dial connected: open with `SERVER_HELLO_JOIN` and wait for the welcome (§4.3).
     pub(crate) fn on_dialled(&mut self, now: Time, conn: ConnId, t: u32) {
-        let Some(target) = self.fed.targets.get(t as usize) else {
+        let Some(to) = self.fed.dialling.address(t) else {
             return;
         };
-        if self.fed.stopping {
+        if self.fed.dialling.is_stopping() {
             self.out
                 .close(conn, close::GOING_AWAY, "server shutting down");
             return;
         }
-        let to = format!("{}:{}", target.host, target.port);
         self.add_conn(now, conn, State::Dialling { target: t });
         let payload = self.hello_payload();
         self.send_signed(
@@ -689,7 +334,7 @@ impl Server {
                 self.fed.cfg.welcome_timeout_ms
             );
             debug!("conn {conn}: {why}");
-            self.note_dial_failure(target, why);
+            self.fed.dialling.note_failure(target, why);
             self.close(now, conn, close::NORMAL, "welcome timeout");
         }
     }
@@ -709,7 +354,9 @@ impl Server {
             }
             PeerFrame::Error { detail, .. } => {
                 debug!("conn {conn}: peer refused our hello: {detail}");
-                self.note_dial_failure(t, format!("peer refused our hello: {detail}"));
+                self.fed
+                    .dialling
+                    .note_failure(t, format!("peer refused our hello: {detail}"));
                 Ok(())
             }
             _ => Err(WireError::new(
@@ -719,23 +366,19 @@ impl Server {
         }
     }
 
-    /// Why the dial under way for target `t` is failing, for the line [`Server::dial_ended`]
-    /// logs when its connection closes.
-    fn note_dial_failure(&mut self, t: u32, why: String) {
-        if let Some(target) = self.fed.targets.get_mut(t as usize) {
-            target.note = Some(why);
-        }
-    }
-
     fn on_welcome(&mut self, now: Time, conn: ConnId, t: u32, env: &Envelope) {
-        let target = &self.fed.targets[t as usize];
-        let (key, host, port) = (Arc::clone(&target.key), target.host.clone(), target.port);
-        let url = target.url();
+        let Some(expected) = self.fed.dialling.expected(t) else {
+            return;
+        };
+        let (key, host, port, url) = (expected.key, expected.host, expected.port, expected.url);
         let from = env.from.as_str();
         let refuse = |server: &mut Server, why: &str| {
             // Logged at warn with the failure, once per run (see `dial_ended`).
             debug!("SERVER_WELCOME from {url} refused: {why}");
-            server.note_dial_failure(t, format!("SERVER_WELCOME refused: {why}"));
+            server
+                .fed
+                .dialling
+                .note_failure(t, format!("SERVER_WELCOME refused: {why}"));
             server.close(now, conn, close::POLICY, "bad welcome");
         };
         if !crate::wire::ids::is_valid_id(from) || from == self.id {
@@ -747,9 +390,7 @@ impl Server {
         ) {
             return refuse(self, "signature does not verify against the pinned key");
         }
-        if let Some(k) = self.fed.known.get(from)
-            && k.key != key
-        {
+        if self.fed.links.key_of(from).is_some_and(|k| k != key) {
             return refuse(self, "its id is pinned to another key");
         }
         if let Ok(assigned) = env.fields().str("assigned_id")
@@ -816,8 +457,8 @@ impl Server {
                 "that is this server's id",
             ));
         }
-        match self.fed.known.get(from) {
-            Some(k) if k.key != key => {
+        match self.fed.links.key_of(from) {
+            Some(k) if k != key => {
                 return Err(WireError::new(
                     ErrorCode::BadKey,
                     "key does not match the one pinned for this server id",
@@ -837,18 +478,7 @@ impl Server {
             env.kind
         );
         if env.kind == types::SERVER_HELLO_JOIN {
-            let servers: Vec<Value> = self
-                .fed
-                .links
-                .keys()
-                .filter(|id| id.as_str() != from)
-                .filter_map(|id| {
-                    self.fed.known.get(id).map(|k| {
-                        json!({"server_id": id, "host": k.host, "port": k.port,
-                               "pubkey": k.key.encoded()})
-                    })
-                })
-                .collect();
+            let servers = self.fed.links.welcome_servers(from);
             let welcome = json!({
                 "assigned_id": from,
                 "servers": servers,
@@ -882,24 +512,13 @@ impl Server {
         port: u16,
         key: &Arc<PublicKey>,
     ) -> bool {
-        if let Some(old) = self.fed.links.get(server_id) {
-            let we_are_smaller = self.id.as_str() < server_id;
-            // Same direction: the new link replaces a stale one. Otherwise the smaller id's
-            // dial wins, on both ends alike.
-            let keep_new = old.dialled_by_us == dialled_by_us || dialled_by_us == we_are_smaller;
-            let dialler = if we_are_smaller {
-                self.id.as_str()
-            } else {
-                server_id
-            };
-            info!("two links with {server_id}: keeping the one {dialler} dialled");
-            if !keep_new {
+        match self.fed.links.admit(&self.id, server_id, dialled_by_us) {
+            Admit::New => {}
+            Admit::Loses => {
                 self.close(now, conn, close::NORMAL, "duplicate link");
                 return false;
             }
-            let old_conn = old.conn;
-            self.fed.links.remove(server_id);
-            self.close(now, old_conn, close::NORMAL, "duplicate link");
+            Admit::Replaces(old_conn) => self.close(now, old_conn, close::NORMAL, "duplicate link"),
         }
         self.set_state(
             conn,
@@ -907,42 +526,19 @@ impl Server {
                 server_id: server_id.to_string(),
             },
         );
-        self.fed.links.insert(
-            server_id.to_string(),
-            Link {
-                conn,
-                dialled_by_us,
-                last_rx_ms: now.mono_ms,
-            },
-        );
+        self.fed
+            .links
+            .insert(server_id, conn, dialled_by_us, now.mono_ms);
         self.pin_server(now, server_id, host, port, key);
-        let mut have_target = false;
-        let mut failed = 0;
-        let mut warned = false;
-        for target in self.fed.targets.iter_mut().filter(|t| t.key == *key) {
-            target.id = Some(server_id.to_string());
-            target.state = TargetState::Linked;
-            if target.report.warned {
-                failed = failed.max(target.report.failures);
-                warned = true;
-            }
-            target.attempts = 0;
-            target.note = None;
-            target.report = Report {
-                was_linked: true,
-                ..Report::default()
-            };
-            have_target = true;
-        }
-        if !have_target && self.fed.cfg.mesh {
-            // Remember it, so we redial it too if the link drops.
-            if let Some(t) = self.fed.add_target(Some(server_id), host, port, key, None) {
-                self.fed.targets[t as usize].state = TargetState::Linked;
-            }
-        }
+        // In a mesh, a server we do not dial yet becomes a target: redialled if the link drops.
+        let remember = self.fed.cfg.mesh;
+        let told = self
+            .fed
+            .dialling
+            .linked(server_id, host, port, key, remember);
         let by = if dialled_by_us { "us" } else { "them" };
         let url = ws_url(host, port);
-        if warned {
+        if let Some(failed) = told {
             // The operator was told it was down or unreachable: tell them it is back, at the
             // same level.
             let after = match failed {
@@ -960,13 +556,7 @@ impl Server {
         // announce of every other server we know, unchanged: in a mesh that is not full, that
         // is how servers two hops apart learn each other's keys whatever the start order.
         self.announce_self(now);
-        let relayed: Vec<Frame> = self
-            .fed
-            .announces
-            .iter()
-            .filter(|(id, _)| id.as_str() != server_id && **id != self.id)
-            .map(|(_, text)| text.clone())
-            .collect();
+        let relayed = self.fed.relay.announces_except(&[server_id, &self.id]);
         for text in relayed {
             self.out.send(conn, text);
         }
@@ -1003,15 +593,13 @@ impl Server {
 
     /// The link to `server_id` on `conn` is gone: its users go offline here, and we redial.
     pub(crate) fn link_down(&mut self, now: Time, conn: ConnId, server_id: &str) {
-        if self.fed.links.get(server_id).map(|l| l.conn) != Some(conn) {
+        if !self.fed.links.remove(server_id, conn) {
             return; // a duplicate that lost; the surviving link stands
         }
-        self.fed.links.remove(server_id);
         let url = self
             .fed
-            .known
-            .get(server_id)
-            .map(|k| ws_url(&k.host, k.port))
+            .links
+            .url_of(server_id)
             .unwrap_or_else(|| "address unknown".into());
         let gone = self.dir.users_hosted_by(server_id);
         for user_id in &gone {
@@ -1029,33 +617,20 @@ impl Server {
             1 => "; 1 user behind it now offline".into(),
             n => format!("; {n} users behind it now offline"),
         };
-        if self.fed.stopping {
+        if self.fed.dialling.is_stopping() {
             info!("link to server {server_id} down ({url}): shutting down{offline}");
             return;
         }
-        let key = self.fed.known.get(server_id).map(|k| Arc::clone(&k.key));
-        let targets: Vec<u32> = (0..self.fed.targets.len() as u32)
-            .filter(|&t| {
-                let target = &self.fed.targets[t as usize];
-                target.id.as_deref() == Some(server_id) || Some(&target.key) == key.as_ref()
-            })
-            .collect();
-        let next = if targets.is_empty() {
+        let key = self.fed.links.key_of(server_id);
+        let redials = self.fed.dialling.link_lost(server_id, key.as_ref());
+        let next = if redials.is_empty() {
             "not redialled (not a peer we dial)"
         } else {
             "redialling"
         };
         warn!("link to server {server_id} down ({url}){offline}; {next}");
-        for t in targets {
-            let target = &mut self.fed.targets[t as usize];
-            target.attempts = 0;
-            target.state = TargetState::Dialling;
-            target.report = Report {
-                warned: true,
-                was_linked: true,
-                ..Report::default()
-            };
-            self.schedule_redial(now, t);
+        for (t, delay) in redials {
+            self.out.arm(now.mono_ms + delay, Timer::Redial(t));
         }
     }
 
@@ -1070,22 +645,9 @@ impl Server {
         port: u16,
         key: &Arc<PublicKey>,
     ) {
-        let old_key = self.fed.known.get(server_id).map(|k| Arc::clone(&k.key));
-        if let Some(k) = self.fed.known.get(server_id)
-            && k.key == *key
-            && k.host == host
-            && k.port == port
-        {
+        let Some(new_key) = self.fed.links.pin(server_id, host, port, key) else {
             return;
-        }
-        self.fed.known.insert(
-            server_id.to_string(),
-            Known {
-                key: Arc::clone(key),
-                host: host.to_string(),
-                port,
-            },
-        );
+        };
         let record = ServerRecord {
             server_id: server_id.to_string(),
             host: host.to_string(),
@@ -1096,8 +658,7 @@ impl Server {
         if let Err(e) = self.store.upsert_server(&record) {
             warn!("could not save server {server_id}: {e}");
         }
-        if old_key.as_ref() != Some(key) {
-            self.fed.pins_version += 1;
+        if new_key {
             self.tell_servers(now);
         }
     }
@@ -1137,9 +698,7 @@ impl Server {
             Ok(k) => k,
             Err(e) => return warn!("server {id} listed by {via} has an unusable key: {e}"),
         };
-        if let Some(k) = self.fed.known.get(id)
-            && k.key != key
-        {
+        if self.fed.links.key_of(id).is_some_and(|k| k != key) {
             return warn!("{via} lists server {id} with a key other than the pinned one");
         }
         let (id, host) = (id.to_string(), host.to_string());
@@ -1197,7 +756,7 @@ impl Server {
                     format!("user {user_id} is online at server {}", self.id),
                 ));
             }
-            if existing.server_id != server_id && self.fed.links.contains_key(&existing.server_id) {
+            if existing.server_id != server_id && self.fed.links.is_linked(&existing.server_id) {
                 warn!(
                     "server {sender} claims user {user_id} for server {server_id}, but live \
                      server {} hosts it: refused",
@@ -1290,9 +849,7 @@ impl Server {
         env: &Envelope,
         text: &str,
     ) -> Result<(), WireError> {
-        if let Some(l) = self.fed.links.get_mut(link) {
-            l.last_rx_ms = now.mono_ms;
-        }
+        self.fed.links.heard(link, now.mono_ms);
         let frame = PeerFrame::parse(env);
         if let PeerFrame::Error { code, detail } = frame {
             info!("server {link} reports {code}: {detail}");
@@ -1303,8 +860,8 @@ impl Server {
         }
         // §6 *Who may sign*: the pinned key of `from`. An ANNOUNCE from a server we do not know
         // yet introduces it, proving possession of the key it carries; the link vouches for it.
-        let key = match self.fed.known.get(&env.from) {
-            Some(k) => Arc::clone(&k.key),
+        let key = match self.fed.links.key_of(&env.from) {
+            Some(k) => k,
             None if let PeerFrame::Announce(announce) = &frame => {
                 wire::check_id("from", &env.from)?;
                 self.parse_key("pubkey", announce.pubkey.clone()?)?
@@ -1327,7 +884,7 @@ impl Server {
         let dedup_key = dedup::key(
             &env.kind, &env.from, &env.to, env.ts, payload_ts, &canonical,
         );
-        match self.fed.seen.check(&dedup_key, ts, now.wall_ms) {
+        match self.fed.relay.check_seen(&dedup_key, ts, now.wall_ms) {
             Ok(()) => {}
             Err(Stale::Duplicate) => {
                 self.metrics.dedup_drop(Stale::Duplicate);
@@ -1351,7 +908,7 @@ impl Server {
         // A heartbeat does nothing twice, and its one signed payload (`{}`) could otherwise be
         // re-sent with any envelope to fill the cache: it is not recorded.
         if !matches!(frame, PeerFrame::Heartbeat) {
-            let until = self.fed.seen.insert(dedup_key, ts, now.wall_ms);
+            let until = self.fed.relay.record_seen(dedup_key, ts, now.wall_ms);
             if payload_ts.is_some()
                 && let Err(e) = self.store.remember_seen(&dedup_key, until)
             {
@@ -1372,7 +929,10 @@ impl Server {
                 }
                 // §7: presence older than the newest applied for that user is ignored.
                 if let Some(ts) = payload_ts
-                    && !self.fed.presence_is_newest(server_id, user_id, ts, now)
+                    && !self
+                        .fed
+                        .relay
+                        .presence_is_newest(server_id, user_id, ts, now.wall_ms)
                 {
                     debug!("ignoring {} for {user_id}: older than the last", env.kind);
                     return Ok(());
@@ -1422,7 +982,7 @@ impl Server {
     /// the dedup window ago or more: a new link anywhere in the mesh is handed the adverts
     /// other servers keep of them (see `link_up`), and one older than the window would be
     /// refused there (§6 freshness), so a user online for long would never reach a server
-    /// that links in later. As announces are (see [`REANNOUNCE_EVERY`]), adverts are kept
+    /// that links in later. As announces are (see [`relay::REANNOUNCE_EVERY`]), adverts are kept
     /// inside the window. The receivers forward them and tell their users nothing (nothing
     /// changed). At most an eighth of our users (at least [`REFRESH_AT_LEAST`]) per heartbeat,
     /// so a login storm does not come back as a signing storm: with the defaults every advert
@@ -1467,10 +1027,10 @@ impl Server {
         }
         let from = env.from.clone();
         self.fed
-            .announces
-            .insert(from.clone(), Frame::from(text.to_string()));
+            .relay
+            .keep_announce(from.clone(), Frame::from(text.to_string()));
         if from != self.id {
-            if !self.fed.known.contains_key(&from) {
+            if !self.fed.links.is_known(&from) {
                 info!("learned server {from} at ws://{host}:{port} from server {link}");
             }
             self.pin_server(now, &from, &host, port, &key);
@@ -1538,9 +1098,9 @@ impl Server {
     /// (a delivery, a channel copy, a file frame, or one relayed unchanged): they are
     /// flow-controlled ([`Action::Route`]), unlike broadcasts to every link.
     pub(crate) fn route_toward(&mut self, host: &str, text: Frame, except: Option<&str>) -> bool {
-        let conns: Vec<ConnId> = match self.fed.links.get(host) {
-            Some(link) if Some(host) != except => vec![link.conn],
-            _ => self.fed.link_conns(except).collect(),
+        let conns: Vec<ConnId> = match self.fed.links.conn_of(host) {
+            Some(conn) if Some(host) != except => vec![conn],
+            _ => self.fed.links.conns(except).collect(),
         };
         for &conn in &conns {
             self.out.route(conn, text.clone());
@@ -1550,7 +1110,7 @@ impl Server {
 
     /// Sends `text` to every linked server but `except`; returns how many.
     fn send_links(&mut self, text: Frame, except: Option<&str>) -> usize {
-        let conns: Vec<ConnId> = self.fed.link_conns(except).collect();
+        let conns: Vec<ConnId> = self.fed.links.conns(except).collect();
         self.out.broadcast(conns.iter().copied(), &text);
         conns.len()
     }
@@ -1568,20 +1128,9 @@ impl Server {
         if self.fed.links.is_empty() {
             return; // a link that comes up gets the version then (link_up)
         }
-        let news = match &mut self.fed.channel_news {
-            Some(news) => news,
-            None => {
-                self.out.arm(now.mono_ms + CHANNEL_BATCH_MS, Timer::Channel);
-                self.fed.channel_news.insert(ChannelNews {
-                    if_version: self.channel.version() - 1,
-                    added: Vec::new(),
-                })
-            }
-        };
-        if let Some(user_id) = added
-            && !news.added.iter().any(|id| id == user_id)
-        {
-            news.added.push(user_id.to_string());
+        let if_version = self.channel.version() - 1;
+        if self.fed.relay.channel_changed(if_version, added) {
+            self.out.arm(now.mono_ms + CHANNEL_BATCH_MS, Timer::Channel);
         }
     }
 
@@ -1589,7 +1138,7 @@ impl Server {
     /// (§8): one `PUBLIC_CHANNEL_ADD` for the users who joined and are still online, then
     /// `PUBLIC_CHANNEL_UPDATED` with the version now.
     pub(crate) fn on_channel_timer(&mut self, now: Time) {
-        let Some(news) = self.fed.channel_news.take() else {
+        let Some(news) = self.fed.relay.take_channel_news() else {
             return;
         };
         if self.fed.links.is_empty() {
@@ -1615,13 +1164,7 @@ impl Server {
     /// Heartbeats to every link; links silent too long are declared dead (§4.4).
     pub(crate) fn on_heartbeat(&mut self, now: Time) {
         let dead_after = self.fed.cfg.dead_after_ms;
-        let dead: Vec<(String, ConnId, u64)> = self
-            .fed
-            .links
-            .iter()
-            .map(|(id, l)| (id.clone(), l.conn, now.mono_ms.saturating_sub(l.last_rx_ms)))
-            .filter(|(_, _, silent)| *silent >= dead_after)
-            .collect();
+        let dead = self.fed.links.silent(now.mono_ms, dead_after);
         for (id, conn, silent) in dead {
             warn!("link to server {id} silent for {silent} ms: declaring it dead");
             self.close(now, conn, close::GOING_AWAY, "link dead");
@@ -1629,18 +1172,12 @@ impl Server {
         if !self.fed.links.is_empty()
             && let Some(signed) = self
                 .fed
-                .heartbeat
-                .clone()
+                .links
+                .heartbeat()
                 .or_else(|| self.sign(&json!({}), Urgency::Conversation))
         {
-            self.fed.heartbeat = Some(signed.clone());
-            let links: Vec<(String, ConnId)> = self
-                .fed
-                .links
-                .iter()
-                .map(|(id, l)| (id.clone(), l.conn))
-                .collect();
-            for (id, conn) in links {
+            self.fed.links.set_heartbeat(signed.clone());
+            for (id, conn) in self.fed.links.all() {
                 let text = signed.frame(types::HEARTBEAT, &self.id, &id, now.wall_ms);
                 self.out.send(conn, text);
             }
@@ -1648,12 +1185,8 @@ impl Server {
         if let Err(e) = self.store.forget_seen(now.wall_ms) {
             warn!("could not prune the saved seen-cache: {e}");
         }
-        self.fed.rounds += 1;
-        if self.fed.rounds >= REANNOUNCE_EVERY {
-            self.fed.rounds = 0;
-            if !self.fed.links.is_empty() {
-                self.announce_self(now);
-            }
+        if self.fed.relay.announce_due() && !self.fed.links.is_empty() {
+            self.announce_self(now);
         }
         if !self.fed.links.is_empty() {
             self.refresh_adverts(now);
