@@ -30,7 +30,8 @@
 
 use crate::account;
 use crate::core::persist::{Conflict, PersistError, UserRecord};
-use crate::core::server::{Bucket, ConnId, Server, Time, store_error};
+use crate::core::server::{ConnId, Server, Time, store_error};
+use crate::core::sessions::Bucket;
 use crate::core::signer::Urgency;
 use crate::wire::user::{Login, NewAccount, Register, auth_bytes};
 use crate::wire::{self, Envelope, ErrorCode, WireError, types};
@@ -265,16 +266,9 @@ impl Server {
 
     /// One login attempt against the connection's budget and the server-wide ones (§5.3).
     fn login_allowed(&mut self, now: Time, conn: ConnId, name: &str) -> bool {
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let Some(peer) = self.spend_conn_login(now, conn) else {
             return false;
         };
-        // Only accepted connections have a peer, and only they may log in.
-        let Some(peer) = c.peer else {
-            return false;
-        };
-        if !c.logins.take(now.mono_ms, CONN_BURST, CONN_REFILL_MS) {
-            return false;
-        }
         self.login_budgets.take(now.mono_ms, Source::of(peer), name)
     }
 }

@@ -1,7 +1,7 @@
 //! The core: the server as a sans-IO state machine (DESIGN.md "The shape").
 //!
 //! It owns every piece of server state that the protocol talks about: connections and sessions
-//! ([`server`]), accounts ([`login`]), links to other servers, dialling and relaying
+//! (`sessions`, dispatched by [`server`]), accounts ([`login`]), links to other servers, dialling and relaying
 //! ([`federation`]), who is online where ([`directory`]), the public channel ([`channel`]), file
 //! transfers ([`transfer`]), the seen-cache for relayed frames ([`dedup`]) and the counters that
 //! `GET /metrics` reports ([`metrics`]). It is fed [`server::Input`]s with a [`server::Time`]
@@ -27,5 +27,6 @@ pub mod outbox;
 pub mod persist;
 pub mod random;
 pub mod server;
+pub(crate) mod sessions;
 pub mod signer;
 pub mod transfer;

@@ -303,7 +303,7 @@ impl Server {
                 .close(conn, close::GOING_AWAY, "server shutting down");
             return;
         }
-        self.add_conn(now, conn, State::Dialling { target: t });
+        self.open_conn(now, conn, State::Dialling { target: t });
         let payload = self.hello_payload();
         self.send_signed(
             now,
@@ -666,16 +666,7 @@ impl Server {
     /// Sends a fresh `LIST_RESPONSE` (with `servers`, §5.6) to every user who takes other
     /// servers' signatures.
     fn tell_servers(&mut self, now: Time) {
-        let users: Vec<(ConnId, String)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.peer_sig)
-            .filter_map(|(conn, c)| match &c.state {
-                State::User { user_id } => Some((*conn, user_id.clone())),
-                _ => None,
-            })
-            .collect();
-        for (conn, user_id) in users {
+        for (conn, user_id) in self.peer_sig_users() {
             self.send_list(now, conn, &user_id);
         }
     }
