@@ -184,7 +184,7 @@ impl Server {
             ));
         }
         let mut salt = [0; 16];
-        self.random.fill(&mut salt);
+        self.fill_random(&mut salt);
         let record = UserRecord {
             user_id: user_id.to_string(),
             pubkey: pubkey.encoded().to_string(),

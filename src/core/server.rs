@@ -199,24 +199,24 @@ const ERROR_SIG_CACHE: usize = 256;
 
 /// The server core. See the module documentation.
 pub struct Server {
-    pub(crate) id: String,
-    pub(crate) key: Arc<PrivateKey>,
+    pub(super) id: String,
+    key: Arc<PrivateKey>,
     /// Makes our signatures: in line, or a pool of threads (see [`crate::core::signer`]).
     signer: Box<dyn Signer>,
     limits: Limits,
-    pub(crate) store: Box<dyn Persistence + Send>,
+    pub(super) store: Box<dyn Persistence + Send>,
     /// Where nonces and salts come from (see [`crate::core::random`]).
-    pub(crate) random: Box<dyn Random + Send>,
-    pub(crate) keys: KeyCache,
+    random: Box<dyn Random + Send>,
+    keys: KeyCache,
     /// The connection table and the challenge pool (see [`crate::core::sessions`]).
     sessions: Sessions,
-    pub(crate) dir: Directory,
-    pub(crate) channel: PublicChannel,
-    pub(crate) fed: Federation,
+    pub(super) dir: Directory,
+    pub(super) channel: PublicChannel,
+    pub(super) fed: Federation,
     /// Login budgets per source, per (name, source) and per name (§5.3), bounded.
-    pub(crate) login_budgets: crate::core::login::LoginBudgets,
+    pub(super) login_budgets: crate::core::login::LoginBudgets,
     /// File transfers under way from local users (§9).
-    pub(crate) transfers: Transfers,
+    pub(super) transfers: Transfers,
     error_sigs: ErrorSigs,
     /// The signed `LIST_RESPONSE` payload for the directory version it was built at: the
     /// payload changes only when the directory does, so repeated requests cost no signature.
@@ -232,9 +232,9 @@ pub struct Server {
     /// Work an input left for later, oldest first; see [`Deferred`].
     deferred: VecDeque<Deferred>,
     /// Counters for `GET /metrics` (see [`crate::core::metrics`]).
-    pub(crate) metrics: crate::core::metrics::Metrics,
+    pub(super) metrics: crate::core::metrics::Metrics,
     /// What the net layer is to do, in order.
-    pub(crate) out: Outbox,
+    pub(super) out: Outbox,
 }
 
 /// Work left for the end of the net layer's turn ([`Server::run_deferred`]).
@@ -1082,6 +1082,19 @@ impl Server {
     /// The users who take other servers' signatures (§5.6): connection and user id.
     pub(crate) fn peer_sig_users(&self) -> Vec<(ConnId, String)> {
         self.sessions.peer_sig_users()
+    }
+
+    /// The key `text` encodes, from the cache of parsed keys.
+    pub(crate) fn cached_key(
+        &mut self,
+        text: &str,
+    ) -> Result<Arc<PublicKey>, crate::crypto::CryptoError> {
+        self.keys.get(text)
+    }
+
+    /// Fills `buf` from the core's random source (see [`crate::core::random`]).
+    pub(crate) fn fill_random(&mut self, buf: &mut [u8]) {
+        self.random.fill(buf);
     }
 
     pub(crate) fn parse_key(

@@ -209,11 +209,12 @@ impl Server {
         }
         match self.store.servers() {
             Ok(records) => {
+                let id = self.id.clone();
                 for rec in records
                     .into_iter()
-                    .filter(|r| r.pinned && r.server_id != self.id)
+                    .filter(|r| r.pinned && r.server_id != id)
                 {
-                    match self.keys.get(&rec.pubkey) {
+                    match self.cached_key(&rec.pubkey) {
                         Ok(key) => self
                             .fed
                             .links
@@ -323,7 +324,7 @@ impl Server {
         json!({
             "host": self.fed.cfg.advertise_host,
             "port": self.fed.cfg.advertise_port,
-            "pubkey": self.key.public_key().encoded(),
+            "pubkey": self.public_key().encoded(),
         })
     }
 
@@ -685,7 +686,7 @@ impl Server {
         if id == self.id {
             return;
         }
-        let key = match self.keys.get(pubkey) {
+        let key = match self.cached_key(pubkey) {
             Ok(k) => k,
             Err(e) => return warn!("server {id} listed by {via} has an unusable key: {e}"),
         };
@@ -813,7 +814,7 @@ impl Server {
             };
         }
         match self.store.known_user_key(user_id) {
-            Ok(Some(known)) => match self.keys.get(&known) {
+            Ok(Some(known)) => match self.cached_key(&known) {
                 Ok(known) if known == *pubkey => Ok(()),
                 _ => refused("the one known here"),
             },
