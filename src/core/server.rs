@@ -213,8 +213,8 @@ pub struct Server {
     pub(super) dir: Directory,
     pub(super) channel: PublicChannel,
     pub(super) fed: Federation,
-    /// Login budgets per source, per (name, source) and per name (§5.3), bounded.
-    pub(super) login_budgets: crate::core::login::LoginBudgets,
+    /// Accounts and the login budgets per source, per (name, source) and per name (§5.3).
+    pub(super) accounts: crate::core::login::Accounts,
     /// File transfers under way from local users (§9).
     pub(super) transfers: Transfers,
     error_sigs: ErrorSigs,
@@ -287,7 +287,7 @@ impl Server {
             burst: Vec::new(),
             deferred: VecDeque::new(),
             fed: Federation::new(FedConfig::default()),
-            login_budgets: Default::default(),
+            accounts: Default::default(),
             transfers: Transfers::new(TransferLimits::default()),
             metrics,
             out: Outbox::default(),
