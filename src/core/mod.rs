@@ -7,6 +7,12 @@
 //! `GET /metrics` reports ([`metrics`]). It is fed [`server::Input`]s with a [`server::Time`]
 //! and answers with [`server::Action`]s.
 //!
+//! Each of these is a type with private fields: `Sessions`, `Accounts`, [`transfer::Transfers`],
+//! [`directory::Directory`], [`channel::PublicChannel`], [`dedup::SeenCache`], and
+//! [`federation::Federation`] with its own parts (dialling, links, relay). [`server::Server`]
+//! owns them all and the dispatch; its `impl` blocks in the component modules are glue that
+//! calls the components' methods with what they need (`now`, the outbox, the signer, the store).
+//!
 //! It must not touch a socket, read the clock, sleep or block: the net layer does all of that
 //! and hands the core `now`. What it keeps across restarts it reads and writes through the
 //! [`persist::Persistence`] trait it is given (the SQLite [`crate::store::Store`] in the server,
