@@ -462,3 +462,31 @@ impl Dialling {
         redials
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let cfg = FedConfig::default();
+        let mut dialling = Dialling::new(&cfg);
+        for attempts in 1..30 {
+            let base = (cfg.backoff_base_ms << (attempts - 1).min(20)).min(cfg.backoff_max_ms);
+            let delay = dialling.backoff_ms(attempts);
+            assert!(
+                delay >= base * 8 / 10 && delay <= base * 12 / 10,
+                "{attempts}: {delay}"
+            );
+        }
+    }
+
+    #[test]
+    fn stopping_dials_nothing() {
+        let mut dialling = Dialling::new(&FedConfig::default());
+        dialling.stop();
+        assert!(dialling.is_stopping());
+        assert!(dialling.redial(0, |_| false).is_none());
+        assert!(dialling.all().is_empty());
+    }
+}

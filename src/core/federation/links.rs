@@ -285,3 +285,35 @@ impl Links {
         Some(new_key)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_link_per_pair_the_smaller_ids_dial_wins() {
+        let mut links = Links::default();
+        assert_eq!(links.admit("a", "b", true), Admit::New);
+        links.insert("b", ConnId(1), true, 0);
+        // "a" < "b": b's dial loses to ours, ours replaces a stale one of ours.
+        assert_eq!(links.admit("a", "b", false), Admit::Loses);
+        assert_eq!(links.admit("a", "b", true), Admit::Replaces(ConnId(1)));
+        assert!(!links.is_linked("b"));
+        links.insert("b", ConnId(2), true, 0);
+        assert!(!links.remove("b", ConnId(1)), "a duplicate that lost");
+        assert_eq!(links.conn_of("b"), Some(ConnId(2)));
+        assert!(links.remove("b", ConnId(2)));
+        assert!(links.is_empty());
+    }
+
+    #[test]
+    fn silent_links_are_those_not_heard_from_for_long() {
+        let mut links = Links::default();
+        links.insert("b", ConnId(1), true, 0);
+        links.insert("c", ConnId(2), false, 0);
+        links.heard("c", 40);
+        assert_eq!(links.silent(45, 45), [("b".to_string(), ConnId(1), 45)]);
+        assert_eq!(links.linked(), ["b", "c"]);
+        assert_eq!(links.conns(Some("b")).collect::<Vec<_>>(), [ConnId(2)]);
+    }
+}

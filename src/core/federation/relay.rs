@@ -148,3 +148,44 @@ impl Relay {
         self.channel_news.take()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_older_than_the_newest_applied_is_refused() {
+        let mut relay = Relay::new(&FedConfig::default());
+        assert!(relay.presence_is_newest("b", "u", 10, 0));
+        assert!(relay.presence_is_newest("b", "u", 10, 0), "as new: applied");
+        assert!(!relay.presence_is_newest("b", "u", 9, 0));
+        assert!(
+            relay.presence_is_newest("c", "u", 9, 0),
+            "per hosting server"
+        );
+    }
+
+    #[test]
+    fn channel_news_batches_until_taken() {
+        let mut relay = Relay::new(&FedConfig::default());
+        assert!(relay.channel_changed(4, Some("u")), "the first change arms");
+        assert!(!relay.channel_changed(5, Some("u")));
+        assert!(!relay.channel_changed(6, Some("v")));
+        let news = relay.take_channel_news().unwrap();
+        assert_eq!(
+            (news.if_version, news.added),
+            (4, vec!["u".into(), "v".into()])
+        );
+        assert!(relay.take_channel_news().is_none());
+    }
+
+    #[test]
+    fn announces_fall_due_every_few_rounds() {
+        let mut relay = Relay::new(&FedConfig::default());
+        let due: Vec<bool> = (0..2 * REANNOUNCE_EVERY)
+            .map(|_| relay.announce_due())
+            .collect();
+        assert_eq!(due.iter().filter(|d| **d).count(), 2);
+        assert!(due[REANNOUNCE_EVERY as usize - 1]);
+    }
+}
