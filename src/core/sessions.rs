@@ -310,3 +310,64 @@ impl Sessions {
         self.challenges.push(ready);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sessions() -> Sessions {
+        Sessions::new(&Limits {
+            hello_timeout_ms: 10_000,
+            error_burst: 2,
+            error_refill_per_s: 1,
+            max_message_size: 1 << 20,
+        })
+    }
+
+    #[test]
+    fn the_error_budget_is_per_connection_and_refills() {
+        let mut s = sessions();
+        let (a, b) = (ConnId(1), ConnId(2));
+        s.open(a, State::Fresh, None, 0);
+        s.open(b, State::Fresh, None, 0);
+        assert_eq!(s.spend_error(a, 0), Some(true));
+        assert_eq!(s.spend_error(a, 0), Some(true));
+        assert_eq!(s.spend_error(a, 0), Some(false));
+        assert_eq!(s.spend_error(b, 0), Some(true), "b has its own");
+        assert_eq!(s.spend_error(a, 1000), Some(true), "one more a second");
+        assert_eq!(s.spend_error(ConnId(3), 0), None);
+    }
+
+    #[test]
+    fn only_accepted_connections_may_log_in_within_their_budget() {
+        let mut s = sessions();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        s.open(ConnId(1), State::Fresh, Some(ip), 0);
+        s.open(ConnId(2), State::Dialling { target: 0 }, None, 0);
+        for _ in 0..CONN_BURST {
+            assert_eq!(s.spend_login(ConnId(1), 0), Some(ip));
+        }
+        assert_eq!(s.spend_login(ConnId(1), 0), None);
+        assert_eq!(s.spend_login(ConnId(2), 0), None, "dialled: no source");
+    }
+
+    #[test]
+    fn states_and_peer_sig_users() {
+        let mut s = sessions();
+        s.open(ConnId(1), State::Fresh, None, 0);
+        s.open(ConnId(2), State::Fresh, None, 0);
+        assert!(s.is_fresh(ConnId(1)) && s.is_pending(ConnId(1)));
+        let user = |id: &str| State::User {
+            user_id: id.to_string(),
+        };
+        s.set_state(ConnId(1), user("u"));
+        s.set_state(ConnId(2), user("v"));
+        s.set_peer_sig(ConnId(1), true);
+        assert!(!s.is_pending(ConnId(1)));
+        assert_eq!(s.peer_sig_users(), [(ConnId(1), "u".to_string())]);
+        let counts = s.census();
+        assert_eq!((counts.pending, counts.user, counts.peer), (0, 2, 0));
+        assert!(matches!(s.remove(ConnId(1)), Some(State::User { .. })));
+        assert!(!s.contains(ConnId(1)));
+    }
+}
