@@ -198,6 +198,11 @@ struct ErrorSigs(HashMap<String, Signed>);
 const ERROR_SIG_CACHE: usize = 256;
 
 /// The server core. See the module documentation.
+///
+/// It owns the components (each with private fields) and the dispatch. The fields marked
+/// `pub(super)` are reached only by its own `impl` blocks in the other core modules
+/// (`federation`, `login`, `transfer`, `metrics`), which call the components' methods; nothing
+/// outside [`crate::core`] sees any field.
 pub struct Server {
     pub(super) id: String,
     key: Arc<PrivateKey>,
