@@ -28,7 +28,7 @@
 //! Every map is bounded ([`MAX_TRACKED`]); see [`LoginBudgets::take`] for what happens when one
 //! is full.
 //!
-//! [`Accounts`] owns the server-wide budgets (private) and decides registrations and logins
+//! `Accounts` owns the server-wide budgets (private) and decides registrations and logins
 //! against the store it is handed; the connection's own budget is the session's
 //! (`Sessions::spend_login`). The `impl Server` methods here are glue:
 //! they verify the frame, draw the salt, and send the answer.

@@ -701,7 +701,7 @@ impl Server {
     /// Sends `text` toward server `host`: over its link, else to every link (§6 steps 2–3),
     /// never to `except`. Returns whether it went anywhere. Only for frames `route()` carries
     /// (a delivery, a channel copy, a file frame, or one relayed unchanged): they are
-    /// flow-controlled ([`Action::Route`]), unlike broadcasts to every link.
+    /// flow-controlled ([`Action::Route`](crate::core::server::Action::Route)), unlike broadcasts to every link.
     pub(crate) fn route_toward(&mut self, host: &str, text: Frame, except: Option<&str>) -> bool {
         let conns: Vec<ConnId> = match self.fed.links.conn_of(host) {
             Some(conn) if Some(host) != except => vec![conn],
