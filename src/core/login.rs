@@ -27,11 +27,18 @@
 //! A limited attempt is refused at once, so nobody else waits (the event loop never sleeps).
 //! Every map is bounded ([`MAX_TRACKED`]); see [`LoginBudgets::take`] for what happens when one
 //! is full.
+//!
+//! `Accounts` owns the server-wide budgets (private) and decides registrations and logins
+//! against the store it is handed; the connection's own budget is the session's
+//! (`Sessions::spend_login`). The `impl Server` methods here are glue:
+//! they verify the frame, draw the salt, and send the answer.
 
 use crate::account;
-use crate::core::persist::{Conflict, PersistError, UserRecord};
-use crate::core::server::{Bucket, ConnId, Server, Time, store_error};
+use crate::core::persist::{Conflict, PersistError, Persistence, UserRecord};
+use crate::core::server::{ConnId, Server, Time, store_error};
+use crate::core::sessions::Bucket;
 use crate::core::signer::Urgency;
+use crate::crypto::PublicKey;
 use crate::wire::user::{Login, NewAccount, Register, auth_bytes};
 use crate::wire::{self, Envelope, ErrorCode, WireError, types};
 use log::info;
@@ -112,7 +119,7 @@ impl<K: Eq + Hash> Budgets<K> {
 
 /// The server-wide login budgets (§5.3): per source, per (name, source), per name.
 #[derive(Debug)]
-pub(crate) struct LoginBudgets {
+struct LoginBudgets {
     sources: Budgets<Source>,
     pairs: Budgets<(String, Source)>,
     names: Budgets<String>,
@@ -155,6 +162,82 @@ fn invalid_credentials() -> WireError {
     WireError::new(ErrorCode::BadKey, "invalid credentials")
 }
 
+/// Why a login was refused.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// A budget had no token left (§5.3).
+    RateLimited,
+    /// No such name, or the wrong password: one answer for both.
+    Credentials,
+    /// The store could not be read.
+    Store(WireError),
+}
+
+/// Accounts (§5.3): registering, checking a login, and the server-wide login budgets. Private
+/// state; the accounts themselves are in the store it is handed.
+#[derive(Debug, Default)]
+pub(crate) struct Accounts {
+    budgets: LoginBudgets,
+}
+
+impl Accounts {
+    /// Stores a new account for `user_id` with `pubkey`, its password verifier salted with
+    /// `salt`. Durable when this returns.
+    pub(crate) fn register(
+        store: &dyn Persistence,
+        salt: &[u8; 16],
+        user_id: &str,
+        pubkey: &PublicKey,
+        account: &NewAccount<'_>,
+    ) -> Result<(), WireError> {
+        let record = UserRecord {
+            user_id: user_id.to_string(),
+            pubkey: pubkey.encoded().to_string(),
+            privkey_store: account.privkey_store.to_string(),
+            pake_password: account::password_verifier_with_salt(salt, &account.auth),
+            meta: json!({"display_name": account.display_name}),
+            version: 1,
+        };
+        match store.register_account(&record) {
+            Ok(()) => Ok(()),
+            Err(PersistError::Conflict(
+                what @ (Conflict::DisplayNameTaken | Conflict::UserIdTaken),
+            )) => Err(WireError::new(ErrorCode::NameInUse, what.as_str())),
+            Err(e) => Err(store_error(&e)),
+        }
+    }
+
+    /// One login attempt at `name` with `auth`, from `source` (`None`: a connection that may
+    /// not log in, or whose own budget is spent): the account, if every budget had a token
+    /// and the password matches.
+    pub(crate) fn login(
+        &mut self,
+        store: &dyn Persistence,
+        now_ms: u64,
+        source: Option<IpAddr>,
+        name: &str,
+        auth: &str,
+    ) -> Result<UserRecord, Refused> {
+        let allowed = source.is_some_and(|ip| self.budgets.take(now_ms, Source::of(ip), name));
+        if !allowed {
+            return Err(Refused::RateLimited);
+        }
+        // Known or not, the name costs one index probe and one row read and decoded (a dummy
+        // row for an unknown name, see store.rs), then one verifier check: the same work
+        // (§5.3; issue: a known name took ~8 µs longer when only it fetched a row).
+        let record = store
+            .user_by_display_name(name)
+            .map_err(|e| Refused::Store(store_error(&e)))?;
+        let verifier = record
+            .as_ref()
+            .map_or(account::DUMMY_VERIFIER, |r| r.pake_password.as_str());
+        // Malformed auth is checked like a wrong one: same work, same answer.
+        let auth = auth_bytes(auth).unwrap_or_default();
+        let matches = account::check_password(verifier, &auth);
+        record.filter(|_| matches).ok_or(Refused::Credentials)
+    }
+}
+
 impl Server {
     /// `USER_REGISTER {user_id, pubkey, privkey_store, auth, meta:{display_name}}`, signed by the
     /// new key. Durable before `USER_REGISTERED` is sent.
@@ -171,11 +254,7 @@ impl Server {
             account,
         } = register;
         let pubkey = self.parse_key("pubkey", pubkey)?;
-        let NewAccount {
-            privkey_store,
-            auth,
-            display_name,
-        } = account?;
+        let account = account?;
         if !wire::verify_payload_sig(&pubkey, &env.payload, &env.sig)? {
             return Err(WireError::new(
                 ErrorCode::InvalidSig,
@@ -183,24 +262,9 @@ impl Server {
             ));
         }
         let mut salt = [0; 16];
-        self.random.fill(&mut salt);
-        let record = UserRecord {
-            user_id: user_id.to_string(),
-            pubkey: pubkey.encoded().to_string(),
-            privkey_store: privkey_store.to_string(),
-            pake_password: account::password_verifier_with_salt(&salt, &auth),
-            meta: json!({"display_name": display_name}),
-            version: 1,
-        };
-        match self.store.register_account(&record) {
-            Ok(()) => {}
-            Err(PersistError::Conflict(
-                what @ (Conflict::DisplayNameTaken | Conflict::UserIdTaken),
-            )) => {
-                return Err(WireError::new(ErrorCode::NameInUse, what.as_str()));
-            }
-            Err(e) => return Err(store_error(&e)),
-        }
+        self.fill_random(&mut salt);
+        Accounts::register(self.store.as_ref(), &salt, user_id, &pubkey, &account)?;
+        let display_name = account.display_name;
         info!("account {display_name} registered as user {user_id} (conn {conn})");
         let payload = json!({"user_id": user_id});
         self.send_signed(
@@ -214,7 +278,8 @@ impl Server {
         Ok(())
     }
 
-    /// `USER_LOGIN {display_name, auth}` → `USER_LOGGED_IN {user_id, privkey_store}`.
+    /// `USER_LOGIN {display_name, auth}` → `USER_LOGGED_IN {user_id, privkey_store}`. The
+    /// attempt spends the connection's login budget first (see the module documentation).
     pub(crate) fn on_login(
         &mut self,
         now: Time,
@@ -225,30 +290,25 @@ impl Server {
             display_name: name,
             auth,
         } = login;
-        if !self.login_allowed(now, conn, name) {
-            info!("conn {conn}: login attempts for {name:?} rate-limited");
-            self.metrics.login_rate_limited();
-            return Err(WireError::new(
-                ErrorCode::BadKey,
-                "too many login attempts; wait and try again",
-            ));
-        }
-        // Known or not, the name costs one index probe and one row read and decoded (a dummy
-        // row for an unknown name, see store.rs), then one verifier check: the same work
-        // (§5.3; issue: a known name took ~8 µs longer when only it fetched a row).
-        let record = self
-            .store
-            .user_by_display_name(name)
-            .map_err(|e| store_error(&e))?;
-        let verifier = record
-            .as_ref()
-            .map_or(account::DUMMY_VERIFIER, |r| r.pake_password.as_str());
-        // Malformed auth is checked like a wrong one: same work, same answer.
-        let auth = auth_bytes(auth).unwrap_or_default();
-        let matches = account::check_password(verifier, &auth);
-        let Some(record) = record.filter(|_| matches) else {
-            info!("conn {conn}: failed login for {name:?}");
-            return Err(invalid_credentials());
+        let source = self.spend_conn_login(now, conn);
+        let record = match self
+            .accounts
+            .login(self.store.as_ref(), now.mono_ms, source, name, auth)
+        {
+            Ok(record) => record,
+            Err(Refused::RateLimited) => {
+                info!("conn {conn}: login attempts for {name:?} rate-limited");
+                self.metrics.login_rate_limited();
+                return Err(WireError::new(
+                    ErrorCode::BadKey,
+                    "too many login attempts; wait and try again",
+                ));
+            }
+            Err(Refused::Credentials) => {
+                info!("conn {conn}: failed login for {name:?}");
+                return Err(invalid_credentials());
+            }
+            Err(Refused::Store(err)) => return Err(err),
         };
         info!("conn {conn}: {name} logged in as user {}", record.user_id);
         let payload = json!({"user_id": record.user_id, "privkey_store": record.privkey_store});
@@ -261,21 +321,6 @@ impl Server {
             Urgency::Bulk,
         );
         Ok(())
-    }
-
-    /// One login attempt against the connection's budget and the server-wide ones (§5.3).
-    fn login_allowed(&mut self, now: Time, conn: ConnId, name: &str) -> bool {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return false;
-        };
-        // Only accepted connections have a peer, and only they may log in.
-        let Some(peer) = c.peer else {
-            return false;
-        };
-        if !c.logins.take(now.mono_ms, CONN_BURST, CONN_REFILL_MS) {
-            return false;
-        }
-        self.login_budgets.take(now.mono_ms, Source::of(peer), name)
     }
 }
 

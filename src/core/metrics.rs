@@ -11,7 +11,7 @@
 //! unknown type, a frame that does not parse, a binary message); error codes are the six of §10.
 
 use crate::core::dedup::Stale;
-use crate::core::server::{Action, Server, State};
+use crate::core::server::{Action, Server};
 use crate::core::signer::SignStats;
 use crate::wire::{ErrorCode, types};
 use std::borrow::Cow;
@@ -249,22 +249,15 @@ impl Server {
 
     /// Who is here now. Walks the connection table: for reports, not for the hot path.
     pub fn census(&self) -> Census<'_> {
-        let (mut pending, mut user, mut peer) = (0, 0, 0);
-        for conn in self.conns.values() {
-            match conn.state {
-                State::User { .. } => user += 1,
-                State::Peer { .. } => peer += 1,
-                _ => pending += 1,
-            }
-        }
+        let counts = self.conn_counts();
         Census {
             server_id: &self.id,
             links: self.fed.linked(),
             users_local: self.dir.local_conns().count(),
             users_mesh: self.dir.len(),
-            conns_pending: pending,
-            conns_user: user,
-            conns_peer: peer,
+            conns_pending: counts.pending,
+            conns_user: counts.user,
+            conns_peer: counts.peer,
         }
     }
 }

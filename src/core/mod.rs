@@ -1,11 +1,17 @@
 //! The core: the server as a sans-IO state machine (DESIGN.md "The shape").
 //!
 //! It owns every piece of server state that the protocol talks about: connections and sessions
-//! ([`server`]), accounts ([`login`]), links to other servers, dialling and relaying
+//! (`sessions`, dispatched by [`server`]), accounts ([`login`]), links to other servers, dialling and relaying
 //! ([`federation`]), who is online where ([`directory`]), the public channel ([`channel`]), file
 //! transfers ([`transfer`]), the seen-cache for relayed frames ([`dedup`]) and the counters that
 //! `GET /metrics` reports ([`metrics`]). It is fed [`server::Input`]s with a [`server::Time`]
 //! and answers with [`server::Action`]s.
+//!
+//! Each of these is a type with private fields: `Sessions`, `Accounts`, [`transfer::Transfers`],
+//! [`directory::Directory`], [`channel::PublicChannel`], [`dedup::SeenCache`], and
+//! [`federation::Federation`] with its own parts (dialling, links, relay). [`server::Server`]
+//! owns them all and the dispatch; its `impl` blocks in the component modules are glue that
+//! calls the components' methods with what they need (`now`, the outbox, the signer, the store).
 //!
 //! It must not touch a socket, read the clock, sleep or block: the net layer does all of that
 //! and hands the core `now`. What it keeps across restarts it reads and writes through the
@@ -27,5 +33,6 @@ pub mod outbox;
 pub mod persist;
 pub mod random;
 pub mod server;
+pub(crate) mod sessions;
 pub mod signer;
 pub mod transfer;

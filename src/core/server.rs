@@ -19,6 +19,8 @@ use crate::core::federation::{FedConfig, Federation};
 use crate::core::outbox::Outbox;
 use crate::core::persist::{Persistence, UserRecord};
 use crate::core::random::{OsRandom, Random};
+pub(crate) use crate::core::sessions::State;
+use crate::core::sessions::{self, Challenge, Sessions};
 use crate::core::signer::{InlineSigner, Signer, Urgency};
 use crate::core::transfer::{TransferLimits, Transfers};
 use crate::crypto::{KeyCache, PrivateKey, PublicKey};
@@ -188,82 +190,6 @@ impl From<&crate::config::Config> for Limits {
     }
 }
 
-/// Where a connection stands.
-#[derive(Debug)]
-pub(crate) enum State {
-    /// Open, nothing received yet: the first frame decides what it is (§1).
-    Fresh,
-    /// Said it is a user; no challenge outstanding (a hello failed, or before login).
-    UserPending,
-    /// `AUTH_CHALLENGE` sent, waiting for `AUTH_RESPONSE`.
-    Challenged(Box<Challenge>),
-    /// Hello complete: frames are from this user.
-    User { user_id: String },
-    /// We dialled peer target `target` and sent `SERVER_HELLO_JOIN`; waiting for the welcome.
-    Dialling { target: u32 },
-    /// A live link to another server (§4).
-    Peer { server_id: String },
-}
-
-#[derive(Debug)]
-pub(crate) struct Challenge {
-    user_id: String,
-    pubkey: Arc<PublicKey>,
-    meta: Map<String, Value>,
-    nonce: String,
-    peer_sig: bool,
-}
-
-#[derive(Debug)]
-pub(crate) struct Conn {
-    pub(crate) state: State,
-    errors: Bucket,
-    /// Login attempts on this connection (§5.3).
-    pub(crate) logins: Bucket,
-    /// Where an accepted connection comes from (§5.3 login budgets); `None` for one we dialled.
-    pub(crate) peer: Option<IpAddr>,
-    /// A user who announced `peer-sig` (§5.6): frames other servers signed reach it unchanged.
-    pub(crate) peer_sig: bool,
-}
-
-/// A token bucket. Errors cost a signature each, so a connection that keeps provoking them is
-/// answered only while its budget lasts; login attempts are limited the same way (§5.3).
-#[derive(Debug, Clone)]
-pub(crate) struct Bucket {
-    tokens: u32,
-    last_refill_ms: u64,
-}
-
-impl Bucket {
-    pub(crate) fn new(burst: u32, now_ms: u64) -> Bucket {
-        Bucket {
-            tokens: burst,
-            last_refill_ms: now_ms,
-        }
-    }
-
-    /// Whether the bucket would hold all `burst` tokens at `now_ms`.
-    pub(crate) fn is_full_at(&self, now_ms: u64, burst: u32, refill_ms: u64) -> bool {
-        let earned = now_ms.saturating_sub(self.last_refill_ms) / refill_ms.max(1);
-        u64::from(self.tokens) + earned >= u64::from(burst)
-    }
-
-    /// Takes one token if there is one; `burst` tokens at most, one more every `refill_ms`.
-    pub(crate) fn take(&mut self, now_ms: u64, burst: u32, refill_ms: u64) -> bool {
-        let refill_ms = refill_ms.max(1);
-        let earned = now_ms.saturating_sub(self.last_refill_ms) / refill_ms;
-        if earned > 0 {
-            self.tokens = (self.tokens as u64 + earned).min(burst as u64) as u32;
-            self.last_refill_ms += earned * refill_ms;
-        }
-        if self.tokens == 0 {
-            return false;
-        }
-        self.tokens -= 1;
-        true
-    }
-}
-
 /// Signatures of recent `ERROR` payloads: the same error is often sent many times, and a
 /// signature costs far more than a lookup. Bounded; cleared when full.
 #[derive(Debug, Default)]
@@ -272,24 +198,30 @@ struct ErrorSigs(HashMap<String, Signed>);
 const ERROR_SIG_CACHE: usize = 256;
 
 /// The server core. See the module documentation.
+///
+/// It owns the components (each with private fields) and the dispatch. The fields marked
+/// `pub(super)` are reached only by its own `impl` blocks in the other core modules
+/// (`federation`, `login`, `transfer`, `metrics`), which call the components' methods; nothing
+/// outside [`crate::core`] sees any field.
 pub struct Server {
-    pub(crate) id: String,
-    pub(crate) key: Arc<PrivateKey>,
+    pub(super) id: String,
+    key: Arc<PrivateKey>,
     /// Makes our signatures: in line, or a pool of threads (see [`crate::core::signer`]).
     signer: Box<dyn Signer>,
     limits: Limits,
-    pub(crate) store: Box<dyn Persistence + Send>,
+    pub(super) store: Box<dyn Persistence + Send>,
     /// Where nonces and salts come from (see [`crate::core::random`]).
-    pub(crate) random: Box<dyn Random + Send>,
-    pub(crate) keys: KeyCache,
-    pub(crate) conns: HashMap<ConnId, Conn>,
-    pub(crate) dir: Directory,
-    pub(crate) channel: PublicChannel,
-    pub(crate) fed: Federation,
-    /// Login budgets per source, per (name, source) and per name (§5.3), bounded.
-    pub(crate) login_budgets: crate::core::login::LoginBudgets,
+    random: Box<dyn Random + Send>,
+    keys: KeyCache,
+    /// The connection table and the challenge pool (see [`crate::core::sessions`]).
+    sessions: Sessions,
+    pub(super) dir: Directory,
+    pub(super) channel: PublicChannel,
+    pub(super) fed: Federation,
+    /// Accounts and the login budgets per source, per (name, source) and per name (§5.3).
+    pub(super) accounts: crate::core::login::Accounts,
     /// File transfers under way from local users (§9).
-    pub(crate) transfers: Transfers,
+    pub(super) transfers: Transfers,
     error_sigs: ErrorSigs,
     /// The signed `LIST_RESPONSE` payload for the directory version it was built at: the
     /// payload changes only when the directory does, so repeated requests cost no signature.
@@ -304,18 +236,16 @@ pub struct Server {
     burst: Vec<(BurstKind, Arc<Slot>)>,
     /// Work an input left for later, oldest first; see [`Deferred`].
     deferred: VecDeque<Deferred>,
-    /// `AUTH_CHALLENGE`s signed ahead of need: (nonce, signed payload).
-    challenges: Vec<(String, Signed)>,
     /// Counters for `GET /metrics` (see [`crate::core::metrics`]).
-    pub(crate) metrics: crate::core::metrics::Metrics,
+    pub(super) metrics: crate::core::metrics::Metrics,
     /// What the net layer is to do, in order.
-    pub(crate) out: Outbox,
+    pub(super) out: Outbox,
 }
 
 /// Work left for the end of the net layer's turn ([`Server::run_deferred`]).
 #[derive(Debug)]
 enum Deferred {
-    /// Sign one `AUTH_CHALLENGE` ahead of need (see [`CHALLENGE_POOL`]).
+    /// Sign one `AUTH_CHALLENGE` ahead of need (see [`Sessions::wants_challenge`]).
     Challenge,
 }
 
@@ -325,13 +255,6 @@ enum BurstKind {
     List,
     Snapshot,
 }
-
-/// Signed challenges kept ready. A hello takes one, so its answer waits for no signature, and
-/// the deferred work signs a replacement while the user computes its response: a login's
-/// path is one signature shorter. Each nonce is random, kept only in memory and used once; a
-/// hello still costs one signature, as before, so draining the pool gains an attacker nothing.
-/// The pool grows by one per hello that finds it empty, up to this size (bursts of logins).
-const CHALLENGE_POOL: usize = 4;
 
 impl Server {
     /// A core for server `id` with key `key`, persisting to `store` (the server's SQLite
@@ -356,11 +279,11 @@ impl Server {
             id,
             key,
             signer,
+            sessions: Sessions::new(&limits),
             limits,
             store: Box::new(store),
             random: Box::new(OsRandom),
             keys: KeyCache::new(4096),
-            conns: HashMap::new(),
             dir: Directory::default(),
             channel,
             error_sigs: ErrorSigs::default(),
@@ -368,9 +291,8 @@ impl Server {
             snapshot_cache: None,
             burst: Vec::new(),
             deferred: VecDeque::new(),
-            challenges: Vec::new(),
             fed: Federation::new(FedConfig::default()),
-            login_budgets: Default::default(),
+            accounts: Default::default(),
             transfers: Transfers::new(TransferLimits::default()),
             metrics,
             out: Outbox::default(),
@@ -450,10 +372,8 @@ impl Server {
     pub fn handle(&mut self, now: Time, input: Input<'_>) {
         match input {
             Input::Opened { conn, peer } => {
-                self.add_conn(now, conn, State::Fresh);
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.peer = Some(peer);
-                }
+                self.sessions
+                    .open(conn, State::Fresh, Some(peer), now.mono_ms);
                 self.out.arm(
                     now.mono_ms + self.limits.hello_timeout_ms,
                     Timer::Hello(conn),
@@ -479,11 +399,7 @@ impl Server {
             Input::Timer(Timer::Transfers) => self.on_transfer_sweep(now),
             Input::Timer(Timer::Channel) => self.on_channel_timer(now),
             Input::Timer(Timer::Hello(conn)) => {
-                let pending = matches!(
-                    self.conns.get(&conn).map(|c| &c.state),
-                    Some(State::Fresh | State::UserPending | State::Challenged(_))
-                );
-                if pending {
+                if self.sessions.is_pending(conn) {
                     info!("conn {}: hello not completed in time, closing", conn);
                     let err = WireError::new(ErrorCode::Timeout, "hello not completed in time");
                     self.error(now, conn, &err);
@@ -497,8 +413,7 @@ impl Server {
     pub fn shutdown(&mut self, now: Time) {
         // Links closed from here on are not redialled (§4.4 is about peers, not this stop).
         self.fed_stop();
-        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
-        for conn in conns {
+        for conn in self.sessions.ids() {
             self.close(now, conn, close::GOING_AWAY, "server shutting down");
         }
         if let Err(e) = self
@@ -510,20 +425,6 @@ impl Server {
         if let Err(e) = self.store.checkpoint() {
             warn!("database checkpoint failed: {e}");
         }
-    }
-
-    /// Starts tracking a connection in `state`.
-    pub(crate) fn add_conn(&mut self, now: Time, conn: ConnId, state: State) {
-        self.conns.insert(
-            conn,
-            Conn {
-                state,
-                errors: Bucket::new(self.limits.error_burst, now.mono_ms),
-                logins: Bucket::new(crate::core::login::CONN_BURST, now.mono_ms),
-                peer: None,
-                peer_sig: false,
-            },
-        );
     }
 
     // ---------------------------------------------------------------- dispatch
@@ -573,7 +474,7 @@ impl Server {
         conn: ConnId,
         env: &Envelope,
     ) -> Result<(), WireError> {
-        let fresh = matches!(self.state(conn), Some(State::Fresh));
+        let fresh = self.sessions.is_fresh(conn);
         match UserFrame::parse(env) {
             UserFrame::Hello(hello) => {
                 self.set_state(conn, State::UserPending);
@@ -680,7 +581,8 @@ impl Server {
         }
         // A challenge signed ahead of need, if there is one; the next is signed once this
         // one is on its way, while the user signs its answer.
-        let Some((nonce, signed)) = self.challenges.pop().or_else(|| self.new_challenge()) else {
+        let challenge = self.sessions.take_challenge();
+        let Some((nonce, signed)) = challenge.or_else(|| self.new_challenge()) else {
             return Err(WireError::new(
                 ErrorCode::Timeout,
                 "cannot sign a challenge",
@@ -691,13 +593,15 @@ impl Server {
         self.out.send(conn, text);
         self.set_state(
             conn,
-            State::Challenged(Box::new(Challenge {
-                user_id: user_id.to_string(),
-                pubkey,
-                meta: hello.meta,
+            State::Challenged(Box::new(Challenge::new(
+                sessions::Hello {
+                    user_id: user_id.to_string(),
+                    pubkey,
+                    meta: hello.meta,
+                    peer_sig: hello.peer_sig,
+                },
                 nonce,
-                peer_sig: hello.peer_sig,
-            })),
+            ))),
         );
         Ok(())
     }
@@ -724,17 +628,17 @@ impl Server {
         resp: Payload<AuthResponse<'_>>,
     ) -> Result<(), WireError> {
         // The nonce is single-use: whatever happens next, the challenge is consumed.
-        let Some(State::Challenged(ch)) = self.take_state(conn, State::UserPending) else {
+        let Some(State::Challenged(ch)) = self.sessions.take_state(conn, State::UserPending) else {
             return Err(WireError::new(
                 ErrorCode::InvalidSig,
                 "no challenge outstanding: send USER_HELLO first",
             ));
         };
         let resp = resp?;
-        let from_ok = env.from.is_empty() || env.from == ch.user_id;
-        if resp.nonce != ch.nonce
+        let from_ok = env.from.is_empty() || env.from == ch.user_id();
+        if resp.nonce != ch.nonce()
             || resp.server_id != self.id
-            || resp.user_id != ch.user_id
+            || resp.user_id != ch.user_id()
             || !from_ok
         {
             return Err(WireError::new(
@@ -742,11 +646,12 @@ impl Server {
                 "AUTH_RESPONSE does not match the challenge",
             ));
         }
-        let verified = wire::verify_payload_sig(&ch.pubkey, &env.payload, &env.sig)?;
+        let verified = wire::verify_payload_sig(ch.pubkey(), &env.payload, &env.sig)?;
         if !verified {
             info!(
                 "conn {}: AUTH_RESPONSE signature for {} does not verify",
-                conn, ch.user_id
+                conn,
+                ch.user_id()
             );
             return Err(WireError::new(
                 ErrorCode::InvalidSig,
@@ -754,38 +659,35 @@ impl Server {
             ));
         }
         // Re-check: another connection may have completed a hello for this id meanwhile.
-        if self.dir.get(&ch.user_id).is_some() {
+        if self.dir.get(ch.user_id()).is_some() {
             return self.name_in_use(now, conn);
         }
         let record = UserRecord {
-            user_id: ch.user_id.clone(),
-            pubkey: ch.pubkey.encoded().to_string(),
+            user_id: ch.user_id().to_string(),
+            pubkey: ch.pubkey().encoded().to_string(),
             privkey_store: String::new(),
             pake_password: String::new(),
-            meta: Value::Object(ch.meta.clone()),
+            meta: Value::Object(ch.meta().clone()),
             version: 1,
         };
         if let Err(e) = self.store.bind_user(&record) {
             return Err(store_error(&e));
         }
-        self.user_online(now, conn, *ch);
+        self.user_online(now, conn, ch.into_hello());
         Ok(())
     }
 
     /// Step 4 of the hello: acknowledge, send the directory snapshot, tell everyone else.
-    fn user_online(&mut self, now: Time, conn: ConnId, ch: Challenge) {
-        let Challenge {
+    fn user_online(&mut self, now: Time, conn: ConnId, hello: sessions::Hello) {
+        let sessions::Hello {
             user_id,
             pubkey,
             meta,
             peer_sig,
-            ..
-        } = ch;
+        } = hello;
         let name = user_name(&user_id, meta.get("display_name").and_then(Value::as_str));
         info!("user {name} online (conn {})", conn);
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.peer_sig = peer_sig;
-        }
+        self.sessions.set_peer_sig(conn, peer_sig);
         self.set_state(
             conn,
             State::User {
@@ -894,10 +796,10 @@ impl Server {
         while let Some(work) = self.deferred.pop_front() {
             match work {
                 Deferred::Challenge => {
-                    if self.challenges.len() < CHALLENGE_POOL
+                    if self.sessions.wants_challenge()
                         && let Some(ready) = self.new_challenge()
                     {
-                        self.challenges.push(ready);
+                        self.sessions.add_challenge(ready);
                     }
                 }
             }
@@ -1124,10 +1026,10 @@ impl Server {
 
     /// The connection is gone: forget it, and tell whoever needs to know (§4.4, §7).
     fn forget(&mut self, now: Time, conn: ConnId) {
-        let Some(old) = self.conns.remove(&conn) else {
+        let Some(old) = self.sessions.remove(conn) else {
             return;
         };
-        match old.state {
+        match old {
             State::User { user_id } => {
                 let id = self.id.clone();
                 if let Some(entry) = self.dir.remove_if_hosted_by(&user_id, &id) {
@@ -1152,26 +1054,52 @@ impl Server {
     }
 
     pub(crate) fn close(&mut self, now: Time, conn: ConnId, code: CloseCode, reason: &'static str) {
-        if self.conns.contains_key(&conn) {
+        if self.sessions.contains(conn) {
             self.forget(now, conn);
             self.out.close(conn, code, reason);
         }
     }
 
     pub(crate) fn state(&self, conn: ConnId) -> Option<&State> {
-        self.conns.get(&conn).map(|c| &c.state)
+        self.sessions.state(conn)
     }
 
     pub(crate) fn set_state(&mut self, conn: ConnId, state: State) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.state = state;
-        }
+        self.sessions.set_state(conn, state);
     }
 
-    fn take_state(&mut self, conn: ConnId, replacement: State) -> Option<State> {
-        self.conns
-            .get_mut(&conn)
-            .map(|c| std::mem::replace(&mut c.state, replacement))
+    /// Starts tracking a connection we dialled, in `state`.
+    pub(crate) fn open_conn(&mut self, now: Time, conn: ConnId, state: State) {
+        self.sessions.open(conn, state, None, now.mono_ms);
+    }
+
+    /// One login attempt against the connection's own budget (§5.3): where it comes from, if
+    /// it may try (see [`Sessions::spend_login`]).
+    pub(crate) fn spend_conn_login(&mut self, now: Time, conn: ConnId) -> Option<IpAddr> {
+        self.sessions.spend_login(conn, now.mono_ms)
+    }
+
+    /// How many connections are pending, users and links.
+    pub(crate) fn conn_counts(&self) -> sessions::Counts {
+        self.sessions.census()
+    }
+
+    /// The users who take other servers' signatures (§5.6): connection and user id.
+    pub(crate) fn peer_sig_users(&self) -> Vec<(ConnId, String)> {
+        self.sessions.peer_sig_users()
+    }
+
+    /// The key `text` encodes, from the cache of parsed keys.
+    pub(crate) fn cached_key(
+        &mut self,
+        text: &str,
+    ) -> Result<Arc<PublicKey>, crate::crypto::CryptoError> {
+        self.keys.get(text)
+    }
+
+    /// Fills `buf` from the core's random source (see [`crate::core::random`]).
+    pub(crate) fn fill_random(&mut self, buf: &mut [u8]) {
+        self.random.fill(buf);
     }
 
     pub(crate) fn parse_key(
@@ -1274,7 +1202,7 @@ impl Server {
 
     /// Whether `conn` is a user who announced `peer-sig` (§5.6).
     pub(crate) fn is_peer_sig(&self, conn: ConnId) -> bool {
-        self.conns.get(&conn).is_some_and(|c| c.peer_sig)
+        self.sessions.is_peer_sig(conn)
     }
 
     /// Signs a payload we send (§3.4). Every payload the core builds holds only strings,
@@ -1299,25 +1227,23 @@ impl Server {
 
     /// Sends `ERROR {code, detail}` while the connection's error budget lasts (§10).
     pub(crate) fn error(&mut self, now: Time, conn: ConnId, err: &WireError) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        let refill_ms = 1000 / u64::from(self.limits.error_refill_per_s.max(1));
-        if !c
-            .errors
-            .take(now.mono_ms, self.limits.error_burst, refill_ms)
-        {
-            debug!("conn {}: error budget spent, not answering {err}", conn);
-            self.metrics.error_unsent();
-            return;
+        match self.sessions.spend_error(conn, now.mono_ms) {
+            None => return,
+            Some(true) => {}
+            Some(false) => {
+                debug!("conn {}: error budget spent, not answering {err}", conn);
+                self.metrics.error_unsent();
+                return;
+            }
         }
         // An error to a linked server is addressed to it, never "" (§6).
-        let to = match &c.state {
-            State::User { user_id } => user_id.clone(),
-            State::Challenged(ch) => ch.user_id.clone(),
-            State::Peer { server_id } => server_id.clone(),
-            State::Dialling { target } => self.fed.target_id(*target).unwrap_or_default(),
-            _ => String::new(),
+        let to = match self.sessions.state(conn) {
+            None => return,
+            Some(State::User { user_id }) => user_id.clone(),
+            Some(State::Challenged(ch)) => ch.user_id().to_string(),
+            Some(State::Peer { server_id }) => server_id.clone(),
+            Some(State::Dialling { target }) => self.fed.target_id(*target).unwrap_or_default(),
+            Some(_) => String::new(),
         };
         let payload = json!({"code": err.code.as_str(), "detail": err.detail});
         let Ok(canonical) = crate::wire::canon::canonical(&payload) else {
@@ -1348,7 +1274,7 @@ impl Server {
 
     /// An error for a frame the connection should not have sent; closes only a fresh one.
     fn reject(&mut self, now: Time, conn: ConnId, err: WireError) {
-        if matches!(self.state(conn), Some(State::Fresh)) {
+        if self.sessions.is_fresh(conn) {
             self.reject_first(now, conn, err);
         } else {
             self.error(now, conn, &err);

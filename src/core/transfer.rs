@@ -10,6 +10,9 @@
 //! chunks beyond the last acknowledgement, so a file moves at the pace the server forwards it
 //! instead of piling up in socket buffers. What the server queues toward a recipient that reads
 //! slowly is bounded by the per-connection write-buffer cap.
+//!
+//! [`Transfers`] owns the transfers under way, with private fields; the `impl Server` methods
+//! here are glue that calls its methods, sends the errors and arms the sweep.
 
 use crate::core::server::{ConnId, Server, Time, Timer};
 use crate::core::signer::Urgency;
@@ -55,10 +58,11 @@ struct Transfer {
     last_ms: u64,
 }
 
-/// Transfers under way, keyed by (sender, file_id).
+/// Transfers under way, keyed by (sender, file_id). Private state: the `impl Server` glue
+/// below calls its methods and does the sending.
 #[derive(Debug, Default)]
 pub struct Transfers {
-    pub(crate) limits: TransferLimits,
+    limits: TransferLimits,
     active: HashMap<(String, String), Transfer>,
     sweep_armed: bool,
 }
@@ -70,19 +74,18 @@ impl Transfers {
             ..Transfers::default()
         }
     }
-}
 
-impl Server {
-    /// Checks a file frame from local user `sender` against its transfer; called before routing.
-    pub(crate) fn transfer_check(
+    /// Checks a file frame from local user `sender` (on `conn`) against its transfer, and
+    /// records it. `Ok(Some(at))`: a sweep is to be armed at `at` (monotonic ms).
+    fn check(
         &mut self,
-        now: Time,
+        now_ms: u64,
         conn: ConnId,
         sender: &str,
         file: &FileFrame<'_>,
-    ) -> Result<(), WireError> {
+    ) -> Result<Option<u64>, WireError> {
         let key = (sender.to_string(), file.file_id.to_string());
-        let limits = self.transfers.limits.clone();
+        let limits = &self.limits;
         match file.part {
             FilePart::Start { size, .. } => {
                 if size > limits.max_file_size {
@@ -94,43 +97,37 @@ impl Server {
                         ),
                     ));
                 }
-                if self.transfers.active.contains_key(&key) {
+                if self.active.contains_key(&key) {
                     return Err(WireError::field(
                         "file_id",
                         "a transfer with this id is under way",
                     ));
                 }
-                let mine = self
-                    .transfers
-                    .active
-                    .keys()
-                    .filter(|(s, _)| s == sender)
-                    .count();
+                let mine = self.active.keys().filter(|(s, _)| s == sender).count();
                 if mine >= limits.max_per_user {
                     return Err(WireError::new(
                         ErrorCode::BadKey,
                         format!("at most {} transfers at once", limits.max_per_user),
                     ));
                 }
-                self.transfers.active.insert(
+                self.active.insert(
                     key,
                     Transfer {
                         to: file.to.to_string(),
                         conn,
                         size,
                         next_index: 0,
-                        last_ms: now.mono_ms,
+                        last_ms: now_ms,
                     },
                 );
-                if !self.transfers.sweep_armed {
-                    self.transfers.sweep_armed = true;
-                    self.out
-                        .arm(now.mono_ms + limits.idle_ms / 2, Timer::Transfers);
+                if self.sweep_armed {
+                    return Ok(None);
                 }
-                Ok(())
+                self.sweep_armed = true;
+                Ok(Some(now_ms + self.limits.idle_ms / 2))
             }
             FilePart::Chunk { .. } | FilePart::End => {
-                let Some(t) = self.transfers.active.get_mut(&key) else {
+                let Some(t) = self.active.get_mut(&key) else {
                     return Err(WireError::field("file_id", "no FILE_START for this file"));
                 };
                 if t.to != file.to {
@@ -139,10 +136,10 @@ impl Server {
                         "file frame to another recipient",
                     ));
                 }
-                t.last_ms = now.mono_ms;
+                t.last_ms = now_ms;
                 let FilePart::Chunk { index, .. } = file.part else {
-                    self.transfers.active.remove(&key);
-                    return Ok(());
+                    self.active.remove(&key);
+                    return Ok(None);
                 };
                 if index != t.next_index {
                     return Err(WireError::field(
@@ -158,9 +155,70 @@ impl Server {
                     ));
                 }
                 t.next_index += 1;
-                Ok(())
+                Ok(None)
             }
         }
+    }
+
+    /// Forgets transfer `file_id` of `sender`.
+    fn abort(&mut self, sender: &str, file_id: &str) {
+        self.active
+            .remove(&(sender.to_string(), file_id.to_string()));
+    }
+
+    /// `user_id` left: its own transfers end, and so do those to it; returns the senders of
+    /// the latter (connection, file id), to be told.
+    fn user_gone(&mut self, user_id: &str) -> Vec<(ConnId, String)> {
+        let mut notify = Vec::new();
+        self.active.retain(|(sender, file_id), t| {
+            if sender == user_id {
+                return false;
+            }
+            if t.to == user_id {
+                notify.push((t.conn, file_id.clone()));
+                return false;
+            }
+            true
+        });
+        notify
+    }
+
+    /// Aborts the transfers idle for `idle_ms` or more: returns their senders (connection,
+    /// file id), and when the next sweep is due, if any transfer is left.
+    fn sweep(&mut self, now_ms: u64) -> (Vec<(ConnId, String)>, Option<u64>) {
+        let idle = self.limits.idle_ms;
+        let mut expired = Vec::new();
+        self.active.retain(|(_, file_id), t| {
+            if now_ms.saturating_sub(t.last_ms) >= idle {
+                expired.push((t.conn, file_id.clone()));
+                false
+            } else {
+                true
+            }
+        });
+        self.sweep_armed = !self.active.is_empty();
+        (expired, self.sweep_armed.then_some(now_ms + idle / 2))
+    }
+
+    /// How long a transfer may stay idle.
+    fn idle_ms(&self) -> u64 {
+        self.limits.idle_ms
+    }
+}
+
+impl Server {
+    /// Checks a file frame from local user `sender` against its transfer; called before routing.
+    pub(crate) fn transfer_check(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        sender: &str,
+        file: &FileFrame<'_>,
+    ) -> Result<(), WireError> {
+        if let Some(at) = self.transfers.check(now.mono_ms, conn, sender, file)? {
+            self.out.arm(at, Timer::Transfers);
+        }
+        Ok(())
     }
 
     /// After a chunk was routed: acknowledge every [`ACK_EVERY`]th one.
@@ -190,25 +248,12 @@ impl Server {
 
     /// A routing failure aborts the transfer the frame belonged to.
     pub(crate) fn transfer_failed(&mut self, sender: &str, file: &FileFrame<'_>) {
-        self.transfers
-            .active
-            .remove(&(sender.to_string(), file.file_id.to_string()));
+        self.transfers.abort(sender, file.file_id);
     }
 
     /// `user_id` left: its own transfers end, and senders to it are told theirs failed.
     pub(crate) fn transfers_user_gone(&mut self, now: Time, user_id: &str) {
-        let mut notify = Vec::new();
-        self.transfers.active.retain(|(sender, file_id), t| {
-            if sender == user_id {
-                return false;
-            }
-            if t.to == user_id {
-                notify.push((t.conn, file_id.clone()));
-                return false;
-            }
-            true
-        });
-        for (conn, file_id) in notify {
+        for (conn, file_id) in self.transfers.user_gone(user_id) {
             info!("transfer {file_id}: recipient {user_id} left");
             let err = WireError::new(
                 ErrorCode::UserNotFound,
@@ -220,16 +265,8 @@ impl Server {
 
     /// The periodic sweep: transfers idle too long are aborted and their senders told.
     pub(crate) fn on_transfer_sweep(&mut self, now: Time) {
-        let idle = self.transfers.limits.idle_ms;
-        let mut expired = Vec::new();
-        self.transfers.active.retain(|(_, file_id), t| {
-            if now.mono_ms.saturating_sub(t.last_ms) >= idle {
-                expired.push((t.conn, file_id.clone()));
-                false
-            } else {
-                true
-            }
-        });
+        let idle = self.transfers.idle_ms();
+        let (expired, next) = self.transfers.sweep(now.mono_ms);
         for (conn, file_id) in expired {
             info!("transfer {file_id}: idle for {idle} ms, aborted");
             let err = WireError::new(
@@ -241,9 +278,8 @@ impl Server {
             );
             self.error(now, conn, &err);
         }
-        self.transfers.sweep_armed = !self.transfers.active.is_empty();
-        if self.transfers.sweep_armed {
-            self.out.arm(now.mono_ms + idle / 2, Timer::Transfers);
+        if let Some(at) = next {
+            self.out.arm(at, Timer::Transfers);
         }
     }
 }
