@@ -1,15 +1,15 @@
 //! The core: the server as a sans-IO state machine (DESIGN.md "The shape").
 //!
 //! It owns every piece of server state that the protocol talks about: connections and sessions
-//! (`sessions`, dispatched by [`server`]), accounts ([`login`]), links to other servers, dialling and relaying
-//! ([`federation`]), who is online where ([`directory`]), the public channel ([`channel`]), file
-//! transfers ([`transfer`]), the seen-cache for relayed frames ([`dedup`]) and the counters that
-//! `GET /metrics` reports ([`metrics`]). It is fed [`server::Input`]s with a [`server::Time`]
+//! (`sessions`, dispatched by [`server`]), accounts ([`login`]), links to other servers,
+//! dialling and relaying ([`federation`], whose relay part keeps the seen-cache for relayed
+//! frames, [`dedup`]), who is online where ([`directory`]), the public channel ([`channel`]),
+//! file transfers ([`transfer`]) and the counters that `GET /metrics` reports ([`metrics`]). It is fed [`server::Input`]s with a [`server::Time`]
 //! and answers with [`server::Action`]s.
 //!
 //! Each of these is a type with private fields: `Sessions`, `Accounts`, [`transfer::Transfers`],
-//! [`directory::Directory`], [`channel::PublicChannel`], [`dedup::SeenCache`], and
-//! [`federation::Federation`] with its own parts (dialling, links, relay). [`server::Server`]
+//! [`directory::Directory`], [`channel::PublicChannel`], and [`federation::Federation`] with
+//! its own parts (dialling, links, relay: the last owns the [`dedup::SeenCache`]). [`server::Server`]
 //! owns them all and the dispatch; its `impl` blocks in the component modules are glue that
 //! calls the components' methods with what they need (`now`, the outbox, the signer, the store).
 //!

@@ -200,9 +200,9 @@ const ERROR_SIG_CACHE: usize = 256;
 /// The server core. See the module documentation.
 ///
 /// It owns the components (each with private fields) and the dispatch. The fields marked
-/// `pub(super)` are reached only by its own `impl` blocks in the other core modules
-/// (`federation`, `login`, `transfer`, `metrics`), which call the components' methods; nothing
-/// outside [`crate::core`] sees any field.
+/// `pub(super)` are visible to every module of [`crate::core`]; by convention only its own
+/// `impl` blocks there (`federation`, `login`, `transfer`, `metrics`) use them, and they call
+/// the components' methods. Nothing outside the core sees any field.
 pub struct Server {
     pub(super) id: String,
     key: Arc<PrivateKey>,

@@ -31,7 +31,7 @@ struct Link {
 pub(super) enum Admit {
     /// The first link with that server.
     New,
-    /// It replaces the old link on this connection, which is forgotten (to be closed).
+    /// It replaces the old link, whose connection is returned (forgotten here, to be closed).
     Replaces(ConnId),
     /// The old link stays: this one is to be closed.
     Loses,

@@ -367,7 +367,8 @@ impl Server {
 
     fn on_welcome(&mut self, now: Time, conn: ConnId, t: u32, env: &Envelope) {
         let Some(expected) = self.fed.dialling.expected(t) else {
-            return;
+            // Not reached (targets are never removed); were it, the link must not hang.
+            return self.close(now, conn, close::POLICY, "unknown dial target");
         };
         let (key, host, port, url) = (expected.key, expected.host, expected.port, expected.url);
         let from = env.from.as_str();
