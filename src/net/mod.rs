@@ -64,22 +64,36 @@ const SIGNED: Token = Token(usize::MAX - 3);
 const GONE_SLICE: usize = 64;
 
 /// Messages read per loop turn (text frames for the core, close frames, pings), over all
-/// connections, and within [`TURN_TIME`]; the rest wait in the backlog for the next turn
+/// connections (text messages within [`TURN_TIME`]); the rest wait in the backlog for the next turn
 /// (after a poll, so completed signatures, timers and users already talking are not held up by
 /// a burst of input).
 const TURN_BUDGET: usize = 256;
 
-/// How long a turn may spend on input (frames read, dropped connections reported) before the
-/// rest waits for the next poll. The cost of one input varies a thousandfold (a login or a
-/// loss is a frame to every user), so a count alone would let a storm's turn run for tens of
-/// milliseconds while a user already talking waits for the next poll.
+/// How long a turn may spend on messages read, and apart from that on dropped connections
+/// reported, before the rest waits for the next poll. The cost of one varies a thousandfold (a
+/// login or a loss is a frame to every user), so a count alone would let a storm's turn run
+/// for tens of milliseconds while a user already talking waits for the next poll. Apart, so
+/// that a mass leave's losses do not keep its close frames unread (a connection not yet known
+/// to be closing is sent every other leaver's `USER_REMOVE`).
 const TURN_TIME: Duration = Duration::from_millis(2);
+
+/// Time a loop turn spent on each kind of input.
+#[derive(Default)]
+struct Spent {
+    /// Text messages read and handled (with what they caused, losses apart).
+    reading: Duration,
+    /// Dropped connections reported (with the `USER_REMOVE`s and the rest they caused).
+    losses: Duration,
+}
 
 /// A loop turn this long is logged (at debug), with what it handled.
 const SLOW_TURN: Duration = Duration::from_millis(20);
 
-/// Bytes written from the outboxes per loop turn (see [`Net::flush_dirty`]).
-const FLUSH_BUDGET: usize = 1 << 20;
+/// Bytes written from the outboxes per loop turn (see [`Net::flush_dirty`]). With 1 MiB a
+/// login storm's turns were long enough to put the probe's p99 at 4–30x its idle value
+/// (issue "signatures off the loop", A/B in the README); a conversation's frame, least
+/// loaded, goes out early in any turn.
+const FLUSH_BUDGET: usize = 256 << 10;
 
 /// Messages read from one connection in one loop turn before others get a turn; the rest wait
 /// in the backlog (read again next turn without waiting for a new readiness event).
@@ -174,8 +188,8 @@ pub struct Net {
     gone_this_turn: usize,
     /// Messages read this turn (see [`TURN_BUDGET`]).
     inputs_this_turn: usize,
-    /// When this turn began (see [`TURN_TIME`]).
-    turn_start: Instant,
+    /// What this turn has spent on messages read and on losses reported (see [`TURN_TIME`]).
+    spent: Spent,
 }
 
 impl Net {
@@ -254,7 +268,7 @@ impl Net {
             signed,
             gone_this_turn: 0,
             inputs_this_turn: 0,
-            turn_start: Instant::now(),
+            spent: Spent::default(),
         })
     }
 
@@ -293,7 +307,7 @@ impl Net {
                 Err(e) => return Err(e),
             }
             let turn_start = Instant::now();
-            self.turn_start = turn_start;
+            self.spent = Spent::default();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -333,12 +347,6 @@ impl Net {
         }
         info!("shutdown complete");
         Ok(())
-    }
-
-    /// Whether this turn has had its [`TURN_TIME`], once it has handled `done` (> 0) inputs of
-    /// a kind: every turn handles at least one of each.
-    fn turn_spent(&self, done: usize) -> bool {
-        done > 0 && self.turn_start.elapsed() >= TURN_TIME
     }
 
     fn now(&self) -> Time {
@@ -536,7 +544,9 @@ impl Net {
     /// Reads until `WouldBlock` (or the read budget), handing each message to the core.
     fn read_frames(&mut self, idx: usize) {
         for _ in 0..READ_BUDGET {
-            if self.inputs_this_turn >= TURN_BUDGET || self.turn_spent(self.inputs_this_turn) {
+            if self.inputs_this_turn >= TURN_BUDGET
+                || (self.inputs_this_turn > 0 && self.spent.reading >= TURN_TIME)
+            {
                 // Enough for one turn (a login storm is 1,000 hellos in one poll): the rest
                 // is read after the next poll, so frames signed meanwhile leave in between.
                 return self.backlog.push(idx);
@@ -555,10 +565,15 @@ impl Net {
             match received {
                 Received::Text(text) => {
                     self.hit_blocked.clear();
+                    let (started, losses) = (Instant::now(), self.spent.losses);
                     self.input(Input::Text {
                         conn: id,
                         text: text.as_str(),
                     });
+                    // Losses reported meanwhile are on their own account.
+                    self.spent.reading += started
+                        .elapsed()
+                        .saturating_sub(self.spent.losses.saturating_sub(losses));
                     if let Some(why) = self.hit_still_blocked() {
                         // Backpressure: what this connection sends to others cannot leave
                         // as fast as it arrives. Stop reading it until the blocked
@@ -618,14 +633,21 @@ impl Net {
     /// connection dropped or closed, a dial that failed) waits in `gone` and is reported once
     /// the core has nothing left for us.
     fn apply_actions(&mut self) {
+        // A loss reported here: when, so that what it costs (its actions) is accounted.
+        let mut loss: Option<Instant> = None;
         loop {
             let Some(action) = self.core.poll_action() else {
-                if self.gone_this_turn < GONE_SLICE
-                    && !self.turn_spent(self.gone_this_turn)
-                    && self.report_gone()
-                {
-                    self.gone_this_turn += 1;
-                    continue;
+                if let Some(at) = loss.take() {
+                    self.spent.losses += at.elapsed();
+                }
+                let spent = self.gone_this_turn > 0 && self.spent.losses >= TURN_TIME;
+                if self.gone_this_turn < GONE_SLICE && !spent {
+                    let at = Instant::now();
+                    if self.report_gone() {
+                        loss = Some(at);
+                        self.gone_this_turn += 1;
+                        continue;
+                    }
                 }
                 return;
             };
