@@ -113,6 +113,13 @@ impl PrivateKey {
             .to_vec()
     }
 
+    /// An independent copy of this key: its own aws-lc key objects. Threads that sign at the
+    /// same time with one key object share the lock aws-lc keeps per RSA key (its blinding
+    /// cache); with a copy each, none waits for another.
+    pub fn duplicate(&self) -> Result<PrivateKey, CryptoError> {
+        PrivateKey::from_pkcs8_der(&self.to_pkcs8_der())
+    }
+
     /// The key as `-----BEGIN PRIVATE KEY-----` PKCS#8 PEM with 64-character lines.
     pub fn to_pem(&self) -> String {
         pem_encode("PRIVATE KEY", &self.to_pkcs8_der())

@@ -82,7 +82,6 @@ struct Shared {
     work: Condvar,
     /// Wakes the express worker.
     express: Condvar,
-    key: Arc<PrivateKey>,
     stats: Arc<SignStats>,
     waker: Box<dyn Wake>,
     /// Set by a worker that completed a job since the loop last looked (see [`SignPool::woken`]):
@@ -160,7 +159,6 @@ impl SignPool {
             queues: Mutex::new(Queues::default()),
             work: Condvar::new(),
             express: Condvar::new(),
-            key,
             stats: Arc::clone(&stats),
             waker,
             woken: Arc::new(AtomicBool::new(false)),
@@ -171,18 +169,24 @@ impl SignPool {
             workers: Vec::new(),
             stats,
         };
-        for i in 0..threads.max(1) {
+        // Each worker signs with a copy of the key of its own: with one shared key object, a
+        // worker preempted inside aws-lc's per-key lock (likeliest at nice 10, during a storm)
+        // held up every other signature, the express worker's too.
+        let threads = threads.max(1);
+        for i in 0..=threads {
+            let express = i == threads;
+            let key = key.duplicate().map_err(std::io::Error::other)?;
             let shared = Arc::clone(&pool.shared);
+            let name = if express {
+                "signer-express".into()
+            } else {
+                format!("signer-{i}")
+            };
             let worker = std::thread::Builder::new()
-                .name(format!("signer-{i}"))
-                .spawn(move || shared.run(false))?;
+                .name(name)
+                .spawn(move || shared.run(express, &key))?;
             pool.workers.push(worker);
         }
-        let shared = Arc::clone(&pool.shared);
-        let express = std::thread::Builder::new()
-            .name("signer-express".into())
-            .spawn(move || shared.run(true))?;
-        pool.workers.push(express);
         Ok(pool)
     }
 
@@ -236,7 +240,7 @@ impl Shared {
 
     /// A worker's life: take the next job it may take, sign it, tell the loop. The express
     /// worker (conversations only) keeps the loop's priority.
-    fn run(&self, express: bool) {
+    fn run(&self, express: bool, key: &PrivateKey) {
         if !express {
             lower_priority();
         }
@@ -255,16 +259,16 @@ impl Shared {
                     q = bell.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            self.sign(&job);
+            self.sign(key, &job);
         }
     }
 
-    fn sign(&self, job: &Signed) {
+    fn sign(&self, key: &PrivateKey, job: &Signed) {
         if self.jitter_us > 0 {
             let us = u64::from_le_bytes(crate::crypto::random_bytes::<8>()) % self.jitter_us;
             std::thread::sleep(std::time::Duration::from_micros(us));
         }
-        self.stats.sign_now(&self.key, job);
+        self.stats.sign_now(key, job);
         if !self.woken.swap(true, Ordering::AcqRel) {
             self.waker.wake();
         }
