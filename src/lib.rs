@@ -59,7 +59,7 @@
 //!    and `flush()`es every written connection once per loop turn; a frame still waiting for
 //!    its signature, or refused by a full socket, waits in the connection's outbox, and what
 //!    comes after it waits behind it, in order (the one exception: a frame carried for a user
-//!    may pass another user's presence still being signed, [`wire::frame::Lane`]). Timers the
+//!    may pass another user's presence not written yet, [`wire::frame::Lane`]). Timers the
 //!    core armed fire from the net layer's [timer wheel](crate::net::timer) and come back as
 //!    `Input::Timer`.
 //!

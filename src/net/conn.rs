@@ -625,7 +625,7 @@ impl Conn {
             Ok(Wrote::All) => Sent::Written,
             // The rest waits for the next writable event.
             Ok(Wrote::Blocked(next)) => {
-                // First in line: it may have passed presence still being signed (`at` is 0),
+                // First in line: it may have passed presence not written yet (`at` is 0),
                 // and the rest of a message must follow its first fragments.
                 self.out.insert(at, Frame::ready_text(text), next);
                 let now_ms = now_ms();

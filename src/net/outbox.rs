@@ -166,10 +166,15 @@ impl Outbox {
 
     /// Where `frame` goes: at the back, or before the presence it may pass (see
     /// [`crate::wire::frame::Lane`]: a frame carried for one user passes presence of others
-    /// still being signed).
+    /// not written yet). Never before a message partly written: its remaining fragments must
+    /// follow the ones tungstenite has.
     pub(super) fn place_for(&self, frame: &Frame) -> usize {
         let mut at = self.queue.len();
-        while at > 0 && self.queue[at - 1].frame.may_be_passed_by(frame) {
+        while at > 0 {
+            let before = &self.queue[at - 1];
+            if before.offset > 0 || !before.frame.may_be_passed_by(frame) {
+                break;
+            }
             at -= 1;
         }
         at
@@ -296,10 +301,10 @@ pub(super) mod tests {
             .collect()
     }
 
-    /// A frame carried for a user passes presence of other users still being signed, never
-    /// the sender's own presence, a signed frame, or another routed frame.
+    /// A frame carried for a user passes presence of other users not written yet, never the
+    /// sender's own presence, another routed frame, or a message partly written.
     #[test]
-    fn a_routed_frame_passes_unsigned_presence_of_others_only() {
+    fn a_routed_frame_passes_presence_of_others_only_never_a_message_partly_written() {
         use crate::wire::frame::{Lane, Signed};
         let presence = |who: &str| {
             Signed::pending("{}".into())
@@ -326,9 +331,25 @@ pub(super) mod tests {
             out.place_for(&Frame::from("x".to_string())),
             out.queue.len()
         );
-        // Only unsigned presence is passed, and backlog counts routed frames only.
+        // Backlog counts routed frames only.
         assert_eq!(out.signing_backlog(), 0);
         assert_eq!(out.unsigned(), 3);
+
+        // Signed presence waiting for the socket is passed too; the rest of a message partly
+        // written never is.
+        let signed = |who: &str| {
+            Signed::ready("{}".into(), "S".into())
+                .frame("USER_REMOVE", "s", "*", 1)
+                .in_lane(Lane::presence(who))
+        };
+        let mut out = Outbox::default();
+        out.push(signed("bob"), 7);
+        out.push(signed("carol"), 0);
+        assert_eq!(out.place_for(&dm("alice", 1)), 1);
+        let mut out = Outbox::default();
+        out.push(signed("bob"), 0);
+        out.push(signed("carol"), 0);
+        assert_eq!(out.place_for(&dm("alice", 1)), 0);
     }
 
     /// Frames whose signatures complete out of order (a pool of four signers, each sleeping a
