@@ -297,8 +297,9 @@ pub fn run(m: &mut Mesh) -> Result<Outcome, String> {
             c / limit(sigs_path - 1.0),
         ));
         lines.push(format!(
-            "each server is one thread and the sender's server signs every chunk: at most {:.0} \
-             chunks/s whatever the cores; measured {:.2} of it",
+            "the sender's server signs every chunk: signing on one thread (--sign-threads 0, or \
+             a build before the signer pool) it allows at most {:.0} chunks/s; measured {:.2} \
+             of that",
             1000.0 / m.sign_ms,
             c * m.sign_ms / 1000.0
         ));
