@@ -31,8 +31,9 @@
 //! back) until the receiver reads its `USER_DELIVER`. Sender and receiver are in one thread,
 //! so both ends use one monotonic clock; a round trip would be two such legs. Messages count in
 //! the phase during which they were scheduled: idle (before the burst was written), storm (from
-//! the burst until everything timed above is complete). No message is scheduled after a phase completes;
-//! those in flight are waited for, and any not delivered within `--timeout` counts as lost.
+//! the burst until everything timed above is complete). No message is scheduled after a phase
+//! completes; those in flight are waited for, and any not delivered within `--timeout` counts
+//! as lost.
 
 use crate::common::{
     Mesh, Meter, MeterReading, Outcome, Pacer, Samples, Trouble, all_ready, login_all, row, since,
