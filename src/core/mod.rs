@@ -10,8 +10,9 @@
 //! Each of these is a type with private fields: `Sessions`, `Accounts`, [`transfer::Transfers`],
 //! [`directory::Directory`], [`channel::PublicChannel`], and [`federation::Federation`] with
 //! its own parts (dialling, links, relay: the last owns the [`dedup::SeenCache`]).
-//! [`server::Server`] owns them all and the dispatch; its `impl` blocks in the component modules are glue that
-//! calls the components' methods with what they need (`now`, the outbox, the signer, the store).
+//! [`server::Server`] owns them all and the dispatch; its `impl` blocks in the component
+//! modules are glue that calls the components' methods with what they need (`now`, the outbox,
+//! the signer, the store).
 //!
 //! It must not touch a socket, read the clock, sleep or block: the net layer does all of that
 //! and hands the core `now`. What it keeps across restarts it reads and writes through the
