@@ -1,7 +1,7 @@
 //! The benchmark works: `socp-bench` with tiny parameters starts its three servers, runs the
-//! presence, public, dm and file (20 000 bytes: 45 chunks, two ACKs) scenarios, stops everything, and writes a JSON file whose numbers
-//! are sane (every message delivered, max >= p50 > 0). The idle scenario is left out: it needs
-//! a thousand connections to say anything.
+//! presence, public, dm and file (20 000 bytes: 45 chunks, two ACKs) scenarios, stops
+//! everything, and writes a JSON file whose numbers are sane (every message delivered, max >=
+//! p50 > 0). The idle scenario is left out: it needs a thousand connections to say anything.
 //!
 //! `socp-bench` starts the `socp-server` it finds next to itself, in the workspace's
 //! `target/<profile>/`. Plain `cargo test` at the workspace root builds it (the `socp` package's
@@ -12,14 +12,37 @@ use serde_json::Value;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-#[test]
-fn bench_runs_tiny_scenarios_and_writes_sane_json() {
-    let dir = std::env::temp_dir().join(format!("socp-bench-smoke-{}", std::process::id()));
+/// Runs `socp-bench` with `args` and `--json` into a directory of its own (`tag`); asserts it
+/// succeeded within `limit`; returns its standard output and the results file.
+fn run_bench(tag: &str, args: &[&str], limit: Duration) -> (String, Value) {
+    let dir = std::env::temp_dir().join(format!("socp-bench-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json_path = dir.join("results.json");
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_socp-bench"))
-        .args([
+        .args(args)
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("run socp-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "socp-bench failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(started.elapsed() < limit, "took {:?}", started.elapsed());
+    let text = std::fs::read_to_string(&json_path).expect("results file written");
+    let _ = std::fs::remove_dir_all(&dir);
+    (stdout, serde_json::from_str(&text).expect("valid JSON"))
+}
+
+#[test]
+fn bench_runs_tiny_scenarios_and_writes_sane_json() {
+    let (stdout, v) = run_bench(
+        "smoke",
+        &[
             "--clients",
             "6",
             "--repeat",
@@ -36,28 +59,11 @@ fn bench_runs_tiny_scenarios_and_writes_sane_json() {
             "20",
             "--id-prefix",
             "smoke",
-            "--json",
-        ])
-        .arg(&json_path)
-        .output()
-        .expect("run socp-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "socp-bench failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        started.elapsed()
+        ],
+        Duration::from_secs(60),
     );
     assert!(stdout.contains("== socp-bench results =="), "{stdout}");
 
-    let text = std::fs::read_to_string(&json_path).expect("results file written");
-    let _ = std::fs::remove_dir_all(&dir);
-    let v: Value = serde_json::from_str(&text).expect("valid JSON");
     assert_eq!(v["schema"], "socp-bench/1");
     assert!(v["command_line"].as_array().is_some_and(|a| a.len() > 1));
     assert!(v["machine"]["nproc"].as_u64().is_some_and(|n| n >= 1));
@@ -114,17 +120,14 @@ fn bench_runs_tiny_scenarios_and_writes_sane_json() {
 }
 
 /// The storm scenario at small scale: 30 clients log in at once and leave at once on one server
-/// while two steady users exchange probe DMs; every number the lead reads is there and sane.
+/// while two probe users exchange DMs; every number the lead reads is there and sane.
 /// `--sign-threads` only reaches the server's environment (`SOCP_SIGN_THREADS`): a server that
 /// does not know it must still start.
 #[test]
 fn bench_runs_a_small_storm_and_reports_every_phase() {
-    let dir = std::env::temp_dir().join(format!("socp-bench-storm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json_path = dir.join("results.json");
-    let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_socp-bench"))
-        .args([
+    let (stdout, v) = run_bench(
+        "storm",
+        &[
             "--servers",
             "1",
             "--clients",
@@ -143,30 +146,13 @@ fn bench_runs_a_small_storm_and_reports_every_phase() {
             "20",
             "--id-prefix",
             "smokestorm",
-            "--json",
-        ])
-        .arg(&json_path)
-        .output()
-        .expect("run socp-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "socp-bench failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(90),
-        "took {:?}",
-        started.elapsed()
+        ],
+        Duration::from_secs(90),
     );
     assert!(
         stdout.contains("probe p99 during the login storm"),
         "{stdout}"
     );
-    let text = std::fs::read_to_string(&json_path).expect("results file written");
-    let _ = std::fs::remove_dir_all(&dir);
-    let v: Value = serde_json::from_str(&text).expect("valid JSON");
     assert_eq!(v["parameters"]["storm_users"], 30);
     assert_eq!(v["parameters"]["sign_threads"], 2);
     assert_eq!(v["scenarios"]["dm"]["status"], "not_run");
