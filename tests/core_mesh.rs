@@ -268,14 +268,7 @@ fn a_reset_link_is_redialled_with_backoff_and_presence_comes_back() {
     let (mut mesh, alice, bob) = alice_and_bob();
     let cut_at = mesh.now.mono_ms;
     mesh.cut(0, 1, Cut::Reset);
-    assert_eq!(
-        presence(&mesh.nodes[0].frames_to(alice), types::USER_REMOVE),
-        ["bob"]
-    );
-    assert_eq!(
-        presence(&mesh.nodes[1].frames_to(bob), types::USER_REMOVE),
-        ["alice"]
-    );
+    told_of_each_other(&mut mesh, alice, bob, types::USER_REMOVE);
     assert_eq!(
         mesh.directory(0),
         [("alice".to_string(), "srv-a".to_string())]
@@ -326,14 +319,15 @@ fn heal_and_meet_again(mesh: &mut Mesh, alice: ConnId, bob: ConnId) {
     mesh.heal(0, 1);
     mesh.advance(75_000);
     assert_converged_pair(mesh);
-    assert_eq!(
-        presence(&mesh.nodes[0].frames_to(alice), types::USER_ADVERTISE),
-        ["bob"]
-    );
-    assert_eq!(
-        presence(&mesh.nodes[1].frames_to(bob), types::USER_ADVERTISE),
-        ["alice"]
-    );
+    told_of_each_other(mesh, alice, bob, types::USER_ADVERTISE);
+}
+
+/// Alice (on srv-a) and bob (on srv-b) were each sent one `kind` presence frame since their
+/// frames were last taken, about the other.
+#[track_caller]
+fn told_of_each_other(mesh: &mut Mesh, alice: ConnId, bob: ConnId, kind: &str) {
+    assert_eq!(presence(&mesh.nodes[0].frames_to(alice), kind), ["bob"]);
+    assert_eq!(presence(&mesh.nodes[1].frames_to(bob), kind), ["alice"]);
 }
 
 fn assert_converged_pair(mesh: &Mesh) {
@@ -361,14 +355,7 @@ fn a_silent_link_is_found_dead_by_heartbeats_and_comes_back() {
     // Within one more heartbeat period after 45 s, both sides have given up on it.
     mesh.advance(cut_at + 45_000 + 15_000 - mesh.now.mono_ms);
     assert!(mesh.linked(0).is_empty() && mesh.linked(1).is_empty());
-    assert_eq!(
-        presence(&mesh.nodes[0].frames_to(alice), types::USER_REMOVE),
-        ["bob"]
-    );
-    assert_eq!(
-        presence(&mesh.nodes[1].frames_to(bob), types::USER_REMOVE),
-        ["alice"]
-    );
+    told_of_each_other(&mut mesh, alice, bob, types::USER_REMOVE);
     assert!(
         !dial_times(&mesh, 0, 1, cut_at).is_empty(),
         "redialling: {:?}",
