@@ -13,10 +13,13 @@ use common::keys::test_key;
 use serde_json::{Value, json};
 use socp::core::random::SeededRandom;
 use socp::core::server::{Action, ConnId, Input, Limits, Timer, close};
+use socp::core::signer::{InlineSigner, SignStats, Signer, Urgency};
 use socp::crypto::{self, PrivateKey};
 use socp::wire::canon;
+use socp::wire::frame::Signed;
 use socp::wire::{Envelope, types};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use support::*;
 
 const SRV: &str = "srv";
@@ -1178,6 +1181,159 @@ fn a_user_can_come_back_after_leaving() {
     );
     assert_eq!(kinds(&h.frames_to(conn(3))), [types::USER_DELIVER]);
     assert!(h.drain().is_empty());
+}
+
+// ------------------------------------------------ signed while the newcomer signs its answer
+
+/// Signs in line and always has time to spare ([`Signer::spare`]): the core then signs a
+/// newcomer's advert and ack during its challenge, as it does when the pool's workers are idle.
+struct Spare(InlineSigner);
+
+impl Signer for Spare {
+    fn submit(&self, signed: &Signed, urgency: Urgency) {
+        self.0.submit(signed, urgency)
+    }
+
+    fn spare(&self) -> bool {
+        true
+    }
+
+    fn stats(&self) -> &Arc<SignStats> {
+        self.0.stats()
+    }
+}
+
+/// [`harness`] with a [`Spare`] signer; its signature counter.
+fn with_spare_signer() -> (CoreHarness, Arc<SignStats>) {
+    let mut h = harness();
+    let signer = Spare(InlineSigner::new(Arc::clone(h.server.private_key())));
+    let stats = Arc::clone(signer.stats());
+    h.server.set_signer(Box::new(signer));
+    (h, stats)
+}
+
+/// The advert of `user_id` (fixture key `key`) as signed at `ts`, exactly.
+fn advert_payload(user_id: &str, key: &PrivateKey, ts: i64) -> Value {
+    json!({
+        "user_id": user_id,
+        "server_id": SRV,
+        "pubkey": key.public_key().encoded(),
+        "meta": {"display_name": user_id},
+        "ts": ts,
+    })
+}
+
+#[test]
+fn with_spare_signers_the_advert_and_ack_are_signed_during_the_challenge() {
+    let (mut h, stats) = with_spare_signer();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    h.login(conn(1), "alice", &alice);
+    h.open(conn(2));
+    h.clear();
+    let hello_ms = h.now.wall_ms;
+    let ch = h.challenge_with(conn(2), "bob", &hello_payload_as(&bob, "bob", &[]));
+    h.advance(700); // bob signs his answer
+    let before = stats.signatures();
+    let frames = h.respond(conn(2), "bob", &bob, &ch); // checks the ack
+    assert_eq!(
+        kinds(&frames),
+        [
+            types::USER_HELLO_ACK,
+            types::LIST_RESPONSE,
+            types::PUBLIC_CHANNEL_SNAPSHOT
+        ]
+    );
+    assert_eq!(
+        stats.signatures() - before,
+        2,
+        "only the two snapshots are signed once the answer is in"
+    );
+    let seen = h.frames_to(conn(1));
+    assert_eq!(kinds(&seen), [types::USER_ADVERTISE]);
+    assert_eq!(
+        Value::Object(seen[0].payload.clone()),
+        advert_payload("bob", &bob, hello_ms),
+        "the advert signed at the hello"
+    );
+
+    // In line (the default signer has none to spare), both are signed at the answer.
+    let mut h = harness();
+    h.login(conn(1), "alice", &alice);
+    h.open(conn(2));
+    h.clear();
+    let ch = h.challenge_with(conn(2), "bob", &hello_payload_as(&bob, "bob", &[]));
+    h.advance(700);
+    h.respond(conn(2), "bob", &bob, &ch);
+    let seen = h.frames_to(conn(1));
+    assert_eq!(
+        Value::Object(seen[0].payload.clone()),
+        advert_payload("bob", &bob, h.now.wall_ms)
+    );
+}
+
+#[test]
+fn what_was_signed_for_a_hello_that_fails_is_never_sent() {
+    let (mut h, _) = with_spare_signer();
+    let (alice, bob, mallory) = (test_key("user1"), test_key("user2"), test_key("user3"));
+    h.login(conn(1), "alice", &alice);
+    h.open(conn(2));
+    h.clear();
+    let ch = h.challenge_with(conn(2), "bob", &hello_payload_as(&bob, "bob", &[]));
+    let forged = h.user_frame(
+        types::AUTH_RESPONSE,
+        "bob",
+        SRV,
+        &auth_payload(&ch, "bob"),
+        Some(&mallory),
+    );
+    h.send(conn(2), &forged);
+    assert_error(&h.frames_to(conn(2)), "INVALID_SIG", "");
+    assert!(
+        h.frames_to(conn(1)).is_empty(),
+        "no advert for a failed hello"
+    );
+
+    // Never answered: the connection goes, and nothing of bob is sent.
+    h.challenge_with(conn(2), "bob", &hello_payload_as(&bob, "bob", &[]));
+    h.closed(conn(2));
+    assert!(h.drain().is_empty());
+    assert_eq!(h.list(conn(1), "alice"), ["alice"]);
+}
+
+/// Bob's hello on one connection, then a whole login and leave of bob on another before the
+/// first answers: the advert signed at the first hello is older than the removal the peers
+/// have applied (§7 orders presence by `ts`), so a fresh one is sent.
+#[test]
+fn an_advert_signed_before_a_removal_is_signed_again() {
+    let (mut h, _) = with_spare_signer();
+    let (alice, bob) = (test_key("user1"), test_key("user2"));
+    h.login(conn(1), "alice", &alice);
+    h.open(conn(2));
+    h.open(conn(3));
+    h.clear();
+    let slow = h.challenge_with(conn(2), "bob", &hello_payload_as(&bob, "bob", &[]));
+    h.advance(10);
+    let ch = h.challenge_with(conn(3), "bob", &hello_payload_as(&bob, "bob", &[]));
+    h.respond(conn(3), "bob", &bob, &ch);
+    h.advance(10);
+    h.closed(conn(3));
+    h.advance(10);
+    h.respond(conn(2), "bob", &bob, &slow);
+    let seen = h.frames_to(conn(1));
+    assert_eq!(
+        kinds(&seen),
+        [
+            types::USER_ADVERTISE,
+            types::USER_REMOVE,
+            types::USER_ADVERTISE
+        ]
+    );
+    let ts: Vec<i64> = seen
+        .iter()
+        .map(|e| e.payload["ts"].as_i64().unwrap())
+        .collect();
+    let t0 = h.now.wall_ms - 30;
+    assert_eq!(ts, [t0 + 10, t0 + 20, t0 + 30], "each newer than the last");
 }
 
 // -------------------------------------------------------------------- 14. one sig per payload

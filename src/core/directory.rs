@@ -166,11 +166,21 @@ impl Directory {
     /// The directory entry as it travels in `LIST_RESPONSE`, `SERVER_WELCOME` and
     /// `USER_ADVERTISE`: `{user_id, server_id, pubkey, meta}`.
     pub fn entry_json(user_id: &str, entry: &Entry) -> Value {
+        Self::user_json(user_id, &entry.server_id, &entry.pubkey, &entry.meta)
+    }
+
+    /// [`Directory::entry_json`] of a user not (yet) in the directory.
+    pub fn user_json(
+        user_id: &str,
+        server_id: &str,
+        pubkey: &PublicKey,
+        meta: &Map<String, Value>,
+    ) -> Value {
         json!({
             "user_id": user_id,
-            "server_id": entry.server_id,
-            "pubkey": entry.pubkey.encoded(),
-            "meta": entry.meta,
+            "server_id": server_id,
+            "pubkey": pubkey.encoded(),
+            "meta": meta,
         })
     }
 

@@ -20,7 +20,7 @@ use crate::core::outbox::Outbox;
 use crate::core::persist::{Persistence, UserRecord};
 use crate::core::random::{OsRandom, Random};
 pub(crate) use crate::core::sessions::State;
-use crate::core::sessions::{self, Challenge, Sessions};
+use crate::core::sessions::{self, Challenge, Early, Sessions};
 use crate::core::signer::{InlineSigner, Signer, Urgency};
 use crate::core::transfer::{TransferLimits, Transfers};
 use crate::crypto::{KeyCache, PrivateKey, PublicKey};
@@ -236,6 +236,9 @@ pub struct Server {
     burst: Vec<(BurstKind, Arc<Slot>)>,
     /// Work an input left for later, oldest first; see [`Deferred`].
     deferred: VecDeque<Deferred>,
+    /// How many `USER_REMOVE`s of our own users we have signed: an advert signed ahead of
+    /// need before one of them is not sent (see [`Server::user_online`]).
+    own_removes: u64,
     /// Counters for `GET /metrics` (see [`crate::core::metrics`]).
     pub(super) metrics: crate::core::metrics::Metrics,
     /// What the net layer is to do, in order.
@@ -291,6 +294,7 @@ impl Server {
             snapshot_cache: None,
             burst: Vec::new(),
             deferred: VecDeque::new(),
+            own_removes: 0,
             fed: Federation::new(FedConfig::default()),
             accounts: Default::default(),
             transfers: Transfers::new(TransferLimits::default()),
@@ -591,6 +595,7 @@ impl Server {
         self.deferred.push_back(Deferred::Challenge);
         let text = signed.frame(types::AUTH_CHALLENGE, &self.id, user_id, now.wall_ms);
         self.out.send(conn, text);
+        let early = self.sign_early(now, user_id, &pubkey, &hello.meta);
         self.set_state(
             conn,
             State::Challenged(Box::new(Challenge::new(
@@ -601,9 +606,41 @@ impl Server {
                     peer_sig: hello.peer_sig,
                 },
                 nonce,
+                early,
             ))),
         );
         Ok(())
+    }
+
+    /// The newcomer's advert and `USER_HELLO_ACK`, signed while it signs its answer, if the
+    /// signers have nothing else to do. Everyone else waits for the advert once the answer
+    /// verifies: made now, it leaves one signature in a row on that path instead of two (the
+    /// newcomer's, then ours). Neither payload depends on the answer; if it never comes or
+    /// does not verify, neither is sent. This spends idle signers only: a hello never answered
+    /// costs up to two more signatures when they have nothing else to do, and none when they
+    /// are busy (a login storm gets the first hellos' only).
+    fn sign_early(
+        &self,
+        now: Time,
+        user_id: &str,
+        pubkey: &PublicKey,
+        meta: &Map<String, Value>,
+    ) -> Option<Early> {
+        if !self.signer.spare() {
+            return None;
+        }
+        let mut advert = Directory::user_json(user_id, &self.id, pubkey, meta);
+        advert["ts"] = Value::from(now.wall_ms);
+        Some(Early {
+            advert: self.sign(&advert, Urgency::Bulk)?,
+            ack: self.sign(&self.ack_payload(user_id), Urgency::Bulk)?,
+            removes: self.own_removes,
+        })
+    }
+
+    /// The `USER_HELLO_ACK` payload `{user_id, server_id}` (§5.2 step 4).
+    fn ack_payload(&self, user_id: &str) -> Value {
+        json!({"user_id": user_id, "server_id": self.id})
     }
 
     /// A fresh `AUTH_CHALLENGE` payload `{nonce, server_id, server_pubkey}` (§5.2 step 2),
@@ -673,12 +710,25 @@ impl Server {
         if let Err(e) = self.store.bind_user(&record) {
             return Err(store_error(&e));
         }
-        self.user_online(now, conn, ch.into_hello());
+        let (hello, early) = ch.into_hello();
+        self.user_online(now, conn, hello, early);
         Ok(())
     }
 
     /// Step 4 of the hello: acknowledge, send the directory snapshot, tell everyone else.
-    fn user_online(&mut self, now: Time, conn: ConnId, hello: sessions::Hello) {
+    ///
+    /// With `early` (see [`Server::sign_early`]) the advert and the ack signed during the
+    /// challenge are sent. The advert's signed `ts` is then the hello's: it may be sent only
+    /// if we signed no `USER_REMOVE` of ours since, since one could be this user's, from a
+    /// login and leave on another connection completed in between, and peers order presence
+    /// by `ts` (§7). Otherwise a fresh one is signed, as without `early`.
+    fn user_online(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        hello: sessions::Hello,
+        early: Option<Early>,
+    ) {
         let sessions::Hello {
             user_id,
             pubkey,
@@ -706,24 +756,28 @@ impl Server {
             },
         );
         self.channel.bump();
+        let (early_advert, early_ack) = match early {
+            Some(e) => (
+                Some(e.advert).filter(|_| e.removes == self.own_removes),
+                Some(e.ack),
+            ),
+            None => (None, None),
+        };
         // The advert first: everyone else waits for it, and it is what presence latency
         // measures. The newcomer's own frames follow.
-        if let Some(advert) = self.advert(now, &user_id) {
+        if let Some(advert) = early_advert.or_else(|| self.advert(now, &user_id)) {
             let text = self.own_broadcast(now, types::USER_ADVERTISE, &advert);
             self.broadcast(text.in_lane(Lane::presence(&user_id)), Some(conn), None);
         }
         // The newcomer's own frames, in this order before anything else reaches it (§7: no
         // other frame before its snapshot). The two snapshots are written at the end of the
         // turn, shared by every newcomer of the turn (see `burst`).
-        let ack = json!({"user_id": user_id, "server_id": self.id});
-        self.send_signed(
-            now,
-            conn,
-            types::USER_HELLO_ACK,
-            &user_id,
-            &ack,
-            Urgency::Bulk,
-        );
+        if let Some(ack) =
+            early_ack.or_else(|| self.sign(&self.ack_payload(&user_id), Urgency::Bulk))
+        {
+            let text = ack.frame(types::USER_HELLO_ACK, &self.id, &user_id, now.wall_ms);
+            self.out.send(conn, text);
+        }
         self.send_list(now, conn, &user_id);
         self.send_channel_snapshot(now, conn, &user_id);
         self.channel_changed(now, Some(&user_id));
@@ -1039,6 +1093,7 @@ impl Server {
                     // The signed `ts` orders it after the user's advert (§7).
                     let payload =
                         json!({"user_id": user_id, "server_id": self.id, "ts": now.wall_ms});
+                    self.own_removes += 1;
                     if let Some(signed) = self.sign(&payload, Urgency::Bulk) {
                         let text = self.own_broadcast(now, types::USER_REMOVE, &signed);
                         self.broadcast(text.in_lane(Lane::presence(&user_id)), None, None);

@@ -39,6 +39,18 @@ pub(crate) struct Challenge {
     meta: Map<String, Value>,
     nonce: String,
     peer_sig: bool,
+    early: Option<Early>,
+}
+
+/// The newcomer's `USER_ADVERTISE` and `USER_HELLO_ACK` payloads, signed while it signs its
+/// answer (see `Server::on_user_hello`). Nothing of them is sent unless the answer verifies.
+#[derive(Debug)]
+pub(crate) struct Early {
+    pub(crate) advert: Signed,
+    pub(crate) ack: Signed,
+    /// How many of its own users' `USER_REMOVE`s the server had signed when the advert was
+    /// made: an advert older than one of them may not be sent (see `Server::user_online`).
+    pub(crate) removes: u64,
 }
 
 /// What a completed hello brings: the user, its key and meta, and whether it takes other
@@ -51,13 +63,14 @@ pub(crate) struct Hello {
 }
 
 impl Challenge {
-    pub(crate) fn new(hello: Hello, nonce: String) -> Challenge {
+    pub(crate) fn new(hello: Hello, nonce: String, early: Option<Early>) -> Challenge {
         Challenge {
             user_id: hello.user_id,
             pubkey: hello.pubkey,
             meta: hello.meta,
             nonce,
             peer_sig: hello.peer_sig,
+            early,
         }
     }
 
@@ -77,14 +90,15 @@ impl Challenge {
         &self.nonce
     }
 
-    /// The hello, once the challenge is answered.
-    pub(crate) fn into_hello(self) -> Hello {
-        Hello {
+    /// The hello, once the challenge is answered, and what was signed for it meanwhile.
+    pub(crate) fn into_hello(self) -> (Hello, Option<Early>) {
+        let hello = Hello {
             user_id: self.user_id,
             pubkey: self.pubkey,
             meta: self.meta,
             peer_sig: self.peer_sig,
-        }
+        };
+        (hello, self.early)
     }
 }
 

@@ -59,6 +59,10 @@ impl SignStats {
 pub trait Signer {
     /// Signs `signed`, now or later; [`Signed::complete`] writes the frames waiting for it.
     fn submit(&self, signed: &Signed, urgency: Urgency);
+    /// Whether a signature submitted now would start without keeping anything else waiting.
+    /// Work done ahead of need (a newcomer's advert and ack, signed while it signs its
+    /// answer: `Server::on_user_hello`) is submitted only then.
+    fn spare(&self) -> bool;
     fn stats(&self) -> &Arc<SignStats>;
 }
 
@@ -80,6 +84,12 @@ impl InlineSigner {
 impl Signer for InlineSigner {
     fn submit(&self, signed: &Signed, _urgency: Urgency) {
         self.stats.sign_now(&self.key, signed);
+    }
+
+    /// Never: a signature made ahead of need would be made on the caller's thread, in the
+    /// turn that needs none (and for a hello never answered, for nothing).
+    fn spare(&self) -> bool {
+        false
     }
 
     fn stats(&self) -> &Arc<SignStats> {

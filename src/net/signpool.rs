@@ -127,6 +127,12 @@ impl Queues {
         Some(job)
     }
 
+    /// Nothing waits in either queue but the conversation the idle express worker is about
+    /// to take: a new job is the next a worker takes.
+    fn spare(&self) -> bool {
+        self.bulk.is_empty() && self.conversation.len() <= usize::from(self.express_idle)
+    }
+
     /// The next job for the express worker: a conversation, or none (it is then idle).
     fn next_express(&mut self) -> Option<Signed> {
         let job = self.conversation.pop_front();
@@ -215,6 +221,10 @@ impl Signer for SignPool {
         if worker {
             self.shared.work.notify_one();
         }
+    }
+
+    fn spare(&self) -> bool {
+        self.shared.lock().spare()
     }
 
     fn stats(&self) -> &Arc<SignStats> {
@@ -379,6 +389,24 @@ mod tests {
                 job.canonical()
             );
         }
+    }
+
+    #[test]
+    fn spare_only_while_nothing_waits() {
+        let mut q = Queues::default();
+        assert!(q.spare());
+        q.bulk.push_back(signed(1));
+        assert!(!q.spare(), "a bulk job waits");
+        q.next();
+        assert!(q.spare());
+        q.express_idle = true;
+        q.conversation.push_back(signed(2));
+        assert!(q.spare(), "the idle express worker takes it");
+        q.conversation.push_back(signed(3));
+        assert!(!q.spare(), "one waits for the next worker");
+        q.express_idle = false;
+        q.conversation.pop_front();
+        assert!(!q.spare(), "the busy express worker leaves it waiting");
     }
 
     #[test]
