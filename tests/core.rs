@@ -13,13 +13,10 @@ use common::keys::test_key;
 use serde_json::{Value, json};
 use socp::core::random::SeededRandom;
 use socp::core::server::{Action, ConnId, Input, Limits, Timer, close};
-use socp::core::signer::{InlineSigner, SignStats, Signer, Urgency};
 use socp::crypto::{self, PrivateKey};
 use socp::wire::canon;
-use socp::wire::frame::Signed;
 use socp::wire::{Envelope, types};
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 use support::*;
 
 const SRV: &str = "srv";
@@ -1185,31 +1182,11 @@ fn a_user_can_come_back_after_leaving() {
 
 // ------------------------------------------------ signed while the newcomer signs its answer
 
-/// Signs in line and always has time to spare ([`Signer::spare`]): the core then signs a
-/// newcomer's advert and ack during its challenge, as it does when the pool's workers are idle.
-struct Spare(InlineSigner);
-
-impl Signer for Spare {
-    fn submit(&self, signed: &Signed, urgency: Urgency) {
-        self.0.submit(signed, urgency)
-    }
-
-    fn spare(&self) -> bool {
-        true
-    }
-
-    fn stats(&self) -> &Arc<SignStats> {
-        self.0.stats()
-    }
-}
-
-/// [`harness`] with a [`Spare`] signer; its signature counter.
-fn with_spare_signer() -> (CoreHarness, Arc<SignStats>) {
+/// [`harness`] whose signer is always idle ([`RecordingSigner`] with `spare`); what it records.
+fn with_spare_signer() -> (CoreHarness, Recorded) {
     let mut h = harness();
-    let signer = Spare(InlineSigner::new(Arc::clone(h.server.private_key())));
-    let stats = Arc::clone(signer.stats());
-    h.server.set_signer(Box::new(signer));
-    (h, stats)
+    let recorded = h.record_signatures(true);
+    (h, recorded)
 }
 
 /// The advert of `user_id` (fixture key `key`) as signed at `ts`, exactly.
@@ -1225,7 +1202,7 @@ fn advert_payload(user_id: &str, key: &PrivateKey, ts: i64) -> Value {
 
 #[test]
 fn with_spare_signers_the_advert_and_ack_are_signed_during_the_challenge() {
-    let (mut h, stats) = with_spare_signer();
+    let (mut h, recorded) = with_spare_signer();
     let (alice, bob) = (test_key("user1"), test_key("user2"));
     h.login(conn(1), "alice", &alice);
     h.open(conn(2));
@@ -1233,7 +1210,7 @@ fn with_spare_signers_the_advert_and_ack_are_signed_during_the_challenge() {
     let hello_ms = h.now.wall_ms;
     let ch = h.challenge_with(conn(2), "bob", &hello_payload_as(&bob, "bob", &[]));
     h.advance(700); // bob signs his answer
-    let before = stats.signatures();
+    let before = recorded.stats.signatures();
     let frames = h.respond(conn(2), "bob", &bob, &ch); // checks the ack
     assert_eq!(
         kinds(&frames),
@@ -1244,7 +1221,7 @@ fn with_spare_signers_the_advert_and_ack_are_signed_during_the_challenge() {
         ]
     );
     assert_eq!(
-        stats.signatures() - before,
+        recorded.stats.signatures() - before,
         2,
         "only the two snapshots are signed once the answer is in"
     );

@@ -15,8 +15,10 @@ use serde_json::{Value, json};
 use socp::core::federation::{CHANNEL_BATCH_MS, FedConfig};
 use socp::core::persist::MemStore;
 use socp::core::server::{Action, ConnId, Input, Limits, Time, Timer, close};
+use socp::core::signer::Urgency;
 use socp::crypto::{self, PrivateKey, PublicKey};
 use socp::store::Store;
+use socp::wire::frame::Lane;
 use socp::wire::{self, Envelope, types};
 use std::net::{IpAddr, Ipv4Addr};
 use support::*;
@@ -719,6 +721,54 @@ fn link_with_peer_heartbeats_stays_up() {
     h.advance_to(at);
     assert!(h.heartbeat().is_empty());
     assert_eq!(h.closes(c).len(), 1);
+}
+
+/// Our users' adverts signed afresh for the links (to stay inside the peers' freshness window,
+/// §6) are work nobody waits for: signed when nothing else waits (`Urgency::Background`), and
+/// every frame sent after them on the link but presence of the same user may pass them while
+/// they wait for their signatures (`Lane::Refresh`). They went as ordered frames at login
+/// priority, so a heartbeat's batch (up to an eighth of the users) held up every cross-server
+/// message behind it, and every login and leave.
+#[test]
+fn adverts_refreshed_for_links_wait_for_everything_else_and_let_deliveries_pass() {
+    let mut h = harness();
+    let recorded = h.record_signatures(false);
+    let b = srv_b();
+    let link = h.link_out(0, &b);
+    let alice = test_key("user1");
+    let ca = h.fresh_conn();
+    h.login(ca, "alice", &alice);
+    h.clear();
+    let mut refreshed = Vec::new();
+    let mut at = MONO0 + 15_000;
+    while refreshed.is_empty() && at < MONO0 + 200_000 {
+        h.advance_to(at - 100);
+        let f = b.frame(types::HEARTBEAT, SRV, h.now.wall_ms, &json!({}));
+        h.send(link, &f);
+        h.advance_to(at);
+        assert_eq!(h.heartbeat(), [link]);
+        refreshed = h.extract(|a| match a {
+            Action::Send { conn, text }
+                if *conn == link && text.as_str().contains("\"type\":\"USER_ADVERTISE\"") =>
+            {
+                Some((text.lane(), text.as_str().to_string()))
+            }
+            _ => None,
+        });
+        at += 15_000;
+    }
+    assert_eq!(refreshed.len(), 1, "alice's advert, refreshed once");
+    let (lane, text) = &refreshed[0];
+    assert_eq!(*lane, Lane::refresh("alice"));
+    let env = h.check(text);
+    assert_eq!(env.payload["user_id"], "alice");
+    assert_eq!(env.payload["ts"], json!(h.now.wall_ms), "signed afresh");
+    // Adverts only: `{meta, pubkey, server_id, ts, user_id}` in canonical order.
+    assert_eq!(
+        recorded.urgencies(&format!("\"server_id\":\"{SRV}\",\"ts\":")),
+        [Urgency::Bulk, Urgency::Background],
+        "the login's advert, then the refresh"
+    );
 }
 
 // -------------------------------------------------------------------- 8. presence from peers

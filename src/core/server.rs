@@ -765,7 +765,7 @@ impl Server {
         };
         // The advert first: everyone else waits for it, and it is what presence latency
         // measures. The newcomer's own frames follow.
-        if let Some(advert) = early_advert.or_else(|| self.advert(now, &user_id)) {
+        if let Some(advert) = early_advert.or_else(|| self.advert(now, &user_id, Urgency::Bulk)) {
             let text = self.own_broadcast(now, types::USER_ADVERTISE, &advert);
             self.broadcast(text.in_lane(Lane::presence(&user_id)), Some(conn), None);
         }
@@ -787,11 +787,11 @@ impl Server {
     /// meta, ts}` (§7). The signed `ts` orders presence and dates it for the peers' freshness
     /// window and seen-cache (§6), so an advert is never reused: a copy a peer saw before
     /// would be dropped as a duplicate.
-    pub(crate) fn advert(&self, now: Time, user_id: &str) -> Option<Signed> {
+    pub(crate) fn advert(&self, now: Time, user_id: &str, urgency: Urgency) -> Option<Signed> {
         let entry = self.dir.get(user_id).filter(|e| e.local.is_some())?;
         let mut payload = Directory::entry_json(user_id, entry);
         payload["ts"] = Value::from(now.wall_ms);
-        self.sign(&payload, Urgency::Bulk)
+        self.sign(&payload, urgency)
     }
 
     /// Whether work is waiting for [`Server::run_deferred`].

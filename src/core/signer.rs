@@ -26,6 +26,9 @@ pub enum Urgency {
     Conversation,
     /// Logins and leaves: challenges, acks, directory and channel snapshots, presence.
     Bulk,
+    /// Work nobody waits for: our users' adverts signed afresh to stay inside the peers'
+    /// freshness window (§6). Signed when nothing else waits.
+    Background,
 }
 
 /// Signatures made and the time they took, for `GET /metrics`. Shared with signer threads.

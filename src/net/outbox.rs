@@ -153,14 +153,17 @@ impl Outbox {
 
     /// Frames here that still wait for their signatures, presence apart: what a sender feeding
     /// this connection is paused for ([`SIGN_BACKLOG`](crate::net::conn::SIGN_BACKLOG)).
-    /// Presence is not counted: it is not what a sender sends, and routed frames pass it.
+    /// Presence (and refreshed adverts) is not counted: it is not what a sender sends, and
+    /// routed frames pass it.
     pub(super) fn signing_backlog(&mut self) -> usize {
         if self.unsigned() == 0 {
             return 0;
         }
         self.queue
             .iter()
-            .filter(|w| w.pending && !matches!(w.frame.lane(), Lane::Presence(_)))
+            .filter(|w| {
+                w.pending && !matches!(w.frame.lane(), Lane::Presence(_) | Lane::Refresh(_))
+            })
             .count()
     }
 
@@ -350,6 +353,21 @@ pub(super) mod tests {
         out.push(signed("bob"), 0);
         out.push(signed("carol"), 0);
         assert_eq!(out.place_for(&dm("alice", 1)), 0);
+
+        // A refreshed advert is passed by every frame (its user's own messages, an ordered
+        // heartbeat, presence of others) but presence of its user; it is not a backlog.
+        let refresh = Signed::pending("{}".into())
+            .frame("USER_ADVERTISE", "s", "*", 1)
+            .in_lane(Lane::refresh("alice"));
+        let mut out = Outbox::default();
+        out.push(dm("alice", 0), 0);
+        out.push(refresh, 0);
+        assert_eq!(out.place_for(&dm("alice", 1)), 1);
+        assert_eq!(out.place_for(&dm("bob", 1)), 1);
+        assert_eq!(out.place_for(&Frame::from("heartbeat".to_string())), 1);
+        assert_eq!(out.place_for(&presence("bob")), 1);
+        assert_eq!(out.place_for(&presence("alice")), 2);
+        assert_eq!(out.signing_backlog(), 0);
     }
 
     /// Frames whose signatures complete out of order (a pool of four signers, each sleeping a

@@ -7,10 +7,11 @@
 //! [`mio::Waker`], which then sends each connection's frames in order
 //! ([`crate::net`]).
 //!
-//! Two queues, served in priority order: [`Urgency::Conversation`] (frames of users and
-//! servers already connected) before [`Urgency::Bulk`] (logins and leaves). A worker takes a
-//! bulk job at least once per [`BULK_SHARE`] jobs while both wait, so a steady stream of
-//! conversations slows a login storm down but cannot stop it.
+//! Three queues, served in priority order: [`Urgency::Conversation`] (frames of users and
+//! servers already connected) before [`Urgency::Bulk`] (logins and leaves) before
+//! [`Urgency::Background`] (adverts kept fresh). A worker takes a bulk job at least once per
+//! [`BULK_SHARE`] jobs while both wait, so a steady stream of conversations slows a login storm
+//! down but cannot stop it; background jobs wait until nothing else does.
 //!
 //! The `N` workers run at a lower priority ([`WORKER_NICE`]), so the loop gets a core the
 //! moment it needs one. One more worker, the *express* one, runs at the loop's own priority
@@ -95,6 +96,7 @@ struct Shared {
 struct Queues {
     conversation: VecDeque<Signed>,
     bulk: VecDeque<Signed>,
+    background: VecDeque<Signed>,
     /// Conversation jobs taken in a row while bulk ones waited.
     streak: u32,
     /// The express worker is waiting for a conversation (it takes the next one).
@@ -104,7 +106,8 @@ struct Queues {
 
 impl Queues {
     /// The next job for a low-priority worker: conversations first (those the idle express
-    /// worker is about to take excepted), with bulk's share.
+    /// worker is about to take excepted), with bulk's share; background jobs when nothing
+    /// else waits.
     fn next(&mut self) -> Option<Signed> {
         let spare = self
             .conversation
@@ -116,7 +119,7 @@ impl Queues {
             return self.bulk.pop_front();
         }
         if spare == 0 {
-            return None;
+            return self.background.pop_front();
         }
         let job = self.conversation.pop_front()?;
         self.streak = if self.bulk.is_empty() {
@@ -209,11 +212,13 @@ impl Signer for SignPool {
         match urgency {
             Urgency::Conversation => q.conversation.push_back(signed.clone()),
             Urgency::Bulk => q.bulk.push_back(signed.clone()),
+            Urgency::Background => q.background.push_back(signed.clone()),
         }
         // The express worker takes a conversation if it is free; a low-priority worker takes
         // any job it leaves.
         let express = urgency == Urgency::Conversation && q.express_idle;
-        let worker = urgency == Urgency::Bulk || q.conversation.len() > usize::from(q.express_idle);
+        let worker =
+            urgency != Urgency::Conversation || q.conversation.len() > usize::from(q.express_idle);
         drop(q);
         if express {
             self.shared.express.notify_one();
@@ -407,6 +412,25 @@ mod tests {
         q.express_idle = false;
         q.conversation.pop_front();
         assert!(!q.spare(), "the busy express worker leaves it waiting");
+    }
+
+    #[test]
+    fn background_jobs_wait_until_nothing_else_does() {
+        let mut q = Queues {
+            express_idle: true,
+            ..Queues::default()
+        };
+        q.background.push_back(signed(200));
+        q.bulk.push_back(signed(100));
+        q.conversation.push_back(signed(1));
+        q.conversation.push_back(signed(2)); // one is left to the idle express worker
+        let order: Vec<String> = std::iter::from_fn(|| q.next())
+            .map(|s| s.canonical().to_string())
+            .collect();
+        assert_eq!(order, ["{\"n\":1}", "{\"n\":100}", "{\"n\":200}"]);
+        assert_eq!(q.conversation.len(), 1, "left to the express worker");
+        assert!(q.next_express().is_some());
+        assert!(q.next_express().is_none(), "never a background job");
     }
 
     #[test]

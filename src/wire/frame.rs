@@ -41,7 +41,9 @@ enum Body {
 /// login or leave, more than the loop can write at once). Presence is about one user and
 /// idempotent, so what a user sees in the end is the same; X's own presence is never passed,
 /// so a message never arrives from a user not yet announced. Presence frames never pass each
-/// other. (A frame partly written is never passed: see the net layer's outbox.)
+/// other. An advert signed afresh only to stay fresh ([`Lane::Refresh`]) carries no news:
+/// every frame may pass it but presence about the same user. (A frame partly written is never
+/// passed: see the net layer's outbox.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Lane {
     #[default]
@@ -50,12 +52,20 @@ pub enum Lane {
     Presence(u64),
     /// A frame routed for the user whose id hashes to this (a delivery, a channel copy).
     From(u64),
+    /// The advert of the user whose id hashes to this, announced before and signed afresh to
+    /// stay inside the peers' freshness window (§6): nothing in it is news.
+    Refresh(u64),
 }
 
 impl Lane {
     /// Presence about `user_id`.
     pub fn presence(user_id: &str) -> Lane {
         Lane::Presence(user_hash(user_id))
+    }
+
+    /// `user_id`'s advert signed afresh (see [`Lane::Refresh`]).
+    pub fn refresh(user_id: &str) -> Lane {
+        Lane::Refresh(user_hash(user_id))
     }
 
     /// Carried for `user_id`.
@@ -180,6 +190,8 @@ impl Frame {
     pub fn may_be_passed_by(&self, other: &Frame) -> bool {
         match (self.lane, other.lane) {
             (Lane::Presence(about), Lane::From(sender)) => about != sender,
+            (Lane::Refresh(about), Lane::Presence(other)) => about != other,
+            (Lane::Refresh(_), _) => true,
             _ => false,
         }
     }

@@ -17,12 +17,14 @@ use socp::core::federation::{FedConfig, PeerSpec};
 use socp::core::persist::MemStore;
 use socp::core::random::SeededRandom;
 use socp::core::server::{Action, CloseCode, ConnId, Input, Limits, Server, Time, Timer};
+use socp::core::signer::{InlineSigner, SignStats, Signer, Urgency};
 use socp::core::transfer::TransferLimits;
 use socp::crypto::{self, PrivateKey, PublicKey};
 use socp::store::Store;
+use socp::wire::frame::Signed;
 use socp::wire::{self, Envelope, SignedPayload, canon, encode_frame, types};
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Where accepted connections come from unless a test says otherwise (§5.3 login budgets).
 pub const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -262,6 +264,51 @@ pub fn dial_targets(actions: &[Action]) -> Vec<u32> {
         .collect()
 }
 
+// -------------------------------------------------------------------- signing, recorded
+
+/// Signs in line, as the core's default signer does, and records each payload's canonical
+/// text with the urgency it was submitted with. `spare` is what it answers to
+/// [`Signer::spare`]: with `true` the core signs a newcomer's advert and ack during its
+/// challenge, as it does when a pool's workers are idle.
+pub struct RecordingSigner {
+    inner: InlineSigner,
+    spare: bool,
+    pub log: Arc<Mutex<Vec<(String, Urgency)>>>,
+}
+
+impl Signer for RecordingSigner {
+    fn submit(&self, signed: &Signed, urgency: Urgency) {
+        let canonical = signed.canonical().to_string();
+        self.log.lock().unwrap().push((canonical, urgency));
+        self.inner.submit(signed, urgency)
+    }
+
+    fn spare(&self) -> bool {
+        self.spare
+    }
+
+    fn stats(&self) -> &Arc<SignStats> {
+        self.inner.stats()
+    }
+}
+
+/// What a [`RecordingSigner`] saw: each payload and its urgency, and the signatures made.
+pub struct Recorded {
+    pub log: Arc<Mutex<Vec<(String, Urgency)>>>,
+    pub stats: Arc<SignStats>,
+}
+
+impl Recorded {
+    /// The urgency of every payload signed whose canonical text contains `needle`.
+    pub fn urgencies(&self, needle: &str) -> Vec<Urgency> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|(c, _)| c.contains(needle))
+            .map(|(_, u)| *u)
+            .collect()
+    }
+}
+
 // -------------------------------------------------------------------- the harness
 
 /// One frame the server sent: its exact text and its parsed, verified envelope.
@@ -320,6 +367,22 @@ impl CoreHarness {
             h.start();
         }
         h
+    }
+
+    /// Hands the server's signatures to a [`RecordingSigner`] answering `spare` to
+    /// [`Signer::spare`]; returns what it records.
+    pub fn record_signatures(&mut self, spare: bool) -> Recorded {
+        let signer = RecordingSigner {
+            inner: InlineSigner::new(Arc::clone(self.server.private_key())),
+            spare,
+            log: Arc::default(),
+        };
+        let recorded = Recorded {
+            log: Arc::clone(&signer.log),
+            stats: Arc::clone(signer.stats()),
+        };
+        self.server.set_signer(Box::new(signer));
+        recorded
     }
 
     /// [`Server::start`]: dials, heartbeats, challenges signed ahead; its actions in the outbox.

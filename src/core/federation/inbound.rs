@@ -299,15 +299,18 @@ impl Server {
     /// inside the window. The receivers forward them and tell their users nothing (nothing
     /// changed). At most an eighth of our users (at least [`REFRESH_AT_LEAST`]) per heartbeat,
     /// so a login storm does not come back as a signing storm: with the defaults every advert
-    /// relayed is at most 100 s + 15 s + 8 × 15 s old.
+    /// relayed is at most 100 s + 15 s + 8 × 15 s old. Nobody waits for them: they are signed
+    /// when the signers have nothing else to do ([`Urgency::Background`]), and every frame
+    /// sent after them on a link but presence of the same user may pass them while they wait
+    /// ([`Lane::Refresh`]): they carry no news.
     pub(super) fn refresh_adverts(&mut self, now: Time) {
         let third = (self.fed.cfg.dedup_window_ms / 3) as i64;
         let before = now.wall_ms.saturating_sub(third);
         let max = (self.dir.local_len() / 8).max(REFRESH_AT_LEAST);
         for user_id in self.dir.local_adverts_due(before, max) {
-            if let Some(signed) = self.advert(now, &user_id) {
+            if let Some(signed) = self.advert(now, &user_id, Urgency::Background) {
                 let text = self.own_broadcast(now, types::USER_ADVERTISE, &signed);
-                self.send_links(text, None);
+                self.send_links(text.in_lane(Lane::refresh(&user_id)), None);
                 self.dir.set_advertised(&user_id, now.wall_ms);
             }
         }

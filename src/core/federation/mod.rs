@@ -566,7 +566,7 @@ impl Server {
         // link went down, and its seen-cache (§6) would drop that payload as a duplicate.
         let users: Vec<String> = self.dir.local_users().map(str::to_string).collect();
         for user_id in users {
-            if let Some(signed) = self.advert(now, &user_id) {
+            if let Some(signed) = self.advert(now, &user_id, Urgency::Bulk) {
                 let text = self.own_broadcast(now, types::USER_ADVERTISE, &signed);
                 let text = text.in_lane(Lane::presence(&user_id));
                 self.out.send(conn, text);
