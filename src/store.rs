@@ -15,7 +15,7 @@
 //! - All SQL is parameterised; no value is ever formatted into SQL text.
 //! - The schema is versioned with `PRAGMA user_version` and migrated at open.
 //! - A write is refused (`StoreError::Detached`) when the database or its WAL is no longer the
-//!   file at its path: see [`Files`].
+//!   file at its path: see `Files`.
 
 use std::cell::Cell;
 use std::fmt;
@@ -43,7 +43,7 @@ pub enum StoreError {
     /// The database cannot be used by this server (written by a newer version, or not in WAL
     /// mode): found at open; the message says why.
     Unusable(&'static str),
-    /// The database file or its WAL was deleted or replaced while open (see [`Files`]): a write
+    /// The database file or its WAL was deleted or replaced while open (see `Files`): a write
     /// would land where the next start will not find it, so none is made or acknowledged.
     Detached,
 }
@@ -386,7 +386,7 @@ impl Store {
     }
 
     /// Fails with [`StoreError::Detached`] unless the database is still the file at its path
-    /// (see [`Files`]). Every write method calls it before writing and after committing.
+    /// (see `Files`). Every write method calls it before writing and after committing.
     fn check_files(&self) -> Result<(), StoreError> {
         self.files.as_ref().map_or(Ok(()), Files::check)
     }
@@ -416,7 +416,7 @@ impl Store {
     ///
     /// Known or not, the name costs the same work: one probe of the login-name index, then one
     /// row read by rowid and decoded — the account's, or else the dummy row (see
-    /// [`LOGIN_DUMMY_ROWID`]), which is then reported as `None`.
+    /// `LOGIN_DUMMY_ROWID`), which is then reported as `None`.
     pub fn user_by_display_name(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
         let sql = format!(
             "SELECT {USER_COLUMNS} FROM users WHERE rowid = COALESCE(

@@ -266,7 +266,7 @@ impl Fleet {
         c.phase = phase;
     }
 
-    /// Starts logging the client in (non-blocking connect; the rest follows in [`turn`]).
+    /// Starts logging the client in (non-blocking connect; the rest follows in [`Fleet::turn`]).
     pub fn connect(&mut self, idx: usize) -> Result<(), String> {
         if self.clients[idx].phase != Phase::Offline {
             return Err(format!("client {idx} is not offline"));

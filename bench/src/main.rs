@@ -13,7 +13,7 @@
 //! | [`procs`] | starting M pinned servers on loopback, killing them on drop or signal |
 //! | [`fleet`] | N lightweight WebSocket clients on ONE `mio` event loop |
 //! | [`common`] | logins, directory convergence, CPU meters, errors, sample verification |
-//! | [`presence`], [`public`], [`dm`], [`idle`], [`file`], [`storm`] | the six scenarios |
+//! | [`presence`], [`public`], [`dm`], [`idle`], [`file`](mod@file), [`storm`] | the six scenarios |
 //! | [`stats`] | HdrHistogram latencies and `/proc` counters |
 //! | [`keys`] | the TEST-ONLY key pool of the clients |
 //!

@@ -25,7 +25,7 @@
 //! share their address's budgets.
 //!
 //! A limited attempt is refused at once, so nobody else waits (the event loop never sleeps).
-//! Every map is bounded ([`MAX_TRACKED`]); see [`LoginBudgets::take`] for what happens when one
+//! Every map is bounded ([`MAX_TRACKED`]); see `LoginBudgets::take` for what happens when one
 //! is full.
 //!
 //! `Accounts` owns the server-wide budgets (private) and decides registrations and logins

@@ -2,7 +2,7 @@
 //!
 //! The core counts what only it sees — frames by type, signatures, errors by code, dedup drops,
 //! rate-limited logins — in a [`Metrics`] of plain integers, bumped at its choke points (frame
-//! dispatch, [`Server::sign`], [`Server::error`], the dedup check) and read through
+//! dispatch, `Server::sign`, `Server::error`, the dedup check) and read through
 //! [`Server::metrics`]. Nothing is allocated per frame, and no decision depends on a counter.
 //! The net layer adds what only it sees ([`NetStats`]: connections by stage, bytes waiting for
 //! slow readers) and renders both with [`render_prometheus`] or [`render_health`].

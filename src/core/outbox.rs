@@ -1,8 +1,8 @@
 //! What the core asks the net layer to do, in order: the one place its [`Action`]s are made.
 //!
-//! Components say what they mean — [`Outbox::send`] a frame, [`Outbox::route`] one carried for
-//! the input's sender (flow-controlled), [`Outbox::broadcast`] one frame to many,
-//! [`Outbox::arm`] a timer, [`Outbox::close`] a connection, [`Outbox::dial`] a peer — and the
+//! Components say what they mean — `Outbox::send` a frame, `Outbox::route` one carried for
+//! the input's sender (flow-controlled), `Outbox::broadcast` one frame to many,
+//! `Outbox::arm` a timer, `Outbox::close` a connection, `Outbox::dial` a peer — and the
 //! net layer drains the actions in order after each input ([`Server::actions`]).
 //!
 //! [`Server::actions`]: crate::core::server::Server::actions

@@ -13,7 +13,7 @@
 //! [`BULK_SHARE`] jobs while both wait, so a steady stream of conversations slows a login storm
 //! down but cannot stop it; background jobs wait until nothing else does.
 //!
-//! The `N` workers run at a lower priority ([`WORKER_NICE`]), so the loop gets a core the
+//! The `N` workers run at a lower priority (`WORKER_NICE`), so the loop gets a core the
 //! moment it needs one. One more worker, the *express* one, runs at the loop's own priority
 //! and signs conversations only: a conversation waits neither for a worker to finish the
 //! login storm's signature it has started, nor behind whatever else competes for the CPUs at
