@@ -1249,7 +1249,7 @@ fn with_spare_signers_the_advert_and_ack_are_signed_during_the_challenge() {
 }
 
 #[test]
-fn what_was_signed_for_a_hello_that_fails_is_never_sent() {
+fn nothing_signed_ahead_for_a_failed_hello_is_sent_nor_for_a_second_hello() {
     let (mut h, _) = with_spare_signer();
     let (alice, bob, mallory) = (test_key("user1"), test_key("user2"), test_key("user3"));
     h.login(conn(1), "alice", &alice);
@@ -1271,10 +1271,23 @@ fn what_was_signed_for_a_hello_that_fails_is_never_sent() {
     );
 
     // Never answered: the connection goes, and nothing of bob is sent.
-    h.challenge_with(conn(2), "bob", &hello_payload_as(&bob, "bob", &[]));
-    h.closed(conn(2));
+    h.open(conn(3));
+    h.clear();
+    h.challenge_with(conn(3), "bob", &hello_payload_as(&bob, "bob", &[]));
+    h.closed(conn(3));
     assert!(h.drain().is_empty());
     assert_eq!(h.list(conn(1), "alice"), ["alice"]);
+
+    // A second hello on a connection gets nothing signed ahead (a client repeating unanswered
+    // hellos costs no more than before): its advert is made at the answer.
+    let ch = h.challenge_with(conn(2), "bob", &hello_payload_as(&bob, "bob", &[]));
+    h.advance(500);
+    h.respond(conn(2), "bob", &bob, &ch);
+    let seen = h.frames_to(conn(1));
+    assert_eq!(
+        Value::Object(seen[0].payload.clone()),
+        advert_payload("bob", &bob, h.now.wall_ms)
+    );
 }
 
 /// Bob's hello on one connection, then a whole login and leave of bob on another before the

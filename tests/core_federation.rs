@@ -730,7 +730,7 @@ fn link_with_peer_heartbeats_stays_up() {
 /// priority, so a heartbeat's batch (up to an eighth of the users) held up every cross-server
 /// message behind it, and every login and leave.
 #[test]
-fn adverts_refreshed_for_links_wait_for_everything_else_and_let_deliveries_pass() {
+fn adverts_refreshed_for_links_are_background_work_in_a_lane_every_frame_may_pass() {
     let mut h = harness();
     let recorded = h.record_signatures(false);
     let b = srv_b();

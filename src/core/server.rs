@@ -482,7 +482,7 @@ impl Server {
         match UserFrame::parse(env) {
             UserFrame::Hello(hello) => {
                 self.set_state(conn, State::UserPending);
-                self.on_user_hello(now, conn, hello?)
+                self.on_user_hello(now, conn, hello?, fresh)
             }
             UserFrame::AuthResponse(resp) if !fresh => self.on_auth_response(now, conn, env, resp),
             UserFrame::ServerHello if fresh => {
@@ -546,11 +546,13 @@ impl Server {
 
     // ---------------------------------------------------------------- hello (§5.2)
 
+    /// `first`: the connection's first frame (only then is anything signed ahead for it).
     fn on_user_hello(
         &mut self,
         now: Time,
         conn: ConnId,
         hello: Hello<'_>,
+        first: bool,
     ) -> Result<(), WireError> {
         let Hello { user_id, hello } = hello;
         let pubkey = self.parse_key("pubkey", hello.pubkey)?;
@@ -595,7 +597,9 @@ impl Server {
         self.deferred.push_back(Deferred::Challenge);
         let text = signed.frame(types::AUTH_CHALLENGE, &self.id, user_id, now.wall_ms);
         self.out.send(conn, text);
-        let early = self.sign_early(now, user_id, &pubkey, &hello.meta);
+        let early = first
+            .then(|| self.sign_early(now, user_id, &pubkey, &hello.meta))
+            .flatten();
         self.set_state(
             conn,
             State::Challenged(Box::new(Challenge::new(
@@ -612,13 +616,14 @@ impl Server {
         Ok(())
     }
 
-    /// The newcomer's advert and `USER_HELLO_ACK`, signed while it signs its answer, if the
-    /// signers have nothing else to do. Everyone else waits for the advert once the answer
+    /// The newcomer's advert and `USER_HELLO_ACK`, signed while it signs its answer, if a
+    /// signer is idle and nothing waits. Everyone else waits for the advert once the answer
     /// verifies: made now, it leaves one signature in a row on that path instead of two (the
     /// newcomer's, then ours). Neither payload depends on the answer; if it never comes or
-    /// does not verify, neither is sent. This spends idle signers only: a hello never answered
-    /// costs up to two more signatures when they have nothing else to do, and none when they
-    /// are busy (a login storm gets the first hellos' only).
+    /// does not verify, neither is sent. This spends idle signers only, and only for a
+    /// connection's first hello: a hello never answered costs up to two more signatures when
+    /// the signers had nothing else to do, none when they are busy (a login storm gets the
+    /// first hellos' only), and another hello on the same connection none.
     fn sign_early(
         &self,
         now: Time,
@@ -634,6 +639,7 @@ impl Server {
         Some(Early {
             advert: self.sign(&advert, Urgency::Bulk)?,
             ack: self.sign(&self.ack_payload(user_id), Urgency::Bulk)?,
+            ts: now.wall_ms,
             removes: self.own_removes,
         })
     }
@@ -757,15 +763,21 @@ impl Server {
         );
         self.channel.bump();
         let (early_advert, early_ack) = match early {
-            Some(e) => (
-                Some(e.advert).filter(|_| e.removes == self.own_removes),
-                Some(e.ack),
-            ),
+            Some(e) if e.removes == self.own_removes => (Some((e.advert, e.ts)), Some(e.ack)),
+            Some(e) => (None, Some(e.ack)),
             None => (None, None),
         };
         // The advert first: everyone else waits for it, and it is what presence latency
         // measures. The newcomer's own frames follow.
-        if let Some(advert) = early_advert.or_else(|| self.advert(now, &user_id, Urgency::Bulk)) {
+        let advert = match early_advert {
+            Some((advert, ts)) => {
+                // The refreshes count from the advert's own `ts`.
+                self.dir.set_advertised(&user_id, ts);
+                Some(advert)
+            }
+            None => self.advert(now, &user_id, Urgency::Bulk),
+        };
+        if let Some(advert) = advert {
             let text = self.own_broadcast(now, types::USER_ADVERTISE, &advert);
             self.broadcast(text.in_lane(Lane::presence(&user_id)), Some(conn), None);
         }

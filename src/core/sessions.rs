@@ -48,6 +48,8 @@ pub(crate) struct Challenge {
 pub(crate) struct Early {
     pub(crate) advert: Signed,
     pub(crate) ack: Signed,
+    /// The advert's signed `ts` (the hello's wall time).
+    pub(crate) ts: i64,
     /// How many of its own users' `USER_REMOVE`s the server had signed when the advert was
     /// made: an advert older than one of them may not be sent (see `Server::user_online`).
     pub(crate) removes: u64,

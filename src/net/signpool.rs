@@ -28,9 +28,15 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// While both queues wait, one job in this many is a bulk one.
 pub const BULK_SHARE: u32 = 4;
+
+/// A background job that has waited this long is served as the next bulk one: while logins
+/// or leaves keep the workers busy, a refreshed advert must not wait for ever, since the
+/// same user's later presence on a link waits behind it (see [`crate::wire::frame::Lane`]).
+pub const BACKGROUND_WAIT: Duration = Duration::from_secs(2);
 
 /// The workers' nice value. The event loop must get a core the moment it has something to
 /// do (a frame to read, a signed frame to send): with as many busy signers as cores, at equal
@@ -96,30 +102,41 @@ struct Shared {
 struct Queues {
     conversation: VecDeque<Signed>,
     bulk: VecDeque<Signed>,
-    background: VecDeque<Signed>,
+    /// With the time each was queued (see [`BACKGROUND_WAIT`]).
+    background: VecDeque<(Instant, Signed)>,
     /// Conversation jobs taken in a row while bulk ones waited.
     streak: u32,
     /// The express worker is waiting for a conversation (it takes the next one).
     express_idle: bool,
+    /// Low-priority workers waiting for a job.
+    idle: usize,
     stop: bool,
 }
 
 impl Queues {
     /// The next job for a low-priority worker: conversations first (those the idle express
     /// worker is about to take excepted), with bulk's share; background jobs when nothing
-    /// else waits.
+    /// else waits, or as bulk once they have waited [`BACKGROUND_WAIT`].
     fn next(&mut self) -> Option<Signed> {
         let spare = self
             .conversation
             .len()
             .saturating_sub(usize::from(self.express_idle));
         let bulk_turn = self.streak + 1 >= BULK_SHARE;
-        if !self.bulk.is_empty() && (spare == 0 || bulk_turn) {
+        let overdue = self
+            .background
+            .front()
+            .is_some_and(|(queued, _)| queued.elapsed() >= BACKGROUND_WAIT);
+        if (overdue || !self.bulk.is_empty()) && (spare == 0 || bulk_turn) {
             self.streak = 0;
-            return self.bulk.pop_front();
+            return if overdue {
+                self.background.pop_front().map(|(_, job)| job)
+            } else {
+                self.bulk.pop_front()
+            };
         }
         if spare == 0 {
-            return self.background.pop_front();
+            return self.background.pop_front().map(|(_, job)| job);
         }
         let job = self.conversation.pop_front()?;
         self.streak = if self.bulk.is_empty() {
@@ -130,10 +147,13 @@ impl Queues {
         Some(job)
     }
 
-    /// Nothing waits in either queue but the conversation the idle express worker is about
-    /// to take: a new job is the next a worker takes.
+    /// A low-priority worker is idle and nothing waits but the conversation the idle express
+    /// worker is about to take: a new job starts at once.
     fn spare(&self) -> bool {
-        self.bulk.is_empty() && self.conversation.len() <= usize::from(self.express_idle)
+        self.idle > 0
+            && self.bulk.is_empty()
+            && self.background.is_empty()
+            && self.conversation.len() <= usize::from(self.express_idle)
     }
 
     /// The next job for the express worker: a conversation, or none (it is then idle).
@@ -212,7 +232,7 @@ impl Signer for SignPool {
         match urgency {
             Urgency::Conversation => q.conversation.push_back(signed.clone()),
             Urgency::Bulk => q.bulk.push_back(signed.clone()),
-            Urgency::Background => q.background.push_back(signed.clone()),
+            Urgency::Background => q.background.push_back((Instant::now(), signed.clone())),
         }
         // The express worker takes a conversation if it is free; a low-priority worker takes
         // any job it leaves.
@@ -271,7 +291,9 @@ impl Shared {
                     if let Some(job) = job {
                         break job;
                     }
+                    q.idle += usize::from(!express);
                     q = bell.wait(q).unwrap_or_else(|e| e.into_inner());
+                    q.idle -= usize::from(!express);
                 }
             };
             self.sign(key, &job);
@@ -397,8 +419,10 @@ mod tests {
     }
 
     #[test]
-    fn spare_only_while_nothing_waits() {
+    fn spare_only_while_a_worker_is_idle_and_nothing_waits() {
         let mut q = Queues::default();
+        assert!(!q.spare(), "every worker busy");
+        q.idle = 1;
         assert!(q.spare());
         q.bulk.push_back(signed(1));
         assert!(!q.spare(), "a bulk job waits");
@@ -420,7 +444,7 @@ mod tests {
             express_idle: true,
             ..Queues::default()
         };
-        q.background.push_back(signed(200));
+        q.background.push_back((Instant::now(), signed(200)));
         q.bulk.push_back(signed(100));
         q.conversation.push_back(signed(1));
         q.conversation.push_back(signed(2)); // one is left to the idle express worker
@@ -431,6 +455,25 @@ mod tests {
         assert_eq!(q.conversation.len(), 1, "left to the express worker");
         assert!(q.next_express().is_some());
         assert!(q.next_express().is_none(), "never a background job");
+    }
+
+    #[test]
+    fn a_background_job_waits_no_longer_than_its_bound() {
+        let long_ago = Instant::now()
+            .checked_sub(BACKGROUND_WAIT)
+            .expect("a monotonic clock this far from its start");
+        let mut q = Queues::default();
+        q.background.push_back((long_ago, signed(200)));
+        q.background.push_back((Instant::now(), signed(201)));
+        q.bulk.push_back(signed(100));
+        let order: Vec<String> = std::iter::from_fn(|| q.next())
+            .map(|s| s.canonical().to_string())
+            .collect();
+        assert_eq!(
+            order,
+            ["{\"n\":200}", "{\"n\":100}", "{\"n\":201}"],
+            "the overdue one as the next bulk job, the other after the bulk"
+        );
     }
 
     #[test]
