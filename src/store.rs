@@ -96,10 +96,13 @@ impl From<StoreError> for PersistError {
 /// uses it as its [`Persistence`]; single-threaded use.
 pub struct Store {
     conn: Connection,
-    /// A second connection to the same file for the seen-cache (§6 *Across restarts*), with
-    /// `synchronous=NORMAL`: one row per frame from another server must not cost an fsync.
-    /// A WAL commit without fsync survives the process being killed, which is what a replay
-    /// after a restart needs; an OS crash may lose the last few. `None` in memory.
+    /// A second connection to the same file for the seen-cache (§6 *Across restarts*) and
+    /// the keys of users hosted elsewhere (§7), with `synchronous=NORMAL`: a row per frame from
+    /// another server, or per user another server tells of, must not cost an fsync on the
+    /// event loop (a mesh's logins learned a thousand users an fsync at a time, and a linked
+    /// server could make up users to stall the loop). A WAL commit without fsync survives the
+    /// process being killed, which is what a replay after a restart needs; an OS crash may lose
+    /// the last few, a key then being learned again. `None` in memory.
     seen: Option<Connection>,
     /// The files of a database on disk; `None` in memory.
     files: Option<Files>,
@@ -677,7 +680,9 @@ impl Store {
 
     /// Remembers `pubkey` as the key of remote user `user_id`, unless one is known already.
     pub fn remember_user_key(&self, user_id: &str, pubkey: &str) -> Result<(), StoreError> {
-        self.conn
+        self.seen
+            .as_ref()
+            .unwrap_or(&self.conn)
             .prepare_cached(
                 "INSERT OR IGNORE INTO peer_user_keys (user_id, pubkey, first_seen)
                  VALUES (?1, ?2, ?3)",
