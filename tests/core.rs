@@ -1200,6 +1200,18 @@ fn advert_payload(user_id: &str, key: &PrivateKey, ts: i64) -> Value {
     })
 }
 
+/// Bob's hello on `c`, answered `ms` later: the payload of the advert alice (on `conn(1)`)
+/// gets.
+#[track_caller]
+fn bob_answers_after(h: &mut CoreHarness, c: ConnId, bob: &PrivateKey, ms: u64) -> Value {
+    let ch = h.challenge_with(c, "bob", &hello_payload_as(bob, "bob", &[]));
+    h.advance(ms);
+    h.respond(c, "bob", bob, &ch);
+    let seen = h.frames_to(conn(1));
+    assert_eq!(kinds(&seen), [types::USER_ADVERTISE]);
+    Value::Object(seen[0].payload.clone())
+}
+
 #[test]
 fn with_spare_signers_the_advert_and_ack_are_signed_during_the_challenge() {
     let (mut h, recorded) = with_spare_signer();
@@ -1238,14 +1250,8 @@ fn with_spare_signers_the_advert_and_ack_are_signed_during_the_challenge() {
     h.login(conn(1), "alice", &alice);
     h.open(conn(2));
     h.clear();
-    let ch = h.challenge_with(conn(2), "bob", &hello_payload_as(&bob, "bob", &[]));
-    h.advance(700);
-    h.respond(conn(2), "bob", &bob, &ch);
-    let seen = h.frames_to(conn(1));
-    assert_eq!(
-        Value::Object(seen[0].payload.clone()),
-        advert_payload("bob", &bob, h.now.wall_ms)
-    );
+    let advert = bob_answers_after(&mut h, conn(2), &bob, 700);
+    assert_eq!(advert, advert_payload("bob", &bob, h.now.wall_ms));
 }
 
 #[test]
@@ -1280,14 +1286,8 @@ fn nothing_signed_ahead_for_a_failed_hello_is_sent_nor_for_a_second_hello() {
 
     // A second hello on a connection gets nothing signed ahead (a client repeating unanswered
     // hellos costs no more than before): its advert is made at the answer.
-    let ch = h.challenge_with(conn(2), "bob", &hello_payload_as(&bob, "bob", &[]));
-    h.advance(500);
-    h.respond(conn(2), "bob", &bob, &ch);
-    let seen = h.frames_to(conn(1));
-    assert_eq!(
-        Value::Object(seen[0].payload.clone()),
-        advert_payload("bob", &bob, h.now.wall_ms)
-    );
+    let advert = bob_answers_after(&mut h, conn(2), &bob, 500);
+    assert_eq!(advert, advert_payload("bob", &bob, h.now.wall_ms));
 }
 
 /// Bob's hello on one connection, then a whole login and leave of bob on another before the
