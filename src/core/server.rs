@@ -750,6 +750,11 @@ impl Server {
                 user_id: user_id.clone(),
             },
         );
+        let (early_advert, early_ack) = match early {
+            Some(e) if e.removes == self.own_removes => (Some((e.advert, e.ts)), Some(e.ack)),
+            Some(e) => (None, Some(e.ack)),
+            None => (None, None),
+        };
         self.dir.insert(
             &user_id,
             Entry {
@@ -758,23 +763,15 @@ impl Server {
                 pubkey,
                 meta,
                 advert: None,
-                advertised_ms: now.wall_ms,
+                // The refreshes count from the advert's own `ts`.
+                advertised_ms: early_advert.as_ref().map_or(now.wall_ms, |(_, ts)| *ts),
             },
         );
         self.channel.bump();
-        let (early_advert, early_ack) = match early {
-            Some(e) if e.removes == self.own_removes => (Some((e.advert, e.ts)), Some(e.ack)),
-            Some(e) => (None, Some(e.ack)),
-            None => (None, None),
-        };
         // The advert first: everyone else waits for it, and it is what presence latency
         // measures. The newcomer's own frames follow.
         let advert = match early_advert {
-            Some((advert, ts)) => {
-                // The refreshes count from the advert's own `ts`.
-                self.dir.set_advertised(&user_id, ts);
-                Some(advert)
-            }
+            Some((advert, _)) => Some(advert),
             None => self.advert(now, &user_id, Urgency::Bulk),
         };
         if let Some(advert) = advert {

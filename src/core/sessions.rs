@@ -43,7 +43,7 @@ pub(crate) struct Challenge {
 }
 
 /// The newcomer's `USER_ADVERTISE` and `USER_HELLO_ACK` payloads, signed while it signs its
-/// answer (see `Server::on_user_hello`). Nothing of them is sent unless the answer verifies.
+/// answer (see `Server::sign_early`). Nothing of them is sent unless the answer verifies.
 #[derive(Debug)]
 pub(crate) struct Early {
     pub(crate) advert: Signed,
