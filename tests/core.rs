@@ -1290,6 +1290,51 @@ fn nothing_signed_ahead_for_a_failed_hello_is_sent_nor_for_a_second_hello() {
     assert_eq!(advert, advert_payload("bob", &bob, h.now.wall_ms));
 }
 
+/// Each hello costs the server a signature (its challenge): after a connection's first, each
+/// spends the connection's login budget (§5.3), and one refused leaves the challenge
+/// outstanding as it was.
+#[test]
+fn hellos_repeated_on_one_connection_are_rate_limited() {
+    let mut h = harness();
+    let alice = test_key("user1");
+    let c = h.open_fresh();
+    let mut ch = h.challenge(c, "alice", &alice);
+    for _ in 0..socp::core::login::CONN_BURST {
+        ch = h.challenge(c, "alice", &alice);
+    }
+    let hello = h.user_frame(
+        types::USER_HELLO,
+        "alice",
+        "",
+        &hello_payload(alice.public_key().encoded()),
+        None,
+    );
+    h.send(c, &hello);
+    assert_error(&h.frames_to(c), "BAD_KEY", "too many hellos");
+    assert!(h.closes(c).is_empty(), "not closed");
+    assert_eq!(h.server.metrics().logins_rate_limited(), 1);
+    // The last challenge still stands.
+    h.respond(c, "alice", &alice, &ch);
+
+    // The budget refills with time.
+    let bob = test_key("user2");
+    let c = h.open_fresh();
+    for _ in 0..=socp::core::login::CONN_BURST {
+        h.challenge(c, "bob", &bob);
+    }
+    let hello = h.user_frame(
+        types::USER_HELLO,
+        "bob",
+        "",
+        &hello_payload(bob.public_key().encoded()),
+        None,
+    );
+    h.send(c, &hello);
+    assert_error(&h.frames_to(c), "BAD_KEY", "too many hellos");
+    h.advance(socp::core::login::CONN_REFILL_MS);
+    h.challenge(c, "bob", &bob);
+}
+
 /// Bob's hello on one connection, then a whole login and leave of bob on another before the
 /// first answers: the advert signed at the first hello is older than the removal the peers
 /// have applied (§7 orders presence by `ts`), so a fresh one is sent.

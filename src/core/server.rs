@@ -481,6 +481,17 @@ impl Server {
         let fresh = self.sessions.is_fresh(conn);
         match UserFrame::parse(env) {
             UserFrame::Hello(hello) => {
+                // Each hello costs a challenge signature: after a connection's first, each
+                // spends its login budget (§5.3), so one connection cannot keep the signers
+                // busy. A refused one leaves the connection as it was.
+                if !fresh && self.spend_conn_login(now, conn).is_none() {
+                    info!("conn {conn}: hellos rate-limited");
+                    self.metrics.login_rate_limited();
+                    return Err(WireError::new(
+                        ErrorCode::BadKey,
+                        "too many hellos on this connection; wait and try again",
+                    ));
+                }
                 self.set_state(conn, State::UserPending);
                 self.on_user_hello(now, conn, hello?, fresh)
             }
