@@ -1295,6 +1295,14 @@ fn nothing_signed_ahead_for_a_failed_hello_is_sent_nor_for_a_second_hello() {
 /// outstanding as it was.
 #[test]
 fn hellos_repeated_on_one_connection_are_rate_limited() {
+    /// One more hello from `user_id` on `c`: refused, with no challenge.
+    #[track_caller]
+    fn refused_hello(h: &mut CoreHarness, c: ConnId, user_id: &str, key: &PrivateKey) {
+        let payload = hello_payload(key.public_key().encoded());
+        let hello = h.user_frame(types::USER_HELLO, user_id, "", &payload, None);
+        h.send(c, &hello);
+        assert_error(&h.frames_to(c), "BAD_KEY", "too many hellos");
+    }
     let mut h = harness();
     let alice = test_key("user1");
     let c = h.open_fresh();
@@ -1302,15 +1310,7 @@ fn hellos_repeated_on_one_connection_are_rate_limited() {
     for _ in 0..socp::core::login::CONN_BURST {
         ch = h.challenge(c, "alice", &alice);
     }
-    let hello = h.user_frame(
-        types::USER_HELLO,
-        "alice",
-        "",
-        &hello_payload(alice.public_key().encoded()),
-        None,
-    );
-    h.send(c, &hello);
-    assert_error(&h.frames_to(c), "BAD_KEY", "too many hellos");
+    refused_hello(&mut h, c, "alice", &alice);
     assert!(h.closes(c).is_empty(), "not closed");
     assert_eq!(h.server.metrics().logins_rate_limited(), 1);
     // The last challenge still stands.
@@ -1322,15 +1322,7 @@ fn hellos_repeated_on_one_connection_are_rate_limited() {
     for _ in 0..=socp::core::login::CONN_BURST {
         h.challenge(c, "bob", &bob);
     }
-    let hello = h.user_frame(
-        types::USER_HELLO,
-        "bob",
-        "",
-        &hello_payload(bob.public_key().encoded()),
-        None,
-    );
-    h.send(c, &hello);
-    assert_error(&h.frames_to(c), "BAD_KEY", "too many hellos");
+    refused_hello(&mut h, c, "bob", &bob);
     h.advance(socp::core::login::CONN_REFILL_MS);
     h.challenge(c, "bob", &bob);
 }
